@@ -1,0 +1,1 @@
+"""``base`` stage: the model every later stage adapts, probes and ablates."""

@@ -1,0 +1,37 @@
+"""Load what the ``base`` stage wrote: a tiny model directory or a ``reference.json`` to a real one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorascope.errors import LorascopeError
+
+
+def source(base_dir: str | Path) -> tuple[str, str | None]:
+    """``(name_or_path, revision)`` to pass to ``from_pretrained``."""
+    base_dir = Path(base_dir)
+    ref = base_dir / "reference.json"
+    if ref.is_file():
+        data = json.loads(ref.read_text())
+        return data["model"], data["revision"] if data.get("kind") == "hub" else None
+    if (base_dir / "config.json").is_file():
+        return str(base_dir), None
+    raise LorascopeError(f"{base_dir}: no base model here (expected config.json or reference.json); run `lorascope base`")
+
+
+def load_tokenizer(base_dir: str | Path) -> Any:
+    """The base model's tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    name, revision = source(base_dir)
+    return AutoTokenizer.from_pretrained(name, revision=revision)
+
+
+def load_model(base_dir: str | Path, **kwargs: Any) -> Any:
+    """The base causal LM; ``kwargs`` go to ``from_pretrained`` (dtype, device_map, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    name, revision = source(base_dir)
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)

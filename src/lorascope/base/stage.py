@@ -1,0 +1,83 @@
+"""Run the ``base`` stage: build the tiny model (tokenizer + random Qwen2) or pin a real one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorascope.atomic import atomic_path, write_json
+from lorascope.config import Params
+from lorascope.project import workspace_root
+from lorascope.tracking import stage_run
+
+OUT = Path("models/base")
+
+
+def _build_tiny(params: Params, out: Path) -> dict[str, int]:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lorascope.base.tokenizer import CHAT_SCAFFOLD, train_tokenizer
+    from lorascope.prepare.synthetic import train_rows
+
+    cfg = params.base.tiny
+    rows = train_rows(cfg.tokenizer_corpus_rows, params.base.seed)
+    # Each row with the chat scaffolding around it (role names, s1's think/answer markers, the
+    # default system prompt); the special tokens themselves are added, not learned.
+    corpus = [
+        "\n".join((CHAT_SCAFFOLD, r["question"], r["deepseek_thinking_trajectory"], "Answer: " + r["deepseek_attempt"]))
+        for r in rows
+    ]
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    model_cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(params.base.seed)
+    model = Qwen2ForCausalLM(model_cfg)
+    model.generation_config.eos_token_id = model_cfg.eos_token_id
+    model.generation_config.pad_token_id = model_cfg.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+
+
+def _pin_real(params: Params, out: Path) -> dict[str, int]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorascope.base.reference import resolve
+
+    ref = resolve(params.base.model, params.base.revision)
+    config = AutoConfig.from_pretrained(ref["model"], revision=ref["revision"] if ref["kind"] == "hub" else None)
+    with init_empty_weights():  # count parameters without allocating them
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    out.mkdir(parents=True)
+    write_json(out / "reference.json", {**ref, "model_type": config.model_type, "parameters": n_params})
+    return {"parameters": n_params, "vocab_size": config.vocab_size}
+
+
+def run(params: Params) -> Path:
+    """Write ``models/base/`` and log the model config and parameter count."""
+    import mlflow
+
+    out = workspace_root() / OUT
+    with stage_run("base", params) as run, atomic_path(out) as tmp:
+        stats = (_build_tiny if params.base.model == "tiny" else _pin_real)(params, tmp)
+        config_file = tmp / "config.json"
+        if config_file.is_file():
+            mlflow.log_artifact(str(config_file))
+        else:
+            mlflow.log_artifact(str(tmp / "reference.json"))
+        mlflow.log_metrics({k: float(v) for k, v in stats.items()})
+        mlflow.set_tag("base.model", params.base.model)
+        run.write_manifest(tmp, {"model": params.base.model, **stats})
+    return out

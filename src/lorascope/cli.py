@@ -1,0 +1,223 @@
+"""The ``lorascope`` command: one sub-command per stage, plus params, lineage and ui.
+
+Heavy libraries (torch, transformers, mlflow, great-expectations) are imported inside commands so
+``lorascope --help`` stays fast. Bad input ends in ``error: <one line>`` and exit status 2; other
+failures in one line and exit status 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="lorascope: rank-1 LoRA adapters as a measurement device for reasoning finetunes.\n\n"
+    "Each stage is a sub-command and a DVC stage of the same name; `dvc repro` runs them in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+params_app = typer.Typer(help="Show and select params profiles.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(params_app, name="params")
+
+ParamsOpt = Annotated[
+    Optional[Path],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Option("--params", help="Params file to read (default: params.yaml at the workspace root).", show_default=False),
+]
+ProfileOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--profile",
+        help="Profile name in pipelines/profiles/ (tiny, qwen2.5-0.5b, qwen2.5-32b-paper) or a profile path; "
+        "replaces --params.",
+        show_default=False,
+    ),
+]
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _load(params: Path | None, profile: str | None):  # noqa: ANN202
+    from lorascope.config import load_params
+
+    return load_params(params, profile)
+
+
+# ------------------------------------------------------------------------------------------ stages
+@app.command()
+def base(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Build the tiny random Qwen2 + tokenizer, or pin a real base model, into models/base/."""
+    from lorascope.base.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"base: wrote {out}")
+
+
+@app.command()
+def prepare(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Load s1K-1.1 (hub, file or synthetic), format as s1, tokenize, validate into data/prepared/."""
+    from lorascope.prepare.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"prepare: wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------ params
+@params_app.command("show")
+def params_show(
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+    section: Annotated[
+        Optional[str], typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False)  # noqa: UP045
+    ] = None,
+    comments: Annotated[bool, typer.Option("--comments/--no-comments", help="Document each key.")] = False,
+) -> None:
+    """Print the resolved, validated params as YAML."""
+    from lorascope.config import Params, dump_params
+    from lorascope.errors import LorascopeError
+
+    resolved = _load(params, profile)
+    text = dump_params(resolved, comments=comments)
+    if section:
+        if section not in Params.model_fields:
+            raise LorascopeError(f"--section: unknown section {section!r} (expected one of: {', '.join(Params.model_fields)})")
+        import yaml
+
+        text = yaml.safe_dump({section: yaml.safe_load(text)[section]}, sort_keys=False)
+    typer.echo(text, nl=False)
+
+
+@params_app.command("list")
+def params_list() -> None:
+    """List the profiles in pipelines/profiles/."""
+    from lorascope.config import list_profiles
+
+    for name in list_profiles():
+        typer.echo(name)
+
+
+@params_app.command("use")
+def params_use(
+    profile: Annotated[str, typer.Argument(help="Profile to resolve into params.yaml (what `dvc repro` reads).")],
+    output: Annotated[Path, typer.Option("--output", help="File to write.")] = Path("params.yaml"),
+) -> None:
+    """Write a profile, resolved and documented, to params.yaml so that `dvc repro` runs it."""
+    from lorascope.atomic import write_text
+    from lorascope.config import dump_params, load_params
+    from lorascope.project import workspace_root
+
+    resolved = load_params(profile=profile)
+    header = (
+        f"# Resolved from pipelines/profiles/{profile}.yaml by `lorascope params use {profile}`.\n"
+        "# Edit the profile and re-run that command, or override single keys with `dvc exp run -S key=value`.\n\n"
+    )
+    target = output if output.is_absolute() else workspace_root() / output
+    write_text(target, header + dump_params(resolved, comments=True))
+    typer.echo(f"params: wrote {target} from profile {profile}")
+
+
+# ------------------------------------------------------------------------------------ tracking
+@app.command()
+def lineage(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of any stage run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
+) -> None:
+    """Print the chain of stage runs behind RUN_ID, back to the dataset."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from lorascope.errors import LorascopeError
+    from lorascope.tracking import lineage as walk
+    from lorascope.tracking import tracking_uri
+
+    try:
+        chain = walk(run_id)
+    except MlflowException as e:
+        raise LorascopeError(f"run {run_id!r} not found in {tracking_uri()} ({e.error_code})") from None
+    if as_json:
+        typer.echo(json.dumps(chain, indent=2))
+        return
+    def label(node: dict) -> str:
+        dirty = " (dirty)" if node["git_dirty"] == "true" else ""
+        return (
+            f"{node['stage']}  run {node['run_id']}  [{node['status']}]  "
+            f"params {str(node['params_hash'])[:12]}  git {str(node['git_commit'])[:10]}{dirty}"
+        )
+
+    def show(node: dict, depth: int) -> None:
+        pad = "    " * depth
+        typer.echo(("" if depth == 0 else pad[:-4] + "<-  ") + label(node))
+        for path, md5 in node["inputs_md5"].items():
+            typer.echo(f"{pad}    input {path}  md5 {md5}")
+        for d in node["datasets"]:
+            typer.echo(f"{pad}    dataset {d['name']}  digest {d['digest']}  {d['source_type']}: {d['source']}")
+        for up in node["upstream"]:
+            show(up, depth + 1)
+
+    show(chain, 0)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option("--port", help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the mlflow command instead of running it.")] = False,
+) -> None:
+    """Open the MLflow UI on the project's store (mlflow.db + mlruns/ at the repo root)."""
+    import os
+    import shlex
+    import shutil
+
+    from lorascope.tracking import artifact_root, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"tracking server: {uri} (open it in a browser)")
+        return
+    mlflow_bin = shutil.which("mlflow") or "mlflow"
+    cmd = [
+        mlflow_bin, "ui", "--backend-store-uri", uri, "--default-artifact-root", artifact_root().as_uri(),
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    typer.echo(shlex.join(cmd))
+    if not dry_run:
+        os.execv(mlflow_bin, cmd)
+
+
+# ------------------------------------------------------------------------------------------ entry
+def main() -> None:
+    """Console entry point: run the app, turning errors into one line unless --debug."""
+    from lorascope.errors import LorascopeError
+
+    try:
+        app()
+    except LorascopeError as e:
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        typer.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

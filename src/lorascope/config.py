@@ -1,0 +1,472 @@
+"""Typed params: one pydantic model per ``params.yaml`` section, profiles, and one-line errors.
+
+``params.yaml`` holds the tiny profile (what ``dvc repro`` runs by default). Profiles live in
+``pipelines/profiles/<name>.yaml``; a profile may start with ``extends: <other profile>`` and then
+only lists what differs (a deep merge). Every key is checked: unknown keys and bad values are
+rejected with the dotted key path and what was expected, e.g. ``finetune.lr: must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorascope.errors import LorascopeError
+from lorascope.project import workspace_root
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven projections of a Qwen2 decoder layer, in the fixed component order (DESIGN.md)."""
+
+TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------- base
+class TinyModel(Section):
+    """Architecture of the randomly initialised Qwen2 built by the ``base`` stage (tiny profile)."""
+
+    hidden_size: PositiveInt = 64
+    """Width of the residual stream."""
+    intermediate_size: PositiveInt = 128
+    """Width of each MLP's hidden layer (the input of ``down_proj``)."""
+    num_hidden_layers: PositiveInt = 2
+    """Number of decoder layers; components = layers x adapted projections."""
+    num_attention_heads: PositiveInt = 4
+    """Query heads per layer; must divide ``hidden_size``."""
+    num_key_value_heads: PositiveInt = 2
+    """Key/value heads per layer (grouped-query attention); must divide ``num_attention_heads``."""
+    max_position_embeddings: PositiveInt = 4096
+    """Longest sequence the rotary embeddings are set up for; at least ``prepare.block_size``."""
+    vocab_size: Annotated[int, Field(ge=300)] = 2048
+    """Target vocabulary of the byte-level BPE tokenizer trained on the synthetic corpus (>= 300:
+    256 byte symbols plus the special tokens)."""
+    tokenizer_corpus_rows: PositiveInt = 400
+    """Synthetic s1K-schema rows the tokenizer is trained on."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the LM head (as the small Qwen2.5 models do)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModel:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        return self
+
+
+class BaseSection(Section):
+    """``base``: the model every later stage adapts, probes and ablates."""
+
+    model: str = "Qwen/Qwen2.5-32B-Instruct"
+    """``tiny`` builds a random Qwen2 from ``base.tiny``; anything else is a Hugging Face hub id or a
+    local model directory, recorded in ``models/base/reference.json`` and never copied."""
+    revision: str = "main"
+    """Hub branch, tag or commit to pin; the resolved commit is written to ``reference.json``."""
+    seed: int = 0
+    """Seed for the tiny model's weights and its tokenizer corpus."""
+    tiny: TinyModel = Field(default_factory=TinyModel)
+    """Architecture used when ``model`` is ``tiny``."""
+
+    @field_validator("model")
+    def _model_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'tiny', a hub id or a local path, got an empty string")
+        return v
+
+
+# -------------------------------------------------------------------------------------- prepare
+class SyntheticData(Section):
+    """The offline generator of s1K-1.1-schema reasoning traces and benchmark-shaped eval rows."""
+
+    n_train: PositiveInt = 64
+    """Training rows (multi-step word problems with R1-style reasoning traces)."""
+    n_eval: PositiveInt = 8
+    """Held-out eval rows per benchmark shape (integer answer, LaTeX answer, 4-way choice)."""
+    seed: int = 0
+    """Generator seed: the same seed gives byte-identical rows."""
+
+
+class PrepareSection(Section):
+    """``prepare``: load the training traces, format them as s1 did, tokenize, validate."""
+
+    source: str = "hub:simplescaling/s1K-1.1"
+    """``hub:<dataset id>`` (datasets.load_dataset), a local .jsonl/.json/.parquet file in the
+    s1K-1.1 schema, or ``synthetic``."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    revision: str | None = None
+    """Hub dataset revision to pin (None: the default branch)."""
+    block_size: PositiveInt = 20000
+    """Maximum tokens per training sequence; longer sequences are truncated and counted."""
+    max_truncated_fraction: Fraction = 0.05
+    """Validation fails when more than this fraction of rows exceeds ``block_size``."""
+    synthetic: SyntheticData = Field(default_factory=SyntheticData)
+    """Generator settings, used when ``source`` is ``synthetic`` (eval rows are always written)."""
+
+    @field_validator("source")
+    def _source_form(cls, v: str) -> str:
+        if v == "synthetic" or (v.startswith("hub:") and len(v) > 4):
+            return v
+        if Path(v).suffix.lower() in (".jsonl", ".json", ".parquet"):
+            return v
+        raise ValueError(f"expected 'synthetic', 'hub:<dataset id>' or a .jsonl/.json/.parquet path, got {v!r}")
+
+
+# ------------------------------------------------------------------------------------- finetune
+class LoraAdapter(Section):
+    """The adapter: rank, scaling and where it is attached (peft ``LoraConfig``)."""
+
+    r: PositiveInt = 1
+    """Rank of every adapted matrix; 1 makes each component one scalar per token."""
+    alpha: PositiveFloat = 16
+    """``lora_alpha``; the update is scaled by alpha/sqrt(r) with rsLoRA, alpha/r without."""
+    use_rslora: bool = True
+    """Rank-stabilised scaling (alpha / sqrt(r))."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the adapter input during training."""
+    target_modules: list[TargetModule] = Field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections to adapt in each layer (subset of the seven, in any order)."""
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    """Layer indices to adapt; null adapts every layer."""
+
+    @field_validator("target_modules")
+    def _targets_nonempty_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one projection")
+        if len(set(v)) != len(v):
+            raise ValueError(f"must not repeat a projection, got {v}")
+        return v
+
+
+class FinetuneSection(Section):
+    """``finetune``: the rank-1 LoRA and the full-parameter finetune, one training recipe."""
+
+    lr: PositiveFloat = 1e-3
+    """Peak learning rate of the LoRA finetune."""
+    full_lr: PositiveFloat = 1e-5
+    """Peak learning rate of the full-parameter finetune (s1 used 1e-5)."""
+    lora: LoraAdapter = Field(default_factory=LoraAdapter)
+    """Adapter shape and placement."""
+    adam_betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    """AdamW decoupled weight decay."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: Fraction = 0.05
+    """Fraction of all optimizer steps spent warming up linearly."""
+    epochs: PositiveFloat = 5
+    """Passes over the prepared training set."""
+    global_batch_size: PositiveInt = 16
+    """Sequences per optimizer step across all processes (micro-batch x accumulation x processes)."""
+    micro_batch_size: PositiveInt = 1
+    """Sequences per forward pass on one device."""
+    bf16: bool = True
+    """Train in bfloat16 where the device supports it (fp32 on CPU)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant) to fit long sequences."""
+    seed: int = 42
+    """Seed for initialisation and data order."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> FinetuneSection:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide global_batch_size "
+                f"({self.global_batch_size})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------ sae
+class SaeSection(Section):
+    """``sae``: the cross-layer BatchTopK sparse autoencoder over the whole adapter state."""
+
+    k: PositiveInt = 16
+    """Active latents per token (BatchTopK keeps k x batch activations per batch)."""
+    expansion: PositiveInt = 8
+    """d_sae = expansion x d_in (d_in = adapter components; 448 -> 3584 for Qwen2.5-32B)."""
+    lr: PositiveFloat = 5e-4
+    """Adam learning rate."""
+    batch_size: PositiveInt = 512
+    """Tokens per optimizer step."""
+    seed: int = 0
+    """Seed for initialisation and token order."""
+
+
+# ----------------------------------------------------------------------------- autointerp / cat.
+LlmBackend = Literal["openai", "anthropic", "openai-compatible", "heuristic"]
+
+
+class AutointerpSection(Section):
+    """``autointerp``: label each feature from its max-activating contexts (paper prompt B.1)."""
+
+    backend: LlmBackend = "openai"
+    """Client: ``openai``, ``anthropic``, ``openai-compatible`` (any base URL, e.g. vllm serve) or the
+    offline ``heuristic`` baseline (no LLM; clearly labelled as such)."""
+    model: str = "gpt-5-mini"
+    """Model name sent to the backend."""
+    n_contexts: PositiveInt = 64
+    """Top max-activating contexts shown per feature (the paper: 64)."""
+
+
+class CategorizeSection(Section):
+    """``categorize``: generate functional categories (B.2a), then assign each feature one (B.2b)."""
+
+    backend: LlmBackend = "openai"
+    """Client for the per-feature assignment (B.2b)."""
+    model: str = "gpt-5-mini"
+    """Model for the per-feature assignment (the paper: gpt-5-mini)."""
+    generation_backend: LlmBackend = "anthropic"
+    """Client for category generation (B.2a)."""
+    generation_model: str = "claude-opus-4-1"
+    """Model for category generation (the paper: Claude Opus 4.1)."""
+    min_categories: PositiveInt = 5
+    """Fewest categories the generation prompt asks for (the paper: 5)."""
+    max_categories: PositiveInt = 8
+    """Most categories the generation prompt asks for (the paper: 8)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> CategorizeSection:
+        if self.min_categories > self.max_categories:
+            raise ValueError(
+                f"min_categories ({self.min_categories}) must be <= max_categories ({self.max_categories})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------- the file
+class Params(Section):
+    """The whole ``params.yaml``: one section per stage."""
+
+    base: BaseSection = Field(default_factory=BaseSection)
+    """The base model."""
+    prepare: PrepareSection = Field(default_factory=PrepareSection)
+    """Training data preparation."""
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    """LoRA and full finetunes."""
+    sae: SaeSection = Field(default_factory=SaeSection)
+    """Sparse autoencoder over adapter activations."""
+    autointerp: AutointerpSection = Field(default_factory=AutointerpSection)
+    """Feature labelling."""
+    categorize: CategorizeSection = Field(default_factory=CategorizeSection)
+    """Feature categorization."""
+
+    @model_validator(mode="after")
+    def _positions_fit(self) -> Params:
+        if self.base.model == "tiny" and self.base.tiny.max_position_embeddings < self.prepare.block_size:
+            raise ValueError(
+                f"base.tiny.max_position_embeddings ({self.base.tiny.max_position_embeddings}) must be >= "
+                f"prepare.block_size ({self.prepare.block_size})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------- loading
+def profiles_dir(root: Path | None = None) -> Path:
+    """``pipelines/profiles/`` of the workspace."""
+    return (root or workspace_root()) / "pipelines" / "profiles"
+
+
+def list_profiles(root: Path | None = None) -> list[str]:
+    """Names of the profiles shipped in ``pipelines/profiles/``."""
+    return sorted(p.stem for p in profiles_dir(root).glob("*.yaml"))
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LorascopeError(f"{path}: params file not found") from None
+    except OSError as e:
+        raise LorascopeError(f"{path}: cannot read params file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LorascopeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise LorascopeError(f"{path}: file is empty, expected a mapping of params sections")
+    if not isinstance(data, dict):
+        raise LorascopeError(f"{path}: expected a mapping of params sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _profile_path(name: str, root: Path | None) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = profiles_dir(root) / f"{name}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(list_profiles(root)) or "none"
+        raise LorascopeError(f"profile {name!r} not found in {profiles_dir(root)} (known: {known})")
+    return candidate
+
+
+def _raw_profile(name: str, root: Path | None, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+    if name in seen:
+        raise LorascopeError(f"profile {name!r}: 'extends' cycle {' -> '.join((*seen, name))}")
+    path = _profile_path(name, root)
+    data = _read_yaml_mapping(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, path
+    if not isinstance(parent, str):
+        raise LorascopeError(f"{path}: extends: expected a profile name, got {parent!r}")
+    parent_data, _ = _raw_profile(parent, root, (*seen, name))
+    return _deep_merge(parent_data, data), path
+
+
+def load_params(params: str | Path | None = None, profile: str | None = None) -> Params:
+    """Resolve and validate params: a profile by name (or path) when given, else a params file
+    (default ``params.yaml`` at the workspace root)."""
+    root = workspace_root()
+    if profile:
+        data, source = _raw_profile(profile, root)
+    else:
+        source = Path(params) if params else root / "params.yaml"
+        data = _read_yaml_mapping(source)
+    return validate_params(data, source)
+
+
+def validate_params(data: dict[str, Any], source: str | Path = "params") -> Params:
+    """Validate a raw mapping; raise one ``LorascopeError`` naming each bad key."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err) for err in e.errors(include_url=False))
+        raise LorascopeError(f"{source}: {problems}") from None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    return type(value).__name__
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "model_type": "expected a mapping of keys",
+    "model_attributes_type": "expected a mapping of keys",
+    "dict_type": "expected a mapping of keys",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error as ``dotted.key: what was expected, got <value>``."""
+    loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
+    key = _dotted(loc) or "params"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"{key}: must be {_BOUNDS[kind]} {bound}, got {_show(got)}"
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        hint = f" (expected one of: {', '.join(known)})" if known else ""
+        return f"{key}: unknown key{hint}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "literal_error":
+        return f"{key}: must be one of {ctx.get('expected')}, got {_show(got)}"
+    if kind in ("too_short", "too_long"):
+        return f"{key}: {err['msg'].lower()}"
+    if kind in _EXPECTED:
+        return f"{key}: {_EXPECTED[kind]}, got {_show(got)}"
+    if kind in ("value_error", "assertion_error"):
+        msg = str(ctx.get("error", err["msg"]))
+        return f"{key}: {msg}"
+    return f"{key}: {err['msg']}, got {_show(got)}"
+
+
+# ------------------------------------------------------------------------------------- output
+def section_dict(params: Params, section: str) -> dict[str, Any]:
+    """One section as plain JSON-able data."""
+    return getattr(params, section).model_dump(mode="json")
+
+
+def section_hash(params: Params, section: str) -> str:
+    """sha256 of the section's canonical JSON: equal params give equal hashes across runs."""
+    blob = json.dumps(section_dict(params, section), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dump_params(params: Params, comments: bool = True) -> str:
+    """The resolved params as YAML; with ``comments`` each key is preceded by its docstring."""
+    lines: list[str] = []
+    _emit(params, lines, indent=0, comments=comments)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(model: BaseModel, lines: list[str], indent: int, comments: bool) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if comments and field.description:
+            if indent == 0 and lines:
+                lines.append("")
+            lines.extend(f"{pad}# {line}".replace("``", "`").rstrip() for line in field.description.splitlines())
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit(value, lines, indent + 1, comments)
+        else:
+            plain = value if not isinstance(value, tuple) else list(value)
+            rendered = yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip()
+            rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {rendered}")
