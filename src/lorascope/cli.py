@@ -182,13 +182,13 @@ def ui(
 
     from lorascope.tracking import artifact_root, tracking_uri
 
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    uri, artifacts = tracking_uri(), artifact_root()
+    if artifacts is None:
         typer.echo(f"tracking server: {uri} (open it in a browser)")
         return
     mlflow_bin = shutil.which("mlflow") or "mlflow"
     cmd = [
-        mlflow_bin, "ui", "--backend-store-uri", uri, "--default-artifact-root", artifact_root().as_uri(),
+        mlflow_bin, "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts.as_uri(),
         "--host", host, "--port", str(port),
     ]  # fmt: skip
     typer.echo(shlex.join(cmd))

@@ -416,6 +416,7 @@ def _describe(err: dict[str, Any]) -> str:
     key = _dotted(loc) or "params"
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
         return f"{key}: must be {_BOUNDS[kind]} {bound}, got {_show(got)}"
     if kind == "extra_forbidden":
         known = _fields_at(loc[:-1])

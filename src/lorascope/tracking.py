@@ -33,9 +33,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
-def artifact_root() -> Path:
-    """Where the default local store keeps artifacts (one folder per experiment below it)."""
-    return store_root() / "mlruns"
+def artifact_root() -> Path | None:
+    """Artifacts of a local sqlite store: ``mlruns/`` beside the database file (one folder per
+    experiment). None for a tracking server, which places artifacts itself."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "mlruns"
+    return None
 
 
 def _quiet_mlflow() -> None:
@@ -61,7 +65,8 @@ def experiment_id(stage: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else (artifact_root() / stage).as_uri()
+    root = artifact_root()
+    location = (root / stage).as_uri() if root else None
     try:
         return c.create_experiment(name, artifact_location=location)
     except MlflowException:

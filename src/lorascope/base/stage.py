@@ -59,7 +59,9 @@ def _pin_real(params: Params, out: Path) -> dict[str, int]:
     ref = resolve(params.base.model, params.base.revision)
     config = AutoConfig.from_pretrained(ref["model"], revision=ref["revision"] if ref["kind"] == "hub" else None)
     with init_empty_weights():  # count parameters without allocating them
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # not applied on the meta device; outside the context it sticks
+    n_params = sum(p.numel() for p in skeleton.parameters())
     out.mkdir(parents=True)
     write_json(out / "reference.json", {**ref, "model_type": config.model_type, "parameters": n_params})
     return {"parameters": n_params, "vocab_size": config.vocab_size}

@@ -32,13 +32,17 @@ def _suite(cfg: PrepareSection) -> list[Any]:
 def _describe(result: Any, n_rows: int) -> str:
     cfg = result.expectation_config
     column = cfg.kwargs.get("column", "")
-    extra = {k: v for k, v in cfg.kwargs.items() if k in ("regex", "min_value", "max_value", "mostly") and v is not None}
-    args = ", ".join([column, *(f"{k}={v}" for k, v in extra.items())])
+    shown_kwargs = [
+        f"{k}={int(v) if isinstance(v, float) and v.is_integer() and k != 'mostly' else v}"
+        for k in ("regex", "min_value", "max_value", "mostly")
+        if (v := cfg.kwargs.get(k)) is not None
+    ]
+    args = ", ".join([column, *shown_kwargs])
     res = result.result or {}
     if result.exception_info and result.exception_info.get("raised_exception"):
         return f"{cfg.type}({args}): raised {result.exception_info.get('exception_message')}"
     count = res.get("unexpected_count", 0)
-    sample = res.get("partial_unexpected_list") or []
+    sample = [v for v in res.get("partial_unexpected_list") or [] if v is not None and v == v]  # drop null/NaN
     shown = ", ".join(repr(v) for v in sample[:3])
     return f"{cfg.type}({args}): {count} of {n_rows} rows unexpected" + (f" (e.g. {shown})" if shown else "")
 

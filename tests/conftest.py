@@ -1,0 +1,130 @@
+"""Shared test set-up: quiet, single-threaded, offline; one MLflow store and one prepared workspace
+per session (creating an MLflow database costs seconds; building the tiny base model too)."""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}.items():
+    os.environ[_k] = _v
+
+import copy  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+QWEN_TOKENIZER = SHARED_DATA / "qwen2.5-tokenizer"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_raw(**sections: dict[str, Any]) -> dict[str, Any]:
+    """The repo's params.yaml (the tiny profile) as a dict, with section overrides merged in."""
+    return deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), sections)
+
+
+def tiny_params(**sections: dict[str, Any]):  # noqa: ANN201
+    from lorascope.config import validate_params
+
+    return validate_params(tiny_raw(**sections))
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run the installed ``lorascope`` entry point as a user would."""
+    exe = Path(sys.executable).parent / "lorascope"
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite MLflow store for the whole session (artifacts beside it in mlruns/)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def make_workspace(path: Path) -> Path:
+    """A directory that lorascope recognises as a workspace root (it holds a dvc.yaml)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "dvc.yaml").write_text("stages: {}\n")
+    return path
+
+
+@dataclass
+class Prepared:
+    root: Path
+    commit: str
+    base_run: str
+    prepare_run: str
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """A git workspace where the tiny ``base`` and ``prepare`` stages ran (in-process)."""
+    import json
+
+    from lorascope.base.stage import run as run_base
+    from lorascope.prepare.stage import run as run_prepare
+
+    root = make_workspace(tmp_path_factory.mktemp("ws"))
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "dvc.yaml"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    params = tiny_params()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORASCOPE_ROOT", str(root))
+        run_base(params)
+        run_prepare(params)
+    base_run = json.loads((root / "models/base/run.json").read_text())["run_id"]
+    prepare_run = json.loads((root / "data/prepared/run.json").read_text())["run_id"]
+    return Prepared(root, commit, base_run, prepare_run)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty workspace root for one test (LORASCOPE_ROOT points at it)."""
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("LORASCOPE_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def with_base(prepared: Prepared, workspace: Path) -> Path:
+    """A fresh workspace holding a copy of the session's tiny base model."""
+    import shutil
+
+    shutil.copytree(prepared.root / "models" / "base", workspace / "models" / "base")
+    return workspace

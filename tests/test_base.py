@@ -1,0 +1,90 @@
+"""The base stage: the tiny Qwen2 + tokenizer, and references to real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Prepared, tiny_params
+
+from lorascope.base.load import load_model, load_tokenizer, source
+from lorascope.base.stage import run
+from lorascope.errors import LorascopeError
+
+
+@pytest.fixture(scope="module")
+def tiny(prepared: Prepared) -> Path:
+    return prepared.root / "models" / "base"
+
+
+def test_tiny_model_is_a_real_qwen2_of_the_params_shape(tiny: Path):
+    from transformers import Qwen2ForCausalLM
+
+    cfg = tiny_params().base.tiny
+    model = load_model(tiny)
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert len(model.model.layers) == cfg.num_hidden_layers
+    layer = model.model.layers[0]
+    assert layer.mlp.gate_proj.weight.shape == (cfg.intermediate_size, cfg.hidden_size)
+    assert layer.mlp.down_proj.weight.shape == (cfg.hidden_size, cfg.intermediate_size)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * head_dim, cfg.hidden_size)
+    tok = load_tokenizer(tiny)
+    ids = tok("So the answer is 42.", return_tensors="pt")["input_ids"]
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+    manifest = json.loads((tiny / "run.json").read_text())
+    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_tokenizer_behaves_like_qwens(tiny: Path):
+    tok = load_tokenizer(tiny)
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    # Qwen's split regex: numbers are cut into single digits
+    assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
+    text = "Wait, let me check: 17 × 3 = 51 ✓"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_same_seed_same_weights(with_base: Path, prepared: Prepared):
+    run(tiny_params())
+    from safetensors.torch import load_file
+
+    a = load_file(str(prepared.root / "models/base/model.safetensors"))
+    b = load_file(str(with_base / "models/base/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_local_model_is_referenced_not_copied(workspace: Path, prepared: Prepared):
+    local = prepared.root / "models" / "base"
+    run(tiny_params(base={"model": str(local)}))
+    out = workspace / "models" / "base"
+    assert sorted(p.name for p in out.iterdir()) == ["reference.json", "run.json"]
+    ref = json.loads((out / "reference.json").read_text())
+    import hashlib
+
+    assert ref["kind"] == "local" and ref["model"] == str(local.resolve())
+    assert ref["revision"] == "config-sha256:" + hashlib.sha256((local / "config.json").read_bytes()).hexdigest()
+    assert ref["parameters"] == json.loads((local / "run.json").read_text())["parameters"]
+    assert source(out) == (str(local.resolve()), None)
+    assert load_tokenizer(out).eos_token == "<|im_end|>"
+
+
+def test_unreachable_hub_model_is_one_line(workspace: Path):
+    with pytest.raises(LorascopeError) as info:
+        run(tiny_params(base={"model": "Qwen/Qwen2.5-32B-Instruct"}))
+    msg = str(info.value)
+    assert msg.startswith("base.model: cannot resolve revision 'main' of hub model 'Qwen/Qwen2.5-32B-Instruct'")
+    assert "\n" not in msg and not (workspace / "models" / "base").exists()
+    assert list((workspace / "models").glob("*")) == []  # no temp directory left behind
+
+
+def test_missing_base_dir_is_one_line(tmp_path: Path):
+    with pytest.raises(LorascopeError, match="no base model here .*run `lorascope base`"):
+        source(tmp_path)

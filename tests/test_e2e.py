@@ -1,0 +1,95 @@
+"""End to end: a fresh git + DVC repo, `dvc repro` of the tiny profile, a no-op re-run, an experiment."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A copy of this repository's files in a new git repository (as a fresh clone would be)."""
+    dest = tmp_path_factory.mktemp("clone") / "lorascope"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(src.read_bytes())
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LORASCOPE_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    sh("git", "init", "-q", cwd=dest, env=env)
+    sh("git", "add", "-A", cwd=dest, env=env)
+    sh("git", "commit", "-qm", "clone", cwd=dest, env=env)
+    return dest, env
+
+
+def runs(db: Path, stage: str) -> list[tuple[str, dict[str, str]]]:
+    with sqlite3.connect(db) as con:
+        ids = [r[0] for r in con.execute(
+            "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "WHERE e.name = ? ORDER BY r.start_time", (f"lorascope-{stage}",))]  # fmt: skip
+        return [(i, dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (i,)).fetchall())) for i in ids]
+
+
+def test_dvc_repro_then_noop(repo):
+    root, env = repo
+    first = sh("dvc", "repro", cwd=root, env=env)
+    assert "Running stage 'base'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    for out in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/run.json", "metrics/prepare.json"):
+        assert (root / out).is_file(), out
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+
+    second = sh("dvc", "repro", cwd=root, env=env)
+    assert "Data and pipelines are up to date." in second.stdout
+    assert "Running stage" not in second.stdout
+    assert yaml.safe_load((root / "dvc.lock").read_text()) == lock
+
+    # the store is at the repo root, git-ignored, and the run's input md5 is the one DVC recorded
+    db = root / "mlflow.db"
+    assert db.is_file() and (root / "mlruns").is_dir()
+    sh("git", "check-ignore", "-q", "mlflow.db", "mlruns", "models/base", "data/prepared", cwd=root, env=env)
+    [(prep_id, tags)] = runs(db, "prepare")
+    [base_dep] = [d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "models/base"]
+    assert tags["dvc.md5.models/base"] == base_dep["md5"]
+    [(base_id, _)] = runs(db, "base")
+    assert tags["upstream.base"] == base_id
+    assert tags["git.commit"] == sh("git", "rev-parse", "HEAD", cwd=root, env=env).stdout.strip()
+
+    lineage = sh("lorascope", "lineage", prep_id, cwd=root, env=env).stdout
+    assert f"<-  base  run {base_id}" in lineage
+
+
+def test_temp_experiment_logs_to_the_same_store(repo):
+    root, env = repo
+    if not (root / "dvc.lock").is_file():
+        sh("dvc", "repro", cwd=root, env=env)
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "lock", "--allow-empty", cwd=root, env=env)
+    before = runs(root / "mlflow.db", "prepare")
+    sh("dvc", "exp", "run", "--temp", "-S", "prepare.synthetic.n_train=16", cwd=root, env=env)
+    after = runs(root / "mlflow.db", "prepare")
+    assert len(after) == len(before) + 1
+    assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    with sqlite3.connect(root / "mlflow.db") as con:
+        n_train = con.execute("SELECT value FROM params WHERE run_uuid = ? AND key = 'synthetic.n_train'", (after[-1][0],)).fetchone()
+    assert n_train == ("16",)

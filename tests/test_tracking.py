@@ -1,0 +1,160 @@
+"""Lineage tags, run.json links, the store location, and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Prepared, cli, make_workspace, tiny_params
+
+from lorascope import tracking
+from lorascope.config import section_hash
+from lorascope.project import store_root, workspace_root
+
+
+def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
+    run = tracking.client().get_run(prepared.prepare_run)
+    tags = run.data.tags
+    assert tags["lorascope.stage"] == "prepare"
+    assert tags["git.commit"] == prepared.commit and tags["mlflow.source.git.commit"] == prepared.commit
+    assert tags["git.dirty"] == "false"  # outputs are untracked files, not modifications
+    assert tags["params.hash"] == section_hash(tiny_params(), "prepare")
+    assert tags["dvc.md5.models/base"] == tracking.dvc_md5(prepared.root / "models" / "base")
+    assert tags["dvc.md5.models/base"].endswith(".dir")
+    assert tags["upstream.base"] == prepared.base_run
+    assert run.data.params["block_size"] == "512" and run.data.params["synthetic.n_train"] == "64"
+    assert tracking.client().get_experiment(run.info.experiment_id).name == "lorascope-prepare"
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.source_type == "code" and dataset.dataset.digest
+    artifacts = {a.path for a in tracking.client().list_artifacts(prepared.prepare_run)}
+    assert {"validation.json", "params.yaml"} <= artifacts
+
+
+def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(prepared: Prepared, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("LORASCOPE_ROOT", str(prepared.root))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"\x00" * 16)
+    with tracking.stage_run("finetune", tiny_params(), inputs=[prepared.root / "data" / "prepared"]) as run:
+        manifest = run.write_manifest(out)
+    assert manifest["upstream"] == {"prepare": prepared.prepare_run}
+    assert manifest["outputs"] == {"weights.bin": "4ae71336e44bf9bf79d2752e234818a5"}  # md5 of 16 zero bytes
+    tags = tracking.client().get_run(run.run_id).data.tags
+    assert tags["upstream.prepare"] == prepared.prepare_run
+
+    chain = tracking.lineage(run.run_id)
+    assert chain["stage"] == "finetune"
+    [prep] = chain["upstream"]
+    assert prep["run_id"] == prepared.prepare_run and prep["datasets"][0]["name"] == "synthetic"
+    [base] = prep["upstream"]
+    assert base["run_id"] == prepared.base_run and base["upstream"] == []
+
+    res = cli("lineage", run.run_id)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"finetune  run {run.run_id}  [FINISHED]")
+    assert any(line.startswith(f"<-  prepare  run {prepared.prepare_run}") for line in lines)
+    assert any(line.strip().startswith(f"<-  base  run {prepared.base_run}") for line in lines)
+    assert any("dataset synthetic" in line for line in lines)
+    as_json = json.loads(cli("lineage", run.run_id, "--json").stdout)
+    assert as_json["upstream"][0]["upstream"][0]["stage"] == "base"
+
+
+def test_unknown_run_is_one_line():
+    res = cli("lineage", "0123456789abcdef")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: run '0123456789abcdef' not found in sqlite:///") and res.stderr.count("\n") == 1
+
+
+def test_failed_body_marks_the_run_failed(prepared: Prepared, monkeypatch):
+    monkeypatch.setenv("LORASCOPE_ROOT", str(prepared.root))
+    with pytest.raises(RuntimeError), tracking.stage_run("finetune", tiny_params()) as run:
+        raise RuntimeError("boom")
+    assert tracking.client().get_run(run.run_id).info.status == "FAILED"
+
+
+def test_default_store_is_absolute_at_the_repo_root(tmp_path: Path, monkeypatch):
+    repo = make_workspace(tmp_path / "repo")
+    exp_ws = make_workspace(repo / ".dvc" / "tmp" / "exps" / "tmpab12cd")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("LORASCOPE_ROOT", raising=False)
+    monkeypatch.chdir(exp_ws)
+    assert workspace_root() == exp_ws.resolve()
+    assert store_root() == repo.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve()}/mlflow.db"
+    assert tracking.artifact_root() == repo.resolve() / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5999" and tracking.artifact_root() is None
+
+
+def test_ui_command_points_at_the_store(tmp_path: Path):
+    res = cli("ui", "--dry-run", "--port", "5123")
+    assert res.returncode == 0, res.stderr
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    assert f"ui --backend-store-uri {uri} --default-artifact-root file://" in res.stdout
+    assert res.stdout.rstrip().endswith("--host 127.0.0.1 --port 5123")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [
+            str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"), start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_stage_logs_to_a_real_mlflow_server(mlflow_server: str, with_base: Path, monkeypatch, tmp_path: Path):
+    from lorascope.prepare.stage import run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run(tiny_params(prepare={"synthetic": {"n_train": 8}}))
+    manifest = json.loads((with_base / "data/prepared/run.json").read_text())
+
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    remote = c.get_run(manifest["run_id"])
+    assert remote.data.tags["lorascope.stage"] == "prepare"
+    assert remote.data.tags["upstream.base"] == json.loads((with_base / "models/base/run.json").read_text())["run_id"]
+    assert remote.data.metrics["rows"] == 8
+    got = Path(c.download_artifacts(manifest["run_id"], "validation.json", str(tmp_path)))
+    assert json.loads(got.read_text()) == json.loads((with_base / "data/prepared/validation.json").read_text())
+    shutil.rmtree(tmp_path / "server-artifacts", ignore_errors=True)
