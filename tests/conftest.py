@@ -61,7 +61,12 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     """Run the installed ``lorascope`` entry point as a user would."""
     exe = Path(sys.executable).parent / "lorascope"
     return subprocess.run(
-        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [str(exe), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -102,7 +107,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([*git, "add", "dvc.yaml"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     params = tiny_params()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORASCOPE_ROOT", str(root))

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Prepared, tiny_params
 
 from lorascope.base.load import load_model, load_tokenizer, source
 from lorascope.base.stage import run
 from lorascope.errors import LorascopeError
+
+from conftest import Prepared, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def test_tiny_tokenizer_behaves_like_qwens(tiny: Path):
     assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
     text = "Wait, let me check: 17 × 3 = 51 ✓"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -70,7 +73,9 @@ def test_local_model_is_referenced_not_copied(workspace: Path, prepared: Prepare
     import hashlib
 
     assert ref["kind"] == "local" and ref["model"] == str(local.resolve())
-    assert ref["revision"] == "config-sha256:" + hashlib.sha256((local / "config.json").read_bytes()).hexdigest()
+    assert (
+        ref["revision"] == "config-sha256:" + hashlib.sha256((local / "config.json").read_bytes()).hexdigest()
+    )
     assert ref["parameters"] == json.loads((local / "run.json").read_text())["parameters"]
     assert source(out) == (str(local.resolve()), None)
     assert load_tokenizer(out).eos_token == "<|im_end|>"
@@ -80,7 +85,9 @@ def test_unreachable_hub_model_is_one_line(workspace: Path):
     with pytest.raises(LorascopeError) as info:
         run(tiny_params(base={"model": "Qwen/Qwen2.5-32B-Instruct"}))
     msg = str(info.value)
-    assert msg.startswith("base.model: cannot resolve revision 'main' of hub model 'Qwen/Qwen2.5-32B-Instruct'")
+    assert msg.startswith(
+        "base.model: cannot resolve revision 'main' of hub model 'Qwen/Qwen2.5-32B-Instruct'"
+    )
     assert "\n" not in msg and not (workspace / "models" / "base").exists()
     assert list((workspace / "models").glob("*")) == []  # no temp directory left behind
 

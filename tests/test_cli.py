@@ -42,7 +42,13 @@ def test_every_command_and_option_has_help():
                 assert (param.help or "").strip(), f"{path} {param.opts[0]} has no help text"
             if param.param_type_name == "argument":
                 assert (getattr(param, "help", "") or "").strip(), f"{path} {param.name} has no help text"
-    assert {"lorascope base", "lorascope prepare", "lorascope params show", "lorascope lineage", "lorascope ui"} <= seen
+    assert {
+        "lorascope base",
+        "lorascope prepare",
+        "lorascope params show",
+        "lorascope lineage",
+        "lorascope ui",
+    } <= seen
 
 
 def test_stage_commands_take_params_and_profile():

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli, tiny_raw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,8 @@ from lorascope.config import (
     validate_params,
 )
 from lorascope.errors import LorascopeError
+
+from conftest import REPO, cli, tiny_raw
 
 
 def error_of(**sections) -> str:
@@ -32,7 +33,10 @@ def error_of(**sections) -> str:
         ({"finetune": {"lr": -1}}, "params.yaml: finetune.lr: must be > 0, got -1"),
         ({"finetune": {"full_lr": 0}}, "params.yaml: finetune.full_lr: must be > 0, got 0"),
         ({"finetune": {"lora": {"r": 0}}}, "params.yaml: finetune.lora.r: must be > 0, got 0"),
-        ({"finetune": {"lora": {"dropout": 1.0}}}, "params.yaml: finetune.lora.dropout: must be < 1, got 1.0"),
+        (
+            {"finetune": {"lora": {"dropout": 1.0}}},
+            "params.yaml: finetune.lora.dropout: must be < 1, got 1.0",
+        ),
         ({"finetune": {"warmup_ratio": 1.5}}, "params.yaml: finetune.warmup_ratio: must be <= 1, got 1.5"),
         ({"finetune": {"weight_decay": -0.1}}, "params.yaml: finetune.weight_decay: must be >= 0, got -0.1"),
         ({"finetune": {"epochs": "many"}}, "params.yaml: finetune.epochs: expected a number, got 'many'"),
@@ -73,7 +77,10 @@ def error_of(**sections) -> str:
             {"categorize": {"min_categories": 9}},
             "params.yaml: categorize: min_categories (9) must be <= max_categories (8)",
         ),
-        ({"prepare": {"max_truncated_fraction": -0.5}}, "params.yaml: prepare.max_truncated_fraction: must be >= 0, got -0.5"),
+        (
+            {"prepare": {"max_truncated_fraction": -0.5}},
+            "params.yaml: prepare.max_truncated_fraction: must be >= 0, got -0.5",
+        ),
     ],
 )
 def test_bad_value_messages(sections, message):
@@ -141,7 +148,12 @@ def test_paper_profile_is_the_papers_recipe(monkeypatch):
     assert 448 * p.sae.expansion == 3584
     assert (p.autointerp.backend, p.autointerp.model, p.autointerp.n_contexts) == ("openai", "gpt-5-mini", 64)
     c = p.categorize
-    assert (c.model, c.generation_model, c.min_categories, c.max_categories) == ("gpt-5-mini", "claude-opus-4-1", 5, 8)
+    assert (c.model, c.generation_model, c.min_categories, c.max_categories) == (
+        "gpt-5-mini",
+        "claude-opus-4-1",
+        5,
+        8,
+    )
 
 
 def test_small_profile_extends_the_paper(monkeypatch):
@@ -181,7 +193,9 @@ def test_dump_round_trips_with_comments(monkeypatch):
     layers=st.none() | st.lists(st.integers(min_value=0, max_value=63), max_size=5),
 )
 def test_any_valid_finetune_round_trips(lr, r, targets, layers):
-    p = validate_params(tiny_raw(finetune={"lr": lr, "lora": {"r": r, "target_modules": targets, "layers": layers}}))
+    p = validate_params(
+        tiny_raw(finetune={"lr": lr, "lora": {"r": r, "target_modules": targets, "layers": layers}})
+    )
     assert validate_params(yaml.safe_load(dump_params(p))) == p
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
             (dest / rel).write_bytes(src.read_bytes())
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LORASCOPE_ROOT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
     sh("git", "init", "-q", cwd=dest, env=env)
     sh("git", "add", "-A", cwd=dest, env=env)
     sh("git", "commit", "-qm", "clone", cwd=dest, env=env)
@@ -48,14 +54,22 @@ def runs(db: Path, stage: str) -> list[tuple[str, dict[str, str]]]:
         ids = [r[0] for r in con.execute(
             "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
             "WHERE e.name = ? ORDER BY r.start_time", (f"lorascope-{stage}",))]  # fmt: skip
-        return [(i, dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (i,)).fetchall())) for i in ids]
+        return [
+            (i, dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (i,)).fetchall()))
+            for i in ids
+        ]
 
 
 def test_dvc_repro_then_noop(repo):
     root, env = repo
     first = sh("dvc", "repro", cwd=root, env=env)
     assert "Running stage 'base'" in first.stdout and "Running stage 'prepare'" in first.stdout
-    for out in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/run.json", "metrics/prepare.json"):
+    for out in (
+        "models/base/config.json",
+        "data/prepared/train.parquet",
+        "data/prepared/run.json",
+        "metrics/prepare.json",
+    ):
         assert (root / out).is_file(), out
     lock = yaml.safe_load((root / "dvc.lock").read_text())
 
@@ -67,7 +81,10 @@ def test_dvc_repro_then_noop(repo):
     # the store is at the repo root, git-ignored, and the run's input md5 is the one DVC recorded
     db = root / "mlflow.db"
     assert db.is_file() and (root / "mlruns").is_dir()
-    sh("git", "check-ignore", "-q", "mlflow.db", "mlruns", "models/base", "data/prepared", cwd=root, env=env)
+    ignored = sh(
+        "git", "check-ignore", "mlflow.db", "mlruns", "models/base", "data/prepared", cwd=root, env=env
+    )
+    assert ignored.stdout.split() == ["mlflow.db", "mlruns", "models/base", "data/prepared"]
     [(prep_id, tags)] = runs(db, "prepare")
     [base_dep] = [d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "models/base"]
     assert tags["dvc.md5.models/base"] == base_dep["md5"]
@@ -91,5 +108,7 @@ def test_temp_experiment_logs_to_the_same_store(repo):
     assert len(after) == len(before) + 1
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
     with sqlite3.connect(root / "mlflow.db") as con:
-        n_train = con.execute("SELECT value FROM params WHERE run_uuid = ? AND key = 'synthetic.n_train'", (after[-1][0],)).fetchone()
+        n_train = con.execute(
+            "SELECT value FROM params WHERE run_uuid = ? AND key = 'synthetic.n_train'", (after[-1][0],)
+        ).fetchone()
     assert n_train == ("16",)

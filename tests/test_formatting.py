@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from conftest import QWEN_TOKENIZER
 
 from lorascope.prepare.formatting import assistant_content, encode
 
+from conftest import QWEN_TOKENIZER
+
 pytestmark = pytest.mark.skipif(
-    not (QWEN_TOKENIZER / "tokenizer.json").is_file(), reason=f"real Qwen2.5 tokenizer not found at {QWEN_TOKENIZER}"
+    not (QWEN_TOKENIZER / "tokenizer.json").is_file(),
+    reason=f"real Qwen2.5 tokenizer not found at {QWEN_TOKENIZER}",
 )
 
-SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,11 @@ def qwen():
 
 
 def test_text_matches_s1_format_byte_for_byte(qwen):
-    q, traj, attempt = "What is $3 \\times 4$?", "  3 times 4 is 12.\nWait, let me check: yes.\n", "$\\boxed{12}$ \n"
+    q, traj, attempt = (
+        "What is $3 \\times 4$?",
+        "  3 times 4 is 12.\nWait, let me check: yes.\n",
+        "$\\boxed{12}$ \n",
+    )
     expected = (
         SYSTEM
         + "<|im_start|>user\nWhat is $3 \\times 4$?<|im_end|>\n"
@@ -35,14 +43,21 @@ def test_text_matches_s1_format_byte_for_byte(qwen):
 
 def test_existing_answer_marker_is_not_doubled():
     assert assistant_content("t", "Answer: 5").endswith("<|im_start|>answer\nAnswer: 5")
-    assert assistant_content(["step 1", "step 2"], "5") == "<|im_start|>think\nstep 1\nstep 2\n<|im_start|>answer\nAnswer: 5"
+    assert (
+        assistant_content(["step 1", "step 2"], "5")
+        == "<|im_start|>think\nstep 1\nstep 2\n<|im_start|>answer\nAnswer: 5"
+    )
 
 
 def test_first_trained_token_is_the_first_assistant_token(qwen):
     enc = encode(qwen, "Compute 2+2.", "2+2 is 4.", "\\boxed{4}", 10_000)
     ids = enc.input_ids
     im_start, im_end = 151644, 151645
-    assert qwen.convert_ids_to_tokens(ids[enc.loss_start - 3 : enc.loss_start]) == ["<|im_start|>", "assistant", "Ċ"]
+    assert qwen.convert_ids_to_tokens(ids[enc.loss_start - 3 : enc.loss_start]) == [
+        "<|im_start|>",
+        "assistant",
+        "Ċ",
+    ]
     assert ids[enc.loss_start] == im_start  # the "<|im_start|>" that opens "think"
     assert qwen.decode(ids[enc.loss_start :]).startswith("<|im_start|>think\n2+2 is 4.")
     labels = enc.labels
@@ -50,7 +65,9 @@ def test_first_trained_token_is_the_first_assistant_token(qwen):
     assert labels[enc.loss_start :] == ids[enc.loss_start :]
     assert ids[-2:] == [im_end, qwen.convert_tokens_to_ids("Ċ")]  # the closing <|im_end|>\n is trained on
     # the prompt alone tokenizes to exactly the masked tokens
-    prompt = qwen.apply_chat_template([{"role": "user", "content": "Compute 2+2."}], tokenize=False, add_generation_prompt=True)
+    prompt = qwen.apply_chat_template(
+        [{"role": "user", "content": "Compute 2+2."}], tokenize=False, add_generation_prompt=True
+    )
     assert qwen(prompt, add_special_tokens=False)["input_ids"] == ids[: enc.loss_start]
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import Prepared, cli, tiny_params
 
 from lorascope.errors import LorascopeError
 from lorascope.prepare import synthetic
 from lorascope.prepare.stage import run
 from lorascope.prepare.validation import validate
+
+from conftest import Prepared, cli, tiny_params
 
 
 def rows(n: int = 6) -> list[dict]:
@@ -45,7 +46,9 @@ def test_outputs_of_the_session_run(prepared: Prepared):
     assert stats["loss_tokens_total"] == int((table["n_tokens"] - table["loss_start"]).sum())
 
     report = json.loads((out / "validation.json").read_text())
-    assert report["success"] is True and len(report["results"]) == 4 * 2 + 3  # null+blank per text column, id, lengths
+    assert (
+        report["success"] is True and len(report["results"]) == 4 * 2 + 3
+    )  # null+blank per text column, id, lengths
 
     for name, n in (("aime.jsonl", 8), ("math.jsonl", 8)):
         assert len((out / "eval" / name).read_text().splitlines()) == n
@@ -54,7 +57,13 @@ def test_outputs_of_the_session_run(prepared: Prepared):
 
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stage"] == "prepare" and manifest["run_id"] == prepared.prepare_run
-    assert set(manifest["outputs"]) == {"train.parquet", "validation.json", "eval/aime.jsonl", "eval/math.jsonl", "eval/gpqa.csv"}
+    assert set(manifest["outputs"]) == {
+        "train.parquet",
+        "validation.json",
+        "eval/aime.jsonl",
+        "eval/math.jsonl",
+        "eval/gpqa.csv",
+    }
 
 
 # ---------------------------------------------------------------------- great-expectations
@@ -69,7 +78,17 @@ def checks_frame(items: list[dict]) -> pd.DataFrame:
     df.insert(0, "id", [f"r{i}" for i in range(len(df))])
     df["n_tokens_full"] = 100
     df["n_loss_tokens"] = 50
-    return df[["id", "question", "deepseek_thinking_trajectory", "deepseek_attempt", "solution", "n_tokens_full", "n_loss_tokens"]]
+    return df[
+        [
+            "id",
+            "question",
+            "deepseek_thinking_trajectory",
+            "deepseek_attempt",
+            "solution",
+            "n_tokens_full",
+            "n_loss_tokens",
+        ]
+    ]
 
 
 def test_clean_rows_pass():
@@ -100,7 +119,9 @@ def test_too_many_truncated_rows_fail():
     df = checks_frame(rows(10))
     df.loc[:1, "n_tokens_full"] = 10_000  # 2 of 10 over block size 512, tolerance 10%
     [msg] = failing(df)
-    assert msg.startswith("expect_column_values_to_be_between(n_tokens_full, min_value=1, max_value=512, mostly=0.9): 2 of 10")
+    assert msg.startswith(
+        "expect_column_values_to_be_between(n_tokens_full, min_value=1, max_value=512, mostly=0.9): 2 of 10"
+    )
     assert failing(df, max_truncated_fraction=0.2) == []
 
 
@@ -139,6 +160,7 @@ def test_bad_input_one_line_exit_2(with_base: Path, name: str, content: str | No
         path.write_text(content)
     params = with_base / "params.yaml"
     import yaml
+
     from conftest import tiny_raw
 
     params.write_text(yaml.safe_dump(tiny_raw(prepare={"source": str(path)})))
@@ -165,5 +187,7 @@ def test_local_parquet_and_column_json_sources(with_base: Path):
 
 
 def test_hub_source_unreachable_is_one_line(with_base: Path):
-    with pytest.raises(LorascopeError, match=r"^prepare.source: cannot load hub dataset 'simplescaling/s1K-1.1' \("):
+    with pytest.raises(
+        LorascopeError, match=r"^prepare.source: cannot load hub dataset 'simplescaling/s1K-1.1' \("
+    ):
         run(tiny_params(prepare={"source": "hub:simplescaling/s1K-1.1"}))

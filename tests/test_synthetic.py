@@ -36,7 +36,9 @@ def test_columns_are_s1k_columns():
     rows = synthetic.train_rows(5, 0)
     assert all(tuple(r) == synthetic.S1K_COLUMNS for r in rows)
     assert set(synthetic.S1K_COLUMNS) <= S1K_1_1_SCHEMA
-    assert {"question", "solution", "deepseek_thinking_trajectory", "deepseek_attempt"} <= set(synthetic.S1K_COLUMNS)
+    assert {"question", "solution", "deepseek_thinking_trajectory", "deepseek_attempt"} <= set(
+        synthetic.S1K_COLUMNS
+    )
 
 
 def test_traces_carry_reasoning_markers_and_boxed_answers():
@@ -79,5 +81,10 @@ def test_eval_rows_in_benchmark_shapes():
 
     for r in synthetic.gpqa_rows(12, 0):
         assert tuple(r) == synthetic.GPQA_COLUMNS
-        choices = [r["Correct Answer"], r["Incorrect Answer 1"], r["Incorrect Answer 2"], r["Incorrect Answer 3"]]
+        choices = [
+            r["Correct Answer"],
+            r["Incorrect Answer 1"],
+            r["Incorrect Answer 2"],
+            r["Incorrect Answer 3"],
+        ]
         assert len(set(choices)) == 4

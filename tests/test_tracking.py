@@ -14,11 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Prepared, cli, make_workspace, tiny_params
 
 from lorascope import tracking
 from lorascope.config import section_hash
 from lorascope.project import store_root, workspace_root
+
+from conftest import Prepared, cli, make_workspace, tiny_params
 
 
 def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
@@ -39,7 +40,9 @@ def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
     assert {"validation.json", "params.yaml"} <= artifacts
 
 
-def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(prepared: Prepared, tmp_path: Path, monkeypatch):
+def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(
+    prepared: Prepared, tmp_path: Path, monkeypatch
+):
     monkeypatch.setenv("LORASCOPE_ROOT", str(prepared.root))
     out = tmp_path / "out"
     out.mkdir()
@@ -72,7 +75,10 @@ def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(prepared: 
 def test_unknown_run_is_one_line():
     res = cli("lineage", "0123456789abcdef")
     assert res.returncode == 2
-    assert res.stderr.startswith("error: run '0123456789abcdef' not found in sqlite:///") and res.stderr.count("\n") == 1
+    assert (
+        res.stderr.startswith("error: run '0123456789abcdef' not found in sqlite:///")
+        and res.stderr.count("\n") == 1
+    )
 
 
 def test_failed_body_marks_the_run_failed(prepared: Prepared, monkeypatch):
@@ -153,8 +159,13 @@ def test_stage_logs_to_a_real_mlflow_server(mlflow_server: str, with_base: Path,
     c = mlflow.MlflowClient(tracking_uri=mlflow_server)
     remote = c.get_run(manifest["run_id"])
     assert remote.data.tags["lorascope.stage"] == "prepare"
-    assert remote.data.tags["upstream.base"] == json.loads((with_base / "models/base/run.json").read_text())["run_id"]
+    assert (
+        remote.data.tags["upstream.base"]
+        == json.loads((with_base / "models/base/run.json").read_text())["run_id"]
+    )
     assert remote.data.metrics["rows"] == 8
     got = Path(c.download_artifacts(manifest["run_id"], "validation.json", str(tmp_path)))
-    assert json.loads(got.read_text()) == json.loads((with_base / "data/prepared/validation.json").read_text())
+    assert json.loads(got.read_text()) == json.loads(
+        (with_base / "data/prepared/validation.json").read_text()
+    )
     shutil.rmtree(tmp_path / "server-artifacts", ignore_errors=True)

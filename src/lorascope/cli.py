@@ -26,7 +26,11 @@ app.add_typer(params_app, name="params")
 
 ParamsOpt = Annotated[
     Optional[Path],  # noqa: UP045 (typer needs Optional on 3.10)
-    typer.Option("--params", help="Params file to read (default: params.yaml at the workspace root).", show_default=False),
+    typer.Option(
+        "--params",
+        help="Params file to read (default: params.yaml at the workspace root).",
+        show_default=False,
+    ),
 ]
 ProfileOpt = Annotated[
     Optional[str],  # noqa: UP045
@@ -43,7 +47,9 @@ _state = {"debug": False}
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -79,7 +85,8 @@ def params_show(
     params: ParamsOpt = None,
     profile: ProfileOpt = None,
     section: Annotated[
-        Optional[str], typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False)  # noqa: UP045
+        str | None,
+        typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False),  # noqa: UP045
     ] = None,
     comments: Annotated[bool, typer.Option("--comments/--no-comments", help="Document each key.")] = False,
 ) -> None:
@@ -91,7 +98,9 @@ def params_show(
     text = dump_params(resolved, comments=comments)
     if section:
         if section not in Params.model_fields:
-            raise LorascopeError(f"--section: unknown section {section!r} (expected one of: {', '.join(Params.model_fields)})")
+            raise LorascopeError(
+                f"--section: unknown section {section!r} (expected one of: {', '.join(Params.model_fields)})"
+            )
         import yaml
 
         text = yaml.safe_dump({section: yaml.safe_load(text)[section]}, sort_keys=False)
@@ -109,7 +118,9 @@ def params_list() -> None:
 
 @params_app.command("use")
 def params_use(
-    profile: Annotated[str, typer.Argument(help="Profile to resolve into params.yaml (what `dvc repro` reads).")],
+    profile: Annotated[
+        str, typer.Argument(help="Profile to resolve into params.yaml (what `dvc repro` reads).")
+    ],
     output: Annotated[Path, typer.Option("--output", help="File to write.")] = Path("params.yaml"),
 ) -> None:
     """Write a profile, resolved and documented, to params.yaml so that `dvc repro` runs it."""
@@ -149,6 +160,7 @@ def lineage(
     if as_json:
         typer.echo(json.dumps(chain, indent=2))
         return
+
     def label(node: dict) -> str:
         dirty = " (dirty)" if node["git_dirty"] == "true" else ""
         return (
@@ -162,7 +174,9 @@ def lineage(
         for path, md5 in node["inputs_md5"].items():
             typer.echo(f"{pad}    input {path}  md5 {md5}")
         for d in node["datasets"]:
-            typer.echo(f"{pad}    dataset {d['name']}  digest {d['digest']}  {d['source_type']}: {d['source']}")
+            typer.echo(
+                f"{pad}    dataset {d['name']}  digest {d['digest']}  {d['source_type']}: {d['source']}"
+            )
         for up in node["upstream"]:
             show(up, depth + 1)
 
@@ -173,7 +187,9 @@ def lineage(
 def ui(
     port: Annotated[int, typer.Option("--port", help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the mlflow command instead of running it.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the mlflow command instead of running it.")
+    ] = False,
 ) -> None:
     """Open the MLflow UI on the project's store (mlflow.db + mlruns/ at the repo root)."""
     import os

@@ -127,7 +127,9 @@ class PrepareSection(Section):
             return v
         if Path(v).suffix.lower() in (".jsonl", ".json", ".parquet"):
             return v
-        raise ValueError(f"expected 'synthetic', 'hub:<dataset id>' or a .jsonl/.json/.parquet path, got {v!r}")
+        raise ValueError(
+            f"expected 'synthetic', 'hub:<dataset id>' or a .jsonl/.json/.parquet path, got {v!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------- finetune
@@ -386,7 +388,9 @@ def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
     model: Any = Params
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return list(model.model_fields)
@@ -462,7 +466,9 @@ def _emit(model: BaseModel, lines: list[str], indent: int, comments: bool) -> No
         if comments and field.description:
             if indent == 0 and lines:
                 lines.append("")
-            lines.extend(f"{pad}# {line}".replace("``", "`").rstrip() for line in field.description.splitlines())
+            lines.extend(
+                f"{pad}# {line}".replace("``", "`").rstrip() for line in field.description.splitlines()
+            )
         if isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
             _emit(value, lines, indent + 1, comments)

@@ -18,7 +18,9 @@ def source(base_dir: str | Path) -> tuple[str, str | None]:
         return data["model"], data["revision"] if data.get("kind") == "hub" else None
     if (base_dir / "config.json").is_file():
         return str(base_dir), None
-    raise LorascopeError(f"{base_dir}: no base model here (expected config.json or reference.json); run `lorascope base`")
+    raise LorascopeError(
+        f"{base_dir}: no base model here (expected config.json or reference.json); run `lorascope base`"
+    )
 
 
 def load_tokenizer(base_dir: str | Path) -> Any:

@@ -24,7 +24,14 @@ def _build_tiny(params: Params, out: Path) -> dict[str, int]:
     # Each row with the chat scaffolding around it (role names, s1's think/answer markers, the
     # default system prompt); the special tokens themselves are added, not learned.
     corpus = [
-        "\n".join((CHAT_SCAFFOLD, r["question"], r["deepseek_thinking_trajectory"], "Answer: " + r["deepseek_attempt"]))
+        "\n".join(
+            (
+                CHAT_SCAFFOLD,
+                r["question"],
+                r["deepseek_thinking_trajectory"],
+                "Answer: " + r["deepseek_attempt"],
+            )
+        )
         for r in rows
     ]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
@@ -57,7 +64,9 @@ def _pin_real(params: Params, out: Path) -> dict[str, int]:
     from lorascope.base.reference import resolve
 
     ref = resolve(params.base.model, params.base.revision)
-    config = AutoConfig.from_pretrained(ref["model"], revision=ref["revision"] if ref["kind"] == "hub" else None)
+    config = AutoConfig.from_pretrained(
+        ref["model"], revision=ref["revision"] if ref["kind"] == "hub" else None
+    )
     with init_empty_weights():  # count parameters without allocating them
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # not applied on the meta device; outside the context it sticks

@@ -55,7 +55,9 @@ class Encoded:
         return max(0, len(self.input_ids) - self.loss_start)
 
 
-def encode(tokenizer: Any, question: str, trajectory: str | list[str], attempt: str, block_size: int) -> Encoded:
+def encode(
+    tokenizer: Any, question: str, trajectory: str | list[str], attempt: str, block_size: int
+) -> Encoded:
     """Render one row with the chat template, tokenize it and place the loss mask.
 
     The mask boundary is found from character offsets, not by tokenizing the prompt separately, so

@@ -53,7 +53,9 @@ def _read_local(path: Path) -> Any:
             try:
                 return pd.read_parquet(path)
             except Exception as e:  # pyarrow raises several types for a corrupt file
-                raise LorascopeError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+                raise LorascopeError(
+                    f"{path}: not a readable parquet file ({str(e).splitlines()[0]})"
+                ) from None
         if suffix == ".jsonl":
             rows = _read_jsonl(path)
         else:
@@ -62,7 +64,9 @@ def _read_local(path: Path) -> Any:
             except json.JSONDecodeError as e:
                 raise LorascopeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise LorascopeError(f"{path}: cannot read dataset file ({getattr(e, 'strerror', None) or e})") from None
+        raise LorascopeError(
+            f"{path}: cannot read dataset file ({getattr(e, 'strerror', None) or e})"
+        ) from None
     if isinstance(rows, dict):  # column-oriented JSON: {"question": [...], ...}
         try:
             return pd.DataFrame(rows)
@@ -102,7 +106,9 @@ def load_rows(cfg: PrepareSection) -> tuple[Any, Source]:
         where = "synthetic generator"
     elif cfg.source.startswith("hub:"):
         df = _read_hub(cfg)
-        source = Source("hub", cfg.source.removeprefix("hub:"), {"split": cfg.split, "revision": cfg.revision})
+        source = Source(
+            "hub", cfg.source.removeprefix("hub:"), {"split": cfg.split, "revision": cfg.revision}
+        )
         where = f"hub dataset {source.uri!r}"
     else:
         path = Path(cfg.source).expanduser().resolve()

@@ -42,7 +42,9 @@ def _write_train(path: Path, df: Any, encoded: list[Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns: dict[str, Any] = {c: pa.array(df[c].astype(str).tolist(), pa.string()) for c in KEEP if c in df.columns}
+    columns: dict[str, Any] = {
+        c: pa.array(df[c].astype(str).tolist(), pa.string()) for c in KEEP if c in df.columns
+    }
     columns["text"] = pa.array([e.text for e in encoded], pa.string())
     columns["input_ids"] = pa.array([e.input_ids for e in encoded], pa.list_(pa.int32()))
     columns["loss_start"] = pa.array([e.loss_start for e in encoded], pa.int32())
@@ -59,7 +61,10 @@ def _write_eval(directory: Path, params: Params) -> dict[str, int]:
 
     n, seed = params.prepare.synthetic.n_eval, params.prepare.synthetic.seed
     directory.mkdir(parents=True)
-    for name, rows in (("aime.jsonl", synthetic.aime_rows(n, seed)), ("math.jsonl", synthetic.math_rows(n, seed))):
+    for name, rows in (
+        ("aime.jsonl", synthetic.aime_rows(n, seed)),
+        ("math.jsonl", synthetic.math_rows(n, seed)),
+    ):
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with (directory / "gpqa.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=synthetic.GPQA_COLUMNS)
@@ -76,11 +81,22 @@ def _log_dataset(df: Any, source: Any) -> None:
     from lorascope.prepare.sources import REQUIRED
 
     if source.kind == "hub":
-        src: Any = HuggingFaceDatasetSource(path=source.uri, split=source.details["split"], revision=source.details["revision"])
+        src: Any = HuggingFaceDatasetSource(
+            path=source.uri, split=source.details["split"], revision=source.details["revision"]
+        )
     elif source.kind == "synthetic":
-        src = CodeDatasetSource(tags={"generator": "lorascope.prepare.synthetic", **{k: str(v) for k, v in source.details.items()}})
-    else:
-        src = source.uri
+        src = CodeDatasetSource(
+            tags={
+                "generator": "lorascope.prepare.synthetic",
+                **{k: str(v) for k, v in source.details.items()},
+            }
+        )
+    else:  # a local file: take MLflow's registered local-file source class directly (a plain
+        # path string is ambiguous to its resolver, which registers the class twice)
+        from mlflow.data.dataset_source_registry import get_registered_sources
+
+        local = next(c for c in get_registered_sources() if c.__name__ == "LocalArtifactDatasetSource")
+        src = local(Path(source.uri).as_uri())
     raw = df[["id", *REQUIRED]].astype(str)
     name = Path(source.uri).stem if source.kind == "local" else source.uri
     mlflow.log_input(mlflow.data.from_pandas(raw, source=src, name=name), context="training")
@@ -108,7 +124,9 @@ def run(params: Params) -> Path:
         df, source = load_rows(cfg)
         tokenizer = load_tokenizer(base_dir)
         encoded = _encode_all(df, tokenizer, cfg.block_size)
-        checks = df[["id", *(c for c in ("question", "deepseek_thinking_trajectory", "deepseek_attempt", "solution"))]].copy()
+        checks = df[
+            ["id", *(c for c in ("question", "deepseek_thinking_trajectory", "deepseek_attempt", "solution"))]
+        ].copy()
         checks["n_tokens_full"] = [e.n_tokens_full for e in encoded]
         checks["n_loss_tokens"] = [e.n_loss_tokens for e in encoded]
         ok, report, failures = validate(checks, cfg)
@@ -116,7 +134,8 @@ def run(params: Params) -> Path:
         _log_dataset(df, source)
         if not ok:
             raise LorascopeError(
-                f"prepare: {len(failures)} expectation(s) failed on {source.uri}:\n" + "\n".join(f"  - {f}" for f in failures)
+                f"prepare: {len(failures)} expectation(s) failed on {source.uri}:\n"
+                + "\n".join(f"  - {f}" for f in failures)
             )
 
         n_tokens = [len(e.input_ids) for e in encoded]

@@ -144,7 +144,9 @@ def _trajectory(p: _Problem, rng: random.Random) -> str:
         )
     parts.append(f"So the answer should be {p.answer}.")
     if rng.random() < 0.4:
-        parts.append("Wait, let me re-read the question to make sure I answered what was asked. Yes, that's it.")
+        parts.append(
+            "Wait, let me re-read the question to make sure I answered what was asked. Yes, that's it."
+        )
     return "\n".join(parts)
 
 
@@ -197,7 +199,9 @@ def aime_rows(n: int, seed: int) -> list[dict[str, object]]:
 
 def _latex_fraction(f: Fraction) -> str:
     sign = "-" if f < 0 else ""
-    return f"{sign}\\frac{{{abs(f.numerator)}}}{{{f.denominator}}}" if f.denominator != 1 else str(f.numerator)
+    return (
+        f"{sign}\\frac{{{abs(f.numerator)}}}{{{f.denominator}}}" if f.denominator != 1 else str(f.numerator)
+    )
 
 
 def math_rows(n: int, seed: int) -> list[dict[str, object]]:
@@ -218,7 +222,9 @@ def math_rows(n: int, seed: int) -> list[dict[str, object]]:
             s, r = rng.choice((2, 3, 5, 6, 7)), rng.randint(2, 6)
             problem = f"Simplify $\\sqrt{{{r * r * s}}}$."
             answer, subject = f"{r}\\sqrt{{{s}}}", "Prealgebra"
-            solution = f"$\\sqrt{{{r * r * s}}} = \\sqrt{{{r * r}}}\\cdot\\sqrt{{{s}}} = \\boxed{{{answer}}}$."
+            solution = (
+                f"$\\sqrt{{{r * r * s}}} = \\sqrt{{{r * r}}}\\cdot\\sqrt{{{s}}} = \\boxed{{{answer}}}$."
+            )
         else:
             x, y = rng.randint(-9, 9), rng.randint(-9, 9)
             problem = f"Find the point $(x, y)$ with $x + y = {x + y}$ and $x - y = {x - y}$."

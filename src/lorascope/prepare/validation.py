@@ -22,7 +22,10 @@ def _suite(cfg: PrepareSection) -> list[Any]:
     checks.append(E.ExpectColumnValuesToBeUnique(column="id"))
     checks.append(
         E.ExpectColumnValuesToBeBetween(
-            column="n_tokens_full", min_value=1, max_value=cfg.block_size, mostly=1 - cfg.max_truncated_fraction
+            column="n_tokens_full",
+            min_value=1,
+            max_value=cfg.block_size,
+            mostly=1 - cfg.max_truncated_fraction,
         )
     )
     checks.append(E.ExpectColumnValuesToBeBetween(column="n_loss_tokens", min_value=1))
@@ -42,7 +45,9 @@ def _describe(result: Any, n_rows: int) -> str:
     if result.exception_info and result.exception_info.get("raised_exception"):
         return f"{cfg.type}({args}): raised {result.exception_info.get('exception_message')}"
     count = res.get("unexpected_count", 0)
-    sample = [v for v in res.get("partial_unexpected_list") or [] if v is not None and v == v]  # drop null/NaN
+    sample = [
+        v for v in res.get("partial_unexpected_list") or [] if v is not None and v == v
+    ]  # drop null/NaN
     shown = ", ".join(repr(v) for v in sample[:3])
     return f"{cfg.type}({args}): {count} of {n_rows} rows unexpected" + (f" (e.g. {shown})" if shown else "")
 
