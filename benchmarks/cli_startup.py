@@ -7,22 +7,12 @@ lorascope's, and whether the target holds. Usage: python benchmarks/cli_startup.
 from __future__ import annotations
 
 import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from timing import median_wall
+
 TARGET_S = 1.0
-
-
-def median_wall(cmd: list[str], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -135,3 +135,13 @@ def with_base(prepared: Prepared, workspace: Path) -> Path:
 
     shutil.copytree(prepared.root / "models" / "base", workspace / "models" / "base")
     return workspace
+
+
+@pytest.fixture
+def with_prepared(prepared: Prepared, workspace: Path) -> Path:
+    """A fresh workspace holding copies of the session's tiny base model and prepared data."""
+    import shutil
+
+    shutil.copytree(prepared.root / "models" / "base", workspace / "models" / "base")
+    shutil.copytree(prepared.root / "data" / "prepared", workspace / "data" / "prepared")
+    return workspace

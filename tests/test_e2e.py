@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -63,8 +64,11 @@ def runs(db: Path, stage: str) -> list[tuple[str, dict[str, str]]]:
 def test_dvc_repro_then_noop(repo):
     root, env = repo
     first = sh("dvc", "repro", cwd=root, env=env)
-    assert "Running stage 'base'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    for stage in ("base", "prepare", "finetune@lora", "finetune@full"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
+        "models/lora/adapter_model.safetensors",
+        "models/full/model.safetensors",
         "models/base/config.json",
         "data/prepared/train.parquet",
         "data/prepared/run.json",
@@ -94,6 +98,8 @@ def test_dvc_repro_then_noop(repo):
 
     lineage = sh("lorascope", "lineage", prep_id, cwd=root, env=env).stdout
     assert f"<-  base  run {base_id}" in lineage
+    lora_run = json.loads((root / "models/lora/run.json").read_text())
+    assert lora_run["upstream"] == {"prepare": prep_id, "base": base_id}
 
 
 def test_temp_experiment_logs_to_the_same_store(repo):

@@ -8,6 +8,7 @@ failures in one line and exit status 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -77,6 +78,27 @@ def prepare(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
 
     out = run(_load(params, profile))
     typer.echo(f"prepare: wrote {out}")
+
+
+class FinetuneVariant(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+@app.command()
+def finetune(
+    variant: Annotated[
+        FinetuneVariant,
+        typer.Option("--variant", help="lora: rank-r adapter via peft; full: every parameter."),
+    ] = FinetuneVariant.lora,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Train the LoRA adapter or the full finetune on data/prepared/ into models/<variant>/."""
+    from lorascope.finetune.stage import run
+
+    out = run(_load(params, profile), variant.value)
+    typer.echo(f"finetune: wrote {out}")
 
 
 # ------------------------------------------------------------------------------------------ params

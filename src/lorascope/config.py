@@ -22,7 +22,6 @@ from lorascope.project import workspace_root
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The seven projections of a Qwen2 decoder layer, in the fixed component order (DESIGN.md)."""
 
-TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -131,6 +130,13 @@ class PrepareSection(Section):
             f"expected 'synthetic', 'hub:<dataset id>' or a .jsonl/.json/.parquet path, got {v!r}"
         )
 
+    @property
+    def local_file(self) -> Path | None:
+        """The dataset file when ``source`` names one (not ``synthetic``, not ``hub:``)."""
+        if self.source == "synthetic" or self.source.startswith("hub:"):
+            return None
+        return Path(self.source).expanduser().resolve()
+
 
 # ------------------------------------------------------------------------------------- finetune
 class LoraAdapter(Section):
@@ -144,8 +150,9 @@ class LoraAdapter(Section):
     """Rank-stabilised scaling (alpha / sqrt(r))."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Dropout on the adapter input during training."""
-    target_modules: list[TargetModule] = Field(default_factory=lambda: list(LORA_TARGETS))
-    """Projections to adapt in each layer (subset of the seven, in any order)."""
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear modules to adapt in each layer (default: all seven projections); checked against the
+    model when the adapter is built."""
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     """Layer indices to adapt; null adapts every layer."""
 
@@ -173,8 +180,8 @@ class FinetuneSection(Section):
     """AdamW decoupled weight decay."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warmup."""
-    warmup_ratio: Fraction = 0.05
-    """Fraction of all optimizer steps spent warming up linearly."""
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Fraction of all optimizer steps spent warming up linearly (< 1)."""
     epochs: PositiveFloat = 5
     """Passes over the prepared training set."""
     global_batch_size: PositiveInt = 16
@@ -187,6 +194,16 @@ class FinetuneSection(Section):
     """Recompute activations in the backward pass (non-reentrant) to fit long sequences."""
     seed: int = 42
     """Seed for initialisation and data order."""
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    """Stop after this many optimizer steps; -1 runs all epochs (smoke runs and sweeps set it)."""
+    checkpoint_steps: PositiveInt = 50
+    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N optimizer steps; a
+    killed run started again resumes from the last one."""
+    logging_steps: PositiveInt = 1
+    """Log loss / lr / grad-norm / tokens per second to MLflow every N optimizer steps."""
+    launcher: str = "lorascope"
+    """What ``dvc repro`` runs the stage with: ``lorascope`` (one process) or e.g.
+    ``accelerate launch --config_file pipelines/accelerate/fsdp.yaml -m lorascope.cli`` (multi-GPU)."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> FinetuneSection:

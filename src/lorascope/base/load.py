@@ -23,6 +23,18 @@ def source(base_dir: str | Path) -> tuple[str, str | None]:
     )
 
 
+def model_name(base_dir: str | Path) -> str:
+    """How adapters and runs name the base: the hub id, or a path relative to the workspace root
+    when the model lives inside it (so outputs do not embed this machine's absolute paths)."""
+    from lorascope.project import workspace_root
+
+    name, _ = source(base_dir)
+    path, root = Path(name), workspace_root()
+    if path.is_absolute() and path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return name
+
+
 def load_tokenizer(base_dir: str | Path) -> Any:
     """The base model's tokenizer (with its chat template)."""
     from transformers import AutoTokenizer

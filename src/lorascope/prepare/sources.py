@@ -111,7 +111,7 @@ def load_rows(cfg: PrepareSection) -> tuple[Any, Source]:
         )
         where = f"hub dataset {source.uri!r}"
     else:
-        path = Path(cfg.source).expanduser().resolve()
+        path = cfg.local_file
         df = _read_local(path)
         source = Source("local", str(path), {})
         where = str(path)

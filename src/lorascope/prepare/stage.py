@@ -108,15 +108,13 @@ def run(params: Params) -> Path:
 
     from lorascope.base.load import load_tokenizer
     from lorascope.prepare.sources import load_rows
-    from lorascope.prepare.validation import validate
+    from lorascope.prepare.validation import TEXT_COLUMNS, validate
 
     root, cfg = workspace_root(), params.prepare
     out, base_dir = root / OUT, root / BASE
-    inputs: list[Path] = [base_dir]
-    if cfg.source not in ("synthetic",) and not cfg.source.startswith("hub:"):
-        inputs.append(Path(cfg.source).expanduser())
-        if not inputs[-1].is_file():
-            raise LorascopeError(f"{inputs[-1]}: dataset file not found (prepare.source)")
+    inputs = [base_dir, *([cfg.local_file] if cfg.local_file else [])]
+    if cfg.local_file and not cfg.local_file.is_file():
+        raise LorascopeError(f"{cfg.local_file}: dataset file not found (prepare.source)")
     if not base_dir.is_dir():
         raise LorascopeError(f"{base_dir}: no base model; run `lorascope base` (or `dvc repro`) first")
 
@@ -124,9 +122,7 @@ def run(params: Params) -> Path:
         df, source = load_rows(cfg)
         tokenizer = load_tokenizer(base_dir)
         encoded = _encode_all(df, tokenizer, cfg.block_size)
-        checks = df[
-            ["id", *(c for c in ("question", "deepseek_thinking_trajectory", "deepseek_attempt", "solution"))]
-        ].copy()
+        checks = df[["id", *TEXT_COLUMNS]].copy()
         checks["n_tokens_full"] = [e.n_tokens_full for e in encoded]
         checks["n_loss_tokens"] = [e.n_loss_tokens for e in encoded]
         ok, report, failures = validate(checks, cfg)

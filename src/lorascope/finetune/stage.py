@@ -1,0 +1,245 @@
+"""Run the ``finetune`` stage for one variant (``lora`` or ``full``) with the Hugging Face Trainer.
+
+One code path for both variants: the LoRA wraps the base model with peft, the full finetune trains
+every parameter. Under ``accelerate launch`` every process trains, rank 0 alone tracks and writes.
+Checkpoints go to ``checkpoints/finetune/<variant>/`` every ``finetune.checkpoint_steps``; a run that
+was killed resumes from the last one (when its inputs and params are unchanged) and is removed once
+the final model is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from lorascope.atomic import write_json
+from lorascope.config import Params, section_hash
+from lorascope.errors import LorascopeError
+from lorascope.project import workspace_root
+
+Variant = Literal["lora", "full"]
+PREPARED = Path("data/prepared")
+BASE = Path("models/base")
+FINGERPRINT = "lorascope-fingerprint.json"
+
+
+def out_dir(variant: str) -> Path:
+    """``models/<variant>/`` at the workspace root."""
+    return workspace_root() / "models" / variant
+
+
+def checkpoint_dir(variant: str) -> Path:
+    """Where resumable checkpoints of ``variant`` live until the run completes."""
+    return workspace_root() / "checkpoints" / "finetune" / variant
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Gradient-accumulation steps reaching ``global_batch`` exactly; a one-line error otherwise."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise LorascopeError(
+            f"finetune.global_batch_size ({global_batch}) must be divisible by micro_batch_size x processes "
+            f"({micro_batch} x {world_size} = {per_step})"
+        )
+    return global_batch // per_step
+
+
+def _bf16(requested: bool) -> bool:
+    import torch
+
+    return requested and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
+    """The model to train: base + fresh LoRA adapter, or the whole base model."""
+    import torch
+
+    from lorascope.base.load import load_model
+
+    cfg = params.finetune
+    dtype = torch.bfloat16 if _bf16(cfg.bf16) else torch.float32
+    model = load_model(base_dir, dtype=dtype)
+    model.config.use_cache = False  # no KV cache while training (and required by checkpointing)
+    if variant == "full":
+        return model
+    from peft import get_peft_model
+
+    from lorascope.base.load import model_name
+    from lorascope.finetune.adapter import lora_config
+
+    torch.manual_seed(cfg.seed)  # lora_A initialisation
+    peft_model = get_peft_model(model, lora_config(cfg.lora, model))
+    peft_model.peft_config["default"].base_model_name_or_path = model_name(base_dir)
+    return peft_model
+
+
+def parameter_counts(model: Any) -> dict[str, float]:
+    """Trainable and total parameters (adapter included) and the trainable fraction."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_fraction": trainable / total,
+    }
+
+
+def training_arguments(params: Params, variant: Variant, world_size: int, output_dir: Path) -> Any:
+    """Trainer arguments straight from params: AdamW, schedule, batch arithmetic, precision."""
+    import torch
+    from transformers import TrainingArguments
+
+    cfg = params.finetune
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=cfg.lr if variant == "lora" else cfg.full_lr,
+        optim="adamw_torch",
+        adam_beta1=cfg.adam_betas[0],
+        adam_beta2=cfg.adam_betas[1],
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation_steps(
+            cfg.global_batch_size, cfg.micro_batch_size, world_size
+        ),
+        bf16=_bf16(cfg.bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_steps,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _fingerprint(params: Params, variant: str, inputs: Sequence[Path]) -> dict[str, Any]:
+    from lorascope.tracking import dvc_md5
+
+    return {
+        "variant": variant,
+        "params_hash": section_hash(params, "finetune"),
+        "inputs": {p.name: dvc_md5(p) for p in inputs},
+    }
+
+
+def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any], is_main: bool) -> str | None:
+    """The last checkpoint if it belongs to this exact run (same params and inputs), else None
+    (stale checkpoints are removed by rank 0)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = ckpt_dir / FINGERPRINT
+    if ckpt_dir.is_dir() and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        return get_last_checkpoint(str(ckpt_dir))
+    if is_main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True)
+        write_json(marker, fingerprint)
+    return None
+
+
+def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path:
+    """Train ``variant`` and write ``models/<variant>/`` (adapter or full weights) with ``run.json``.
+
+    ``callbacks`` are extra ``TrainerCallback``s (the tests use one to simulate a kill).
+    """
+    import mlflow
+    from accelerate import PartialState
+    from transformers import Trainer
+
+    from lorascope.base.load import load_tokenizer
+    from lorascope.finetune.data import Collator, PreparedRows
+    from lorascope.finetune.step_logger import MlflowStepLogger
+    from lorascope.tracking import dvc_md5, stage_run
+
+    root = workspace_root()
+    prepared, base_dir, out = root / PREPARED, root / BASE, out_dir(variant)
+    import torch
+
+    dataset = PreparedRows(prepared)  # one-line error when prepare has not run
+    # cpu=True is what lets several CPU processes (torchrun / accelerate launch) form a gloo group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    args = training_arguments(params, variant, state.num_processes, checkpoint_dir(variant))
+    tokenizer = load_tokenizer(base_dir)
+    model = build_model(params, variant, base_dir)
+    counts = parameter_counts(model)
+
+    fingerprint = _fingerprint(params, variant, [prepared, base_dir])
+    resume = _resume_point(checkpoint_dir(variant), fingerprint, state.is_main_process)
+    state.wait_for_everyone()
+    partial = out.with_name(f".{out.name}.partial")  # same path on every rank: save_model gathers into it
+    tracked = (
+        stage_run(
+            "finetune",
+            params,
+            inputs=[prepared, base_dir],
+            run_name=variant,
+            tags={"finetune.variant": variant},
+        )
+        if state.is_main_process
+        else nullcontext()
+    )
+    with tracked as tracked_run:
+        if tracked_run is not None:
+            from lorascope.finetune.adapter import adapted_modules
+
+            mlflow.log_params(
+                {
+                    "variant": variant,
+                    "processes": state.num_processes,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "effective_lr": args.learning_rate,
+                    "bf16_active": args.bf16,
+                    "resumed_from": Path(resume).name if resume else "none",
+                }
+            )
+            if variant == "lora":
+                counts["adapted_modules"] = len(adapted_modules(model))
+            mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=Collator(tokenizer.pad_token_id),
+            callbacks=[MlflowStepLogger(), *callbacks],
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
+        if state.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        state.wait_for_everyone()
+        trainer.save_model(str(partial))  # every rank: FSDP / ZeRO-3 gather before rank 0 writes
+        state.wait_for_everyone()
+        if tracked_run is not None:
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
+            if variant == "full":
+                tokenizer.save_pretrained(str(partial))
+            mlflow.log_metrics(
+                {"train_loss": float(result.training_loss), "global_steps": float(result.global_step)}
+            )
+            manifest = tracked_run.write_manifest(partial, {"variant": variant, **counts})
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(partial, out)
+            if variant == "lora":
+                mlflow.log_artifacts(str(out), artifact_path="adapter")
+            else:  # full weights are referenced by their DVC md5, never copied into MLflow
+                mlflow.set_tag("output.dvc_md5", dvc_md5(out))
+            mlflow.log_dict(manifest, "run.json")
+            shutil.rmtree(checkpoint_dir(variant), ignore_errors=True)
+    state.wait_for_everyone()
+    return out
