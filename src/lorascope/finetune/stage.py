@@ -159,6 +159,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     ``callbacks`` are extra ``TrainerCallback``s (the tests use one to simulate a kill).
     """
     import mlflow
+    import torch
     from accelerate import PartialState
     from transformers import Trainer
 
@@ -169,8 +170,6 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
 
     root = workspace_root()
     prepared, base_dir, out = root / PREPARED, root / BASE, out_dir(variant)
-    import torch
-
     dataset = PreparedRows(prepared)  # one-line error when prepare has not run
     # cpu=True is what lets several CPU processes (torchrun / accelerate launch) form a gloo group
     state = PartialState(cpu=not torch.cuda.is_available())
