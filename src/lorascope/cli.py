@@ -10,9 +10,12 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from lorascope.config import Params
 
 app = typer.Typer(
     help="lorascope: rank-1 LoRA adapters as a measurement device for reasoning finetunes.\n\n"
@@ -26,7 +29,7 @@ params_app = typer.Typer(help="Show and select params profiles.", no_args_is_hel
 app.add_typer(params_app, name="params")
 
 ParamsOpt = Annotated[
-    Optional[Path],  # noqa: UP045 (typer needs Optional on 3.10)
+    Path | None,
     typer.Option(
         "--params",
         help="Params file to read (default: params.yaml at the workspace root).",
@@ -34,7 +37,7 @@ ParamsOpt = Annotated[
     ),
 ]
 ProfileOpt = Annotated[
-    Optional[str],  # noqa: UP045
+    str | None,
     typer.Option(
         "--profile",
         help="Profile name in pipelines/profiles/ (tiny, qwen2.5-0.5b, qwen2.5-32b-paper) or a profile path; "
@@ -55,7 +58,7 @@ def _root(
     _state["debug"] = debug
 
 
-def _load(params: Path | None, profile: str | None):  # noqa: ANN202
+def _load(params: Path | None, profile: str | None) -> Params:
     from lorascope.config import load_params
 
     return load_params(params, profile)
@@ -108,7 +111,7 @@ def params_show(
     profile: ProfileOpt = None,
     section: Annotated[
         str | None,
-        typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False),  # noqa: UP045
+        typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False),
     ] = None,
     comments: Annotated[bool, typer.Option("--comments/--no-comments", help="Document each key.")] = False,
 ) -> None:
