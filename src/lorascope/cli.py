@@ -104,6 +104,54 @@ def finetune(
     typer.echo(f"finetune: wrote {out}")
 
 
+class ExtractSource(str, Enum):
+    lora = "lora"
+    mlp = "mlp"
+
+
+@app.command()
+def extract(
+    source: Annotated[
+        ExtractSource,
+        typer.Option(
+            "--source", help="lora: x.A of every adapter component; mlp: the base model's MLP neurons."
+        ),
+    ] = ExtractSource.lora,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Record per-token activations over data/prepared/ into the sharded store data/activations/<source>/."""
+    from lorascope.extract.stage import run
+
+    out = run(_load(params, profile), source.value)
+    typer.echo(f"extract: wrote {out}")
+
+
+class ContextsSource(str, Enum):
+    lora = "lora"
+    mlp = "mlp"
+    sae = "sae"
+
+
+@app.command()
+def contexts(
+    source: Annotated[
+        ContextsSource,
+        typer.Option(
+            "--source",
+            help="lora: adapter components (both signs); mlp: MLP neurons; sae: SAE latents of the LoRA store.",
+        ),
+    ] = ContextsSource.lora,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Stream an activation store once: top-k windows, quantile and random samples, per-feature stats."""
+    from lorascope.contexts.stage import run
+
+    out = run(_load(params, profile), source.value)
+    typer.echo(f"contexts: wrote {out}")
+
+
 # ------------------------------------------------------------------------------------------ params
 @params_app.command("show")
 def params_show(

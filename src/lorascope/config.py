@@ -215,6 +215,60 @@ class FinetuneSection(Section):
         return self
 
 
+# -------------------------------------------------------------------------------------- extract
+StoreDtype = Literal["float16", "bfloat16", "float32"]
+
+
+class ExtractSection(Section):
+    """``extract``: per-token adapter activations (``x . A``) and the MLP-neuron baseline, stored in
+    shards under ``data/activations/<source>/``."""
+
+    dtype: StoreDtype = "float16"
+    """Storage dtype of the activation shards."""
+    shard_tokens: PositiveInt = 1_000_000
+    """Target tokens per shard; shards hold whole documents, so a longer document gets a shard of its
+    own. RAM holds one shard, so this bounds memory (tokens x components x dtype bytes)."""
+    batch_tokens: PositiveInt = 32768
+    """Padded tokens per forward pass (documents of a shard are packed by length up to this)."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model compute dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
+    method: Literal["merged", "lora_a"] = "merged"
+    """``merged``: fold the adapter into the weights and project each adapted linear's input on
+    ``lora_A`` in a pre-hook (fast); ``lora_a``: read peft's ``lora_A`` outputs on the unmerged model
+    (the reference the fast path is tested against)."""
+    mlp_neurons: PositiveInt = 60
+    """``--source mlp``: the first N neurons of each layer's MLP hidden activation (the paper: 60)."""
+    launcher: str = "lorascope"
+    """What ``dvc repro`` runs the stage with: ``lorascope`` or ``accelerate launch -m lorascope.cli``
+    (data parallel: each process extracts its own shards)."""
+
+
+# ------------------------------------------------------------------------------------- contexts
+class ContextsSection(Section):
+    """``contexts``: one streaming pass over a store keeping each feature's max-activating windows,
+    quantile samples, random non-activating windows and summary statistics."""
+
+    top_k: PositiveInt = 64
+    """Max-activating tokens kept per feature (and per sign for signed sources such as the LoRA)."""
+    window_before: Annotated[int, Field(ge=0)] = 32
+    """Tokens of context kept before each selected token (windows never cross documents)."""
+    window_after: Annotated[int, Field(ge=0)] = 8
+    """Tokens of context kept after each selected token."""
+    quantile_bins: PositiveInt = 10
+    """Activation quantile bins for the non-top samples used in later scoring."""
+    quantile_samples: Annotated[int, Field(ge=0)] = 5
+    """Samples per quantile bin, drawn uniformly from the tokens that activate the feature."""
+    random_samples: Annotated[int, Field(ge=0)] = 10
+    """Random windows per feature centred on tokens that do not activate it."""
+    active_threshold: Annotated[float, Field(ge=0)] = 0.0
+    """A token activates a feature (sign) when sign x activation exceeds this; used for the top-k,
+    the density statistic and the quantile / random samples."""
+    feature_chunk: PositiveInt = 64
+    """Features scored together per pass over a shard (bounds the working memory)."""
+    seed: int = 0
+    """Seed of the uniform samples."""
+
+
 # ------------------------------------------------------------------------------------------ sae
 class SaeSection(Section):
     """``sae``: the cross-layer BatchTopK sparse autoencoder over the whole adapter state."""
@@ -282,6 +336,10 @@ class Params(Section):
     """Training data preparation."""
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     """LoRA and full finetunes."""
+    extract: ExtractSection = Field(default_factory=ExtractSection)
+    """Adapter activations and the MLP-neuron baseline."""
+    contexts: ContextsSection = Field(default_factory=ContextsSection)
+    """Max-activating contexts per feature."""
     sae: SaeSection = Field(default_factory=SaeSection)
     """Sparse autoencoder over adapter activations."""
     autointerp: AutointerpSection = Field(default_factory=AutointerpSection)

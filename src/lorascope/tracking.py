@@ -106,10 +106,20 @@ def file_digests(directory: str | Path) -> dict[str, str]:
     }
 
 
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The ``run.json`` that describes ``path`` (inside it for a directory, beside it for a file)."""
+def manifest_path(path: str | Path) -> Path:
+    """Where the ``run.json`` describing ``path`` lives: inside a directory; for a file
+    ``<stem>.parquet`` the sibling ``<stem>.run.json`` (several outputs share a folder), else
+    ``run.json`` beside it."""
     path = Path(path)
-    manifest = path / RUN_FILE if path.is_dir() else path.parent / RUN_FILE
+    if path.is_dir():
+        return path / RUN_FILE
+    own = path.with_name(f"{path.name.split('.')[0]}.{RUN_FILE}")
+    return own if own.is_file() else path.parent / RUN_FILE
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The ``run.json`` that describes ``path`` (see ``manifest_path``)."""
+    manifest = manifest_path(path)
     if not manifest.is_file():
         return None
     try:
@@ -157,17 +167,30 @@ class StageRun:
     params_hash: str
     upstream: dict[str, str] = field(default_factory=dict)
 
-    def write_manifest(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``run.json`` into ``out_dir`` (typically the temp dir before its atomic rename)."""
+    def write_manifest(
+        self, out_dir: str | Path, extra: dict[str, Any] | None = None, files: Sequence[Path] = ()
+    ) -> dict[str, Any]:
+        """Write ``run.json`` into ``out_dir`` (typically the temp dir before its atomic rename),
+        listing the digest of every file in it. With ``files`` (outputs that share a folder with
+        other stages' files), write ``<stem>.run.json`` beside the first of them and list only them."""
+        from dvc_data.hashfile.hash import file_md5
+        from dvc_objects.fs.local import LocalFileSystem
+
+        if files:
+            fs = LocalFileSystem()
+            outputs = {p.name: file_md5(str(p), fs) for p in files}
+            target = files[0].with_name(f"{files[0].name.split('.')[0]}.{RUN_FILE}")
+        else:
+            outputs, target = file_digests(out_dir), Path(out_dir) / RUN_FILE
         manifest = {
             "run_id": self.run_id,
             "stage": self.stage,
             "params_hash": self.params_hash,
             "upstream": self.upstream,
-            "outputs": file_digests(out_dir),
+            "outputs": outputs,
             **(extra or {}),
         }
-        write_json(Path(out_dir) / RUN_FILE, manifest)
+        write_json(target, manifest)
         return manifest
 
 

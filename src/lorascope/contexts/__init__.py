@@ -1,0 +1,1 @@
+"""``contexts`` stage: per-feature max-activating windows, quantile and random samples, statistics."""

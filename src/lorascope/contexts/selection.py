@@ -1,0 +1,188 @@
+"""Streaming per-feature selection: top-k windows, uniform quantile samples, random negatives, stats.
+
+Every selection is "keep the n largest scores", merged shard by shard, so memory is
+O(features x samples x window) whatever the store size:
+
+* ``top``: score = sign x activation (the k most activating tokens of each feature sign);
+* ``quantile``: score = -key on active tokens (a uniform sample of the activating tokens; keys are one
+  seeded uniform per token, so the sample is the same however the store is cut into blocks);
+* ``random``: score = -key on tokens that do not activate the feature sign.
+
+Within a shard only (score, position) are tracked; windows (token ids and the feature's activations
+around each kept token, never crossing a document) are cut once per shard for the shard's survivors
+and then travel with their entries through the merges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lorascope.config import ContextsSection
+
+GROUPS = ("top", "quantile", "random")
+BLOCK_TOKENS = 32768
+"""Tokens encoded and scored at once (bounds the dense feature block, e.g. 32768 x d_sae floats)."""
+PAD_ID = -1
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """A shard's tokens and document bounds: ``doc_lo_T[t] <= t < doc_hi_T[t]`` (local indices)."""
+
+    start: int
+    acts_TC: Any
+    ids_T: Any
+    doc_lo_T: Any
+    doc_hi_T: Any
+
+    @classmethod
+    def build(cls, start: int, acts_TC: Any, ids_T: Any, doc_lengths: list[int]) -> ShardView:
+        import torch
+
+        lengths = torch.tensor(doc_lengths, dtype=torch.long)
+        ends = torch.cumsum(lengths, 0)
+        lo_T = torch.repeat_interleave(ends - lengths, lengths)
+        hi_T = torch.repeat_interleave(ends, lengths)
+        return cls(start, acts_TC, ids_T, lo_T, hi_T)
+
+
+Encoder = Callable[[Any], Any]
+"""Store activations ``[T, C]`` (float32) -> feature activations ``[T, F]``."""
+
+
+class Selector:
+    """Selection state for ``n_features`` features x ``signs``; ``state`` is a dict of tensors."""
+
+    def __init__(self, n_features: int, signs: tuple[int, ...], cfg: ContextsSection) -> None:
+        import torch
+
+        self.n_features, self.signs, self.cfg = n_features, signs, cfg
+        self.sizes = {
+            "top": cfg.top_k,
+            "quantile": cfg.quantile_bins * cfg.quantile_samples,
+            "random": cfg.random_samples,
+        }
+        self.width = cfg.window_before + 1 + cfg.window_after
+        S, F, W = len(signs), n_features, self.width
+        self.state: dict[str, Any] = {
+            "tokens": torch.zeros((), dtype=torch.long),
+            "active": torch.zeros(S, F, dtype=torch.long),
+            "nonzero": torch.zeros(F, dtype=torch.long),
+            "sum": torch.zeros(F, dtype=torch.float64),
+            "sumsq": torch.zeros(F, dtype=torch.float64),
+            "min": torch.full((F,), float("inf")),
+            "max": torch.full((F,), float("-inf")),
+        }
+        for g, n in self.sizes.items():
+            self.state[f"{g}.score"] = torch.full((S, F, n), float("-inf"))
+            self.state[f"{g}.pos"] = torch.full((S, F, n), -1, dtype=torch.long)
+            self.state[f"{g}.ids"] = torch.full((S, F, n, W), PAD_ID, dtype=torch.int32)
+            self.state[f"{g}.acts"] = torch.full((S, F, n, W), float("nan"))
+
+    # ------------------------------------------------------------------------------- one shard
+    def update(self, shard: ShardView, encode: Encoder | None, keys_T: Any) -> None:
+        """Fold one shard into the state."""
+        import torch
+
+        S, F, T = len(self.signs), self.n_features, shard.ids_T.shape[0]
+        best = {
+            g: (torch.full((S, F, n), float("-inf")), torch.full((S, F, n), -1, dtype=torch.long))
+            for g, n in self.sizes.items()
+            if n
+        }
+        thr, chunk = self.cfg.active_threshold, self.cfg.feature_chunk
+        st = self.state
+        for b0 in range(0, T, BLOCK_TOKENS):
+            b1 = min(T, b0 + BLOCK_TOKENS)
+            block = shard.acts_TC[b0:b1].float()
+            feats_bF = encode(block) if encode is not None else block
+            neg_key_b = -keys_T[b0:b1]
+            for f0 in range(0, F, chunk):
+                f1 = min(F, f0 + chunk)
+                raw_fb = feats_bF[:, f0:f1].T.contiguous()
+                st["nonzero"][f0:f1] += (raw_fb != 0).sum(1)
+                st["sum"][f0:f1] += raw_fb.sum(1, dtype=torch.float64)
+                st["sumsq"][f0:f1] += raw_fb.double().square().sum(1)
+                st["min"][f0:f1] = torch.minimum(st["min"][f0:f1], raw_fb.amin(1))
+                st["max"][f0:f1] = torch.maximum(st["max"][f0:f1], raw_fb.amax(1))
+                for si, sign in enumerate(self.signs):
+                    signed_fb = raw_fb if sign > 0 else -raw_fb
+                    active_fb = signed_fb > thr
+                    st["active"][si, f0:f1] += active_fb.sum(1)
+                    for g, (score, pos) in best.items():
+                        if g == "top":
+                            cand = signed_fb
+                        else:
+                            keep = active_fb if g == "quantile" else ~active_fb
+                            cand = torch.where(keep, neg_key_b, float("-inf"))
+                        c_score, c_idx = cand.topk(min(score.shape[-1], b1 - b0), dim=1)
+                        merged_score = torch.cat([score[si, f0:f1], c_score], 1)
+                        merged_pos = torch.cat([pos[si, f0:f1], c_idx + b0], 1)
+                        top_score, pick = merged_score.topk(score.shape[-1], dim=1)
+                        score[si, f0:f1] = top_score
+                        pos[si, f0:f1] = merged_pos.gather(1, pick)
+        st["tokens"] += T
+        for g, (score, pos) in best.items():
+            self._merge(g, shard, encode, score, pos)
+
+    def _merge(self, group: str, shard: ShardView, encode: Encoder | None, score: Any, local: Any) -> None:
+        """Cut windows for the shard's survivors and merge them into the running selection."""
+        import torch
+
+        ids, acts = self._windows(shard, encode, local)
+        valid = local >= 0
+        st, n = self.state, score.shape[-1]
+        all_score = torch.cat([st[f"{group}.score"], torch.where(valid, score, float("-inf"))], 2)
+        all_pos = torch.cat([st[f"{group}.pos"], torch.where(valid, local + shard.start, -1)], 2)
+        all_ids = torch.cat([st[f"{group}.ids"], ids], 2)
+        all_acts = torch.cat([st[f"{group}.acts"], acts], 2)
+        new_score, pick = all_score.topk(n, dim=2)
+        st[f"{group}.score"] = new_score
+        st[f"{group}.pos"] = all_pos.gather(2, pick)
+        wide = pick.unsqueeze(-1).expand(-1, -1, -1, self.width)
+        st[f"{group}.ids"] = all_ids.gather(2, wide)
+        st[f"{group}.acts"] = all_acts.gather(2, wide)
+
+    def _windows(self, shard: ShardView, encode: Encoder | None, local_SFn: Any) -> tuple[Any, Any]:
+        """Token ids and feature activations of the window around each local position
+        (``PAD_ID`` / NaN outside the token's document or for empty slots)."""
+        import torch
+
+        S, F, n = local_SFn.shape
+        offsets_W = torch.arange(-self.cfg.window_before, self.cfg.window_after + 1)
+        centre = local_SFn.clamp(min=0)
+        where_SFnW = centre.unsqueeze(-1) + offsets_W
+        inside = (
+            (local_SFn >= 0).unsqueeze(-1)
+            & (where_SFnW >= shard.doc_lo_T[centre].unsqueeze(-1))
+            & (where_SFnW < shard.doc_hi_T[centre].unsqueeze(-1))
+        )
+        where_SFnW = torch.where(inside, where_SFnW, 0)
+        ids = torch.where(inside, shard.ids_T[where_SFnW], PAD_ID).to(torch.int32)
+        feature_SFnW = torch.arange(F).view(1, F, 1, 1).expand(S, F, n, self.width)
+        values = _cells(shard.acts_TC, encode, where_SFnW[inside], feature_SFnW[inside])
+        acts = torch.full((S, F, n, self.width), float("nan"))
+        acts[inside] = values
+        return ids, acts
+
+
+def _cells(acts_TC: Any, encode: Encoder | None, pos_N: Any, feature_N: Any) -> Any:
+    """Feature activations at (token, feature) pairs, encoding each needed token once, in blocks."""
+    import torch
+
+    if encode is None:
+        return acts_TC[pos_N, feature_N].float()
+    tokens, inverse = torch.unique(pos_N, return_inverse=True)
+    order = torch.argsort(inverse)
+    out = torch.empty(pos_N.shape[0])
+    bounds = torch.searchsorted(inverse[order], torch.arange(0, tokens.shape[0] + BLOCK_TOKENS, BLOCK_TOKENS))
+    for i in range(bounds.shape[0] - 1):
+        sel = order[bounds[i] : bounds[i + 1]]
+        if sel.numel() == 0:
+            continue
+        b0 = i * BLOCK_TOKENS
+        feats_bF = encode(acts_TC[tokens[b0 : b0 + BLOCK_TOKENS]].float())
+        out[sel] = feats_bF[inverse[sel] - b0, feature_N[sel]]
+    return out

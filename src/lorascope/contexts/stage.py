@@ -1,0 +1,256 @@
+"""Run the ``contexts`` stage: one streaming pass over a store -> ``data/contexts/<source>.parquet``.
+
+Outputs (one row per kept token in the contexts table, one row per feature sign in the features
+table):
+
+* ``<source>.parquet``: feature, feature_name, sign, kind (top | quantile | random), rank, doc_id,
+  doc_index, position, activation, window_start, window_ids, window_acts, quantile_bin (-1 for top
+  and random rows), text, tokens (per-token strings whose concatenation is ``text``);
+* ``<source>.features.parquet``: feature, feature_name, sign, max, density (tokens activating the
+  feature sign), nonzero_density, mean, std, min, tokens;
+* ``<source>.run.json``: lineage.
+
+The selection state is saved after every shard to ``checkpoints/contexts/<source>.pt``; a killed run
+resumes there and ends with the same tables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from lorascope.config import Params, section_hash
+from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
+from lorascope.contexts.sources import FeatureSource, open_source
+from lorascope.extract.store import Shard
+from lorascope.project import workspace_root
+
+BASE = Path("models/base")
+CONTEXTS_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("feature_name", pa.string()),
+        ("sign", pa.int8()),
+        ("kind", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("doc_index", pa.int32()),
+        ("position", pa.int32()),
+        ("activation", pa.float32()),
+        ("window_start", pa.int32()),
+        ("window_ids", pa.list_(pa.int32())),
+        ("window_acts", pa.list_(pa.float32())),
+        ("quantile_bin", pa.int16()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.string())),
+    ]
+)
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("feature_name", pa.string()),
+        ("sign", pa.int8()),
+        ("max", pa.float32()),
+        ("density", pa.float64()),
+        ("nonzero_density", pa.float64()),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("min", pa.float32()),
+        ("tokens", pa.int64()),
+    ]
+)
+
+
+def out_paths(source: str) -> tuple[Path, Path]:
+    """``(contexts table, features table)`` of ``source``."""
+    folder = workspace_root() / "data" / "contexts"
+    return folder / f"{source}.parquet", folder / f"{source}.features.parquet"
+
+
+def checkpoint_path(source: str) -> Path:
+    return workspace_root() / "checkpoints" / "contexts" / f"{source}.pt"
+
+
+def token_keys(seed: int, shard: Shard) -> Any:
+    """One uniform key per token of ``shard`` (seeded by the shard, so resuming reproduces them)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + shard.index)
+    return torch.rand(shard.tokens, generator=generator)
+
+
+def _load_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector) -> int:
+    """Restore the state saved after the last finished shard; returns the next shard index."""
+    import torch
+
+    if not path.is_file():
+        return 0
+    saved = torch.load(path, weights_only=True)
+    if saved.get("fingerprint") != fingerprint:
+        path.unlink()
+        return 0
+    selector.state = saved["state"]
+    return int(saved["next_shard"])
+
+
+def _save_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector, next_shard: int) -> None:
+    import torch
+
+    from lorascope.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"fingerprint": fingerprint, "state": selector.state, "next_shard": next_shard}, tmp)
+
+
+def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = None) -> Path:
+    """Select contexts for every feature of ``source``; returns the contexts table path.
+    ``on_shard`` runs after each shard's state is saved (the tests use it to simulate a kill)."""
+    import mlflow
+
+    from lorascope.base.load import load_tokenizer
+    from lorascope.contexts.tokens import TokenRenderer
+    from lorascope.progress import track
+    from lorascope.tracking import dvc_md5, stage_run
+
+    cfg = params.contexts
+    root = workspace_root()
+    features = open_source(source, root)
+    renderer = TokenRenderer(load_tokenizer(root / BASE))
+    fingerprint = {
+        "source": source,
+        "params_hash": section_hash(params, "contexts"),
+        "inputs": {p.relative_to(root).as_posix(): dvc_md5(p) for p in features.inputs},
+    }
+    selector = Selector(len(features.features), features.signs, cfg)
+    ckpt = checkpoint_path(source)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    start_shard = _load_checkpoint(ckpt, fingerprint, selector)
+    store = features.store
+    shards = store.shards
+    with stage_run(
+        "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
+    ) as tr:
+        started = time.perf_counter()
+        for shard in track(shards[start_shard:], f"contexts {source}", total=len(shards) - start_shard):
+            acts_TC, ids_T = store.read(shard)
+            lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
+            view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
+            selector.update(view, features.encode, token_keys(cfg.seed, shard))
+            _save_checkpoint(ckpt, fingerprint, selector, shard.index + 1)
+            if on_shard is not None:
+                on_shard(shard)
+        elapsed = time.perf_counter() - started
+        scanned = sum(s.tokens for s in shards[start_shard:])
+        contexts_path, features_path = out_paths(source)
+        table = contexts_table(selector, features, renderer)
+        stats = features_table(selector, features)
+        _write_parquet(contexts_path, table)
+        _write_parquet(features_path, stats)
+        metrics = {
+            "features": float(len(features.features) * len(features.signs)),
+            "tokens": float(store.tokens),
+            "rows": float(table.num_rows),
+            "dead_features": float(sum(1 for d in stats.column("density").to_pylist() if d == 0)),
+            "resumed_from_shard": float(start_shard),
+        }
+        if scanned and elapsed > 0:
+            metrics["activations_per_second"] = scanned * len(store.components) / elapsed
+        mlflow.log_metrics(metrics)
+        manifest = tr.write_manifest(
+            contexts_path.parent, {"source": source}, files=[contexts_path, features_path]
+        )
+        mlflow.log_dict(manifest, f"{source}.run.json")
+    ckpt.unlink(missing_ok=True)
+    return contexts_path
+
+
+def _write_parquet(path: Path, table: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from lorascope.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _feature_name(features: FeatureSource, f: int, sign: int) -> str:
+    name = features.features[f]
+    return f"{name}{'+' if sign > 0 else '-'}" if features.signed else name
+
+
+def contexts_table(selector: Selector, features: FeatureSource, renderer: Any) -> Any:
+    """The selected windows as a pyarrow table (see the module docstring for the columns)."""
+    import bisect
+
+    cfg, st = selector.cfg, selector.state
+    docs = features.store.documents
+    doc_starts = [d[1] for d in docs]
+    cols: dict[str, list[Any]] = {k: [] for k in CONTEXTS_SCHEMA.names}
+    for group in GROUPS:
+        score = st[f"{group}.score"]
+        if score.shape[-1] == 0:
+            continue
+        score = score.numpy()
+        pos, ids, acts = (st[f"{group}.{k}"].numpy() for k in ("pos", "ids", "acts"))
+        for si, sign in enumerate(selector.signs):
+            for f in range(selector.n_features):
+                keep = [
+                    j
+                    for j in range(score.shape[-1])
+                    if pos[si, f, j] >= 0 and (group != "top" or score[si, f, j] > cfg.active_threshold)
+                ]
+                if group == "quantile":  # equal-count activation bins over the uniform sample
+                    keep.sort(key=lambda j: float(sign * acts[si, f, j, cfg.window_before]))
+                for rank, j in enumerate(keep):
+                    g = int(pos[si, f, j])
+                    d = bisect.bisect_right(doc_starts, g) - 1
+                    window = ids[si, f, j]
+                    inside = (window != PAD_ID).nonzero()[0]
+                    lo, hi = int(inside[0]), int(inside[-1]) + 1
+                    window_ids = window[lo:hi].tolist()
+                    text, pieces = renderer.render(window_ids)
+                    position = g - docs[d][1]
+                    cols["feature"].append(f)
+                    cols["feature_name"].append(_feature_name(features, f, sign))
+                    cols["sign"].append(sign)
+                    cols["kind"].append(group)
+                    cols["rank"].append(rank)
+                    cols["doc_id"].append(docs[d][0])
+                    cols["doc_index"].append(d)
+                    cols["position"].append(position)
+                    cols["activation"].append(float(acts[si, f, j, cfg.window_before]))
+                    cols["window_start"].append(position - (cfg.window_before - lo))
+                    cols["window_ids"].append(window_ids)
+                    cols["window_acts"].append(acts[si, f, j, lo:hi].tolist())
+                    cols["quantile_bin"].append(
+                        rank * cfg.quantile_bins // len(keep) if group == "quantile" else -1
+                    )
+                    cols["text"].append(text)
+                    cols["tokens"].append(pieces)
+    return pa.table(cols, schema=CONTEXTS_SCHEMA)
+
+
+def features_table(selector: Selector, features: FeatureSource) -> Any:
+    """Per feature sign: max, density, nonzero density, mean, std, min over the whole store."""
+    st = selector.state
+    tokens = max(int(st["tokens"]), 1)
+    mean_F = st["sum"] / tokens
+    std_F = (st["sumsq"] / tokens - mean_F.square()).clamp(min=0).sqrt()
+    rows: dict[str, list[Any]] = {k: [] for k in FEATURES_SCHEMA.names}
+    for si, sign in enumerate(selector.signs):
+        for f in range(selector.n_features):
+            rows["feature"].append(f)
+            rows["feature_name"].append(_feature_name(features, f, sign))
+            rows["sign"].append(sign)
+            rows["max"].append(float(st["max"][f] if sign > 0 else -st["min"][f]))
+            rows["density"].append(int(st["active"][si, f]) / tokens)
+            rows["nonzero_density"].append(int(st["nonzero"][f]) / tokens)
+            rows["mean"].append(float(mean_F[f]))
+            rows["std"].append(float(std_F[f]))
+            rows["min"].append(float(st["min"][f] if sign > 0 else -st["max"][f]))
+            rows["tokens"].append(int(st["tokens"]))
+    return pa.table(rows, schema=FEATURES_SCHEMA)

@@ -1,0 +1,78 @@
+"""Adapter components and MLP neurons in the fixed order of the DESIGN contract.
+
+Order: layer-major, then ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``. A rank-1
+component is one scalar per token named ``L{layer}.{kind}``; rank r gives r scalars named
+``L{layer}.{kind}.{i}``. The MLP baseline names neuron i of layer l ``L{l}.mlp.{i}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lorascope.config import LORA_TARGETS
+from lorascope.errors import LorascopeError
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Component:
+    """One adapted (or probed) module and the scalars recorded from it per token."""
+
+    layer: int
+    kind: str
+    """Projection name (``q_proj`` ...) or ``mlp`` for the neuron baseline."""
+    module: str
+    """Module path inside the base ``*ForCausalLM`` (e.g. ``model.layers.3.self_attn.q_proj``)."""
+    width: int
+    """Scalars per token: the adapter rank, or the number of MLP neurons."""
+
+    def names(self) -> list[str]:
+        """Feature names of this component's scalars, in storage order."""
+        stem = f"L{self.layer}.{self.kind}"
+        if self.kind != "mlp" and self.width == 1:
+            return [stem]
+        return [f"{stem}.{i}" for i in range(self.width)]
+
+
+def layer_of(module_name: str) -> int:
+    """Decoder layer index in a module path (``...layers.12.mlp.up_proj`` -> 12)."""
+    match = _LAYER.search(module_name)
+    if match is None:
+        raise LorascopeError(f"module {module_name!r} is not inside a decoder layer")
+    return int(match.group(1))
+
+
+def lora_components(peft_model: Any) -> list[Component]:
+    """Every LoRA-adapted linear of ``peft_model`` (adapter ``default``) in component order."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in LORA_TARGETS:
+            raise LorascopeError(f"adapter targets {name!r}; expected only {', '.join(LORA_TARGETS)}")
+        rank = module.lora_A["default"].weight.shape[0]
+        found.append(Component(layer_of(name), kind, name.removeprefix(_PEFT_PREFIX), rank))
+    if not found:
+        raise LorascopeError("the adapter has no LoRA layers")
+    return sorted(found, key=lambda c: (c.layer, LORA_TARGETS.index(c.kind)))
+
+
+def mlp_components(model: Any, neurons: int) -> list[Component]:
+    """The first ``neurons`` MLP hidden units of every layer (the input of ``down_proj``)."""
+    layers = model.get_decoder().layers
+    width = layers[0].mlp.down_proj.in_features
+    if neurons > width:
+        raise LorascopeError(f"extract.mlp_neurons: the MLP has {width} neurons per layer, got {neurons}")
+    return [Component(i, "mlp", f"model.layers.{i}.mlp.down_proj", neurons) for i in range(len(layers))]
+
+
+def feature_names(components: list[Component]) -> list[str]:
+    """All scalar names in storage order."""
+    return [n for c in components for n in c.names()]

@@ -1,0 +1,80 @@
+"""Hooks that write every component's per-token scalars into one ``[batch, seq, C]`` buffer.
+
+Three readings, one buffer layout (columns in component order):
+
+* ``merged``: the adapter is folded into the weights; a forward *pre*-hook on each adapted linear
+  projects the linear's real input on ``lora_A`` (``x @ A.T``), so the inputs are whatever the model
+  feeds the module (post-norm for q/k/v and gate/up, attention output for o, SwiGLU product for down).
+* ``lora_a``: the unmerged peft model; a forward hook on each ``lora_A`` module reads its output.
+* ``mlp``: a pre-hook on each ``down_proj`` of the base model keeps the first N input neurons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lorascope.extract.components import Component
+
+Reader = Callable[[Any, tuple[Any, ...], Any], Any]
+"""(module, inputs, output or None) -> values ``[batch, seq, width]``."""
+
+
+class Recorder:
+    """Collects the recorded scalars of one forward pass; ``attach`` installs the hooks."""
+
+    def __init__(self, components: list[Component], projections: dict[str, Any] | None = None) -> None:
+        self.components = components
+        self.projections = projections or {}
+        """``merged`` only: module path -> its ``lora_A`` weight ``[r, in_features]``."""
+        self.width = sum(c.width for c in components)
+        self.buffer_BSC: Any = None
+
+    def begin(self, batch: int, seq: int, device: Any) -> None:
+        """Allocate the buffer for the next forward pass (fp32: the store casts afterwards)."""
+        import torch
+
+        self.buffer_BSC = torch.empty(batch, seq, self.width, dtype=torch.float32, device=device)
+
+    def _write(self, start: int, width: int, values_BSW: Any) -> None:
+        self.buffer_BSC[..., start : start + width] = values_BSW
+
+    @contextmanager
+    def attach(self, model: Any, method: str) -> Iterator[Recorder]:
+        """Hook ``model`` (a ``*ForCausalLM``, merged or peft-wrapped) for ``method``:
+        ``merged`` | ``lora_a`` | ``mlp``."""
+        handles = []
+        start = 0
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for comp in self.components:
+            module = base.get_submodule(comp.module)
+            handles.append(self._hook(module, comp.module, method, start, comp.width))
+            start += comp.width
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, module: Any, name: str, method: str, start: int, width: int) -> Any:
+        if method == "merged":
+            A_rI = self.projections[name]
+
+            def project(_m: Any, args: tuple[Any, ...]) -> None:
+                self._write(start, width, args[0] @ A_rI.T)
+
+            return module.register_forward_pre_hook(project)
+        if method == "lora_a":
+
+            def read(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+                self._write(start, width, out)
+
+            return module.lora_A["default"].register_forward_hook(read)
+        if method == "mlp":
+
+            def neurons(_m: Any, args: tuple[Any, ...]) -> None:
+                self._write(start, width, args[0][..., :width])
+
+            return module.register_forward_pre_hook(neurons)
+        raise ValueError(f"unknown extraction method {method!r}")

@@ -1,0 +1,179 @@
+"""Run the ``extract`` stage for one source (``lora`` or ``mlp``) into ``data/activations/<source>/``.
+
+The shard plan is fixed by the document lengths, so work is split by shard: under ``accelerate
+launch`` process r extracts shards r, r + world, ... Shards are written into
+``checkpoints/extract/<source>/`` (atomically); a re-run with the same inputs and params skips the
+complete ones. When every shard is there, rank 0 writes ``index.json`` and ``run.json`` and moves the
+directory into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from lorascope.atomic import write_json
+from lorascope.config import Params, section_hash
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Shard, plan_shards, shard_complete, write_index, write_shard
+from lorascope.project import workspace_root
+
+Source = Literal["lora", "mlp"]
+PREPARED = Path("data/prepared")
+BASE = Path("models/base")
+ADAPTER = Path("models/lora")
+
+
+def store_dir(source: str) -> Path:
+    """``data/activations/<source>/`` at the workspace root."""
+    return workspace_root() / "data" / "activations" / source
+
+
+def work_dir(source: str) -> Path:
+    """Where shards accumulate until the store is complete."""
+    return workspace_root() / "checkpoints" / "extract" / source
+
+
+def read_documents(prepared: Path) -> tuple[list[str], list[list[int]]]:
+    """Row ids and token ids of the prepared training set, in order."""
+    import pyarrow.parquet as pq
+
+    path = prepared / "train.parquet"
+    if not path.is_file():
+        raise LorascopeError(
+            f"{path}: prepared data not found; run `lorascope prepare` (or `dvc repro`) first"
+        )
+    table = pq.read_table(path, columns=["id", "input_ids"])
+    ids, docs = table.column("id").to_pylist(), table.column("input_ids").to_pylist()
+    if not docs or not any(docs):
+        raise LorascopeError(f"{path}: no tokens to extract (empty dataset)")
+    return ids, docs
+
+
+def _prepare_work(work: Path, fingerprint: dict[str, Any]) -> None:
+    """Keep complete shards of the same run; start over when params or inputs changed."""
+    marker = work.with_name(f"{work.name}.fingerprint.json")
+    if not (marker.is_file() and json.loads(marker.read_text()) == fingerprint):
+        shutil.rmtree(work, ignore_errors=True)
+        write_json(marker, fingerprint)
+    work.mkdir(parents=True, exist_ok=True)
+    for stray in work.glob(".*.tmp*"):  # temp files of a killed writer
+        shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+
+
+def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None = None) -> Path:
+    """Extract ``source`` activations over the prepared training set; returns the store directory.
+
+    ``on_shard`` is called after each shard is written (the tests use it to simulate a kill).
+    """
+    import mlflow
+    import torch
+    from accelerate import PartialState
+
+    from lorascope.base.load import model_name
+    from lorascope.extract.extractor import Extractor, compute_dtype
+    from lorascope.progress import track
+    from lorascope.tracking import dvc_md5, stage_run
+
+    cfg = params.extract
+    root = workspace_root()
+    prepared, base_dir, adapter_dir = root / PREPARED, root / BASE, root / ADAPTER
+    doc_ids, docs = read_documents(prepared)
+    inputs = [prepared, base_dir] + ([adapter_dir] if source == "lora" else [])
+    state = PartialState(cpu=not torch.cuda.is_available())
+    extractor = Extractor.load(
+        source,
+        cfg.method,
+        base_dir,
+        adapter_dir if source == "lora" else None,
+        cfg.precision,
+        state.device,
+        cfg.mlp_neurons,
+    )
+    names = extractor.names
+    plan = plan_shards([len(d) for d in docs], cfg.shard_tokens)
+    work, out = work_dir(source), store_dir(source)
+    if state.is_main_process:
+        fingerprint = {
+            "source": source,
+            "params_hash": section_hash(params, "extract"),
+            "inputs": {p.relative_to(root).as_posix(): dvc_md5(p) for p in inputs},
+        }
+        _prepare_work(work, fingerprint)
+    state.wait_for_everyone()
+
+    def done(shard: Shard) -> bool:
+        return shard_complete(work / shard.file, shard.tokens, len(names), cfg.dtype)
+
+    resumed = sum(done(s) for s in plan) if state.is_main_process else 0
+    todo = [s for s in plan if s.index % state.num_processes == state.process_index and not done(s)]
+    tracked = (
+        stage_run("extract", params, inputs, run_name=source, tags={"extract.source": source})
+        if state.is_main_process
+        else nullcontext()
+    )
+    with tracked as tracked_run:
+        started, extracted = time.perf_counter(), 0
+        shards = track(todo, f"extract {source}", total=len(todo)) if state.is_main_process else todo
+        for shard in shards:
+            acts_TC, ids_T = extractor.run(
+                docs[shard.first_doc : shard.last_doc], cfg.batch_tokens, cfg.dtype
+            )
+            write_shard(work / shard.file, acts_TC, ids_T)
+            extracted += shard.tokens
+            if on_shard is not None:
+                on_shard(shard)
+        elapsed = time.perf_counter() - started
+        state.wait_for_everyone()
+        if tracked_run is not None:
+            missing = [s.file for s in plan if not done(s)]
+            if missing:
+                raise LorascopeError(f"{work}: shards missing after extraction: {', '.join(missing[:5])}")
+            starts = [0]
+            for d in docs:
+                starts.append(starts[-1] + len(d))
+            index = {
+                "source": source,
+                "model": model_name(base_dir),
+                "adapter": ADAPTER.as_posix() if source == "lora" else None,
+                "method": extractor.method,
+                "precision": str(compute_dtype(cfg.precision)).removeprefix("torch."),
+                "components": names,
+                "modules": [
+                    {"layer": c.layer, "kind": c.kind, "module": c.module, "width": c.width}
+                    for c in extractor.components
+                ],
+                "dtype": cfg.dtype,
+                "tokens": starts[-1],
+                "documents": [[d, s, len(t)] for d, s, t in zip(doc_ids, starts[:-1], docs, strict=True)],
+                "shards": [s.to_json() for s in plan],
+                "run_id": tracked_run.run_id,
+            }
+            write_index(work, index)
+            metrics = {
+                "tokens": float(starts[-1]),
+                "documents": float(len(docs)),
+                "components": float(len(names)),
+                "shards": float(len(plan)),
+                "shards_resumed": float(resumed),
+                "processes": float(state.num_processes),
+                "store_bytes": float(sum((work / s.file).stat().st_size for s in plan)),
+            }
+            if extracted:
+                metrics["tokens_per_second_rank0"] = extracted / elapsed
+            mlflow.log_params({"source": source, "compute_dtype": index["precision"]})
+            mlflow.log_metrics(metrics)
+            manifest = tracked_run.write_manifest(work, {"source": source, "tokens": starts[-1]})
+            mlflow.log_dict(manifest, "run.json")
+            if out.exists():
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            work.rename(out)
+            work.with_name(f"{work.name}.fingerprint.json").unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return out
