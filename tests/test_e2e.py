@@ -64,9 +64,14 @@ def runs(db: Path, stage: str) -> list[tuple[str, dict[str, str]]]:
 def test_dvc_repro_then_noop(repo):
     root, env = repo
     first = sh("dvc", "repro", cwd=root, env=env)
-    for stage in ("base", "prepare", "finetune@lora", "finetune@full"):
+    stages = ("base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp")
+    for stage in (*stages, "contexts@lora", "contexts@mlp"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
+        "data/activations/lora/index.json",
+        "data/activations/mlp/index.json",
+        "data/contexts/lora.parquet",
+        "data/contexts/mlp.features.parquet",
         "models/lora/adapter_model.safetensors",
         "models/full/model.safetensors",
         "models/base/config.json",
@@ -100,6 +105,13 @@ def test_dvc_repro_then_noop(repo):
     assert f"<-  base  run {base_id}" in lineage
     lora_run = json.loads((root / "models/lora/run.json").read_text())
     assert lora_run["upstream"] == {"prepare": prep_id, "base": base_id}
+    # contexts -> extract -> finetune -> prepare -> base
+    contexts_run = json.loads((root / "data/contexts/lora.run.json").read_text())
+    extract_run = json.loads((root / "data/activations/lora/run.json").read_text())
+    assert contexts_run["upstream"] == {"extract": extract_run["run_id"]}
+    assert extract_run["upstream"] == {"prepare": prep_id, "base": base_id, "finetune": lora_run["run_id"]}
+    chain = json.loads(sh("lorascope", "lineage", "--json", contexts_run["run_id"], cwd=root, env=env).stdout)
+    assert [u["stage"] for u in chain["upstream"][0]["upstream"]] == ["base", "finetune", "prepare"]
 
 
 def test_temp_experiment_logs_to_the_same_store(repo):
