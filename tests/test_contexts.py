@@ -45,7 +45,9 @@ def synthetic_store(root: Path, source: str = "lora", n_components: int = 5, see
     folder.mkdir(parents=True)
     shards = plan_shards(lengths, 100)
     for s in shards:
-        write_shard(folder / s.file, acts_TC[s.start : s.start + s.tokens], ids_T[s.start : s.start + s.tokens])
+        write_shard(
+            folder / s.file, acts_TC[s.start : s.start + s.tokens], ids_T[s.start : s.start + s.tokens]
+        )
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     write_index(
         folder,
@@ -191,7 +193,10 @@ def test_real_lora_store_end_to_end(with_prepared: Path):
     assert set(table.kind) == {"top", "quantile", "random"}
     assert table.feature.nunique() == 14
     assert all("".join(t) == text for t, text in zip(table.tokens, table.text, strict=True))
-    assert all(len(t) == len(w) == len(a) for t, w, a in zip(table.tokens, table.window_ids, table.window_acts, strict=True))
+    assert all(
+        len(t) == len(w) == len(a)
+        for t, w, a in zip(table.tokens, table.window_ids, table.window_acts, strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -221,7 +226,10 @@ def test_source_not_extracted(with_base: Path):
     )
     with pytest.raises(LorascopeError) as e:
         run(tiny_params(), "sae")
-    assert str(e.value) == f"{with_base}/models/sae: no trained SAE (cfg.json missing); run `lorascope sae` first"
+    assert (
+        str(e.value)
+        == f"{with_base}/models/sae: no trained SAE (cfg.json missing); run `lorascope sae` first"
+    )
 
 
 def test_store_of_the_wrong_source(with_base: Path):
@@ -229,4 +237,6 @@ def test_store_of_the_wrong_source(with_base: Path):
     (with_base / "data/activations/mlp").rename(with_base / "data/activations/lora")
     with pytest.raises(LorascopeError) as e:
         run(tiny_params(), "lora")
-    assert str(e.value) == f"{with_base}/data/activations/lora/index.json: holds source 'mlp', expected 'lora'"
+    assert (
+        str(e.value) == f"{with_base}/data/activations/lora/index.json: holds source 'mlp', expected 'lora'"
+    )

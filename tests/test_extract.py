@@ -232,7 +232,11 @@ def test_changed_params_start_over(with_prepared: Path):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_params(extract={"shard_tokens": 2500}), "lora", on_shard=stop)
     done = []
-    run(tiny_params(extract={"shard_tokens": 2500, "dtype": "bfloat16"}), "lora", on_shard=lambda s: done.append(s))
+    run(
+        tiny_params(extract={"shard_tokens": 2500, "dtype": "bfloat16"}),
+        "lora",
+        on_shard=lambda s: done.append(s),
+    )
     assert done[0].index == 0  # nothing reused from the float16 run
     assert Store.open(with_prepared / "data/activations/lora").index["dtype"] == "bfloat16"
 
