@@ -92,8 +92,13 @@ def test_unknown_key_names_the_known_ones():
 
 
 def test_unknown_section_names_the_sections():
+    assert error_of(extrakt={"batch": 1}) == (
+        "params.yaml: extrakt: unknown key (expected one of: base, prepare, finetune, extract, contexts, sae, "
+        "autointerp, categorize)"
+    )
     assert error_of(extract={"batch": 1}) == (
-        "params.yaml: extract: unknown key (expected one of: base, prepare, finetune, sae, autointerp, categorize)"
+        "params.yaml: extract.batch: unknown key (expected one of: dtype, shard_tokens, batch_tokens, precision, "
+        "method, mlp_neurons, launcher)"
     )
 
 
@@ -145,6 +150,10 @@ def test_paper_profile_is_the_papers_recipe(monkeypatch):
     assert (f.global_batch_size, f.micro_batch_size, f.bf16, f.gradient_checkpointing) == (16, 1, True, True)
     assert (p.sae.k, p.sae.expansion, p.sae.lr, p.sae.batch_size) == (16, 8, 5e-4, 512)
     assert 448 * p.sae.expansion == 3584
+    e, ctx = p.extract, p.contexts
+    assert (e.dtype, e.method, e.mlp_neurons, e.precision) == ("float16", "merged", 60, "auto")
+    assert e.launcher == "accelerate launch --multi_gpu --num_processes 8 -m lorascope.cli"
+    assert (ctx.top_k, ctx.quantile_bins, ctx.quantile_samples, ctx.active_threshold) == (64, 10, 5, 0.0)
     assert (p.autointerp.backend, p.autointerp.model, p.autointerp.n_contexts) == ("openai", "gpt-5-mini", 64)
     c = p.categorize
     assert (c.model, c.generation_model, c.min_categories, c.max_categories) == (
@@ -162,7 +171,9 @@ def test_small_profile_extends_the_paper(monkeypatch):
     assert small.prepare.block_size < paper.prepare.block_size
     assert small.finetune.launcher == "lorascope" and paper.finetune.launcher.startswith("accelerate launch")
     assert small.finetune.model_copy(update={"launcher": paper.finetune.launcher}) == paper.finetune
-    assert small.sae == paper.sae
+    assert small.sae == paper.sae and small.contexts == paper.contexts
+    assert small.extract.launcher == "lorascope"
+    assert small.extract.model_copy(update={"launcher": paper.extract.launcher}) == paper.extract
 
 
 def test_profile_errors(tmp_path: Path, monkeypatch):
