@@ -127,6 +127,15 @@ def extract(
     typer.echo(f"extract: wrote {out}")
 
 
+@app.command()
+def sae(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Train the BatchTopK SAE on data/activations/lora/, calibrate its threshold, write models/sae/."""
+    from lorascope.sae.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"sae: wrote {out}")
+
+
 class ContextsSource(str, Enum):
     lora = "lora"
     mlp = "mlp"

@@ -283,6 +283,35 @@ class SaeSection(Section):
     """Tokens per optimizer step."""
     seed: int = 0
     """Seed for initialisation and token order."""
+    epochs: PositiveFloat = 1
+    """Passes over the training tokens (the store minus the held-out documents)."""
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    """Fraction of the steps with a linear learning-rate warmup."""
+    decay_ratio: Fraction = 0.2
+    """Fraction of the steps, at the end, with a linear decay to zero."""
+    adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
+    scaling: Literal["per_component", "global"] = "per_component"
+    """Input normalisation: each component divided by its own RMS (folded back into the weights at
+    save), or one global scale so that E[||x||^2] = d_in."""
+    b_dec_init: Literal["mean", "geometric_median"] = "mean"
+    """Initial decoder bias: the data mean or its geometric median (Weiszfeld iterations)."""
+    aux_k: PositiveInt = 256
+    """Dead latents used by the AuxK loss per token (at most d_sae)."""
+    aux_coef: Annotated[float, Field(ge=0)] = 0.03125
+    """Weight of the AuxK loss (0 turns it off)."""
+    dead_fraction: Fraction = 0.1
+    """A latent is dead when it has not fired for this fraction of one epoch's tokens."""
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Documents (chosen by a hash of their id) kept out of training for calibration and metrics."""
+    calibration_tokens: PositiveInt = 200_000
+    """Held-out tokens used to calibrate the inference threshold (mean L0 = k)."""
+    checkpoint_steps: PositiveInt = 500
+    """Save a resumable checkpoint (weights, optimiser, data position) every N steps."""
+    drop_nonfinite: bool = False
+    """Skip tokens with NaN/inf activations (counted) instead of stopping with an error."""
+    kl_sequences: Annotated[int, Field(ge=0)] = 16
+    """Held-out sequences for the downstream splice KL (0 skips it)."""
 
 
 # ----------------------------------------------------------------------------- autointerp / cat.

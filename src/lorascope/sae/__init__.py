@@ -1,0 +1,1 @@
+"""``sae`` stage: a cross-layer BatchTopK sparse autoencoder over the whole adapter state."""

@@ -1,0 +1,142 @@
+"""SAE training data from an activation store: held-out documents, statistics, shuffled batches.
+
+Memory stays at one shard whatever the store size: statistics are one streaming pass, and batches
+come from one shard at a time (its training tokens in a seeded random order; the remainder of a shard
+that does not fill a batch is carried into the next). The stream's position is a small state dict, so
+a resumed run continues with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Shard, Store
+
+
+def heldout_documents(store: Store, fraction: float) -> torch.Tensor:
+    """Boolean per document: held out of training (a hash of the doc id, so stable across runs)."""
+    cut = int(fraction * 2**32)
+    held = torch.tensor(
+        [int.from_bytes(hashlib.sha1(str(d[0]).encode()).digest()[:4], "big") < cut for d in store.documents]
+    )
+    if bool(held.all()) or not bool(held.any()):
+        raise LorascopeError(
+            f"sae.heldout_fraction: {fraction} leaves {'no training' if held.all() else 'no held-out'} documents "
+            f"among the store's {len(held)}"
+        )
+    return held
+
+
+def token_mask(store: Store, shard: Shard, held_docs: torch.Tensor, want_heldout: bool) -> torch.Tensor:
+    """Per token of ``shard``: whether it belongs to the wanted split."""
+    lengths = torch.tensor([d[2] for d in store.documents[shard.first_doc : shard.last_doc]])
+    held_T = torch.repeat_interleave(held_docs[shard.first_doc : shard.last_doc], lengths)
+    return held_T if want_heldout else ~held_T
+
+
+@dataclass
+class Stats:
+    """Training-split statistics from one pass: per-component mean and RMS, token counts."""
+
+    mean_D: torch.Tensor
+    rms_D: torch.Tensor
+    mean_sq_norm: float
+    tokens: int
+    nonfinite_tokens: int
+    sample_ND: torch.Tensor
+    """Up to 4096 training tokens (for the geometric-median initialisation)."""
+
+
+def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool) -> Stats:
+    """Statistics of the training tokens; non-finite rows are an error naming where they are, or
+    dropped and counted with ``drop_nonfinite``."""
+    D = len(store.components)
+    total, sq = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    tokens = bad = 0
+    sample: list[torch.Tensor] = []
+    for shard, acts_TC, _ in store:
+        x_TD = acts_TC[token_mask(store, shard, held_docs, False)].double()
+        finite_T = torch.isfinite(x_TD).all(1)
+        n_bad = int((~finite_T).sum())
+        if n_bad and not drop_nonfinite:
+            first = int((~finite_T).nonzero()[0])
+            raise LorascopeError(
+                f"{store.root / shard.file}: {n_bad} training tokens with NaN/inf activations (first at row {first} "
+                "of the shard's training tokens); set sae.drop_nonfinite: true to skip them"
+            )
+        bad += n_bad
+        x_TD = x_TD[finite_T]
+        total += x_TD.sum(0)
+        sq += x_TD.square().sum(0)
+        tokens += x_TD.shape[0]
+        if sum(s.shape[0] for s in sample) < 4096:
+            sample.append(x_TD[:4096].float())
+    if tokens == 0:
+        raise LorascopeError(f"{store.root}: no finite training tokens")
+    return Stats(
+        mean_D=(total / tokens).float(),
+        rms_D=(sq / tokens).sqrt().float(),
+        mean_sq_norm=float(sq.sum() / tokens),
+        tokens=tokens,
+        nonfinite_tokens=bad,
+        sample_ND=torch.cat(sample)[:4096],
+    )
+
+
+def geometric_median(x_ND: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm from the mean."""
+    y_D = x_ND.mean(0)
+    for _ in range(iterations):
+        w_N = 1 / (x_ND - y_D).norm(dim=1).clamp(min=1e-8)
+        y_D = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
+    return y_D
+
+
+class TokenStream:
+    """Endless shuffled batches of training tokens (float32, unscaled)."""
+
+    def __init__(self, store: Store, held_docs: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.store, self.held_docs, self.batch_size, self.seed = store, held_docs, batch_size, seed
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "cursor": 0,
+            "offset": 0,
+            "carry": torch.zeros(0, len(store.components)),
+        }
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(len(self.store.shards), generator=g).tolist()
+
+    def _shard_tokens(self, epoch: int, shard_index: int) -> torch.Tensor:
+        shard = self.store.shards[shard_index]
+        acts_TC, _ = self.store.read(shard)
+        x_TD = acts_TC[token_mask(self.store, shard, self.held_docs, False)].float()
+        x_TD = x_TD[torch.isfinite(x_TD).all(1)]
+        g = torch.Generator().manual_seed((self.seed * 7919 + epoch) * 100_003 + shard_index)
+        return x_TD[torch.randperm(x_TD.shape[0], generator=g)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        st = self.state
+        while True:
+            order = self._order(st["epoch"])
+            while st["cursor"] < len(order):
+                x_TD = self._shard_tokens(st["epoch"], order[st["cursor"]])
+                while True:
+                    need = self.batch_size - st["carry"].shape[0]
+                    piece = x_TD[st["offset"] : st["offset"] + need]
+                    if piece.shape[0] < need:  # shard exhausted: carry the rest over
+                        st["carry"] = torch.cat([st["carry"], piece])
+                        st["cursor"], st["offset"] = st["cursor"] + 1, 0
+                        break
+                    batch = torch.cat([st["carry"], piece])
+                    st["carry"] = batch[:0]
+                    st["offset"] += need
+                    yield batch
+            st["epoch"], st["cursor"] = st["epoch"] + 1, 0

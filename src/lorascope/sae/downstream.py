@@ -1,0 +1,91 @@
+"""Downstream effect of the SAE: splice its reconstruction of each token's adapter state in place of
+the recorded ``x . A`` values and compare next-token distributions.
+
+For each held-out sequence: P_lora (the adapter as trained), P_spliced (every ``lora_A`` output
+replaced by the SAE reconstruction of that token's stored adapter state) and P_base (adapter off).
+Reported: mean per-token KL(P_lora || P_spliced), KL(P_lora || P_base) and the fraction of the LoRA's
+effect recovered, 1 - KL(P_lora || P_spliced) / KL(P_lora || P_base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorascope.extract.store import Store
+
+
+def kl_per_token(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per position, from logits ``[T, V]``."""
+    logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@contextmanager
+def spliced(model: Any, store: Store, values_TC: torch.Tensor):
+    """Replace every adapter component's ``lora_A`` output by the matching columns of ``values_TC``."""
+    base = model.get_base_model()
+    handles, start = [], 0
+    for m in store.index["modules"]:
+        cols = values_TC[:, start : start + m["width"]]
+        start += m["width"]
+
+        def replace(_mod: Any, _args: Any, out: torch.Tensor, cols: torch.Tensor = cols) -> torch.Tensor:
+            return cols.to(out.dtype).view_as(out)
+
+        handles.append(base.get_submodule(m["module"]).lora_A["default"].register_forward_hook(replace))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def document(store: Store, doc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(acts_TC, ids_T)`` of one document."""
+    _, start, length = store.documents[doc]
+    for shard in store.shards:
+        if shard.first_doc <= doc < shard.last_doc:
+            acts_TC, ids_T = store.read(shard)
+            lo = start - shard.start
+            return acts_TC[lo : lo + length], ids_T[lo : lo + length]
+    raise IndexError(doc)
+
+
+@torch.no_grad()
+def splice_kl(
+    base_dir: Path,
+    adapter_dir: Path,
+    store: Store,
+    docs: list[int],
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
+    """Mean per-token KLs over ``docs`` (document indices of the store)."""
+    from lorascope.base.load import load_model
+    from lorascope.extract.extractor import load_adapter
+
+    model = load_adapter(load_model(base_dir, dtype=torch.float32), adapter_dir).eval()
+    kl_spliced = kl_base = 0.0
+    tokens = 0
+    for doc in docs:
+        acts_TC, ids_T = document(store, doc)
+        input_ids = ids_T.long()[None]
+        logits_lora = model(input_ids=input_ids).logits[0]
+        with spliced(model, store, reconstruct(acts_TC.float())):
+            logits_spliced = model(input_ids=input_ids).logits[0]
+        with model.disable_adapter():
+            logits_base = model(input_ids=input_ids).logits[0]
+        kl_spliced += float(kl_per_token(logits_lora, logits_spliced).sum())
+        kl_base += float(kl_per_token(logits_lora, logits_base).sum())
+        tokens += ids_T.shape[0]
+    kl_spliced, kl_base = kl_spliced / tokens, kl_base / tokens
+    return {
+        "kl_lora_spliced": kl_spliced,
+        "kl_lora_base": kl_base,
+        "lora_effect_recovered": 1 - kl_spliced / kl_base if kl_base > 0 else float("nan"),
+        "kl_tokens": float(tokens),
+    }

@@ -1,0 +1,144 @@
+"""Run the ``sae`` stage: train on ``data/activations/lora``, calibrate, evaluate, write ``models/sae``.
+
+Checkpoints (SAE, optimiser, schedule, data position, dead-latent counters) go to
+``checkpoints/sae/`` every ``sae.checkpoint_steps``; a killed run resumes there (same params and
+store) and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorascope.atomic import atomic_path, write_json
+from lorascope.config import Params, section_hash
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Store
+from lorascope.project import workspace_root
+
+STORE = Path("data/activations/lora")
+OUT = Path("models/sae")
+METRICS = Path("metrics/sae.json")
+BASE, ADAPTER = Path("models/base"), Path("models/lora")
+
+
+def checkpoint_path() -> Path:
+    return workspace_root() / "checkpoints" / "sae" / "state.pt"
+
+
+def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Train the SAE; returns ``models/sae``. ``on_step`` sees every step's metrics (tests, sweeps)."""
+    import mlflow
+
+    from lorascope.progress import track
+    from lorascope.sae.data import heldout_documents
+    from lorascope.sae.downstream import splice_kl
+    from lorascope.sae.train import Trainer, calibrate, evaluate, fold, grouped_fvu, heldout_batches, save
+    from lorascope.tracking import dvc_md5, stage_run
+
+    cfg = params.sae
+    root = workspace_root()
+    store = Store.open(root / STORE, hint="run `lorascope extract --source lora` first")
+    if store.source != "lora":
+        raise LorascopeError(f"{store.root}/index.json: holds source {store.source!r}, expected 'lora'")
+    torch.manual_seed(cfg.seed)
+    held = heldout_documents(store, cfg.heldout_fraction)
+    trainer = Trainer(store, held, cfg)
+    ckpt = checkpoint_path()
+    fingerprint = {"params_hash": section_hash(params, "sae"), "store": dvc_md5(store.root / "index.json")}
+    if ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        if saved.get("fingerprint") == fingerprint:
+            trainer.load_state_dict(saved["trainer"])
+    resumed_from = trainer.step
+
+    def save_checkpoint() -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save({"fingerprint": fingerprint, "trainer": trainer.state_dict()}, tmp)
+
+    with stage_run("sae", params, inputs=[store.root], tags={"sae.scaling": cfg.scaling}) as tr:
+        p = trainer.plan
+        mlflow.log_params(
+            {"d_in": p.d_in, "d_sae": p.d_sae, "steps": p.steps, "dead_window_tokens": p.dead_window,
+             "train_tokens": p.train_tokens, "resumed_from_step": resumed_from}
+        )  # fmt: skip
+        progress = iter(track(range(resumed_from, p.steps), "sae: training", total=p.steps - resumed_from))
+
+        def log_step(step: int, metrics: dict[str, float]) -> None:
+            next(progress, None)
+            if step % 10 == 0 or step == p.steps:
+                mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
+            if on_step is not None:
+                on_step(step, metrics)
+
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainer.run(on_step=log_step, save=save_checkpoint)
+        next(progress, None)
+
+        raw = fold(trainer.sae, trainer.scale_D).eval()
+        threshold, n_cal = calibrate(raw, heldout_batches(store, held, 0, cfg.calibration_tokens), cfg.k)
+        raw.threshold.fill_(threshold)
+        ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens))
+        modules = store.index["modules"]
+        layers = [f"L{m['layer']}" for m in modules for _ in range(m["width"])]
+        kinds = [m["kind"] for m in modules for _ in range(m["width"])]
+        per_component = (ev["err_D"] / ev["var_D"].clamp(min=1e-12)).tolist()
+        alive_F = ev["fired_F"] | (trainer.since_fired_F < p.dead_window)
+        alive = alive_F.nonzero().flatten().tolist()
+        metrics: dict[str, Any] = {
+            "fvu": float(ev["err_D"].sum() / ev["var_D"].sum()),
+            "fvu_mean_component": sum(per_component) / len(per_component),
+            "fvu_by_layer": grouped_fvu(ev["err_D"], ev["var_D"], layers),
+            "fvu_by_type": grouped_fvu(ev["err_D"], ev["var_D"], kinds),
+            "l0_train": float(cfg.k),
+            "l0_calibrated": ev["l0"],
+            "threshold": threshold,
+            "calibration_tokens": n_cal,
+            "eval_tokens": ev["tokens"],
+            "alive_latents": len(alive),
+            "dead_latents": p.d_sae - len(alive),
+            "nonfinite_tokens_dropped": trainer.stats.nonfinite_tokens,
+            "train_tokens": trainer.step * cfg.batch_size,
+        }
+        adapter = root / ADAPTER
+        if cfg.kl_sequences and (adapter / "adapter_config.json").is_file():
+            held_docs = held.nonzero().flatten().tolist()[: cfg.kl_sequences]
+            metrics.update(
+                splice_kl(root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)))
+            )
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat.update({f"fvu_{g}": v for g, v in metrics["fvu_by_layer"].items()})
+        flat.update({f"fvu_{g}": v for g, v in metrics["fvu_by_type"].items()})
+        mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+
+        out = root / OUT
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            save(
+                raw,
+                tmp,
+                {
+                    "format": "lorascope-sae/1",
+                    "architecture": "batchtopk",
+                    "d_in": p.d_in,
+                    "d_sae": p.d_sae,
+                    "k": cfg.k,
+                    "threshold": threshold,
+                    "scaling": cfg.scaling,
+                    "scale": trainer.scale_D.tolist(),
+                    "scale_folded": True,
+                    "components": store.components,
+                    "training_tokens": trainer.step * cfg.batch_size,
+                    "run_id": tr.run_id,
+                },
+            )
+            write_json(tmp / "alive.json", {"alive_latents": alive, "d_sae": p.d_sae})
+            manifest = tr.write_manifest(tmp, {"d_sae": p.d_sae, "alive_latents": len(alive)})
+        write_json(root / METRICS, metrics)
+        mlflow.log_dict(manifest, "run.json")
+        mlflow.log_artifacts(str(out), artifact_path="sae")
+    ckpt.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,233 @@
+"""Train, calibrate and evaluate the SAE on an activation store.
+
+Training runs in the scaled input space (per-component RMS or one global scale); ``fold`` moves the
+scale into the weights at save, so the saved SAE encodes raw ``x . A`` values directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorascope.config import SaeSection
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Store
+from lorascope.sae.data import TokenStream, geometric_median, scan, token_mask
+from lorascope.sae.model import BatchTopKSAE, training_loss
+
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Plan:
+    """Derived sizes of one training run."""
+
+    d_in: int
+    d_sae: int
+    steps: int
+    dead_window: int
+    train_tokens: int
+
+
+def plan(cfg: SaeSection, d_in: int, train_tokens: int) -> Plan:
+    d_sae = cfg.expansion * d_in
+    if cfg.k >= d_sae:
+        raise LorascopeError(
+            f"sae.k: must be < d_sae = expansion x d_in = {cfg.expansion} x {d_in} = {d_sae}, got {cfg.k}"
+        )
+    if cfg.aux_k > d_sae:
+        raise LorascopeError(f"sae.aux_k: must be <= d_sae ({d_sae}), got {cfg.aux_k}")
+    steps = int(cfg.epochs * train_tokens) // cfg.batch_size
+    if steps < 1:
+        raise LorascopeError(
+            f"sae.batch_size: {cfg.batch_size} is more than epochs x training tokens ({cfg.epochs} x {train_tokens})"
+        )
+    return Plan(d_in, d_sae, steps, max(1, int(cfg.dead_fraction * train_tokens)), train_tokens)
+
+
+def input_scale(cfg: SaeSection, rms_D: torch.Tensor, mean_sq_norm: float) -> torch.Tensor:
+    """Per-component RMS, or one scale (repeated) so that E[||x / s||^2] = d_in."""
+    if cfg.scaling == "per_component":
+        return rms_D.clamp(min=1e-6)
+    return torch.full_like(rms_D, max((mean_sq_norm / rms_D.numel()) ** 0.5, 1e-6))
+
+
+class Trainer:
+    """Owns the SAE, optimiser, schedule, data stream and dead-latent counters; checkpointable."""
+
+    def __init__(self, store: Store, held_docs: torch.Tensor, cfg: SaeSection) -> None:
+        from transformers import get_wsd_schedule
+
+        self.store, self.cfg = store, cfg
+        stats = scan(store, held_docs, cfg.drop_nonfinite)
+        self.stats = stats
+        self.plan = plan(cfg, len(store.components), stats.tokens)
+        self.scale_D = input_scale(cfg, stats.rms_D, stats.mean_sq_norm)
+        init = torch.Generator().manual_seed(cfg.seed)
+        self.sae = BatchTopKSAE(self.plan.d_in, self.plan.d_sae, cfg.k, generator=init)
+        centre = stats.mean_D if cfg.b_dec_init == "mean" else geometric_median(stats.sample_ND)
+        with torch.no_grad():
+            self.sae.b_dec_D.copy_(centre / self.scale_D)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        steps = self.plan.steps
+        self.sched = get_wsd_schedule(
+            self.opt,
+            num_warmup_steps=int(cfg.warmup_ratio * steps),
+            num_decay_steps=int(cfg.decay_ratio * steps),
+            num_training_steps=steps,
+            decay_type="linear",
+        )
+        self.stream = TokenStream(store, held_docs, cfg.batch_size, cfg.seed)
+        self.since_fired_F = torch.zeros(self.plan.d_sae, dtype=torch.long)
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "stream": self.stream.state,
+            "since_fired": self.since_fired_F,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.stream.state = state["stream"]
+        self.since_fired_F = state["since_fired"]
+        self.step = state["step"]
+
+    def run(self, on_step: StepHook | None = None, save: Callable[[], None] | None = None) -> None:
+        """Train up to ``plan.steps``; ``save`` every ``checkpoint_steps``; ``on_step(step, metrics)``."""
+        cfg, sae = self.cfg, self.sae
+        batches: Iterator[torch.Tensor] = iter(self.stream)
+        while self.step < self.plan.steps:
+            x_BD = next(batches) / self.scale_D
+            dead_F = self.since_fired_F >= self.plan.dead_window
+            loss, parts, sel = training_loss(sae, x_BD, dead_F, cfg.aux_k, cfg.aux_coef)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.project_decoder_grad()
+            self.opt.step()
+            self.sched.step()
+            sae.normalise_decoder()
+            fired_F = torch.bincount(sel.latents_N, minlength=self.plan.d_sae) > 0
+            self.since_fired_F += x_BD.shape[0]
+            self.since_fired_F[fired_F] = 0
+            self.step += 1
+            if on_step is not None:
+                metrics = {k: float(v) for k, v in parts.items()}
+                metrics["dead_latents"] = float(dead_F.sum())
+                metrics["lr"] = self.sched.get_last_lr()[0]
+                on_step(self.step, metrics)
+            if save is not None and (self.step % cfg.checkpoint_steps == 0 or self.step == self.plan.steps):
+                save()
+
+
+# ------------------------------------------------------------------------------- after training
+def heldout_batches(
+    store: Store, held_docs: torch.Tensor, part: int, max_tokens: int
+) -> Iterator[torch.Tensor]:
+    """Held-out tokens in store order: ``part`` 0 = calibration documents (even-numbered held-out
+    documents), 1 = evaluation documents (odd), up to ``max_tokens``."""
+    held_index = torch.cumsum(held_docs.long(), 0) - 1
+    split = held_docs & (held_index % 2 == part)
+    if not bool(split.any()):
+        split = held_docs  # a single held-out document serves both
+    seen = 0
+    for shard, acts_TC, _ in store:
+        x_TD = acts_TC[token_mask(store, shard, split, True)].float()
+        x_TD = x_TD[torch.isfinite(x_TD).all(1)][: max_tokens - seen]
+        if x_TD.shape[0]:
+            seen += x_TD.shape[0]
+            yield x_TD
+        if seen >= max_tokens:
+            return
+
+
+@torch.no_grad()
+def calibrate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor], k: int) -> tuple[float, int]:
+    """The threshold at which mean L0 over ``batches`` is k: the (k x N)-th largest pre-activation
+    (a running top-(k x N) merge, exact). Returns (threshold, N)."""
+    kept = torch.zeros(0)
+    n = 0
+    for x_BD in batches:
+        n += x_BD.shape[0]
+        pre = sae.pre_acts(x_BD).flatten()
+        floor = kept.min() if kept.numel() >= k * n else 0.0
+        kept = torch.cat([kept, pre[pre > floor]])
+        kept = kept.topk(min(k * n, kept.numel())).values
+    if n == 0:
+        raise LorascopeError("no held-out tokens to calibrate the SAE threshold on")
+    threshold = float(kept.min()) if kept.numel() >= k * n else 0.0
+    return threshold, n
+
+
+@torch.no_grad()
+def evaluate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor]) -> dict[str, Any]:
+    """FVU per component (error and variance sums), mean L0 with the threshold, fired latents."""
+    err_D = sq_D = sum_D = None
+    n, l0, fired_F = 0, 0.0, torch.zeros(sae.d_sae, dtype=torch.bool)
+    for x_BD in batches:
+        f_BF = sae.encode(x_BD)
+        recon = sae.decode(f_BF)
+        err = (recon - x_BD).double().square().sum(0)
+        err_D = err if err_D is None else err_D + err
+        sq_D = x_BD.double().square().sum(0) + (0 if sq_D is None else sq_D)
+        sum_D = x_BD.double().sum(0) + (0 if sum_D is None else sum_D)
+        l0 += float((f_BF > 0).sum())
+        fired_F |= (f_BF > 0).any(0)
+        n += x_BD.shape[0]
+    if n == 0:
+        raise LorascopeError("no held-out tokens to evaluate the SAE on")
+    var_D = sq_D - sum_D.square() / n
+    return {"err_D": err_D, "var_D": var_D, "l0": l0 / n, "tokens": n, "fired_F": fired_F}
+
+
+def grouped_fvu(err_D: torch.Tensor, var_D: torch.Tensor, groups: list[str]) -> dict[str, float]:
+    """FVU per group label (one label per input column)."""
+    out = {}
+    for g in dict.fromkeys(groups):
+        cols = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        out[g] = float(err_D[cols].sum() / var_D[cols].sum().clamp(min=1e-12))
+    return out
+
+
+def fold(sae: BatchTopKSAE, scale_D: torch.Tensor) -> BatchTopKSAE:
+    """An SAE on raw inputs equal to ``sae`` on ``x / scale``: W_enc / s, W_dec * s, b_dec * s."""
+    raw = BatchTopKSAE(sae.d_in, sae.d_sae, sae.k)
+    with torch.no_grad():
+        raw.W_enc_DF.copy_(sae.W_enc_DF / scale_D[:, None])
+        raw.W_dec_FD.copy_(sae.W_dec_FD * scale_D[None, :])
+        raw.b_enc_F.copy_(sae.b_enc_F)
+        raw.b_dec_D.copy_(sae.b_dec_D * scale_D)
+        raw.threshold.copy_(sae.threshold)
+    return raw
+
+
+def save(sae: BatchTopKSAE, directory: Path, cfg_json: dict[str, Any]) -> None:
+    """``sae.safetensors`` + ``cfg.json`` (the DESIGN checkpoint contract)."""
+    from safetensors.torch import save_file
+
+    from lorascope.atomic import write_json
+
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(directory / "sae.safetensors"))
+    write_json(directory / "cfg.json", cfg_json)
+
+
+def load(directory: Path) -> tuple[BatchTopKSAE, dict[str, Any]]:
+    """The saved SAE (raw input space) and its cfg."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((directory / "cfg.json").read_text())
+    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+    sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
+    return sae, cfg
