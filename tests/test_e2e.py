@@ -65,13 +65,16 @@ def test_dvc_repro_then_noop(repo):
     root, env = repo
     first = sh("dvc", "repro", cwd=root, env=env)
     stages = ("base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp")
-    for stage in (*stages, "contexts@lora", "contexts@mlp"):
+    for stage in (*stages, "sae", "contexts@lora", "contexts@mlp", "contexts@sae"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
         "data/activations/lora/index.json",
         "data/activations/mlp/index.json",
         "data/contexts/lora.parquet",
         "data/contexts/mlp.features.parquet",
+        "data/contexts/sae.parquet",
+        "models/sae/sae.safetensors",
+        "metrics/sae.json",
         "models/lora/adapter_model.safetensors",
         "models/full/model.safetensors",
         "models/base/config.json",

@@ -61,14 +61,17 @@ def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool) -> Stats:
     tokens = bad = 0
     sample: list[torch.Tensor] = []
     for shard, acts_TC, _ in store:
-        x_TD = acts_TC[token_mask(store, shard, held_docs, False)].double()
+        train_T = token_mask(store, shard, held_docs, False)
+        x_TD = acts_TC[train_T].double()
         finite_T = torch.isfinite(x_TD).all(1)
         n_bad = int((~finite_T).sum())
         if n_bad and not drop_nonfinite:
-            first = int((~finite_T).nonzero()[0])
+            token = shard.start + int(train_T.nonzero().flatten()[(~finite_T).nonzero()[0]])
+            doc = max(i for i in range(shard.first_doc, shard.last_doc) if store.documents[i][1] <= token)
+            doc_id, start, _ = store.documents[doc]
             raise LorascopeError(
-                f"{store.root / shard.file}: {n_bad} training tokens with NaN/inf activations (first at row {first} "
-                "of the shard's training tokens); set sae.drop_nonfinite: true to skip them"
+                f"{store.root / shard.file}: {n_bad} training tokens with NaN/inf activations (first: document "
+                f"{doc_id} token {token - start}); set sae.drop_nonfinite: true to skip them"
             )
         bad += n_bad
         x_TD = x_TD[finite_T]

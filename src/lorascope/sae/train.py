@@ -33,7 +33,8 @@ class Plan:
     train_tokens: int
 
 
-def plan(cfg: SaeSection, d_in: int, train_tokens: int) -> Plan:
+def check_sizes(cfg: SaeSection, d_in: int) -> int:
+    """d_sae for ``d_in`` inputs; k and aux_k that do not fit are one-line errors."""
     d_sae = cfg.expansion * d_in
     if cfg.k >= d_sae:
         raise LorascopeError(
@@ -41,6 +42,11 @@ def plan(cfg: SaeSection, d_in: int, train_tokens: int) -> Plan:
         )
     if cfg.aux_k > d_sae:
         raise LorascopeError(f"sae.aux_k: must be <= d_sae ({d_sae}), got {cfg.aux_k}")
+    return d_sae
+
+
+def plan(cfg: SaeSection, d_in: int, train_tokens: int) -> Plan:
+    d_sae = check_sizes(cfg, d_in)
     steps = int(cfg.epochs * train_tokens) // cfg.batch_size
     if steps < 1:
         raise LorascopeError(
@@ -63,6 +69,7 @@ class Trainer:
         from transformers import get_wsd_schedule
 
         self.store, self.cfg = store, cfg
+        check_sizes(cfg, len(store.components))  # before the pass over the store
         stats = scan(store, held_docs, cfg.drop_nonfinite)
         self.stats = stats
         self.plan = plan(cfg, len(store.components), stats.tokens)

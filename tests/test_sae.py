@@ -1,0 +1,251 @@
+"""The SAE stage: sparse gradients, planted-feature recovery, calibration, AuxK, folding, resume,
+downstream splice, the encoder used by contexts, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorascope.config import SaeSection
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Store, plan_shards, write_index, write_shard
+from lorascope.sae.data import heldout_documents
+from lorascope.sae.model import BatchTopKSAE, training_loss
+from lorascope.sae.stage import run
+from lorascope.sae.train import Trainer, fold
+
+from conftest import tiny_params
+
+D_IN, N_TRUE = 24, 48
+
+
+def planted(tokens: int, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens that are sparse non-negative combinations (3 of 48) of known unit directions + noise,
+    with per-component scales that differ by 10x. Its own generator: never the SAE's init seed."""
+    g = torch.Generator().manual_seed(seed)
+    dirs_TD = torch.randn(N_TRUE, D_IN, generator=g)
+    dirs_TD /= dirs_TD.norm(dim=1, keepdim=True)
+    which = torch.stack([torch.randperm(N_TRUE, generator=g)[:3] for _ in range(tokens)])
+    coef = torch.rand(tokens, 3, generator=g) * 2 + 0.5
+    x = (coef[..., None] * dirs_TD[which]).sum(1) + 0.01 * torch.randn(tokens, D_IN, generator=g)
+    scale_D = torch.logspace(0, 1, D_IN)
+    return x * scale_D, dirs_TD * scale_D
+
+
+def write_store(root: Path, x_TD: torch.Tensor, doc_len: int = 200) -> Store:
+    folder = root / "data" / "activations" / "lora"
+    folder.mkdir(parents=True)
+    lengths = [doc_len] * (x_TD.shape[0] // doc_len)
+    shards = plan_shards(lengths, 4000)
+    for s in shards:
+        write_shard(
+            folder / s.file, x_TD[s.start : s.start + s.tokens], torch.zeros(s.tokens, dtype=torch.int32)
+        )
+    write_index(
+        folder,
+        {
+            "source": "lora",
+            "model": "models/base",
+            "components": [
+                f"L{i // 4}.{['q_proj', 'k_proj', 'gate_proj', 'down_proj'][i % 4]}" for i in range(D_IN)
+            ],
+            "modules": [
+                {
+                    "layer": i // 4,
+                    "kind": ["q_proj", "k_proj", "gate_proj", "down_proj"][i % 4],
+                    "module": "m",
+                    "width": 1,
+                }
+                for i in range(D_IN)
+            ],
+            "dtype": "float32",
+            "tokens": sum(lengths),
+            "documents": [[f"doc{i}", i * doc_len, doc_len] for i in range(len(lengths))],
+            "shards": [s.to_json() for s in shards],
+            "run_id": "none",
+        },
+    )
+    return Store.open(folder)
+
+
+SAE = {"k": 3, "expansion": 4, "lr": 3e-3, "batch_size": 256, "epochs": 6, "aux_k": 32, "checkpoint_steps": 100,
+       "heldout_fraction": 0.1, "kl_sequences": 0}  # fmt: skip
+
+
+def test_sparse_backward_equals_the_dense_gradient():
+    sae = BatchTopKSAE(10, 40, 3, torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        sae.b_enc_F.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        sae.b_dec_D.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = True
+    loss, _, _ = training_loss(sae, x, dead, 5, 0.5)
+    loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    def batch_topk_mask(pre: torch.Tensor, n: int) -> torch.Tensor:
+        top = pre.detach().flatten().topk(n)
+        mask = torch.zeros(pre.numel(), dtype=torch.bool)
+        mask[top.indices[top.values > 0]] = True
+        return mask.view_as(pre)
+
+    pre = torch.relu((x - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F)  # dense reference
+    recon = (pre * batch_topk_mask(pre, 21)) @ sae.W_dec_FD + sae.b_dec_D
+    residual = (x - recon).detach()
+    aux_recon = (pre * batch_topk_mask(pre * dead, 35)) @ sae.W_dec_FD
+    dense = (recon - x).square().sum(-1).mean() + 0.5 * (aux_recon - residual).square().sum(
+        -1
+    ).mean() / residual.square().sum(-1).mean()
+    dense.backward()
+    assert loss.item() == pytest.approx(dense.item(), rel=1e-12)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(p.grad, sparse[name], atol=1e-12), name
+        assert p.grad.abs().max() > 0
+
+
+def test_planted_features_are_recovered_and_l0_is_calibrated(workspace: Path):
+    x, true_dirs = planted(24_000)
+    write_store(workspace, x)
+    out = run(tiny_params(sae=SAE))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["scaling"]) == (D_IN, 96, 3, "per_component")
+    from safetensors.torch import load_file
+
+    W_dec = load_file(str(out / "sae.safetensors"))["W_dec_FD"]
+    cos = torch.nn.functional.normalize(true_dirs, dim=1) @ torch.nn.functional.normalize(W_dec, dim=1).T
+    matched = (cos.max(1).values >= 0.9).float().mean()
+    assert matched >= 0.8, f"only {matched:.0%} of the planted directions found"
+    metrics = json.loads((workspace / "metrics/sae.json").read_text())
+    assert abs(metrics["l0_calibrated"] - 3) <= 0.3  # evaluation documents, not the calibration ones
+    assert metrics["fvu"] < 0.15 and set(metrics["fvu_by_type"]) == {
+        "q_proj",
+        "k_proj",
+        "gate_proj",
+        "down_proj",
+    }
+    assert set(metrics["fvu_by_layer"]) == {f"L{i}" for i in range(6)}
+    alive = json.loads((out / "alive.json").read_text())["alive_latents"]
+    assert len(alive) == metrics["alive_latents"] > 48
+
+
+def test_saved_weights_encode_raw_inputs(workspace: Path):
+    """Scaling is folded in: the saved SAE on x equals the trained SAE on x / scale."""
+    x, _ = planted(2_000)
+    write_store(workspace, x)
+    store = Store.open(workspace / "data/activations/lora")
+    cfg = SaeSection(**{**SAE, "epochs": 1})
+    trainer = Trainer(store, heldout_documents(store, 0.1), cfg)
+    trainer.run()
+    trainer.sae.threshold.fill_(0.2)
+    raw = fold(trainer.sae, trainer.scale_D)
+    scaled_f = trainer.sae.encode(x / trainer.scale_D)
+    assert (scaled_f > 0).any() and torch.allclose(raw.encode(x), scaled_f, atol=1e-5)
+    assert torch.allclose(raw.decode(scaled_f), trainer.sae.decode(scaled_f) * trainer.scale_D, atol=1e-4)
+    assert torch.allclose(trainer.scale_D, x[: len(x)].square().mean(0).sqrt(), rtol=0.1)
+
+
+def test_auxk_revives_dead_latents(workspace: Path):
+    x, _ = planted(8_000)
+    write_store(workspace, x)
+    store = Store.open(workspace / "data/activations/lora")
+    held = heldout_documents(store, 0.1)
+    dead_counts = {}
+    for coef in (0.0, 1.0):
+        trainer = Trainer(
+            store, held, SaeSection(**{**SAE, "epochs": 3, "aux_coef": coef, "dead_fraction": 0.02})
+        )
+        with torch.no_grad():  # half the latents start too weak to ever win the batch top-k
+            trainer.sae.W_enc_DF[:, ::2] *= 0.05
+        trainer.run()
+        dead_counts[coef] = int((trainer.since_fired_F >= trainer.plan.dead_window).sum())
+    assert dead_counts[0.0] >= 30  # without AuxK they stay dead
+    assert dead_counts[1.0] <= 0.6 * dead_counts[0.0]  # AuxK gives them gradient: over 40% revive
+
+
+def test_kill_and_resume_gives_the_same_weights(workspace: Path):
+    from safetensors.torch import load_file
+
+    x, _ = planted(6_000)
+    write_store(workspace, x)
+    params = tiny_params(sae={**SAE, "epochs": 2, "checkpoint_steps": 10})
+    reference = load_file(str(run(params) / "sae.safetensors"))
+
+    def kill(step, metrics):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(params, on_step=kill)
+    steps = []
+    resumed = load_file(str(run(params, on_step=lambda s, m: steps.append(s)) / "sae.safetensors"))
+    assert steps[0] == 21  # from the checkpoint at step 20
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
+    """Downstream check on the tiny model: splicing the stored values back is (almost) the LoRA
+    itself; splicing the SAE reconstruction recovers most of the LoRA's effect."""
+    from test_extract import make_adapter
+
+    from lorascope.extract.stage import run as extract
+    from lorascope.sae.downstream import splice_kl
+
+    make_adapter(with_prepared)
+    store = Store.open(extract(tiny_params(extract={"dtype": "float32"}), "lora"))
+    identity = splice_kl(
+        with_prepared / "models/base", with_prepared / "models/lora", store, [0, 1], lambda a: a
+    )
+    assert identity["kl_lora_base"] > 1e-3 and identity["kl_lora_spliced"] < 1e-9
+    zero = splice_kl(
+        with_prepared / "models/base",
+        with_prepared / "models/lora",
+        store,
+        [0, 1],
+        lambda a: torch.zeros_like(a),
+    )
+    assert zero["kl_lora_spliced"] == pytest.approx(
+        zero["kl_lora_base"], rel=1e-4
+    )  # x.A = 0 is the base model
+    out = run(tiny_params())
+    metrics = json.loads((with_prepared / "metrics/sae.json").read_text())
+    assert 0 < metrics["lora_effect_recovered"] <= 1 and metrics["kl_tokens"] > 0
+    from lorascope.contexts.stage import run as contexts
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(contexts(tiny_params(), "sae")).to_pandas()
+    assert table.feature_name.iloc[0].startswith("sae.") and (table[table.kind == "top"].activation > 0).all()
+    assert json.loads((out / "run.json").read_text())["upstream"]["extract"]
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_input(workspace: Path):
+    with pytest.raises(
+        LorascopeError, match="no activation store .* run `lorascope extract --source lora` first"
+    ):
+        run(tiny_params(sae=SAE))
+    x, _ = planted(2_000)
+    x[1234, 5] = float("nan")
+    x[1500, 0] = float("inf")
+    write_store(workspace, x)
+    with pytest.raises(LorascopeError) as e:
+        run(tiny_params(sae=SAE))
+    assert str(e.value) == (
+        f"{workspace}/data/activations/lora/shard-00000.safetensors: 2 training tokens with NaN/inf activations "
+        "(first: document doc6 token 34); set sae.drop_nonfinite: true to skip them"
+    )
+    run(tiny_params(sae={**SAE, "drop_nonfinite": True, "epochs": 1}))
+    assert json.loads((workspace / "metrics/sae.json").read_text())["nonfinite_tokens_dropped"] >= 1
+    with pytest.raises(LorascopeError) as e:
+        run(tiny_params(sae={**SAE, "k": 96}))
+    assert str(e.value) == "sae.k: must be < d_sae = expansion x d_in = 4 x 24 = 96, got 96"
+    from lorascope.config import validate_params
+
+    with pytest.raises(LorascopeError, match="sae.expansion: must be > 0, got 0"):
+        validate_params({"sae": {"expansion": 0}}, "params.yaml")
