@@ -4,6 +4,7 @@ downstream splice, the encoder used by contexts, errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from lorascope.sae.model import BatchTopKSAE, training_loss
 from lorascope.sae.stage import run
 from lorascope.sae.train import Trainer, fold
 
-from conftest import tiny_params
+from conftest import REPO, cli, tiny_params
 
 D_IN, N_TRUE = 24, 48
 
@@ -191,10 +192,9 @@ def test_kill_and_resume_gives_the_same_weights(workspace: Path):
 def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
     """Downstream check on the tiny model: splicing the stored values back is (almost) the LoRA
     itself; splicing the SAE reconstruction recovers most of the LoRA's effect."""
-    from test_extract import make_adapter
-
     from lorascope.extract.stage import run as extract
     from lorascope.sae.downstream import splice_kl
+    from test_extract import make_adapter
 
     make_adapter(with_prepared)
     store = Store.open(extract(tiny_params(extract={"dtype": "float32"}), "lora"))
@@ -215,13 +215,38 @@ def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
     out = run(tiny_params())
     metrics = json.loads((with_prepared / "metrics/sae.json").read_text())
     assert 0 < metrics["lora_effect_recovered"] <= 1 and metrics["kl_tokens"] > 0
-    from lorascope.contexts.stage import run as contexts
-
     import pyarrow.parquet as pq
+
+    from lorascope.contexts.stage import run as contexts
 
     table = pq.read_table(contexts(tiny_params(), "sae")).to_pandas()
     assert table.feature_name.iloc[0].startswith("sae.") and (table[table.kind == "top"].activation > 0).all()
     assert json.loads((out / "run.json").read_text())["upstream"]["extract"]
+
+
+def test_saelens_export_loads_and_encodes_identically(workspace: Path, tmp_path: Path):
+    from sae_lens import SAE as SaeLens
+
+    from lorascope.sae.train import load
+
+    x, _ = planted(3_000)
+    write_store(workspace, x)
+    run(tiny_params(sae={**SAE, "epochs": 1}))
+    shutil.copy(REPO / "params.yaml", workspace)
+    res = cli("sae", "export", "--format", "saelens", "--output", str(tmp_path / "lens"), cwd=workspace)
+    assert res.returncode == 0, res.stderr
+    theirs = SaeLens.load_from_disk(str(tmp_path / "lens"))
+    ours, cfg = load(workspace / "models/sae")
+    with torch.no_grad():
+        f_ours, f_theirs = ours.encode(x[:500]), theirs.encode(x[:500])
+        assert (f_ours > 0).sum(1).float().mean() == pytest.approx(3, rel=0.3)
+        assert torch.equal(f_ours > 0, f_theirs > 0) and torch.allclose(f_ours, f_theirs, atol=1e-5)
+        assert torch.allclose(ours.decode(f_ours), theirs.decode(f_theirs), atol=1e-5)
+    res = cli("sae", "export", "--format", "onnx", "--output", str(tmp_path / "x"), cwd=workspace)
+    assert (
+        res.returncode == 2
+        and res.stderr == "error: --format: unknown export format 'onnx' (expected one of: saelens)\n"
+    )
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -127,13 +127,39 @@ def extract(
     typer.echo(f"extract: wrote {out}")
 
 
-@app.command()
-def sae(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+sae_app = typer.Typer(
+    help="Train the BatchTopK SAE on data/activations/lora/, calibrate its threshold, write models/sae/ "
+    "(no sub-command), or export it.",
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+app.add_typer(sae_app, name="sae")
+
+
+@sae_app.callback()
+def sae(ctx: typer.Context, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
     """Train the BatchTopK SAE on data/activations/lora/, calibrate its threshold, write models/sae/."""
+    if ctx.invoked_subcommand is not None:
+        return
     from lorascope.sae.stage import run
 
     out = run(_load(params, profile))
     typer.echo(f"sae: wrote {out}")
+
+
+@sae_app.command("export")
+def sae_export(
+    output: Annotated[Path, typer.Option("--output", help="Directory to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="saelens: a directory sae_lens.SAE.load_from_disk loads.")
+    ] = "saelens",
+) -> None:
+    """Export models/sae/ for another tool."""
+    from lorascope.project import workspace_root
+    from lorascope.sae.export import export
+
+    out = export(workspace_root() / "models" / "sae", output, fmt)
+    typer.echo(f"sae export: wrote {out}")
 
 
 class ContextsSource(str, Enum):

@@ -123,6 +123,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
                 {
                     "format": "lorascope-sae/1",
                     "architecture": "batchtopk",
+                    "model": store.index.get("model"),
                     "d_in": p.d_in,
                     "d_sae": p.d_sae,
                     "k": cfg.k,
