@@ -211,6 +211,7 @@ def run(args: argparse.Namespace, root: Path, scratch: Path) -> None:
         generate(root, args)
         print(f"generated the store in {time.perf_counter() - t0:.0f} s (not timed)", flush=True)
 
+    from lorascope.config import ContextsSection
     from lorascope.extract.store import Store
 
     store = Store.open(root)
@@ -228,7 +229,11 @@ def run(args: argparse.Namespace, root: Path, scratch: Path) -> None:
         f"store: {T} tokens x {C} components float16, {len(store.documents)} documents, "
         f"{len(store.shards)} shards of <= {args.shard_tokens} tokens, {gb(disk)} on disk"
     )
-    print("contexts defaults: top 64 per sign, windows 32+1+8, 10 x 5 quantile samples, 10 random")
+    c = ContextsSection()
+    print(
+        f"contexts defaults: top {c.top_k} per sign, windows {c.window_before}+1+{c.window_after}, "
+        f"{c.quantile_bins} x {c.quantile_samples} quantile samples, {c.random_samples} random"
+    )
     print(
         f"streaming pass: {stream['seconds']:8.1f} s  {T * C / stream['seconds']:12.3e} activations/s  "
         f"{T / stream['seconds']:10.0f} tokens/s  peak RSS {gb(stream['peak_rss'])} "

@@ -44,10 +44,15 @@ class BatchTopKSAE(torch.nn.Module):
         self.b_enc_F = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec_D = torch.nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold", torch.zeros(()))
+        self._cutoffs: dict[str, float] = {}  # selection speed-up only, not state (see _batch_topk)
 
     # ------------------------------------------------------------------------------ inference
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return F.relu((x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F)
+        return F.relu(self.hidden_pre(x_BD))
+
+    def hidden_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) W_enc + b_enc`` before the ReLU (one fused matmul + bias)."""
+        return torch.addmm(self.b_enc_F, x_BD - self.b_dec_D, self.W_enc_DF)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latent activations with the calibrated threshold (dense ``[B, d_sae]``)."""
@@ -58,28 +63,28 @@ class BatchTopKSAE(torch.nn.Module):
         return f_BF @ self.W_dec_FD + self.b_dec_D
 
     # ------------------------------------------------------------------------------- training
-    def select(self, x_BD: torch.Tensor, k: int, allowed_F: torch.Tensor | None = None) -> Selection:
-        """BatchTopK: the ``k x B`` largest positive pre-activations over the batch (optionally only
-        among ``allowed_F`` latents), values recomputed with autograd for the selected pairs only."""
+    def select(
+        self, x_BD: torch.Tensor, k: int, pre_BF: torch.Tensor | None = None, hint: str = "main"
+    ) -> Selection:
+        """BatchTopK: the ``k x B`` largest positive pre-activations over the batch (``pre_BF``, before
+        or after the ReLU, may be given, e.g. masked to dead latents). The values carry a sparse
+        gradient to the encoder."""
         B = x_BD.shape[0]
         with torch.no_grad():
-            pre_BF = self.pre_acts(x_BD)
-            if allowed_F is not None:
-                pre_BF = pre_BF * allowed_F
-            top = pre_BF.flatten().topk(min(k * B, pre_BF.numel()))
-            keep = top.values > 0
-            flat = top.indices[keep].sort().values  # row-major order = sorted by row
-            rows_N, latents_N = flat // self.d_sae, flat % self.d_sae
+            if pre_BF is None:
+                pre_BF = self.pre_acts(x_BD)
+            flat_N = _batch_topk(pre_BF.flatten(), k * B, self._cutoffs, hint)  # ascending = by row
+            rows_N, latents_N = flat_N // self.d_sae, flat_N % self.d_sae
             counts_B = torch.bincount(rows_N, minlength=B)
             offsets_B = torch.cumsum(counts_B, 0) - counts_B
-        centred_ND = x_BD[rows_N] - self.b_dec_D
-        values_N = F.relu((centred_ND * self.W_enc_DF.T[latents_N]).sum(-1) + self.b_enc_F[latents_N])
+            picked_N = pre_BF.flatten()[flat_N]
+        values_N = _SelectedEncode.apply(
+            picked_N, self.W_enc_DF, self.b_enc_F, self.b_dec_D, x_BD, rows_N, latents_N
+        )
         return Selection(rows_N, latents_N, values_N, offsets_B)
 
     def decode_sparse(self, sel: Selection, with_bias: bool = True) -> torch.Tensor:
-        out_BD = F.embedding_bag(
-            sel.latents_N, self.W_dec_FD, sel.offsets_B, mode="sum", per_sample_weights=sel.values_N
-        )
+        out_BD = _SelectedDecode.apply(sel.values_N, self.W_dec_FD, sel.rows_N, sel.latents_N, sel.offsets_B)
         return out_BD + self.b_dec_D if with_bias else out_BD
 
     @torch.no_grad()
@@ -94,24 +99,98 @@ class BatchTopKSAE(torch.nn.Module):
         self.W_dec_FD /= self.W_dec_FD.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
+def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str) -> torch.Tensor:
+    """Ascending indices of the ``n`` largest positive entries of ``flat`` (ties broken by index).
+
+    Exact but fast: a threshold a little under the previous step's cut-off (which moves slowly)
+    leaves a small candidate set, which must hold the top ``n`` whenever it has at least ``n``
+    entries (else the threshold is lowered); the exact cut is then the candidates' n-th largest.
+    """
+    cut = cutoffs.get(hint, 0.0)
+    while True:
+        candidates = (flat > cut).nonzero().squeeze(1)
+        if candidates.numel() >= n or cut <= 0:
+            break
+        cut = cut / 2 if cut > 1e-6 else 0.0
+    values = flat[candidates]
+    if values.numel() > n:
+        kth = values.kthvalue(values.numel() - n + 1).values
+        above, tied = values > kth, values == kth
+        keep = above | (tied & (torch.cumsum(tied, 0) <= n - int(above.sum())))
+        candidates, values = candidates[keep], values[keep]
+    if values.numel():
+        cutoffs[hint] = 0.9 * float(values.min())
+    return candidates
+
+
+class _SelectedEncode(torch.autograd.Function):
+    """The selected pre-activations (already computed without autograd) with the encoder gradient
+    at those (token, latent) pairs only: dW_enc = centred^T G as one sparse-dense matmul."""
+
+    @staticmethod
+    def forward(ctx, picked_N, W_enc_DF, b_enc_F, b_dec_D, x_BD, rows_N, latents_N):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(W_enc_DF, b_dec_D, x_BD, rows_N, latents_N)
+        return picked_N.clone()
+
+    @staticmethod
+    def backward(ctx, grad_N):  # noqa: ANN001, ANN205
+        W_enc_DF, b_dec_D, x_BD, rows_N, latents_N = ctx.saved_tensors
+        d_sae, B = W_enc_DF.shape[1], x_BD.shape[0]
+        G_FB = torch.sparse_coo_tensor(
+            torch.stack([latents_N, rows_N]), grad_N, (d_sae, B), check_invariants=False
+        )
+        grad_W_enc_DF = torch.sparse.mm(G_FB, x_BD - b_dec_D).T
+        grad_b_enc_F = torch.zeros(d_sae, dtype=grad_N.dtype).index_add_(0, latents_N, grad_N)
+        grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
+        return None, grad_W_enc_DF, grad_b_enc_F, grad_b_dec_D, None, None, None
+
+
+class _SelectedDecode(torch.autograd.Function):
+    """Sum of the selected latents' decoder rows weighted by their values; the backward is a
+    sampled dense-dense product for the values and a sparse-dense matmul for the rows."""
+
+    @staticmethod
+    def forward(ctx, values_N, W_dec_FD, rows_N, latents_N, offsets_B):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(values_N, W_dec_FD, rows_N, latents_N, offsets_B)
+        return F.embedding_bag(latents_N, W_dec_FD, offsets_B, mode="sum", per_sample_weights=values_N)
+
+    @staticmethod
+    def backward(ctx, grad_BD):  # noqa: ANN001, ANN205
+        values_N, W_dec_FD, rows_N, latents_N, offsets_B = ctx.saved_tensors
+        B, d_sae = grad_BD.shape[0], W_dec_FD.shape[0]
+        crow = torch.cat([offsets_B, offsets_B.new_tensor([latents_N.numel()])])
+        pattern = torch.sparse_csr_tensor(
+            crow, latents_N, torch.zeros_like(values_N), (B, d_sae), check_invariants=False
+        )
+        grad_values_N = torch.sparse.sampled_addmm(
+            pattern, grad_BD.contiguous(), W_dec_FD.T, beta=0.0
+        ).values()
+        S_FB = torch.sparse_coo_tensor(
+            torch.stack([latents_N, rows_N]), values_N, (d_sae, B), check_invariants=False
+        )
+        grad_W_dec_FD = torch.sparse.mm(S_FB, grad_BD)
+        return grad_values_N, grad_W_dec_FD, None, None, None
+
+
 def training_loss(
     sae: BatchTopKSAE, x_BD: torch.Tensor, dead_F: torch.Tensor | None, aux_k: int, aux_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Selection]:
     """Reconstruction MSE (summed over dims, mean over tokens) plus the AuxK loss, which asks the
     ``aux_k`` best *dead* latents to reconstruct the residual (normalised by the residual's size)."""
-    sel = sae.select(x_BD, sae.k)
+    with torch.no_grad():  # no ReLU needed: selection only takes positive entries
+        pre_BF = sae.hidden_pre(x_BD)
+    sel = sae.select(x_BD, sae.k, pre_BF)
     recon_BD = sae.decode_sparse(sel)
     mse = (recon_BD - x_BD).square().sum(-1).mean()
     parts = {"mse": mse.detach()}
     loss = mse
     if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
         residual_BD = (x_BD - recon_BD).detach()
-        aux_sel = sae.select(x_BD, aux_k, allowed_F=dead_F.to(x_BD.dtype))
+        aux_sel = sae.select(x_BD, aux_k, pre_BF * dead_F.to(pre_BF.dtype), hint="aux")
         if aux_sel.values_N.numel():
             aux_BD = sae.decode_sparse(aux_sel, with_bias=False)
-            aux = (aux_BD - residual_BD).square().sum(-1).mean() / residual_BD.square().sum(-1).mean().clamp(
-                min=1e-12
-            )
+            scale = residual_BD.square().sum(-1).mean().clamp(min=1e-12)
+            aux = (aux_BD - residual_BD).square().sum(-1).mean() / scale
             parts["aux"] = aux.detach()
             loss = loss + aux_coef * aux
     return loss, parts, sel
