@@ -1,8 +1,8 @@
 """SAE training throughput and quality: lorascope vs SAELens BatchTopK vs EleutherAI sparsify, side by side.
 
-All three train on the same synthetic adapter states (sparse non-negative combinations of planted unit
-directions plus noise, per-component scales spread 10x, scaled to unit RMS per component as lorascope
-trains), same d_in / d_sae / k / batch, same Adam learning rate, same number of steps, same threads, in one
+All three train on the same synthetic adapter states (non-negative combinations of 1 to 16 of d_sae
+planted unit directions plus noise, per-component scales spread 10x, scaled to unit RMS per component
+as lorascope trains), same d_in / d_sae / k / batch, same Adam learning rate, same number of steps, same threads, in one
 process. Each runs its own training step: lorascope's sparse BatchTopK step (``training_loss``), SAELens's
 ``BatchTopKTrainingSAE.training_forward_pass`` (its trainer's step), sparsify's ``SparseCoder`` forward
 (TopK with its sparse decoder) with its unit-norm decoder handling. Reported: tokens/s (median step time
@@ -24,10 +24,13 @@ import torch
 
 
 def planted_data(d_in: int, n_true: int, tokens: int, seed: int = 1234) -> torch.Tensor:
+    """Each token: 1 to 16 (uniform) planted unit directions with random weights, plus noise; token
+    sparsity varies as adapter states do (the regime BatchTopK is for)."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_true, d_in, generator=g), dim=1)
-    which = torch.randint(0, n_true, (tokens, 12), generator=g)
-    coef = torch.rand(tokens, 12, generator=g) * 2
+    which = torch.randint(0, n_true, (tokens, 16), generator=g)
+    active = torch.arange(16) < torch.randint(1, 17, (tokens, 1), generator=g)
+    coef = torch.rand(tokens, 16, generator=g) * 2 * active
     x = torch.einsum("tk,tkd->td", coef, dirs[which]) + 0.05 * torch.randn(tokens, d_in, generator=g)
     x = x * torch.logspace(0, 1, d_in)
     return x / x.square().mean(0).sqrt()  # per-component unit RMS, as lorascope's default scaling
@@ -141,7 +144,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     d_sae = args.expansion * args.d_in
-    data = planted_data(args.d_in, 2 * d_sae, args.batch * (args.steps + 4))
+    data = planted_data(args.d_in, d_sae, args.batch * (args.steps + 4))
     batches = list(data[: args.batch * args.steps].split(args.batch))
     heldout = data[args.batch * args.steps :]
     print(

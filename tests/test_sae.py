@@ -131,7 +131,7 @@ def test_planted_features_are_recovered_and_l0_is_calibrated(workspace: Path):
     }
     assert set(metrics["fvu_by_layer"]) == {f"L{i}" for i in range(6)}
     alive = json.loads((out / "alive.json").read_text())["alive_latents"]
-    assert len(alive) == metrics["alive_latents"] > 48
+    assert len(alive) == metrics["alive_latents"] >= matched * N_TRUE  # a live latent per found direction
 
 
 def test_saved_weights_encode_raw_inputs(workspace: Path):
@@ -151,21 +151,23 @@ def test_saved_weights_encode_raw_inputs(workspace: Path):
 
 
 def test_auxk_revives_dead_latents(workspace: Path):
+    """As many latents as planted directions, half of them too weak at the start to ever win the
+    batch top-k: without AuxK they stay dead and the directions they should cover go unexplained."""
     x, _ = planted(8_000)
     write_store(workspace, x)
     store = Store.open(workspace / "data/activations/lora")
     held = heldout_documents(store, 0.1)
     dead_counts = {}
     for coef in (0.0, 1.0):
-        trainer = Trainer(
-            store, held, SaeSection(**{**SAE, "epochs": 3, "aux_coef": coef, "dead_fraction": 0.02})
-        )
-        with torch.no_grad():  # half the latents start too weak to ever win the batch top-k
+        cfg = SaeSection(**{**SAE, "expansion": 2, "epochs": 3, "aux_coef": coef, "dead_fraction": 0.02})
+        trainer = Trainer(store, held, cfg)
+        assert trainer.plan.d_sae == N_TRUE
+        with torch.no_grad():
             trainer.sae.W_enc_DF[:, ::2] *= 0.05
         trainer.run()
         dead_counts[coef] = int((trainer.since_fired_F >= trainer.plan.dead_window).sum())
-    assert dead_counts[0.0] >= 30  # without AuxK they stay dead
-    assert dead_counts[1.0] <= 0.6 * dead_counts[0.0]  # AuxK gives them gradient: over 40% revive
+    assert dead_counts[0.0] >= N_TRUE // 2 - 4
+    assert dead_counts[1.0] <= 2
 
 
 def test_kill_and_resume_gives_the_same_weights(workspace: Path):
