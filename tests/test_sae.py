@@ -142,12 +142,23 @@ def test_saved_weights_encode_raw_inputs(workspace: Path):
     cfg = SaeSection(**{**SAE, "epochs": 1})
     trainer = Trainer(store, heldout_documents(store, 0.1), cfg)
     trainer.run()
+    norms = trainer.sae.W_dec_FD.norm(dim=1)  # the training constraint: unit decoder rows
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     trainer.sae.threshold.fill_(0.2)
     raw = fold(trainer.sae, trainer.scale_D)
     scaled_f = trainer.sae.encode(x / trainer.scale_D)
     assert (scaled_f > 0).any() and torch.allclose(raw.encode(x), scaled_f, atol=1e-5)
     assert torch.allclose(raw.decode(scaled_f), trainer.sae.decode(scaled_f) * trainer.scale_D, atol=1e-4)
     assert torch.allclose(trainer.scale_D, x[: len(x)].square().mean(0).sqrt(), rtol=0.1)
+
+
+def test_geometric_median_ignores_outliers():
+    from lorascope.sae.data import geometric_median
+
+    points = torch.cat(
+        [torch.randn(99, 3, generator=torch.Generator().manual_seed(0)) * 0.1, torch.full((1, 3), 1e3)]
+    )
+    assert points.mean(0).norm() > 5 and geometric_median(points).norm() < 0.1
 
 
 def test_auxk_revives_dead_latents(workspace: Path):
