@@ -187,6 +187,107 @@ def contexts(
     typer.echo(f"contexts: wrote {out}")
 
 
+sweep_app = typer.Typer(
+    help="Optuna studies over the finetune (LoRA rank x lr) and SAE stages, one MLflow child run per trial.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(sweep_app, name="sweep")
+StudyOpt = Annotated[
+    str | None, typer.Option("--study", help="Study name to create, resume or join.", show_default=False)
+]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Optuna storage: sqlite:///<repo>/optuna.db (default), journal:<file> (several processes on one "
+        "machine) or an RDB URL (cluster).",
+        show_default=False,
+    ),
+]
+
+
+def _sweep(target: str, study: str | None, storage: str | None, n_trials: int | None, space: Path | None,
+           params: Path | None, profile: str | None) -> None:  # fmt: skip
+    from lorascope.project import workspace_root
+    from lorascope.sweep.space import load_space
+    from lorascope.sweep.study import optimize
+
+    base = _load(params, profile)
+    path = space or workspace_root() / "pipelines" / "sweeps" / f"{target}.yaml"
+    spec = load_space(path, base)
+    if spec.target != target:
+        from lorascope.errors import LorascopeError
+
+        raise LorascopeError(f"{path}: target is {spec.target!r}, but `sweep {target}` was asked")
+    name = study or f"{target}-sweep"
+    result = optimize(name, spec, base, storage, n_trials)
+    states: dict[str, int] = {}
+    for t in result.trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    typer.echo(f"sweep: study {name}: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())))
+
+
+NTrialsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n-trials", help="Trials this process runs at most (the space's n_trials caps the study)."
+    ),
+]
+SpaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--space", help="Search space file (default: pipelines/sweeps/<target>.yaml).", show_default=False
+    ),
+]
+
+
+@sweep_app.command("lora")
+def sweep_lora(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
+               space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:  # fmt: skip
+    """Sweep LoRA rank x learning rate (x alpha); objective: held-out loss on prepared rows."""
+    _sweep("lora", study, storage, n_trials, space, params, profile)
+
+
+@sweep_app.command("sae")
+def sweep_sae(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
+              space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:  # fmt: skip
+    """Sweep SAE k, expansion, lr; objectives: FVU at the calibrated L0 and/or the splice KL."""
+    _sweep("sae", study, storage, n_trials, space, params, profile)
+
+
+@sweep_app.command("best")
+def sweep_best(
+    study: Annotated[str, typer.Option("--study", help="Study name.")],
+    storage: StorageOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", help="Params file to write (default: sweeps/<study>.params.yaml).", show_default=False
+        ),
+    ] = None,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Print the best trial's params and write a params file with them (usable with --params)."""
+    from lorascope.atomic import write_text
+    from lorascope.config import dump_params
+    from lorascope.project import workspace_root
+    from lorascope.sweep.space import overrides
+    from lorascope.sweep.study import best
+
+    values, objective, number = best(study, storage)
+    resolved = overrides(_load(params, profile), values, {}, f"study {study} trial {number}")
+    target = output or workspace_root() / "sweeps" / f"{study}.params.yaml"
+    header = f"# params.yaml with the best trial ({number}) of study {study!r}: {dict(values)}\n\n"
+    write_text(target, header + dump_params(resolved, comments=True))
+    typer.echo(f"best trial {number}: objective {objective}")
+    for key, value in values.items():
+        typer.echo(f"  {key} = {value}")
+    typer.echo("dvc exp run " + " ".join(f"-S {k}={v}" for k, v in values.items()))
+    typer.echo(f"params file: {target} (lorascope <stage> --params {target})")
+
+
 # ------------------------------------------------------------------------------------------ params
 @params_app.command("show")
 def params_show(

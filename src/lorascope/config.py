@@ -397,7 +397,7 @@ def list_profiles(root: Path | None = None) -> list[str]:
     return sorted(p.stem for p in profiles_dir(root).glob("*.yaml"))
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -418,10 +418,10 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -440,14 +440,14 @@ def _raw_profile(name: str, root: Path | None, seen: tuple[str, ...] = ()) -> tu
     if name in seen:
         raise LorascopeError(f"profile {name!r}: 'extends' cycle {' -> '.join((*seen, name))}")
     path = _profile_path(name, root)
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data, path
     if not isinstance(parent, str):
         raise LorascopeError(f"{path}: extends: expected a profile name, got {parent!r}")
     parent_data, _ = _raw_profile(parent, root, (*seen, name))
-    return _deep_merge(parent_data, data), path
+    return deep_merge(parent_data, data), path
 
 
 def load_params(params: str | Path | None = None, profile: str | None = None) -> Params:
@@ -458,7 +458,7 @@ def load_params(params: str | Path | None = None, profile: str | None = None) ->
         data, source = _raw_profile(profile, root)
     else:
         source = Path(params) if params else root / "params.yaml"
-        data = _read_yaml_mapping(source)
+        data = read_yaml_mapping(source)
     return validate_params(data, source)
 
 
@@ -467,7 +467,7 @@ def validate_params(data: dict[str, Any], source: str | Path = "params") -> Para
     try:
         return Params.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(_describe(err) for err in e.errors(include_url=False))
+        problems = "; ".join(describe_error(err) for err in e.errors(include_url=False))
         raise LorascopeError(f"{source}: {problems}") from None
 
 
@@ -518,7 +518,7 @@ _EXPECTED = {
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _describe(err: dict[str, Any]) -> str:
+def describe_error(err: dict[str, Any]) -> str:
     """One pydantic error as ``dotted.key: what was expected, got <value>``."""
     loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
     key = _dotted(loc) or "params"

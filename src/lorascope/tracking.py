@@ -16,6 +16,7 @@ import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,18 @@ from lorascope.project import store_root, workspace_root
 
 RUN_FILE = "run.json"
 EXPERIMENT_PREFIX = "lorascope-"
+_EXTRA_TAGS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("lorascope_extra_tags", default=())
+
+
+@contextmanager
+def extra_tags(tags: dict[str, str]) -> Iterator[None]:
+    """Add ``tags`` to every stage run opened inside the block (a sweep nests its trials this way:
+    ``mlflow.parentRunId`` plus the study and trial)."""
+    token = _EXTRA_TAGS.set((*_EXTRA_TAGS.get(), *tags.items()))
+    try:
+        yield
+    finally:
+        _EXTRA_TAGS.reset(token)
 
 
 def tracking_uri() -> str:
@@ -233,6 +246,7 @@ def stage_run(
             upstream[manifest["stage"]] = manifest["run_id"]
             run_tags[f"upstream.{manifest['stage']}"] = manifest["run_id"]
     run_tags.update(tags or {})
+    run_tags.update(dict(_EXTRA_TAGS.get()))
 
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as active:
         flat = _flatten("", section_dict(params, section), {})
@@ -240,6 +254,19 @@ def stage_run(
             mlflow.log_params(dict(list(flat.items())[i : i + 100]))
         mlflow.log_text(dump_params(params), "params.yaml")
         yield StageRun(stage=stage, run_id=active.info.run_id, params_hash=phash, upstream=upstream)
+
+
+def create_run(stage: str, name: str, tags: dict[str, str]) -> str:
+    """A bare run in ``lorascope-<stage>`` (a sweep's parent run, or the record of a trial that
+    failed before its stage opened a run); returns its id."""
+    c = client()
+    commit, dirty = git_state()
+    run = c.create_run(
+        experiment_id(stage),
+        run_name=name,
+        tags={"lorascope.stage": stage, "git.commit": commit, "git.dirty": dirty, **tags},
+    )
+    return run.info.run_id
 
 
 # -------------------------------------------------------------------------------------- lineage

@@ -1,0 +1,1 @@
+"""``sweep``: Optuna studies over the finetune and SAE stages, one MLflow child run per trial."""
