@@ -100,20 +100,13 @@ def make_docs(args: argparse.Namespace, id_limit: int) -> list[list[int]]:
 
 
 def padded_batches(docs: list[list[int]], batch_tokens: int, device: str) -> list[tuple[Any, Any]]:
-    """``(input_ids, attention_mask or None)`` on ``device`` per batch, as ``Extractor.run`` builds them."""
-    from lorascope.extract.extractor import pack_batches
+    """``(input_ids, attention_mask or None)`` on ``device`` per batch, exactly as ``Extractor.run`` builds them."""
+    from lorascope.extract.extractor import padded_batches as batches
 
-    lengths = [len(d) for d in docs]
-    out = []
-    for batch in pack_batches(lengths, batch_tokens):
-        width = lengths[batch[0]]
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.as_tensor(docs[i])
-            mask[row, : lengths[i]] = 1
-        out.append((ids.to(device), mask.to(device) if len(batch) > 1 else None))
-    return out
+    return [
+        (ids.to(device), None if mask is None else mask.to(device))
+        for _, ids, mask in batches(docs, batch_tokens)
+    ]
 
 
 class Reference:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,22 @@ def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def padded_batches(docs: list[list[int]], batch_tokens: int) -> Iterator[tuple[list[int], Any, Any]]:
+    """``(document indices, input_ids, attention_mask or None)`` per packed batch: right padding,
+    a mask only when the batch holds several documents (one document needs none)."""
+    import torch
+
+    lengths = [len(d) for d in docs]
+    for batch in pack_batches(lengths, batch_tokens):
+        width = lengths[batch[0]]
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : lengths[i]] = torch.as_tensor(docs[i])
+            mask[row, : lengths[i]] = 1
+        yield batch, input_ids, mask if len(batch) > 1 else None
 
 
 def _check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
@@ -127,17 +144,11 @@ class Extractor:
         ids_T = torch.tensor([t for d in docs for t in d], dtype=torch.int32)
         decoder = self.decoder()
         with torch.inference_mode(), self.recorder.attach(self.model, self.method):
-            for batch in pack_batches(lengths, batch_tokens):
-                width = lengths[batch[0]]
-                input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : lengths[i]] = torch.as_tensor(docs[i])
-                    mask[row, : lengths[i]] = 1
-                self.recorder.begin(len(batch), width, self.device)
+            for batch, input_ids, mask in padded_batches(docs, batch_tokens):
+                self.recorder.begin(len(batch), input_ids.shape[1], self.device)
                 decoder(
                     input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device) if len(batch) > 1 else None,
+                    attention_mask=None if mask is None else mask.to(self.device),
                     use_cache=False,
                 )
                 values_BSC = self.recorder.buffer_BSC.to(acts_TC.dtype).cpu()
