@@ -123,7 +123,11 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     fingerprint = {
         "source": source,
         "params_hash": section_hash(params, "contexts"),
-        "inputs": {p.relative_to(root).as_posix(): dvc_md5(p) for p in features.inputs},
+        # a store's index names its extraction run: hashing it stands for the (large) shards
+        "inputs": {
+            p.relative_to(root).as_posix(): dvc_md5(p / "index.json" if (p / "index.json").is_file() else p)
+            for p in features.inputs
+        },
     }
     selector = Selector(len(features.features), features.signs, cfg)
     ckpt = checkpoint_path(source)
