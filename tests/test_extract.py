@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.base.load import load_model, model_name
+from lorascope.base.load import load_model
 from lorascope.config import LORA_TARGETS, LoraAdapter
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, feature_names
 from lorascope.extract.extractor import pack_batches
 from lorascope.extract.stage import read_documents, run, work_dir
 from lorascope.extract.store import INDEX, Store, plan_shards
+from lorascope.finetune.stage import name_adapter_base
 
 from conftest import REPO, cli, tiny_params, tiny_raw
 
@@ -40,9 +41,10 @@ def make_adapter(root: Path, r: int = 1, seed: int = 0, **lora) -> Path:
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "lora_A" in name else 0.003))
-    peft_model.peft_config["default"].base_model_name_or_path = model_name(base_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)  # as the finetune stage saves
     out = root / "models" / "lora"
     peft_model.save_pretrained(str(out))
+    name_adapter_base(out, base_dir)
     return out
 
 

@@ -69,13 +69,27 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
         return model
     from peft import get_peft_model
 
-    from lorascope.base.load import model_name
+    from lorascope.base.load import source
     from lorascope.finetune.adapter import lora_config
 
     torch.manual_seed(cfg.seed)  # lora_A initialisation
     peft_model = get_peft_model(model, lora_config(cfg.lora, model))
-    peft_model.peft_config["default"].base_model_name_or_path = model_name(base_dir)
+    # While saving, peft reads the base config from this path to decide whether to save embeddings:
+    # give it the absolute one (a relative path would resolve against the current directory);
+    # the saved adapter_config.json gets the portable name afterwards (name_adapter_base).
+    peft_model.peft_config["default"].base_model_name_or_path = source(base_dir)[0]
     return peft_model
+
+
+def name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Record the base in ``adapter_config.json`` as ``model_name`` does: the hub id, or the path
+    relative to the workspace, so adapters do not embed this machine's absolute paths."""
+    from lorascope.base.load import model_name
+
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = model_name(base_dir)
+    write_json(config_path, config)
 
 
 def parameter_counts(model: Any) -> dict[str, float]:
@@ -227,6 +241,8 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
             (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
             if variant == "full":
                 tokenizer.save_pretrained(str(partial))
+            else:
+                name_adapter_base(partial, base_dir)
             mlflow.log_metrics(
                 {"train_loss": float(result.training_loss), "global_steps": float(result.global_step)}
             )
