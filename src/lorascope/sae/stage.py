@@ -44,7 +44,6 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     store = Store.open(root / STORE, hint="run `lorascope extract --source lora` first")
     if store.source != "lora":
         raise LorascopeError(f"{store.root}/index.json: holds source {store.source!r}, expected 'lora'")
-    torch.manual_seed(cfg.seed)
     held = heldout_documents(store, cfg.heldout_fraction)
     trainer = Trainer(store, held, cfg)
     ckpt = checkpoint_path()
