@@ -98,31 +98,35 @@ class Selector:
             b1 = min(T, b0 + BLOCK_TOKENS)
             block = shard.acts_TC[b0:b1].float()
             feats_bF = encode(block) if encode is not None else block
-            neg_key_b = -keys_T[b0:b1]
+            key_b = keys_T[b0:b1]
             for f0 in range(0, F, chunk):
                 f1 = min(F, f0 + chunk)
                 raw_fb = feats_bF[:, f0:f1].T.contiguous()
                 st["nonzero"][f0:f1] += (raw_fb != 0).sum(1)
                 st["sum"][f0:f1] += raw_fb.sum(1, dtype=torch.float64)
-                st["sumsq"][f0:f1] += raw_fb.double().square().sum(1)
+                st["sumsq"][f0:f1] += raw_fb.square().sum(1, dtype=torch.float64)
                 st["min"][f0:f1] = torch.minimum(st["min"][f0:f1], raw_fb.amin(1))
                 st["max"][f0:f1] = torch.maximum(st["max"][f0:f1], raw_fb.amax(1))
                 for si, sign in enumerate(self.signs):
-                    signed_fb = raw_fb if sign > 0 else -raw_fb
-                    active_fb = signed_fb > thr
+                    active_fb = raw_fb > thr if sign > 0 else raw_fb < -thr
                     st["active"][si, f0:f1] += active_fb.sum(1)
-                    for g, (score, pos) in best.items():
-                        if g == "top":
-                            cand = signed_fb
-                        else:
-                            keep = active_fb if g == "quantile" else ~active_fb
-                            cand = torch.where(keep, neg_key_b, float("-inf"))
-                        c_score, c_idx = cand.topk(min(score.shape[-1], b1 - b0), dim=1)
-                        merged_score = torch.cat([score[si, f0:f1], c_score], 1)
-                        merged_pos = torch.cat([pos[si, f0:f1], c_idx + b0], 1)
-                        top_score, pick = merged_score.topk(score.shape[-1], dim=1)
-                        score[si, f0:f1] = top_score
-                        pos[si, f0:f1] = merged_pos.gather(1, pick)
+
+                    if "top" in best:  # the most negative values for the negative sign: no negated copy
+                        v, i = raw_fb.topk(min(self.sizes["top"], b1 - b0), dim=1, largest=sign > 0)
+                        _keep_best(*best["top"], (si, slice(f0, f1)), v if sign > 0 else -v, i + b0)
+                    if "quantile" in best or "random" in best:
+                        # one tensor serves both samples: active tokens score -key in (-1, 0], the others
+                        # key - 2 in [-2, -1); the largest are the active tokens with the smallest keys,
+                        # the smallest the inactive tokens with the smallest keys
+                        s_fb = torch.where(active_fb, -key_b, key_b - 2)
+                        if "quantile" in best:
+                            v, i = s_fb.topk(min(self.sizes["quantile"], b1 - b0), dim=1)
+                            quantile = torch.where(v > -1, v, float("-inf"))
+                            _keep_best(*best["quantile"], (si, slice(f0, f1)), quantile, i + b0)
+                        if "random" in best:
+                            v, i = s_fb.topk(min(self.sizes["random"], b1 - b0), dim=1, largest=False)
+                            negatives = torch.where(v < -1, -(v + 2), float("-inf"))
+                            _keep_best(*best["random"], (si, slice(f0, f1)), negatives, i + b0)
         st["tokens"] += T
         for g, (score, pos) in best.items():
             self._merge(g, shard, encode, score, pos)
@@ -166,6 +170,17 @@ class Selector:
         acts = torch.full((S, F, n, self.width), float("nan"))
         acts[inside] = values
         return ids, acts
+
+
+def _keep_best(score: Any, pos: Any, rows: tuple[int, slice], c_score: Any, c_pos: Any) -> None:
+    """Merge candidates into ``score[rows]`` / ``pos[rows]``, keeping the largest scores."""
+    import torch
+
+    merged_score = torch.cat([score[rows], c_score], 1)
+    merged_pos = torch.cat([pos[rows], c_pos], 1)
+    top_score, pick = merged_score.topk(score.shape[-1], dim=1)
+    score[rows] = top_score
+    pos[rows] = merged_pos.gather(1, pick)
 
 
 def _cells(acts_TC: Any, encode: Encoder | None, pos_N: Any, feature_N: Any) -> Any:
