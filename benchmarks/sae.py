@@ -53,23 +53,16 @@ def fvu(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) ->
 
 
 def lorascope_runner(args: argparse.Namespace, d_sae: int, mean_D: torch.Tensor):
-    from lorascope.sae.model import BatchTopKSAE, training_loss
+    from lorascope.sae.model import BatchTopKSAE
+    from lorascope.sae.train import train_step
 
     sae = BatchTopKSAE(args.d_in, d_sae, args.k, generator=torch.Generator().manual_seed(0))
     sae.b_dec_D.data.copy_(mean_D)
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
 
-    def step(x: torch.Tensor) -> None:
-        dead = since_fired >= 10 * args.batch
-        loss, _, sel = training_loss(sae, x, dead, args.aux_k, 1 / 32)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sae.normalise_decoder()
-        since_fired.add_(x.shape[0])
-        since_fired[torch.bincount(sel.latents_N, minlength=d_sae) > 0] = 0
+    def step(x: torch.Tensor) -> None:  # the stage's own step (the schedule aside)
+        train_step(sae, opt, x, since_fired, 10 * args.batch, args.aux_k, 1 / 32)
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         return sae.decode_sparse(sae.select(x, args.k))

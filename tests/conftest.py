@@ -70,6 +70,17 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     )
 
 
+def launch_two_processes(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``lorascope <args>`` as two gloo processes on the CPU, in ``root``."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorascope.cli", *args],
+        cwd=root, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "LORASCOPE_ROOT": str(root)},
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One sqlite MLflow store for the whole session (artifacts beside it in mlruns/)."""

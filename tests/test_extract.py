@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from lorascope.extract.stage import read_documents, run, work_dir
 from lorascope.extract.store import INDEX, Store, plan_shards
 from lorascope.finetune.stage import name_adapter_base
 
-from conftest import REPO, cli, tiny_params, tiny_raw
+from conftest import REPO, cli, launch_two_processes, tiny_params, tiny_raw
 
 FP32 = {"dtype": "float32", "precision": "float32", "shard_tokens": 3000, "batch_tokens": 2048}
 
@@ -252,13 +249,7 @@ def test_two_processes_write_the_same_store(with_prepared: Path, tmp_path: Path)
     shutil.copytree(run(tiny_params(extract={"shard_tokens": 2500}), "lora"), single)
     shutil.rmtree(with_prepared / "data/activations")
     (with_prepared / "params.yaml").write_text(yaml.safe_dump(raw))
-    accelerate = Path(sys.executable).parent / "accelerate"
-    res = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "lorascope.cli", "extract", "--source", "lora"],
-        cwd=with_prepared, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "LORASCOPE_ROOT": str(with_prepared)},
-    )  # fmt: skip
+    res = launch_two_processes(with_prepared, "extract", "--source", "lora")
     assert res.returncode == 0, res.stderr[-3000:]
     out = with_prepared / "data/activations/lora"
     shards = sorted(p.name for p in out.glob("shard-*"))

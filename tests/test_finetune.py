@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from lorascope.errors import LorascopeError
 from lorascope.finetune.data import Collator, PreparedRows
 from lorascope.finetune.stage import accumulation_steps, build_model, checkpoint_dir, run
 
-from conftest import cli, tiny_params, tiny_raw
+from conftest import cli, launch_two_processes, tiny_params, tiny_raw
 
 FAST = {"max_steps": 4, "checkpoint_steps": 2, "global_batch_size": 4, "micro_batch_size": 2}
 
@@ -270,13 +267,7 @@ def test_two_process_accelerate_run_saves_once(with_prepared: Path):
     c = tracking.client()
     exp = c.get_experiment_by_name("lorascope-finetune")
     before = len(c.search_runs([exp.experiment_id])) if exp else 0
-    accelerate = Path(sys.executable).parent / "accelerate"
-    res = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "lorascope.cli", "finetune", "--variant", "lora"],
-        cwd=with_prepared, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "LORASCOPE_ROOT": str(with_prepared)},
-    )  # fmt: skip
+    res = launch_two_processes(with_prepared, "finetune", "--variant", "lora")
     assert res.returncode == 0, res.stderr[-3000:]
     out = with_prepared / "models" / "lora"
     assert sorted(p.name for p in (with_prepared / "models").iterdir()) == ["base", "lora"]  # one adapter

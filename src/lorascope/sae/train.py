@@ -62,6 +62,29 @@ def input_scale(cfg: SaeSection, rms_D: torch.Tensor, mean_sq_norm: float) -> to
     return torch.full_like(rms_D, max((mean_sq_norm / rms_D.numel()) ** 0.5, 1e-6))
 
 
+def train_step(
+    sae: BatchTopKSAE,
+    opt: torch.optim.Optimizer,
+    x_BD: torch.Tensor,
+    since_fired_F: torch.Tensor,
+    dead_window: int,
+    aux_k: int,
+    aux_coef: float,
+) -> dict[str, float]:
+    """One optimiser step with the unit-norm decoder constraint; updates ``since_fired_F`` (tokens
+    since each latent last fired) in place and returns the step's losses and dead-latent count."""
+    dead_F = since_fired_F >= dead_window
+    loss, parts, sel = training_loss(sae, x_BD, dead_F, aux_k, aux_coef)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.project_decoder_grad()
+    opt.step()
+    sae.normalise_decoder()
+    since_fired_F += x_BD.shape[0]
+    since_fired_F[torch.bincount(sel.latents_N, minlength=sae.d_sae) > 0] = 0
+    return {**{k: float(v) for k, v in parts.items()}, "dead_latents": float(dead_F.sum())}
+
+
 class Trainer:
     """Owns the SAE, optimiser, schedule, data stream and dead-latent counters; checkpointable."""
 
@@ -116,21 +139,12 @@ class Trainer:
         batches: Iterator[torch.Tensor] = iter(self.stream)
         while self.step < self.plan.steps:
             x_BD = next(batches) / self.scale_D
-            dead_F = self.since_fired_F >= self.plan.dead_window
-            loss, parts, sel = training_loss(sae, x_BD, dead_F, cfg.aux_k, cfg.aux_coef)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.project_decoder_grad()
-            self.opt.step()
+            metrics = train_step(
+                sae, self.opt, x_BD, self.since_fired_F, self.plan.dead_window, cfg.aux_k, cfg.aux_coef
+            )
             self.sched.step()
-            sae.normalise_decoder()
-            fired_F = torch.bincount(sel.latents_N, minlength=self.plan.d_sae) > 0
-            self.since_fired_F += x_BD.shape[0]
-            self.since_fired_F[fired_F] = 0
             self.step += 1
             if on_step is not None:
-                metrics = {k: float(v) for k, v in parts.items()}
-                metrics["dead_latents"] = float(dead_F.sum())
                 metrics["lr"] = self.sched.get_last_lr()[0]
                 on_step(self.step, metrics)
             if save is not None and (self.step % cfg.checkpoint_steps == 0 or self.step == self.plan.steps):

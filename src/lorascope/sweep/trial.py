@@ -59,6 +59,8 @@ def trial_workspace(root: Path, study: str, number: int, links: tuple[str, ...])
 def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]]:
     """Write the trial's ``data/prepared`` without the held-out rows (chosen by a hash of their id)
     and return the held-out rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     src = root / "data" / "prepared"
@@ -70,8 +72,6 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
         int.from_bytes(hashlib.sha1(i.encode()).digest()[:4], "big") < cut
         for i in table.column("id").to_pylist()
     ]
-    import pyarrow as pa
-
     mask = pa.array(held)
     if not any(held) or all(held):
         raise LorascopeError(
@@ -79,7 +79,7 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
         )
     dst = ws / "data" / "prepared"
     dst.mkdir(parents=True)
-    pq.write_table(table.filter(pa.compute.invert(mask)), dst / "train.parquet")
+    pq.write_table(table.filter(pc.invert(mask)), dst / "train.parquet")
     if (src / "run.json").is_file():  # lineage: the trial's data comes from this prepare run
         shutil.copy(src / "run.json", dst / "run.json")
     return table.filter(mask).select(["input_ids", "loss_start"]).to_pylist()
