@@ -65,9 +65,13 @@ def test_dvc_repro_then_noop(repo):
     root, env = repo
     first = sh("dvc", "repro", cwd=root, env=env)
     stages = ("base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp")
-    for stage in (*stages, "sae", "contexts@lora", "contexts@mlp", "contexts@sae"):
+    evaluate = ("evaluate@base", "evaluate@lora", "evaluate@full", "recovery")
+    for stage in (*stages, *evaluate, "sae", "contexts@lora", "contexts@mlp", "contexts@sae"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
+        "metrics/eval/lora.json",
+        "metrics/recovery.json",
+        "metrics/recovery.md",
         "data/activations/lora/index.json",
         "data/activations/mlp/index.json",
         "data/contexts/lora.parquet",
@@ -115,6 +119,16 @@ def test_dvc_repro_then_noop(repo):
     assert extract_run["upstream"] == {"prepare": prep_id, "base": base_id, "finetune": lora_run["run_id"]}
     chain = json.loads(sh("lorascope", "lineage", "--json", contexts_run["run_id"], cwd=root, env=env).stdout)
     assert [u["stage"] for u in chain["upstream"][0]["upstream"]] == ["base", "finetune", "prepare"]
+    # Table 1 in `dvc metrics show`, its run reaching every evaluated variant
+    shown = sh("dvc", "metrics", "show", "--json", cwd=root, env=env).stdout
+    table = json.loads(shown)[""]["data"]["metrics/recovery.json"]["data"]["tasks"]
+    assert set(table) == {"aime24_nofigures", "math500", "gpqa_diamond"}
+    assert {"base", "lora", "full"} <= set(table["math500"])  # dvc leaves out a null recovery:
+    assert {"recovery", "recovery.reason"} & set(table["math500"])  # its reason is there instead
+    eval_run = json.loads((root / "metrics/eval/lora.run.json").read_text())
+    assert eval_run["upstream"]["finetune"] == lora_run["run_id"]
+    recovery_run = json.loads((root / "metrics/recovery.run.json").read_text())
+    assert len(recovery_run["upstream"]) == 3 and eval_run["run_id"] in recovery_run["upstream"].values()
 
 
 def test_temp_experiment_logs_to_the_same_store(repo):

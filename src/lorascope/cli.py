@@ -104,6 +104,49 @@ def finetune(
     typer.echo(f"finetune: wrote {out}")
 
 
+evaluate_app = typer.Typer(
+    help="Benchmark one model variant through lm-eval into metrics/eval/<variant>.json (no sub-command), "
+    "or collect the recovery table.",
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.callback()
+def evaluate(
+    ctx: typer.Context,
+    variant: Annotated[
+        str, typer.Option("--variant", help="A name in evaluate.variants (base, lora, full, ...).")
+    ] = "lora",
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task", help="Run only this task (repeatable; default: evaluate.tasks).", show_default=False
+        ),
+    ] = None,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Benchmark one model variant (AIME'24 no-figures, MATH500, GPQA-Diamond) into metrics/eval/<variant>.json."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lorascope.evaluate.stage import run
+
+    out = run(_load(params, profile), variant, task or None)
+    typer.echo(f"evaluate: wrote {out}")
+
+
+@evaluate_app.command("recovery")
+def evaluate_recovery(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Table 1: per task base / lora / full scores and recovery = (lora - base) / (full - base)."""
+    from lorascope.evaluate.stage import run_recovery
+
+    out = run_recovery(_load(params, profile))
+    typer.echo(out.with_suffix(".md").read_text(), nl=False)
+    typer.echo(f"evaluate recovery: wrote {out}")
+
+
 class ExtractSource(str, Enum):
     lora = "lora"
     mlp = "mlp"

@@ -314,6 +314,93 @@ class SaeSection(Section):
     """Held-out sequences for the downstream splice KL (0 skips it)."""
 
 
+# ------------------------------------------------------------------------------------- evaluate
+EVAL_TASKS = ("aime24_nofigures", "math500", "gpqa_diamond")
+
+
+class EvalVariant(Section):
+    """One model to evaluate."""
+
+    model: str
+    """Directory of the model: a full model (``models/full``), the base (``models/base``) or a peft
+    adapter over the base (``models/lora``, an ablated adapter), relative to the workspace root."""
+
+
+def _default_variants() -> dict[str, EvalVariant]:
+    return {v: EvalVariant(model=f"models/{v}") for v in ("base", "lora", "full")}
+
+
+class EvaluateSection(Section):
+    """``evaluate``: AIME'24 (no figures), MATH500 and GPQA-Diamond through lm-eval, per variant."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(EVAL_TASKS))
+    """Benchmarks to run (lm-eval task names shipped in ``lorascope/evaluate/tasks``)."""
+    variants: dict[str, EvalVariant] = Field(default_factory=_default_variants)
+    """Models to evaluate, by name (``evaluate@<name>`` in dvc.yaml); ``base``, ``lora`` and ``full``
+    make Table 1; others (ablated adapters) add columns to the recovery table."""
+    data: dict[str, str] = Field(default_factory=dict)
+    """Local benchmark files by task (jsonl, json, csv or parquet in the benchmark's own schema),
+    replacing the hub dataset: e.g. ``math500: data/prepared/eval/math.jsonl``."""
+    limit: PositiveInt | None = None
+    """Evaluate only the first N rows of each task (smoke runs); null for all."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """``hf``: lm-eval's HFLM (CPU, small GPUs); ``vllm``: lm-eval's vLLM model (the ``gpu`` extra)."""
+    batch_size: PositiveInt = 8
+    """Questions per generation batch (hf backend; vLLM schedules its own batches)."""
+    max_gen_toks: PositiveInt = 32768
+    """Most tokens generated per question, thinking and answer together."""
+    thinking_tokens: PositiveInt | None = None
+    """Budget forcing: cap thinking at this many tokens, then force ``<|im_start|>answer``; null
+    lets thinking use all of ``max_gen_toks`` (no forcing)."""
+    answer_tokens: PositiveInt = 1024
+    """Tokens for the forced answer phase (with ``thinking_tokens``)."""
+    wait_extensions: Annotated[int, Field(ge=0)] = 0
+    """s1's "Wait" extension: this many times, a thinking phase that ends before the budget gets
+    ``wait_text`` appended and continues."""
+    wait_text: str = "Wait"
+    """Text appended to extend thinking."""
+    chunk_size: PositiveInt = 64
+    """Questions carried through all phases together; each finished chunk goes to the request cache,
+    so a killed run resumes after it."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Model dtype (``auto``: the checkpoint's)."""
+    tensor_parallel_size: PositiveInt = 1
+    """vLLM: GPUs per model replica."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """vLLM: fraction of GPU memory it may take."""
+    max_model_len: PositiveInt | None = None
+    """vLLM: context length to allocate (null: the model's)."""
+    lora_serving: Literal["adapter", "merged"] = "adapter"
+    """vLLM: serve an adapter with ``enable_lora`` or load a merged copy (for targets or ranks the
+    server does not support)."""
+    max_lora_rank: PositiveInt = 8
+    """vLLM: largest adapter rank to reserve memory for (vLLM accepts 8, 16, 32, ...)."""
+    choice_seed: int = 0
+    """Seed of the per-question GPQA choice shuffle (reproducible, unlike s1's unseeded shuffle)."""
+    bootstrap_iters: Annotated[int, Field(ge=0)] = 1000
+    """lm-eval bootstrap iterations for the stderr of non-mean metrics (mean scores use the closed form)."""
+    seed: int = 1234
+    """Sampling seed handed to the backend (generation is greedy)."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in EVAL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
+        if not v:
+            raise ValueError("at least one task is needed")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _known_data(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = [t for t in v if t not in EVAL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
+        return v
+
+
 # ----------------------------------------------------------------------------- autointerp / cat.
 LlmBackend = Literal["openai", "anthropic", "openai-compatible", "heuristic"]
 
@@ -371,6 +458,8 @@ class Params(Section):
     """Max-activating contexts per feature."""
     sae: SaeSection = Field(default_factory=SaeSection)
     """Sparse autoencoder over adapter activations."""
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    """Benchmarks per model variant and the recovery table."""
     autointerp: AutointerpSection = Field(default_factory=AutointerpSection)
     """Feature labelling."""
     categorize: CategorizeSection = Field(default_factory=CategorizeSection)
@@ -577,7 +666,7 @@ def _emit(model: BaseModel, lines: list[str], indent: int, comments: bool) -> No
             lines.append(f"{pad}{name}:")
             _emit(value, lines, indent + 1, comments)
         else:
-            plain = value if not isinstance(value, tuple) else list(value)
+            plain = model.model_dump(mode="json", include={name})[name]  # nested models, tuples
             rendered = yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip()
             rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"{pad}{name}: {rendered}")

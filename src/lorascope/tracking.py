@@ -243,8 +243,11 @@ def stage_run(
         run_tags[f"dvc.md5.{rel.as_posix()}"] = dvc_md5(path)
         manifest = read_manifest(path)
         if manifest and "stage" in manifest and "run_id" in manifest:
-            upstream[manifest["stage"]] = manifest["run_id"]
-            run_tags[f"upstream.{manifest['stage']}"] = manifest["run_id"]
+            key = manifest["stage"]
+            if upstream.get(key, manifest["run_id"]) != manifest["run_id"]:  # several runs of one stage
+                key = f"{key}.{path.name.split('.')[0]}"
+            upstream[key] = manifest["run_id"]
+            run_tags[f"upstream.{key}"] = manifest["run_id"]
     run_tags.update(tags or {})
     run_tags.update(dict(_EXTRA_TAGS.get()))
 

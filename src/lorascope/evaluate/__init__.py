@@ -1,0 +1,1 @@
+"""``evaluate`` stage: benchmark generation with the finetuned models, answer extraction and grading."""

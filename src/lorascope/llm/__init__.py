@@ -1,0 +1,1 @@
+"""LLM access shared by the labelling stages: SDK clients, a disk cache, bounded concurrency, JSON repair."""

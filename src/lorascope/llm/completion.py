@@ -1,0 +1,29 @@
+"""What one LLM request returns and how it fails: shared by the clients and the cache (which stores them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorascope.errors import LorascopeError
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer with its token usage (for cost accounting) and the model name the server reported."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    model: str
+    cached: bool = False
+    """True when read from the disk cache (no request was made)."""
+    retries: int = 0
+    """Retries the SDK took before this answer (0 for a cached answer)."""
+
+
+class LlmError(LorascopeError):
+    """A request that could not be made or failed for good (after the SDK's retries); one-line message.
+
+    A ``LorascopeError``, so a stage that lets one through ends with ``error: <message>`` and no
+    traceback; ``run_all`` records it per item instead of raising.
+    """

@@ -1,0 +1,325 @@
+"""The LLM layer against a real local HTTP server, through the real openai and anthropic SDKs.
+
+Scripted errors carry ``retry-after-ms: 10``, which both SDKs honour, so retries take milliseconds
+rather than their default 0.5-8 s backoff; only the timeout case pays one backoff (~0.5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_server import Api, LlmServer, Reply
+from lorascope.llm.cache import CacheKey, DiskCache
+from lorascope.llm.clients import CachedClient, Client, LlmError, make_client, run_all
+from lorascope.llm.pricing import estimate_cost
+from lorascope.llm.repair import JsonRepairError, parse_json
+
+OPENAI_KEY = "sk-test-openai-5f3a9c"
+ANTHROPIC_KEY = "sk-ant-test-8e21d4"
+MODELS: dict[Api, str] = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
+APIS: list[Api] = ["openai", "anthropic"]
+
+
+@pytest.fixture(autouse=True)
+def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
+
+
+def client_for(srv: LlmServer, api: Api, **kwargs) -> Client:
+    base_url = f"{srv.url}/v1" if api == "openai" else srv.url
+    return make_client(api, kwargs.pop("model", MODELS[api]), base_url=base_url, **kwargs)
+
+
+def ask(client: Client, prompt: str, max_tokens: int = 32, temperature: float | None = 0.0):
+    return asyncio.run(client.complete(prompt, max_tokens=max_tokens, temperature=temperature))
+
+
+def answer_all(client: Client, prompts: list[str], concurrency: int = 4) -> list:
+    async def one(prompt: str):
+        return await client.complete(prompt, max_tokens=32, temperature=0.0)
+
+    return asyncio.run(run_all(prompts, one, concurrency, "test"))
+
+
+# ----------------------------------------------------------------------------------------- answers
+@pytest.mark.parametrize("api", APIS)
+def test_answer_text_usage_and_request(api: Api) -> None:
+    with LlmServer(lambda *_: Reply("a short label")) as srv:
+        completion = ask(client_for(srv, api), "three word prompt", max_tokens=50, temperature=0.3)
+    assert (completion.text, completion.input_tokens, completion.output_tokens) == ("a short label", 3, 3)
+    assert completion.model == MODELS[api] and not completion.cached and completion.retries == 0
+    (request,) = srv.requests
+    assert request.body["messages"] == [{"role": "user", "content": "three word prompt"}]
+    assert (request.body["max_tokens"], request.body["temperature"]) == (50, 0.3)
+    assert request.headers["authorization"] == f"Bearer {OPENAI_KEY if api == 'openai' else ANTHROPIC_KEY}"
+
+
+def test_openai_reasoning_model_parameters() -> None:
+    """gpt-5 models take max_completion_tokens and no temperature (which is then not in the cache key)."""
+    with LlmServer() as srv:
+        client = client_for(srv, "openai", model="gpt-5-mini", reasoning_effort="minimal")
+        ask(client, "hi", max_tokens=64, temperature=0.7)
+    body = srv.requests[0].body
+    assert body["max_completion_tokens"] == 64 and body["reasoning_effort"] == "minimal"
+    assert "max_tokens" not in body and "temperature" not in body
+    key = [CacheKey.of(client.key_inputs("hi", max_tokens=64, temperature=t)) for t in (0.0, 0.7, None)]
+    assert len({k.digest for k in key}) == 1
+
+
+def test_empty_reply_is_an_error() -> None:
+    with LlmServer(lambda *_: Reply("")) as srv, pytest.raises(LlmError, match="empty reply"):
+        ask(client_for(srv, "openai"), "hi")
+
+
+# ----------------------------------------------------------------------------------------- retries
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_error_then_success_is_retried(api: Api, status: int) -> None:
+    with LlmServer(lambda _, __, i: Reply.error(status) if i == 0 else Reply("fine")) as srv:
+        t0 = time.perf_counter()
+        completion = ask(client_for(srv, api), "hi")
+        elapsed = time.perf_counter() - t0
+    assert completion.text == "fine" and completion.retries == 1
+    assert [r.headers["x-stainless-retry-count"] for r in srv.requests] == ["0", "1"]
+    assert elapsed < 0.3, "retry-after-ms: 10 should replace the SDK's 0.375-0.5 s first backoff"
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_timeout_then_success_is_retried(api: Api) -> None:
+    with LlmServer(lambda _, __, i: Reply("late", delay_s=2.0) if i == 0 else Reply("fine")) as srv:
+        completion = ask(client_for(srv, api, timeout_s=0.5), "hi")
+    assert completion.text == "fine" and completion.retries == 1
+    assert srv.count() == 2
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_exhausted_retries_are_recorded_by_run_all(api: Api) -> None:
+    def responder(_: Api, prompt: str, __: int) -> Reply:
+        return Reply.error(500) if prompt == "bad" else Reply(f"label for {prompt}")
+
+    with LlmServer(responder) as srv:
+        results = answer_all(client_for(srv, api, max_retries=2), ["one", "bad", "two"])
+    assert [r.text for r in (results[0], results[2])] == ["label for one", "label for two"]
+    error = results[1]
+    assert isinstance(error, LlmError)
+    assert str(error) == f"{api} {MODELS[api]}: HTTP 500: scripted HTTP 500 (after 2 retries)"
+    assert srv.count("bad") == 3
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_client_error_is_not_retried(api: Api) -> None:
+    with (
+        LlmServer(lambda *_: Reply("no such model\nat all", status=404)) as srv,
+        pytest.raises(LlmError) as raised,
+    ):
+        ask(client_for(srv, api), "hi")
+    assert str(raised.value) == f"{api} {MODELS[api]}: HTTP 404: no such model at all"
+    assert srv.count() == 1
+
+
+def test_unreachable_server_is_one_line() -> None:
+    with LlmServer() as srv:
+        url = srv.url
+    with pytest.raises(LlmError, match=r"^openai gpt-4o-mini: cannot connect to .* \(after 0 retries\)$"):
+        ask(make_client("openai", "gpt-4o-mini", base_url=f"{url}/v1", max_retries=0), "hi")
+
+
+def test_one_client_serves_several_event_loops() -> None:
+    with LlmServer() as srv:
+        client = client_for(srv, "openai")
+        assert [ask(client, p).text for p in ("a", "b")] == ["echo: a", "echo: b"]
+
+
+# ------------------------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("api", APIS)
+def test_cached_rerun_makes_no_requests(api: Api, tmp_path: Path) -> None:
+    prompts = [f"feature {i}" for i in range(12)]
+    with LlmServer() as srv:
+        first = CachedClient(client_for(srv, api), DiskCache(tmp_path))
+        answers = answer_all(first, prompts)
+        assert (first.requests, first.hits, srv.count()) == (12, 0, 12)
+        again = CachedClient(client_for(srv, api), DiskCache(tmp_path))
+        cached = answer_all(again, prompts)
+    assert (again.requests, again.hits, srv.count()) == (0, 12, 12)
+    assert all(c.cached for c in cached) and not any(a.cached for a in answers)
+    assert [c.text for c in cached] == [a.text for a in answers] == [f"echo: {p}" for p in prompts]
+    assert [c.input_tokens for c in cached] == [a.input_tokens for a in answers]
+
+
+def test_cache_key_covers_what_determines_the_answer() -> None:
+    def digest(backend="openai", model="gpt-4o-mini", base_url=None, prompt="p", max_tokens=10, temp=0.0):
+        client = make_client(backend, model, base_url=base_url)
+        return CacheKey.of(client.key_inputs(prompt, max_tokens=max_tokens, temperature=temp)).digest
+
+    base = digest()
+    assert digest() == base
+    variants = [
+        digest(model="gpt-4o"),
+        digest(prompt="q"),
+        digest(max_tokens=11),
+        digest(temp=0.5),
+        digest(temp=None),
+        digest(base_url="http://localhost:8000/v1"),
+        digest(backend="openai-compatible", base_url="http://localhost:8000/v1"),
+        digest(backend="anthropic"),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_api_keys_never_reach_the_cache(tmp_path: Path) -> None:
+    with LlmServer() as srv:
+        for api in APIS:
+            answer_all(CachedClient(client_for(srv, api), DiskCache(tmp_path)), ["a", "b"])
+    assert {r.headers["authorization"] for r in srv.requests} == {
+        f"Bearer {OPENAI_KEY}",
+        f"Bearer {ANTHROPIC_KEY}",
+    }
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 4
+    for path in files:
+        text = path.read_text()
+        assert OPENAI_KEY not in text and ANTHROPIC_KEY not in text
+        assert path.parent.name == path.stem[:2] and json.loads(text)["request"]["params"]["messages"]
+
+
+def test_unreadable_entry_is_asked_again_and_rewritten(tmp_path: Path) -> None:
+    with LlmServer() as srv:
+        cached = CachedClient(client_for(srv, "openai"), DiskCache(tmp_path))
+        answer_all(cached, ["a"])
+        (entry,) = tmp_path.rglob("*.json")
+        entry.write_text(entry.read_text()[:20])  # as if written without the atomic rename
+        assert answer_all(cached, ["a"])[0].text == "echo: a"
+        assert (cached.requests, srv.count()) == (2, 2)
+        assert json.loads(entry.read_text())["completion"]["text"] == "echo: a"
+
+
+def test_concurrent_writers_of_one_key_leave_one_whole_entry(tmp_path: Path) -> None:
+    with LlmServer(latency_s=0.05) as srv:
+        answer_all(CachedClient(client_for(srv, "openai"), DiskCache(tmp_path)), ["same"] * 8, concurrency=8)
+    (entry,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert json.loads(entry.read_text())["completion"]["text"] == "echo: same"
+
+
+def test_cost_estimate() -> None:
+    assert estimate_cost("gpt-5-mini-2025-08-07", 1_000_000, 1_000_000) == pytest.approx(2.25)
+    assert estimate_cost("claude-opus-4-1-20250805", 2_000, 1_000) == pytest.approx(0.105)
+    assert estimate_cost("Qwen/Qwen2.5-7B-Instruct", 10, 10) is None
+
+
+# ----------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    ("backend", "env"), [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")]
+)
+def test_missing_api_key_names_the_variable(backend, env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(env)
+    with pytest.raises(LlmError) as raised:
+        make_client(backend, "m")
+    assert str(raised.value) == f"{env} is not set (needed by the {backend} backend)"
+
+
+def test_openai_compatible_needs_a_base_url_but_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(LlmError, match="needs a base_url"):
+        make_client("openai-compatible", "Qwen/Qwen2.5-7B-Instruct")
+    with pytest.raises(LlmError, match="^LOCAL_KEY is not set"):
+        make_client("openai-compatible", "m", base_url="http://x/v1", api_key_env="LOCAL_KEY")
+    with LlmServer() as srv:
+        ask(make_client("openai-compatible", "Qwen/Qwen2.5-7B-Instruct", base_url=f"{srv.url}/v1"), "hi")
+    assert srv.requests[0].headers["authorization"] == "Bearer EMPTY"
+
+
+# ------------------------------------------------------------------------------------- concurrency
+def test_run_all_bounds_requests_in_flight() -> None:
+    prompts = [f"p{i}" for i in range(12)]
+    with LlmServer(latency_s=0.2) as srv:
+        results = answer_all(client_for(srv, "openai"), prompts, concurrency=4)
+    assert srv.max_in_flight == 4
+    assert [r.text for r in results] == [f"echo: {p}" for p in prompts]
+
+
+def test_run_all_keeps_order_and_records_each_failure() -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep((10 - i) / 1000)
+        if i % 3 == 0:
+            raise ValueError(f"item {i}")
+        return i * i
+
+    results = asyncio.run(run_all(list(range(10)), fn, 3, "test"))
+    assert [str(r) if isinstance(r, ValueError) else r for r in results] == [
+        f"item {i}" if i % 3 == 0 else i * i for i in range(10)
+    ]
+    assert asyncio.run(run_all([], fn, 3, "empty")) == []
+
+
+# ------------------------------------------------------------------------------------- JSON repair
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"label": "x", "score": 2}', {"label": "x", "score": 2}),
+        ('```json\n{"label": "x"}\n```', {"label": "x"}),
+        ("```\n[1, 2]\n```", [1, 2]),
+        ('Here\'s the answer:\n\n{"label": "it\'s [x]"}\n\nLet me know [if needed].', {"label": "it's [x]"}),
+        ("Sure. ```json\n{'label': 'a \"b\"', 'n': 3}\n``` Done.", {"label": 'a "b"', "n": 3}),
+        ("{'a': True, 'b': None, 'c': False}", {"a": True, "b": None, "c": False}),
+        ('{"a": [1, 2,], "b": {"c": 1,},}', {"a": [1, 2], "b": {"c": 1}}),
+        ("{\u201clabel\u201d: \u201csmart\u201d}", {"label": "smart"}),
+        ("{'a': '\\x41\\u00e9\\U0001F600\\n'}", {"a": "A\u00e9\U0001f600\n"}),
+    ],
+)
+def test_parse_json_repairs(text: str, expected: object) -> None:
+    assert parse_json(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"a": 1} or maybe {"a": 2}', "2 JSON values"),
+        ('```json\n{"a": 1}\n```\n```json\n[2]\n```', "2 JSON values"),
+        ('{"label": "truncat', "unterminated"),
+        ('{"a": {"b": 1}', "unterminated"),
+        ('{"a": [1}', "mismatched"),
+        ('{"a": 1 "b": 2}', "no unambiguous repair"),
+        ("{'a': 'it's'}", "no unambiguous repair"),
+        ("no JSON at all", "no JSON object or array"),
+        ('"just a string"', "got a JSON str"),
+    ],
+)
+def test_parse_json_refuses_to_guess(text: str, reason: str) -> None:
+    with pytest.raises(JsonRepairError, match=reason):
+        parse_json(text)
+
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+json_dicts = st.dictionaries(st.text(), scalars | st.lists(scalars, max_size=4), max_size=6)
+prose = st.text(st.characters(blacklist_characters="{}[]"), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=json_dicts | st.lists(scalars, max_size=6), indent=st.sampled_from([None, 2]), ascii=st.booleans()
+)
+def test_valid_json_round_trips(value: object, indent: int | None, ascii: bool) -> None:
+    assert parse_json(json.dumps(value, indent=indent, ensure_ascii=ascii)) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_dicts, before=prose, after=prose, fence=st.booleans())
+def test_json_in_fences_and_prose(value: dict, before: str, after: str, fence: bool) -> None:
+    body = json.dumps(value, indent=2)
+    assert (
+        parse_json(f"{before}\n```json\n{body}\n```\n{after}" if fence else f"{before}{body}{after}") == value
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.dictionaries(st.text(), st.text() | st.integers(), max_size=6))
+def test_python_repr_parses(value: dict) -> None:
+    assert parse_json(repr(value)) == value
