@@ -216,26 +216,35 @@ def test_finished_questions_go_to_the_request_cache(tmp_path: Path):
 
 
 def test_hf_forcing_matches_plain_greedy_generation(with_prepared: Path):
-    """The real tiny model through lm-eval's HFLM: the thinking phase is the model's own greedy
-    continuation of the chat prompt, cut at the budget."""
+    """The real tiny model through lm-eval's HFLM: a thinking phase is the model's own greedy
+    continuation of the chat prompt, and the output is thinking + answer marker + answer."""
     import torch
 
     from lorascope.base.load import load_model, load_tokenizer
     from lorascope.evaluate.backend import build
+    from lorascope.evaluate.forcing import THINK_STOPS
 
-    cfg = tiny_params(evaluate={"batch_size": 2}).evaluate
+    cfg = tiny_params(evaluate={"batch_size": 2, "wait_extensions": 0}).evaluate
     spec = resolve(with_prepared / "models/base", with_prepared / "models/base")
     lm = build(cfg, spec, with_prepared / "merged")
     users = ["What is 2 + 3?", "Name a prime number larger than ten, please."]
-    outs = lm.generate_questions(users)
+    prompts = [lm.chat_prompt(u) for u in users]
+    assert all(p.endswith("<|im_start|>assistant\n" + THINK) for p in prompts)
+    thinking = lm._phase(prompts, [cfg.thinking_tokens] * 2, THINK_STOPS)
     tok, model = load_tokenizer(spec.pretrained), load_model(spec.pretrained).eval()
-    for user, out in zip(users, outs, strict=True):
-        ids = tok(lm.chat_prompt(user), return_tensors="pt").input_ids
+    for prompt, text in zip(prompts, thinking, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             greedy = model.generate(ids, max_new_tokens=cfg.thinking_tokens, do_sample=False)
-        thinking = tok.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
-        assert out.startswith(THINK + thinking) and ANSWER in out
-        assert len(tok(out.split(ANSWER)[0].removeprefix(THINK)).input_ids) <= cfg.thinking_tokens + 1
+        new = greedy[0, ids.shape[1] :]
+        assert len(new) == cfg.thinking_tokens  # the budget ran out: no stop token in the way
+        assert text == tok.decode(new, skip_special_tokens=True)
+    outs = lm.generate_questions(users)
+    for text, out in zip(thinking, outs, strict=True):
+        assert out.startswith(THINK + text.rstrip("\n") + ANSWER)
+    # tokens are counted as the budget counts them: each phase's text re-encoded
+    phases = [*thinking, *(o.split(ANSWER)[1] for o in outs)]
+    assert lm.generated_tokens == sum(len(tok(t).input_ids) for t in phases) > 0
 
 
 # ---------------------------------------------------------------------------------------- vLLM
