@@ -156,7 +156,7 @@ def test_paper_profile_is_the_papers_recipe(monkeypatch):
     assert (ctx.top_k, ctx.quantile_bins, ctx.quantile_samples, ctx.active_threshold) == (64, 10, 5, 0.0)
     assert (p.autointerp.backend, p.autointerp.model, p.autointerp.n_contexts) == ("openai", "gpt-5-mini", 64)
     c = p.categorize
-    assert (c.model, c.generation_model, c.min_categories, c.max_categories) == (
+    assert (c.assign.model, c.generate.model, c.min_categories, c.max_categories) == (
         "gpt-5-mini",
         "claude-opus-4-1",
         5,

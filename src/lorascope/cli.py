@@ -230,6 +230,33 @@ def contexts(
     typer.echo(f"contexts: wrote {out}")
 
 
+@app.command()
+def autointerp(
+    source: Annotated[
+        ContextsSource,
+        typer.Option(
+            "--source", help="lora: adapter directions (each sign); mlp: MLP neurons; sae: live SAE latents."
+        ),
+    ] = ContextsSource.lora,
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Label every feature from its max-activating contexts (paper prompt B.1) and score the labels."""
+    from lorascope.autointerp.stage import run
+
+    out = run(_load(params, profile), source.value)
+    typer.echo(f"autointerp: wrote {out}")
+
+
+@app.command()
+def categorize(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Generate shared categories (B.2a), assign every labelled feature one (B.2b), Figure 1/2 data."""
+    from lorascope.categorize.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"categorize: wrote {out}")
+
+
 sweep_app = typer.Typer(
     help="Optuna studies over the finetune (LoRA rank x lr) and SAE stages, one MLflow child run per trial.",
     no_args_is_help=True,

@@ -403,35 +403,78 @@ class EvaluateSection(Section):
 
 # ----------------------------------------------------------------------------- autointerp / cat.
 LlmBackend = Literal["openai", "anthropic", "openai-compatible", "heuristic"]
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 
 
-class AutointerpSection(Section):
-    """``autointerp``: label each feature from its max-activating contexts (paper prompt B.1)."""
+class LlmClientSection(Section):
+    """How one stage talks to its LLM (shared by ``autointerp`` and ``categorize``)."""
 
     backend: LlmBackend = "openai"
     """Client: ``openai``, ``anthropic``, ``openai-compatible`` (any base URL, e.g. vllm serve) or the
     offline ``heuristic`` baseline (no LLM; clearly labelled as such)."""
     model: str = "gpt-5-mini"
     """Model name sent to the backend."""
+    base_url: str | None = None
+    """Server URL for ``openai-compatible`` (e.g. ``http://gpu-node:8000/v1``); null for the vendors' APIs."""
+    api_key_env: str | None = None
+    """Environment variable holding the API key (default ``OPENAI_API_KEY`` / ``ANTHROPIC_API_KEY``);
+    keys are read from the environment only, never from params."""
+    concurrency: PositiveInt = 16
+    """Requests in flight at once."""
+    max_retries: Annotated[int, Field(ge=0)] = 6
+    """Retries per request on 429, 5xx, timeouts and connection errors (exponential backoff with
+    jitter, honouring Retry-After: the official SDKs' own retry loop)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 120
+    """Seconds before one request attempt times out."""
+    max_tokens: PositiveInt = 4096
+    """Completion token cap (reasoning models spend part of it thinking)."""
+    temperature: float | None = None
+    """Sampling temperature (null: the model's default; OpenAI reasoning models take none)."""
+    reasoning_effort: ReasoningEffort | None = None
+    """OpenAI reasoning models: ``minimal`` .. ``high`` (null: the model's default)."""
+
+
+class AutointerpSection(LlmClientSection):
+    """``autointerp``: label each feature from its max-activating contexts (paper prompt B.1)."""
+
     n_contexts: PositiveInt = 64
     """Top max-activating contexts shown per feature (the paper: 64)."""
+    window_before: Annotated[int, Field(ge=0)] | None = None
+    """Tokens shown before the activating token (null: all the contexts stage stored)."""
+    window_after: Annotated[int, Field(ge=0)] | None = None
+    """Tokens shown after the activating token (null: all the contexts stage stored)."""
+    max_features: PositiveInt | None = None
+    """Label only the first N features (cost control on a first pass); null for all."""
+    detection_samples: Annotated[int, Field(ge=0)] = 10
+    """Detection scoring: held-out activating windows (quantile samples, not shown in the prompt) and
+    as many random non-activating windows per feature; 0 turns scoring off."""
+    seed: int = 0
+    """Seed of the detection windows' sampling and order."""
 
 
 class CategorizeSection(Section):
     """``categorize``: generate functional categories (B.2a), then assign each feature one (B.2b)."""
 
-    backend: LlmBackend = "openai"
-    """Client for the per-feature assignment (B.2b)."""
-    model: str = "gpt-5-mini"
-    """Model for the per-feature assignment (the paper: gpt-5-mini)."""
-    generation_backend: LlmBackend = "anthropic"
-    """Client for category generation (B.2a)."""
-    generation_model: str = "claude-opus-4-1"
-    """Model for category generation (the paper: Claude Opus 4.1)."""
+    assign: LlmClientSection = Field(default_factory=LlmClientSection)
+    """Client for the per-feature assignment (B.2b; the paper: gpt-5-mini)."""
+    generate: LlmClientSection = Field(
+        default_factory=lambda: LlmClientSection(backend="anthropic", model="claude-opus-4-1")
+    )
+    """Client for category generation (B.2a; the paper: Claude Opus 4.1)."""
     min_categories: PositiveInt = 5
     """Fewest categories the generation prompt asks for (the paper: 5)."""
     max_categories: PositiveInt = 8
     """Most categories the generation prompt asks for (the paper: 8)."""
+    sample_size: PositiveInt = 200
+    """Explanations (LoRA and MLP together, sampled with ``seed``) shown to category generation."""
+    n_examples: PositiveInt = 5
+    """Max-activating contexts shown with each feature in the assignment prompt."""
+    sae_subcategories: bool = True
+    """Also generate subcategories within each category for SAE features and assign them."""
+    density_tokens: PositiveInt = 100_000
+    """Tokens of the activation stores (from the start) summed for the Figure 2 densities."""
+    seed: int = 0
+    """Seed of the explanation sample."""
 
     @model_validator(mode="after")
     def _range(self) -> CategorizeSection:

@@ -98,7 +98,7 @@ def activations_str(examples: list[Example], max_act: float) -> str:
     blocks = []
     for example in examples:
         fired: list[tuple[float, int, str]] = []
-        for position, (token, act) in enumerate(zip(example.tokens, example.acts)):
+        for position, (token, act) in enumerate(zip(example.tokens, example.acts, strict=True)):
             if not act > 0:
                 continue
             shown = f"{min(act / max_act * 10, 10.0):.2f}"

@@ -146,7 +146,9 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
                 {f"{t}.{k}": float(v) for k, v in per_task[t].items() if isinstance(v, (int, float))}
             )
             mlflow.log_table(pd.DataFrame(rows), artifact_file=f"samples/{t}.json")
-        mlflow.log_metrics({"generated_requests": lm.generated_requests, "generated_tokens": lm.generated_tokens})
+        mlflow.log_metrics(
+            {"generated_requests": lm.generated_requests, "generated_tokens": lm.generated_tokens}
+        )
         out = metrics_path(variant)
         write_json(
             out,

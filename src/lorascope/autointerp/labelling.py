@@ -1,0 +1,94 @@
+"""What autointerp and categorize share: the cached client of a params section, one LLM question
+with its answer parsed (re-asked once when it does not parse), and the label-set file schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lorascope.config import LlmClientSection
+from lorascope.llm.clients import CachedClient
+
+T = TypeVar("T")
+
+REASK = (
+    "\n\nYour previous reply could not be used ({reason}). Reply again, exactly in the format asked for "
+    "above, with nothing else."
+)
+LABEL_COLUMNS = (
+    "source", "feature", "feature_name", "sign", "layer", "component", "explanation", "classification",
+    "class_reasoning", "status", "error", "raw_response", "backend", "model", "prompt_hash", "input_tokens",
+    "output_tokens", "cost_usd", "cached", "detection_balanced_accuracy", "detection_n",
+)  # fmt: skip
+"""Columns of ``data/interp/<source>.parquet`` (one row per feature; ``status`` ok | failed)."""
+
+
+def cache_dir() -> Path:
+    """The content-addressed LLM response cache, shared by every stage and run of the workspace."""
+    from lorascope.project import workspace_root
+
+    return workspace_root() / "checkpoints" / "llm-cache"
+
+
+def open_client(cfg: LlmClientSection) -> CachedClient:
+    """The cached client for ``cfg`` (the heuristic baseline included)."""
+    from lorascope.llm.cache import DiskCache
+    from lorascope.llm.clients import make_client
+
+    if cfg.backend == "heuristic":
+        from lorascope.autointerp.heuristic import HeuristicClient
+
+        client: Any = HeuristicClient()
+    else:
+        client = make_client(
+            cfg.backend,
+            cfg.model,
+            base_url=cfg.base_url,
+            max_retries=cfg.max_retries,
+            timeout_s=cfg.timeout_s,
+            api_key_env=cfg.api_key_env,
+            reasoning_effort=cfg.reasoning_effort,
+        )
+    return CachedClient(client, DiskCache(cache_dir()))
+
+
+@dataclass
+class Answer:
+    """One question's outcome: the parsed value, or the error and the raw reply that caused it."""
+
+    value: Any
+    raw: str
+    error: str | None = None
+    cached: bool = True
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: Callable[[str], T]) -> Answer:
+    """Ask ``prompt`` and parse the reply; a reply that does not parse is re-asked once with the
+    reason, and a second failure is returned as an error with the raw text (never raised)."""
+    from lorascope.llm.completion import LlmError
+
+    raws: list[str] = []
+    out = Answer(None, "")
+    for attempt in range(2):
+        text = prompt if attempt == 0 else prompt + REASK.format(reason=out.error)
+        try:
+            done = await client.complete(text, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        except LlmError as e:
+            out.raw, out.error, out.cached = "\n---\n".join(raws), f"request failed: {e}", False
+            return out
+        out.cached = out.cached and done.cached
+        out.input_tokens += done.input_tokens
+        out.output_tokens += done.output_tokens
+        raws.append(done.text)
+        out.raw = "\n---\n".join(raws)  # every reply, so a failure shows what was said
+        try:
+            out.value, out.error = parse(done.text), None
+            return out
+        except ValueError as e:  # ParseError, JsonRepairError
+            out.error = " ".join(str(e).split())[:200]
+    out.error = f"unparseable after a re-ask: {out.error}"
+    return out

@@ -1,0 +1,252 @@
+"""Run the ``autointerp`` stage for one source: label every live feature from its contexts.
+
+Per feature (LoRA: each sign of each direction; MLP: each neuron; SAE: each latent that fired) the
+paper's B.1 prompt shows the top ``n_contexts`` windows with activations on its 0-10 scale; the JSON
+reply gives the explanation, the class (0 monosemantic, 1 broad but consistent, 2 polysemantic) and
+its reasoning. Detection scoring then checks the explanation: held-out activating windows (the
+contexts stage's quantile samples, never in the prompt) and as many random non-activating windows are
+shown in a seeded order, the model says which match, and the balanced accuracy is recorded.
+
+Requests run concurrently and go through the content-addressed LLM cache, so a killed or repeated
+run asks only what it does not have. A reply that cannot be parsed is re-asked once, then recorded
+as a failed label with its raw text. Writes ``data/interp/<source>.parquet`` and ``<source>.run.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from lorascope.config import Params
+from lorascope.errors import LorascopeError
+from lorascope.project import workspace_root
+
+_NAME = re.compile(r"^L(?P<layer>\d+)\.(?P<component>[a-z_]+?)(?:\.\d+)?[+-]?$")
+
+
+def interp_path(source: str) -> Path:
+    return workspace_root() / "data" / "interp" / f"{source}.parquet"
+
+
+def contexts_paths(source: str) -> tuple[Path, Path]:
+    root = workspace_root() / "data" / "contexts"
+    return root / f"{source}.parquet", root / f"{source}.features.parquet"
+
+
+def layer_component(name: str) -> tuple[int | None, str | None]:
+    """``L3.q_proj+`` -> (3, q_proj); ``L3.q_proj.0-`` -> (3, q_proj); ``L3.mlp.17`` -> (3, mlp);
+    an SAE latent spans every layer -> (None, None)."""
+    m = _NAME.match(name)
+    return (int(m["layer"]), m["component"]) if m else (None, None)
+
+
+@dataclass
+class Feature:
+    """One feature as the prompts see it: sign-adjusted windows, its max, the detection windows."""
+
+    id: int
+    name: str
+    sign: int
+    max_act: float
+    top: list[Any]
+    positives: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+
+
+def _window(row: Any, before: int | None, after: int | None) -> tuple[list[str], list[float]]:
+    """The row's tokens and sign-adjusted activations, trimmed around its activating token."""
+    at = int(row.position) - int(row.window_start)
+    lo = 0 if before is None else max(0, at - before)
+    hi = len(row.tokens) if after is None else at + after + 1
+    sign = int(row.sign)
+    return list(row.tokens[lo:hi]), [sign * float(a) for a in row.window_acts[lo:hi]]
+
+
+def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
+    """Live features of ``source`` in id order (and how many were dead: no activating context)."""
+    import pandas as pd
+
+    from lorascope.autointerp.prompts import Example
+
+    cfg = params.autointerp
+    ctx_path, feat_path = contexts_paths(source)
+    for p in (ctx_path, feat_path):
+        if not p.is_file():
+            raise LorascopeError(f"{p}: contexts not found; run `lorascope contexts --source {source}` first")
+    ctx = pd.read_parquet(ctx_path)
+    names = pd.read_parquet(feat_path, columns=["feature", "feature_name", "sign"]).sort_values("feature")
+    groups = dict(tuple(ctx.groupby(["feature", "sign"])))  # a LoRA direction's two signs share its id
+    features, dead = [], 0
+    for fid, name, sign in names.itertuples(index=False):
+        rows = groups.get((fid, sign))
+        top = None if rows is None else rows[rows.kind == "top"].sort_values("rank").head(cfg.n_contexts)
+        max_act = 0.0 if top is None or top.empty else float((top.activation * sign).max())
+        if not max_act > 0:
+            dead += 1
+            continue
+        examples = [Example(*_window(r, cfg.window_before, cfg.window_after)) for r in top.itertuples()]
+        feature = Feature(int(fid), str(name), int(sign), max_act, examples)
+        rng = random.Random(f"{cfg.seed}:{source}:{name}")
+        for kind, out in (("quantile", feature.positives), ("random", feature.negatives)):
+            pool = [
+                "".join(_window(r, cfg.window_before, cfg.window_after)[0])
+                for r in rows[rows.kind == kind].itertuples()
+            ]
+            out.extend(rng.sample(pool, min(cfg.detection_samples, len(pool))))
+        features.append(feature)
+        if cfg.max_features and len(features) == cfg.max_features:
+            break
+    return features, dead
+
+
+def balanced_accuracy(said: list[bool], truth: list[bool]) -> float:
+    """Mean of the hit rate on activating and the correct-rejection rate on non-activating windows."""
+    pos = [s for s, t in zip(said, truth, strict=True) if t]
+    neg = [not s for s, t in zip(said, truth, strict=True) if not t]
+    rates = [sum(x) / len(x) for x in (pos, neg) if x]
+    return sum(rates) / len(rates)
+
+
+async def _label_all(
+    params: Params, source: str, features: list[Feature], client: Any
+) -> list[dict[str, Any]]:
+    from lorascope.autointerp.labelling import ask
+    from lorascope.autointerp.prompts import detection_prompt, explain_prompt, parse_detection, parse_label
+    from lorascope.llm.clients import run_all
+    from lorascope.llm.pricing import estimate_cost
+
+    cfg = params.autointerp
+
+    async def label(f: Feature) -> dict[str, Any]:
+        layer, component = layer_component(f.name)
+        got = await ask(client, cfg, explain_prompt(f.top, f.max_act), parse_label)
+        row: dict[str, Any] = {
+            "source": source, "feature": f.id, "feature_name": f.name, "sign": f.sign, "layer": layer,
+            "component": component, "explanation": None, "classification": None, "class_reasoning": None,
+            "status": "failed", "error": got.error, "raw_response": got.raw, "cached": got.cached,
+            "detection_balanced_accuracy": None, "detection_n": 0,
+        }  # fmt: skip
+        tokens = [got.input_tokens, got.output_tokens]
+        if got.error is None:
+            row.update(
+                explanation=got.value.explanation, classification=got.value.classification,
+                class_reasoning=got.value.reasoning, status="ok",
+            )  # fmt: skip
+            snippets = [(s, True) for s in f.positives] + [(s, False) for s in f.negatives]
+            if f.positives and f.negatives:
+                random.Random(f"{cfg.seed}:order:{source}:{f.name}").shuffle(snippets)
+                texts, truth = [s for s, _ in snippets], [t for _, t in snippets]
+                det = await ask(
+                    client, cfg, detection_prompt(got.value.explanation, texts),
+                    partial(parse_detection, n=len(texts)),
+                )  # fmt: skip
+                tokens = [tokens[0] + det.input_tokens, tokens[1] + det.output_tokens]
+                row["cached"] = row["cached"] and det.cached
+                if det.error is None:
+                    row["detection_balanced_accuracy"] = balanced_accuracy(det.value, truth)
+                    row["detection_n"] = len(texts)
+                else:
+                    row["error"] = f"detection: {det.error}"
+        row["input_tokens"], row["output_tokens"] = tokens
+        row["cost_usd"] = estimate_cost(client.model, *tokens)
+        return row
+
+    results = await run_all(features, label, cfg.concurrency, f"autointerp {source}")
+    return [r for r in results if not isinstance(r, Exception)] + [
+        _crashed(source, f, r) for f, r in zip(features, results, strict=True) if isinstance(r, Exception)
+    ]
+
+
+def _crashed(source: str, f: Feature, err: Exception) -> dict[str, Any]:
+    """A feature whose labelling raised: recorded as failed with the error, never dropped."""
+    layer, component = layer_component(f.name)
+    return {
+        "source": source, "feature": f.id, "feature_name": f.name, "sign": f.sign, "layer": layer,
+        "component": component, "explanation": None, "classification": None, "class_reasoning": None,
+        "status": "failed", "error": f"{type(err).__name__}: {err}", "raw_response": "", "cached": False,
+        "detection_balanced_accuracy": None, "detection_n": 0, "input_tokens": 0, "output_tokens": 0,
+        "cost_usd": None,
+    }  # fmt: skip
+
+
+def _table(rows: list[dict[str, Any]], backend: str, model: str, prompt_hash: str) -> Any:
+    import pyarrow as pa
+
+    from lorascope.autointerp.labelling import LABEL_COLUMNS
+
+    rows = sorted(rows, key=lambda r: (r["feature"], -r["sign"]))
+    for r in rows:
+        r.update(backend=backend, model=model, prompt_hash=prompt_hash)
+    types = {
+        "feature": pa.int32(), "sign": pa.int8(), "layer": pa.int32(), "classification": pa.int8(),
+        "input_tokens": pa.int64(), "output_tokens": pa.int64(), "cost_usd": pa.float64(), "cached": pa.bool_(),
+        "detection_balanced_accuracy": pa.float64(), "detection_n": pa.int32(),
+    }  # fmt: skip
+    return pa.table({c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in LABEL_COLUMNS})
+
+
+def run(params: Params, source: str) -> Path:
+    """Label ``source``'s features; returns ``data/interp/<source>.parquet``."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from lorascope.atomic import atomic_path
+    from lorascope.autointerp.labelling import open_client
+    from lorascope.autointerp.prompts import prompt_hash
+    from lorascope.tracking import stage_run
+
+    cfg = params.autointerp
+    features, dead = load_features(params, source)
+    client = open_client(cfg)  # a missing API key fails here, before any run is opened
+    ctx_path, feat_path = contexts_paths(source)
+    digest = hashlib.sha256(ctx_path.read_bytes()).hexdigest()[:16]
+    phash = prompt_hash("explain")
+    tags = {
+        "autointerp.source": source, "autointerp.backend": cfg.backend, "autointerp.model": cfg.model,
+        "autointerp.prompt_hash": phash, "autointerp.detect_prompt_hash": prompt_hash("detect"),
+        "contexts.digest": digest,
+    }  # fmt: skip
+    if cfg.backend == "heuristic":
+        tags["autointerp.note"] = "heuristic baseline: labels from token statistics, not an LLM"
+    with stage_run("autointerp", params, inputs=[ctx_path, feat_path], run_name=source, tags=tags) as sr:
+        rows = asyncio.run(_label_all(params, source, features, client))
+        table = _table(rows, cfg.backend, cfg.model, phash)
+        out = interp_path(source)
+        with atomic_path(out, ".parquet") as tmp:
+            pq.write_table(table, tmp)
+        sr.write_manifest(out.parent, {"source": source}, files=[out])
+        ok = [r for r in rows if r["status"] == "ok"]
+        scored = [r for r in ok if r["detection_balanced_accuracy"] is not None]
+        metrics: dict[str, float] = {
+            "features": len(rows), "labelled": len(ok), "failed": len(rows) - len(ok), "dead_skipped": dead,
+            "requests": client.requests, "cache_hits": client.hits, "retries": client.retries,
+            "input_tokens": client.input_tokens, "output_tokens": client.output_tokens,
+            "label_set_input_tokens": sum(r["input_tokens"] for r in rows),
+            "label_set_output_tokens": sum(r["output_tokens"] for r in rows),
+        }  # fmt: skip
+        cost = client.cost_usd()
+        if cost is not None:
+            metrics["cost_usd"] = cost
+        for c in (0, 1, 2):
+            members = [r for r in ok if r["classification"] == c]
+            metrics[f"class_{c}_share"] = len(members) / len(ok) if ok else 0.0
+            accs = [
+                r["detection_balanced_accuracy"]
+                for r in members
+                if r["detection_balanced_accuracy"] is not None
+            ]
+            if accs:
+                metrics[f"detection_class_{c}"] = sum(accs) / len(accs)
+        if scored:
+            metrics["detection_balanced_accuracy"] = sum(
+                r["detection_balanced_accuracy"] for r in scored
+            ) / len(scored)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(out))
+    return out
