@@ -66,10 +66,13 @@ def test_dvc_repro_then_noop(repo):
     first = sh("dvc", "repro", cwd=root, env=env)
     stages = ("base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp")
     evaluate = ("evaluate@base", "evaluate@lora", "evaluate@full", "recovery")
-    for stage in (*stages, *evaluate, "sae", "contexts@lora", "contexts@mlp", "contexts@sae"):
+    interp = ("autointerp@lora", "autointerp@mlp", "autointerp@sae", "categorize")
+    for stage in (*stages, *evaluate, "sae", "contexts@lora", "contexts@mlp", "contexts@sae", *interp):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
         "metrics/eval/lora.json",
+        "data/interp/sae.parquet",
+        "data/interp/categories/figure1.json",
         "metrics/recovery.json",
         "metrics/recovery.md",
         "data/activations/lora/index.json",
@@ -127,6 +130,8 @@ def test_dvc_repro_then_noop(repo):
     assert {"recovery", "recovery.reason"} & set(table["math500"])  # its reason is there instead
     eval_run = json.loads((root / "metrics/eval/lora.run.json").read_text())
     assert eval_run["upstream"]["finetune"] == lora_run["run_id"]
+    interp_run = json.loads((root / "data/interp/lora.run.json").read_text())
+    assert interp_run["upstream"] == {"contexts": contexts_run["run_id"]}
     recovery_run = json.loads((root / "metrics/recovery.run.json").read_text())
     assert len(recovery_run["upstream"]) == 3 and eval_run["run_id"] in recovery_run["upstream"].values()
 

@@ -140,7 +140,7 @@ def categorize_prompt(
         "categorize",
         {
             "{feature.explanation}": explanation,
-            "{examples_str}": examples_str(examples, max_act),
+            "{examples_str}": examples_str(examples, max_act, n=len(examples)),  # the caller picks how many
             "{categories_str}": categories_str(categories),
         },
     )

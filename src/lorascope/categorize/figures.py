@@ -1,0 +1,181 @@
+"""The data behind the paper's Figure 1 (category shares of LoRA directions vs MLP neurons) and Figure 2
+(category-wise activation density by layer and component type).
+
+Both are plain JSON, so the report stage (or a notebook) plots them without re-reading stores or labels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from lorascope.autointerp.prompts import Category
+from lorascope.errors import LorascopeError
+from lorascope.extract.store import Store
+
+FIGURE1_SHARES = (
+    "share = features of the source assigned the category / features of the source assigned any category "
+    "(status ok); uncategorized and failed features are counted in totals only, so each source's shares sum to 1"
+)
+FIGURE2_NORMALISATION = (
+    "mass = sum over the first `tokens` tokens of the store of relu(sign * activation), summed over the "
+    "category's member features (status ok) whose component lies in the cell; density = mass / the cell's mass "
+    "summed over all categories, so each cell's densities sum to 1 (null where no member feature fired in the "
+    "cell). Cells: (layer, component type) for the LoRA store, layer for the MLP store"
+)
+_COMPONENT = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[a-z_]+?)(?:\.\d+)?$")
+
+
+def figure1(
+    assignments: Sequence[dict[str, Any]],
+    sources: Sequence[str],
+    categories: Sequence[Category],
+    subcategories: dict[str, list[Category]],
+) -> dict[str, Any]:
+    """Per category: each source's count and share of its categorized features; per source: totals by
+    status; per category with SAE subcategories: each subcategory's count and share within the category."""
+    ids = [c.string_id for c in categories]
+    counts = {s: dict.fromkeys(ids, 0) for s in sources}
+    totals = {s: {"assigned": 0, "uncategorized": 0, "failed": 0} for s in sources}
+    sub_counts = {cat: dict.fromkeys((c.string_id for c in subs), 0) for cat, subs in subcategories.items()}
+    sub_missing = dict.fromkeys(subcategories, 0)
+    for row in assignments:
+        source, status = row["source"], row["status"]
+        totals[source]["assigned" if status == "ok" else status] += 1
+        if status != "ok":
+            continue
+        counts[source][row["category"]] += 1
+        if source == "sae" and row["category"] in sub_counts:
+            if row["subcategory"] is None:
+                sub_missing[row["category"]] += 1
+            else:
+                sub_counts[row["category"]][row["subcategory"]] += 1
+
+    def share(n: int, of: int) -> float | None:
+        return n / of if of else None
+
+    rows = [
+        {
+            "string_id": c.string_id,
+            "name": c.name,
+            "counts": {s: counts[s][c.string_id] for s in sources},
+            "shares": {s: share(counts[s][c.string_id], totals[s]["assigned"]) for s in sources},
+        }
+        for c in categories
+    ]
+    subs = []
+    for cat, found in sub_counts.items():
+        assigned = sum(found.values())
+        subs.append(
+            {
+                "category": cat,
+                "subcategorized": assigned,
+                "not_subcategorized": sub_missing[cat],
+                "subcategories": [
+                    {
+                        "string_id": c.string_id,
+                        "name": c.name,
+                        "count": found[c.string_id],
+                        "share": share(found[c.string_id], assigned),
+                    }
+                    for c in subcategories[cat]
+                ],
+            }
+        )
+    return {
+        "sources": list(sources),
+        "share_definition": FIGURE1_SHARES,
+        "categories": rows,
+        "totals": totals,
+        "sae_subcategories": subs,
+    }
+
+
+def component_cell(name: str) -> tuple[int, str]:
+    """``L3.q_proj`` / ``L3.q_proj.0`` -> (3, "q_proj"); ``L3.mlp.17`` -> (3, "mlp")."""
+    match = _COMPONENT.match(name)
+    if match is None:
+        raise LorascopeError(f"store component {name!r} is not named L<layer>.<type>[.<index>]")
+    return int(match["layer"]), match["kind"]
+
+
+def positive_mass(store: Store, n_tokens: int) -> tuple[Any, Any, int]:
+    """Per store column over the first ``n_tokens`` tokens: ``(sum relu(acts), sum relu(-acts), tokens used)``,
+    float64, streamed one shard at a time."""
+    import torch
+
+    from lorascope.progress import track
+
+    width = len(store.components)
+    pos_C = torch.zeros(width, dtype=torch.float64)
+    neg_C = torch.zeros(width, dtype=torch.float64)
+    shards = [s for s in store.shards if s.start < n_tokens]
+    used = 0
+    for shard in track(shards, f"categorize: density {store.source}"):
+        acts_TC = store.read(shard)[0][: n_tokens - shard.start].to(torch.float64)
+        pos_C += acts_TC.clamp(min=0).sum(0)
+        neg_C += acts_TC.neg().clamp(min=0).sum(0)
+        used += acts_TC.shape[0]
+    return pos_C, neg_C, used
+
+
+def figure2_source(
+    store: Store,
+    members: Sequence[tuple[str, int, str]],
+    category_ids: Sequence[str],
+    n_tokens: int,
+    by_type: bool,
+) -> dict[str, Any]:
+    """Category-wise activation density of one store: ``members`` are ``(feature_name, sign, category)`` of the
+    categorized features; cells are (layer, component type) with ``by_type``, else layer."""
+    column = {name: i for i, name in enumerate(store.components)}
+    pos_C, neg_C, used = positive_mass(store, n_tokens)
+    cell_of = []
+    for name in store.components:
+        layer, kind = component_cell(name)
+        cell_of.append((layer, kind) if by_type else (layer,))
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for key in cell_of:  # store order: layer-major, then the component order
+        cells.setdefault(key, {"features": 0, "mass": dict.fromkeys(category_ids, 0.0)})
+    for name, sign, category in members:
+        base = name[:-1] if name[-1:] in "+-" and name[:-1] in column else name
+        if base not in column:
+            raise LorascopeError(
+                f"feature {name} is not a component of the store {store.root}; re-run the labels"
+            )
+        i = column[base]
+        cell = cells[cell_of[i]]
+        cell["features"] += 1
+        cell["mass"][category] += float(pos_C[i] if sign > 0 else neg_C[i])
+    out = []
+    for key, cell in cells.items():
+        total = sum(cell["mass"].values())
+        where = {"layer": key[0], "component_type": key[1]} if by_type else {"layer": key[0]}
+        density = {c: (m / total if total > 0 else None) for c, m in cell["mass"].items()}
+        out.append(
+            {**where, "features": cell["features"], "total": total, "mass": cell["mass"], "density": density}
+        )
+    return {"tokens": used, "cells": out}
+
+
+def figure2(
+    stores: dict[str, Store],
+    assignments: Sequence[dict[str, Any]],
+    category_ids: Sequence[str],
+    n_tokens: int,
+) -> dict[str, Any]:
+    """Figure 2 data for the LoRA store (cells: layer x component type) and the MLP store (cells: layer)."""
+    out: dict[str, Any] = {
+        "normalisation": FIGURE2_NORMALISATION,
+        "density_tokens": n_tokens,
+        "categories": list(category_ids),
+    }
+    for source, store in stores.items():
+        members = [
+            (r["feature_name"], int(r["sign"]), r["category"])
+            for r in assignments
+            if r["source"] == source and r["status"] == "ok"
+        ]
+        out[source] = figure2_source(store, members, category_ids, n_tokens, by_type=source == "lora")
+    return out

@@ -1,0 +1,41 @@
+"""Category generation (paper B.2a): one prompt over a seeded sample of explanations returns the categories.
+
+The same prompt and parser serve the shared categories (LoRA and MLP explanations together, so both sources
+are described in one vocabulary) and the SAE subcategories of one category (that category's SAE
+explanations). A reply that does not parse is re-asked once (``labelling.ask``); what the caller does with
+a second failure differs: fatal for the shared categories, recorded for a subcategory set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+from lorascope.autointerp.labelling import Answer, ask
+from lorascope.autointerp.prompts import Category, category_generation_prompt, parse_categories
+from lorascope.config import LlmClientSection
+from lorascope.llm.clients import CachedClient
+
+
+def sample_explanations(explanations: Sequence[str], size: int, seed: int) -> list[str]:
+    """Up to ``size`` of ``explanations``, drawn without replacement in a seeded random order (so LoRA and
+    MLP explanations are interleaved rather than listed source by source)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(explanations))[:size]
+    return [explanations[int(i)] for i in order]
+
+
+async def generate(
+    client: CachedClient, cfg: LlmClientSection, explanations: list[str], min_n: int, max_n: int
+) -> Answer:
+    """Ask the B.2a prompt over ``explanations``; the answer's value is a list of ``Category``."""
+    prompt = category_generation_prompt(explanations)
+    return await ask(client, cfg, prompt, partial(parse_categories, min_n=min_n, max_n=max_n))
+
+
+def category_dict(category: Category) -> dict[str, Any]:
+    """``string_id``, ``name``, ``definition``, ``examples`` of a category, for JSON."""
+    return asdict(category)

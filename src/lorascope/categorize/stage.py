@@ -1,0 +1,232 @@
+"""Run the ``categorize`` stage: shared categories, one category per labelled feature, Figure 1/2 data.
+
+1. Category generation (B.2a, ``categorize.generate``): a seeded sample of the LoRA and MLP explanations
+   together, so both sources share one set of categories. A reply that is still unusable after one re-ask
+   stops the stage (its raw text is kept in ``checkpoints/categorize/generation-reply.txt`` and the run).
+2. Assignment (B.2b, ``categorize.assign``): every ok feature of every source present (``sae`` when its label
+   set exists) gets one category; an unknown id is re-asked once, then recorded as ``uncategorized``.
+3. SAE subcategories (``categorize.sae_subcategories``): see ``subcategories.SUBCATEGORY_RULE``.
+4. Figure data: category shares per source (Figure 1) and category-wise activation density per layer and
+   component type over the first ``density_tokens`` tokens of the LoRA and MLP stores (Figure 2).
+
+Every request goes through the LLM cache, so a killed run resumes for free and a repeated one makes no
+requests and writes the same files. Outputs, written together (temp directory, then rename), in
+``data/interp/categories/``:
+
+* ``categories.json``: the categories (``string_id``, ``name``, ``definition``, ``examples``, ``sae_subcategories``)
+  and how they were made (backend, model, prompt hashes, the raw generation reply, the sample);
+* ``assignments.parquet``: one row per ok feature (see ``ASSIGNMENT_COLUMNS``);
+* ``figure1.json``, ``figure2.json`` (see ``figures``); ``run.json``: lineage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from lorascope.config import Params
+from lorascope.errors import LorascopeError
+from lorascope.project import workspace_root
+
+OUT = Path("data/interp/categories")
+STORES = {"lora": Path("data/activations/lora"), "mlp": Path("data/activations/mlp")}
+GENERATION_REPLY = Path("checkpoints/categorize/generation-reply.txt")
+FORMAT = "lorascope-categories/1"
+ASSIGNMENT_COLUMNS = (
+    "source", "feature", "feature_name", "sign", "category", "status", "error", "raw_response",
+    "subcategory", "subcategory_status", "subcategory_error", "subcategory_raw_response",
+)  # fmt: skip
+"""``assignments.parquet``: ``status`` ok | uncategorized | failed (category null unless ok);
+``subcategory_status`` null when the feature's category has no SAE subcategories (every non-SAE feature)."""
+
+
+def out_dir() -> Path:
+    return workspace_root() / OUT
+
+
+def _assignments_table(rows: list[dict[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    types = {"feature": pa.int32(), "sign": pa.int8()}
+    return pa.table(
+        {c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in ASSIGNMENT_COLUMNS}
+    )
+
+
+def _generation_failed(raw: str, error: str, run_id: str) -> LorascopeError:
+    """Keep the unusable reply (file and run artifact) and word the fatal error."""
+    import mlflow
+
+    from lorascope.atomic import write_text
+
+    path = workspace_root() / GENERATION_REPLY
+    write_text(path, raw)
+    mlflow.log_text(raw, GENERATION_REPLY.name)
+    return LorascopeError(
+        f"category generation failed: {error}; the raw reply is in {path} (and artifact "
+        f"{GENERATION_REPLY.name} of MLflow run {run_id})"
+    )
+
+
+def run(params: Params) -> Path:
+    """Categorize every labelled feature; returns ``data/interp/categories/``."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from lorascope.atomic import atomic_path, write_json
+    from lorascope.autointerp.labelling import open_client
+    from lorascope.autointerp.prompts import Category, prompt_hash
+    from lorascope.categorize.assignment import assign_all
+    from lorascope.categorize.figures import figure1, figure2
+    from lorascope.categorize.generation import category_dict, generate, sample_explanations
+    from lorascope.categorize.inputs import (
+        REQUIRED,
+        contexts_path,
+        label_path,
+        load_features,
+        present_sources,
+    )
+    from lorascope.categorize.subcategories import (
+        SUBCATEGORY_RULE,
+        Subcategories,
+        sae_subcategories,
+        subcategory_range,
+    )
+    from lorascope.extract.store import Store
+    from lorascope.tracking import stage_run
+
+    cfg = params.categorize
+    root = workspace_root()
+    sources = present_sources()
+    features = {s: load_features(s, cfg.n_examples) for s in sources}
+    stores = {}
+    for source, rel in STORES.items():
+        store = Store.open(root / rel, hint=f"run `lorascope extract --source {source}` first")
+        if store.source != source:
+            raise LorascopeError(
+                f"{store.root}/index.json: holds source {store.source!r}, expected {source!r}"
+            )
+        stores[source] = store
+    pool = [f.explanation for s in REQUIRED for f in features[s]]
+    if not pool:
+        raise LorascopeError(
+            f"{label_path('lora')}, {label_path('mlp')}: no feature has status ok; nothing to categorize"
+        )
+    # a missing API key fails here, before any run is opened
+    generator, assigner = open_client(cfg.generate), open_client(cfg.assign)
+    hashes = {"categories": prompt_hash("categories"), "categorize": prompt_hash("categorize")}
+    tags = {
+        "categorize.generate.backend": cfg.generate.backend,
+        "categorize.generate.model": cfg.generate.model,
+        "categorize.assign.backend": cfg.assign.backend,
+        "categorize.assign.model": cfg.assign.model,
+        "categorize.prompt_hash.categories": hashes["categories"],
+        "categorize.prompt_hash.categorize": hashes["categorize"],
+        "categorize.sources": ",".join(sources),
+    }
+    if "heuristic" in (cfg.generate.backend, cfg.assign.backend):
+        tags["categorize.note"] = "heuristic baseline: categories from token classes, not an LLM"
+    inputs = [label_path(s) for s in sources] + [contexts_path(s) for s in sources]
+    inputs += [store.root for store in stores.values()]
+
+    with stage_run("categorize", params, inputs=inputs, tags=tags) as tr:
+        # ---- B.2a: shared categories
+        shown = sample_explanations(pool, cfg.sample_size, cfg.seed)
+        got = asyncio.run(generate(generator, cfg.generate, shown, cfg.min_categories, cfg.max_categories))
+        if got.error is not None:
+            raise _generation_failed(got.raw, got.error, tr.run_id)
+        categories: list[Category] = got.value
+        ids = [c.string_id for c in categories]
+
+        # ---- B.2b: one category per feature
+        everyone = [f for s in sources for f in features[s]]
+        assigned = asyncio.run(
+            assign_all(assigner, cfg.assign, [(f, categories) for f in everyone], "categorize: assign")
+        )
+
+        # ---- SAE subcategories
+        subs = Subcategories()
+        if "sae" in sources and cfg.sae_subcategories:
+            subs = asyncio.run(sae_subcategories(generator, assigner, cfg, categories, everyone, assigned))
+
+        # ---- outputs
+        rows = []
+        for f, a in zip(everyone, assigned, strict=True):
+            sub = subs.assigned.get(f.feature_name) if f.source == "sae" else None
+            rows.append({
+                "source": f.source, "feature": f.feature, "feature_name": f.feature_name, "sign": f.sign,
+                "category": a.category, "status": a.status, "error": a.error, "raw_response": a.raw_response,
+                "subcategory": sub.category if sub else None, "subcategory_status": sub.status if sub else None,
+                "subcategory_error": sub.error if sub else None,
+                "subcategory_raw_response": sub.raw_response if sub else None,
+            })  # fmt: skip
+        doc = {
+            "format": FORMAT,
+            "categories": [
+                {**category_dict(c), "sae_subcategories": subs.info.get(c.string_id)} for c in categories
+            ],
+            "generation": {
+                "backend": cfg.generate.backend,
+                "model": cfg.generate.model,
+                "prompt_hash": hashes["categories"],
+                "raw_response": got.raw,
+                "sources": list(REQUIRED),
+                "explanations_available": len(pool),
+                "explanations_shown": len(shown),
+                "seed": cfg.seed,
+                "min_categories": cfg.min_categories,
+                "max_categories": cfg.max_categories,
+            },
+            "assignment": {
+                "backend": cfg.assign.backend,
+                "model": cfg.assign.model,
+                "prompt_hash": hashes["categorize"],
+                "n_examples": cfg.n_examples,
+                "sources": sources,
+            },
+            "sae_subcategories": {
+                "enabled": cfg.sae_subcategories and "sae" in sources,
+                "rule": SUBCATEGORY_RULE,
+                "min_subcategories": subcategory_range(cfg)[0],
+                "max_subcategories": subcategory_range(cfg)[1],
+            },
+        }
+        fig1 = figure1(rows, sources, categories, subs.sets)
+        fig2 = figure2(stores, rows, ids, cfg.density_tokens)
+        out = out_dir()
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            write_json(tmp / "categories.json", doc)
+            pq.write_table(_assignments_table(rows), tmp / "assignments.parquet")
+            write_json(tmp / "figure1.json", fig1)
+            write_json(tmp / "figure2.json", fig2)
+            tr.write_manifest(tmp, {"sources": sources, "categories": len(categories)})
+
+        clients = (generator, assigner)
+        metrics: dict[str, float] = {
+            "categories": len(categories),
+            "requests": sum(c.requests for c in clients),
+            "cache_hits": sum(c.hits for c in clients),
+            "retries": sum(c.retries for c in clients),
+            "input_tokens": sum(c.input_tokens for c in clients),
+            "output_tokens": sum(c.output_tokens for c in clients),
+            "uncategorized": sum(r["status"] == "uncategorized" for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows),
+        }
+        for s in sources:
+            for status, name in (
+                ("ok", "assigned"),
+                ("uncategorized", "uncategorized"),
+                ("failed", "failed"),
+            ):
+                metrics[f"{name}_{s}"] = sum(r["source"] == s and r["status"] == status for r in rows)
+        if "sae" in sources and cfg.sae_subcategories:
+            metrics["sae_subcategory_sets"] = len(subs.sets)
+            metrics["sae_subcategorized"] = sum(r["subcategory"] is not None for r in rows)
+        costs = [c.cost_usd() if c.requests else 0.0 for c in clients]
+        if None not in costs:
+            metrics["cost_usd"] = sum(costs)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifacts(str(out), artifact_path="categories")
+    return out

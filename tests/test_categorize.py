@@ -1,0 +1,402 @@
+"""The categorize stage: categories, one assignment per ok feature, SAE subcategories, Figure 1 against hand
+counts, Figure 2 against numpy over the store, unknown ids over a real OpenAI-API server, cache re-runs, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_server import LlmServer, Reply
+from lorascope import tracking
+from lorascope.autointerp.labelling import LABEL_COLUMNS
+from lorascope.errors import LorascopeError
+
+from conftest import Prepared, make_workspace, tiny_params
+
+EXPECTED = {  # explanation -> the heuristic's category (the character class of its first quoted token)
+    "[heuristic] fires on 'Wait'": "reasoning_word",
+    "[heuristic] fires on '\\n'": "whitespace_or_newline",
+    "[heuristic] fires on '7'": "digits",
+    "[heuristic] fires on ','": "punctuation",
+    "[heuristic] fires on 'apple'": "other_word",
+    "[heuristic] fires on '<|im_start|>'": "special_marker",
+}
+CYCLE = list(EXPECTED)
+SAE_PLAN = [CYCLE[0]] * 12 + [CYCLE[2]] * 8 + CYCLE  # two categories with >= 5 SAE features
+DENSITY_TOKENS = 5000  # crosses the first shard (4096 tokens), so the cut is inside a shard
+FILES = ("categories.json", "assignments.parquet", "figure1.json", "figure2.json")
+
+
+# --------------------------------------------------------------------------------------- workspace
+@pytest.fixture(scope="module")
+def built(prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LoRA and MLP stores and their contexts (in-process), plus SAE contexts made from the LoRA ones."""
+    from lorascope.contexts.stage import CONTEXTS_SCHEMA
+    from lorascope.contexts.stage import run as contexts
+    from lorascope.extract.stage import run as extract
+    from test_extract import make_adapter
+
+    root = make_workspace(tmp_path_factory.mktemp("categorize"))
+    shutil.copytree(prepared.root / "models" / "base", root / "models" / "base")
+    shutil.copytree(prepared.root / "data" / "prepared", root / "data" / "prepared")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORASCOPE_ROOT", str(root))
+        make_adapter(root)
+        params = tiny_params()
+        for source in ("lora", "mlp"):
+            extract(params, source)
+            contexts(params, source)
+    # SAE contexts: each LoRA feature sign as an unsigned latent (the categorize stage only reads tops)
+    lora = pq.read_table(root / "data/contexts/lora.parquet").to_pylist()
+    names = [n for *_, n in sorted({(r["feature"], -r["sign"], r["feature_name"]) for r in lora})]
+    latent = {n: i for i, n in enumerate(names)}
+    rows = []
+    for r in lora:
+        if r["feature_name"] in latent:
+            s = r["sign"]
+            rows.append({**r, "feature": latent[r["feature_name"]], "feature_name": f"sae.{latent[r['feature_name']]}",
+                         "sign": 1, "activation": s * r["activation"], "window_acts": [s * a for a in r["window_acts"]]})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=CONTEXTS_SCHEMA), root / "data/contexts/sae.parquet")
+    return root
+
+
+@pytest.fixture
+def ws(built: Path, workspace: Path) -> Path:
+    for part in ("models", "data"):
+        shutil.copytree(built / part, workspace / part, dirs_exist_ok=True)
+    return workspace
+
+
+def features_of(root: Path, source: str) -> list[tuple[int, str, int]]:
+    """``(feature, feature_name, sign)`` of every feature in the source's contexts, in a fixed order."""
+    rows = pq.read_table(
+        root / f"data/contexts/{source}.parquet", columns=["feature", "feature_name", "sign"]
+    )
+    return sorted(
+        set(zip(*(rows.column(c).to_pylist() for c in ("feature", "feature_name", "sign")), strict=True))
+    )
+
+
+def write_labels(root: Path, source: str, plan: list[str], failed_every: int = 7) -> dict[str, str]:
+    """A label set in the autointerp schema: feature k gets ``plan[k % len(plan)]``, every ``failed_every``-th
+    one fails. Returns ``{feature_name: explanation}`` of the ok rows."""
+    rows, ok = [], {}
+    for k, (fid, name, sign) in enumerate(features_of(root, source)):
+        failed = k % failed_every == failed_every - 1
+        explanation = None if failed else plan[k % len(plan)]
+        row = dict.fromkeys(LABEL_COLUMNS)
+        row.update(source=source, feature=fid, feature_name=name, sign=sign, explanation=explanation,
+                   status="failed" if failed else "ok", error="boom" if failed else None, raw_response="")  # fmt: skip
+        rows.append(row)
+        if not failed:
+            ok[name] = explanation
+    table = pa.table({c: [r[c] for r in rows] for c in LABEL_COLUMNS})
+    path = root / f"data/interp/{source}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return ok
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    return {f: (root / "data/interp/categories" / f).read_bytes() for f in FILES}
+
+
+def run_of(root: Path):
+    run_id = json.loads((root / "data/interp/categories/run.json").read_text())["run_id"]
+    return tracking.client().get_run(run_id)
+
+
+def numpy_mass(root: Path, source: str, n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` rows of the store's activations, read with safetensors' numpy API."""
+    from safetensors.numpy import load_file
+
+    folder = root / "data/activations" / source
+    index = json.loads((folder / "index.json").read_text())
+    parts = [load_file(str(folder / s["file"]))["acts_TC"] for s in index["shards"]]
+    return np.concatenate(parts).astype(np.float64)[:n_tokens], index["components"]
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_categories_assignments_figures_and_cached_rerun(ws: Path):
+    from lorascope.categorize.stage import run
+
+    labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}
+    labels["sae"] = write_labels(ws, "sae", SAE_PLAN, failed_every=1000)
+    params = tiny_params(categorize={"density_tokens": DENSITY_TOKENS})
+    out = run(params)
+    assert out == ws / "data/interp/categories"
+
+    doc = json.loads((out / "categories.json").read_text())
+    ids = [c["string_id"] for c in doc["categories"]]
+    assert params.categorize.min_categories <= len(ids) <= params.categorize.max_categories
+    assert set(EXPECTED.values()) <= set(ids)
+    assert doc["generation"]["backend"] == "heuristic" and doc["generation"][
+        "raw_response"
+    ].lstrip().startswith("{")
+    assert doc["generation"]["explanations_shown"] == len(labels["lora"]) + len(labels["mlp"])
+    assert len(doc["generation"]["prompt_hash"]) == 64
+
+    # every ok feature exactly once, failed ones left out, each in its category
+    table = pq.read_table(out / "assignments.parquet").to_pylist()
+    got = [(r["source"], r["feature_name"]) for r in table]
+    assert len(got) == len(set(got))
+    assert sorted(got) == sorted((s, n) for s, names in labels.items() for n in names)
+    assert {r["status"] for r in table} == {"ok"}
+    for r in table:
+        assert r["category"] == EXPECTED[labels[r["source"]][r["feature_name"]]]
+
+    # SAE subcategories: only the two categories with >= min_categories SAE features
+    subs = {c["string_id"]: c["sae_subcategories"] for c in doc["categories"]}
+    made = {k for k, v in subs.items() if v["status"] == "ok"}
+    assert made == {"reasoning_word", "digits"}
+    sae_hand = {i: sum(EXPECTED[e] == i for e in labels["sae"].values()) for i in ids}
+    assert all(subs[i]["features"] == n for i, n in sae_hand.items())
+    assert subs["punctuation"]["status"] == "too_few_features"
+    for r in table:
+        if r["source"] == "sae" and r["category"] in made:
+            assert r["subcategory_status"] == "ok"
+            assert r["subcategory"] in {c["string_id"] for c in subs[r["category"]]["categories"]}
+        else:
+            assert r["subcategory"] is None and r["subcategory_status"] is None
+
+    # Figure 1 against hand counts
+    fig1 = json.loads((out / "figure1.json").read_text())
+    for source, names in labels.items():
+        hand = {i: sum(EXPECTED[e] == i for e in names.values()) for i in ids}
+        counts = {row["string_id"]: row["counts"][source] for row in fig1["categories"]}
+        shares = [row["shares"][source] for row in fig1["categories"]]
+        assert counts == hand
+        assert sum(shares) == pytest.approx(1.0)
+        assert fig1["totals"][source] == {"assigned": len(names), "uncategorized": 0, "failed": 0}
+    sub_rw = next(s for s in fig1["sae_subcategories"] if s["category"] == "reasoning_word")
+    assert sub_rw["subcategorized"] == sae_hand["reasoning_word"] and sum(
+        s["share"] for s in sub_rw["subcategories"]
+    ) == pytest.approx(1)
+
+    # Figure 2 against an independent numpy computation over the stores
+    fig2 = json.loads((out / "figure2.json").read_text())
+    assert "sum to 1" in fig2["normalisation"]
+    for source in ("lora", "mlp"):
+        acts_TC, components = numpy_mass(ws, source, DENSITY_TOKENS)
+        assert fig2[source]["tokens"] == DENSITY_TOKENS
+        expected: dict[tuple, dict[str, float]] = {}
+        for _fid, name, sign in features_of(ws, source):
+            if name not in labels[source]:
+                continue
+            col = components.index(name.rstrip("+-") if source == "lora" else name)
+            layer, kind = int(components[col].split(".")[0][1:]), components[col].split(".")[1]
+            cell = (layer, kind) if source == "lora" else (layer,)
+            category = EXPECTED[labels[source][name]]
+            mass = np.maximum(sign * acts_TC[:, col], 0).sum()
+            expected.setdefault(cell, dict.fromkeys(ids, 0.0))[category] += mass
+        cells = {
+            (c["layer"], c["component_type"]) if source == "lora" else (c["layer"],): c
+            for c in fig2[source]["cells"]
+        }
+        assert set(cells) == set(expected)
+        for key, mass in expected.items():
+            total = sum(mass.values())
+            for category in ids:
+                assert cells[key]["mass"][category] == pytest.approx(mass[category], rel=1e-9, abs=1e-9)
+                assert cells[key]["density"][category] == pytest.approx(mass[category] / total, rel=1e-9)
+            assert sum(cells[key]["density"].values()) == pytest.approx(1.0)
+    assert len(fig2["lora"]["cells"]) == 2 * 7 and len(fig2["mlp"]["cells"]) == 2
+
+    # lineage, metrics, tags, artifacts
+    manifest = json.loads((out / "run.json").read_text())
+    assert set(manifest["outputs"]) == set(FILES) and manifest["stage"] == "categorize"
+    first = run_of(ws)
+    assert first.data.metrics["categories"] == len(ids)
+    assert (
+        first.data.metrics["assigned_lora"] == len(labels["lora"])
+        and first.data.metrics["uncategorized"] == 0
+    )
+    assert first.data.metrics["requests"] > 0
+    tags = first.data.tags
+    assert tags["categorize.assign.backend"] == "heuristic" and "upstream.contexts" in " ".join(tags)
+    assert tags["categorize.prompt_hash.categorize"] == doc["assignment"]["prompt_hash"]
+    artifacts = {a.path for a in tracking.client().list_artifacts(first.info.run_id, "categories")}
+    assert {f"categories/{f}" for f in FILES} <= artifacts
+
+    # a re-run answers everything from the cache and writes the same files
+    before = outputs(ws)
+    run(params)
+    second = run_of(ws)
+    assert second.info.run_id != first.info.run_id
+    assert second.data.metrics["requests"] == 0 and second.data.metrics["cache_hits"] > 0
+    assert outputs(ws) == before
+
+
+def test_unknown_id_is_reasked_then_uncategorized(ws: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real OpenAI-API server answers the assignment; one feature gets an unknown id twice."""
+    from lorascope.categorize.stage import run
+
+    secret = "sk-categorize-test-2b7e"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    odd = "[heuristic] fires on 'zebra'"
+    labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}
+    target = next(iter(labels["mlp"]))
+    table = pq.read_table(ws / "data/interp/mlp.parquet").to_pylist()
+    for r in table:
+        if r["feature_name"] == target:
+            r["explanation"] = odd
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(ws / "data/interp/mlp.parquet")),
+                   ws / "data/interp/mlp.parquet")  # fmt: skip
+
+    def responder(api, prompt: str, index: int) -> Reply:
+        return Reply("no_such_category" if odd in prompt else "`digits`")
+
+    with LlmServer(responder) as srv:
+        assign = {"backend": "openai-compatible", "model": "local-model", "base_url": f"{srv.url}/v1",
+                  "max_retries": 0, "concurrency": 4}  # fmt: skip
+        params = tiny_params(categorize={"assign": assign})
+        out = run(params)
+        n_features = len(labels["lora"]) + len(labels["mlp"])
+        asked = [r.prompt for r in srv.requests if odd in r.prompt]
+        assert len(asked) == 2 and "could not be used" in asked[1]
+        assert srv.count() == n_features + 1
+        rows = {
+            r["feature_name"]: r
+            for r in pq.read_table(out / "assignments.parquet").to_pylist()
+            if r["source"] == "mlp"
+        }
+        bad = rows[target]
+        assert bad["status"] == "uncategorized" and bad["category"] is None
+        assert (
+            bad["raw_response"] == "no_such_category\n---\nno_such_category" and "not one of" in bad["error"]
+        )
+        assert all(r["category"] == "digits" for n, r in rows.items() if n != target)
+        fig1 = json.loads((out / "figure1.json").read_text())
+        assert fig1["totals"]["mlp"]["uncategorized"] == 1
+        assert sum(r["shares"]["mlp"] for r in fig1["categories"]) == pytest.approx(1.0)
+        first = run_of(ws)
+        assert (
+            first.data.metrics["uncategorized"] == 1 and first.data.metrics["requests"] == n_features + 1 + 1
+        )  # + generation
+        before = outputs(ws)
+        run(params)  # cached: the server hears nothing new
+        assert srv.count() == n_features + 1 and outputs(ws) == before
+    logged = json.dumps([first.data.params, first.data.tags])
+    assert secret not in logged
+
+
+def test_generation_failure_is_fatal_and_keeps_the_reply(ws: Path):
+    from lorascope.categorize.stage import GENERATION_REPLY, run
+
+    for s in ("lora", "mlp"):
+        write_labels(ws, s, CYCLE)
+    with LlmServer(lambda *_: Reply('{"categories": []}')) as srv:
+        generate = {
+            "backend": "openai-compatible",
+            "model": "local-model",
+            "base_url": f"{srv.url}/v1",
+            "max_retries": 0,
+        }
+        with pytest.raises(LorascopeError) as raised:
+            run(tiny_params(categorize={"generate": generate}))
+        assert srv.count() == 2  # asked, then re-asked once
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("category generation failed:")
+    assert "0 categories, expected 5 to 8" in message and str(ws / GENERATION_REPLY) in message
+    assert (ws / GENERATION_REPLY).read_text().count('{"categories": []}') == 2
+    assert not (ws / "data/interp/categories").exists()
+
+
+def test_missing_inputs_are_one_line_errors(ws: Path):
+    from lorascope.categorize.stage import run
+
+    write_labels(ws, "lora", CYCLE)
+    with pytest.raises(LorascopeError) as raised:
+        run(tiny_params())
+    message = str(raised.value)
+    assert "\n" not in message and "data/interp/mlp.parquet" in message
+    assert "`lorascope autointerp --source mlp`" in message
+    write_labels(ws, "mlp", CYCLE)
+    (ws / "data/contexts/mlp.parquet").unlink()
+    with pytest.raises(LorascopeError, match=r"data/contexts/mlp.parquet: contexts not found.*--source mlp"):
+        run(tiny_params())
+
+
+def test_on_the_autointerp_stage_label_sets(ws: Path):
+    """The real upstream: heuristic label sets from the autointerp stage, lineage back to them."""
+    from lorascope.autointerp.stage import run as autointerp
+    from lorascope.categorize.stage import run
+
+    params = tiny_params()
+    for source in ("lora", "mlp"):
+        autointerp(params, source)
+    out = run(params)
+    ok = {
+        (s, r["feature_name"])
+        for s in ("lora", "mlp")
+        for r in pq.read_table(ws / f"data/interp/{s}.parquet").to_pylist()
+        if r["status"] == "ok"
+    }
+    got = [(r["source"], r["feature_name"]) for r in pq.read_table(out / "assignments.parquet").to_pylist()]
+    assert ok and sorted(got) == sorted(ok)
+    tags = run_of(ws).data.tags
+    assert {"upstream.autointerp", "upstream.autointerp.mlp", "upstream.contexts", "upstream.extract"} <= set(
+        tags
+    )
+
+
+def test_failed_requests_and_failed_subcategories_are_recorded(ws: Path):
+    """Over a real server answering as the heuristic would: a request that fails for good is ``failed`` (and
+    asked again by a re-run: failures are not cached); a subcategory set that cannot be generated is recorded
+    and leaves its features without a subcategory, while the rest of the stage stands."""
+    import asyncio
+
+    from lorascope.autointerp.heuristic import HeuristicClient
+    from lorascope.autointerp.prompts import template
+    from lorascope.categorize.stage import run
+
+    broken, refused = "[heuristic] fires on '7' in tables", "[heuristic] fires on 'refused'"
+    labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}
+    labels["sae"] = write_labels(ws, "sae", [broken] * 6 + [CYCLE[0]] * 6 + [refused], failed_every=1000)
+    generation = template("categories").partition("\n")[0]
+
+    def responder(api, prompt: str, index: int) -> Reply:
+        if broken in prompt and prompt.startswith(generation):
+            return Reply("these are not categories")
+        if refused in prompt:
+            return Reply("refused", status=400)
+        reply = asyncio.run(HeuristicClient().complete(prompt, max_tokens=1, temperature=None))
+        return Reply(reply.text)
+
+    with LlmServer(responder) as srv:
+        client = {"backend": "openai-compatible", "base_url": f"{srv.url}/v1", "max_retries": 0}
+        params = tiny_params(
+            categorize={"generate": {**client, "model": "gen"}, "assign": {**client, "model": "asg"}}
+        )
+        out = run(params)
+        rows = {
+            r["feature_name"]: r
+            for r in pq.read_table(out / "assignments.parquet").to_pylist()
+            if r["source"] == "sae"
+        }
+        failed = [r for r in rows.values() if r["status"] == "failed"]
+        assert len(failed) == sum(e == refused for e in labels["sae"].values()) > 0
+        assert all(r["category"] is None and "HTTP 400" in r["error"] for r in failed)
+        subs = {
+            c["string_id"]: c["sae_subcategories"]
+            for c in json.loads((out / "categories.json").read_text())["categories"]
+        }
+        assert (
+            subs["digits"]["status"] == "failed"
+            and "these are not categories" in subs["digits"]["raw_response"]
+        )
+        assert subs["reasoning_word"]["status"] == "ok"
+        for r in rows.values():
+            assert (r["subcategory"] is not None) == (r["category"] == "reasoning_word")
+        fig1 = json.loads((out / "figure1.json").read_text())
+        assert fig1["totals"]["sae"]["failed"] == len(failed)
+        assert [s["category"] for s in fig1["sae_subcategories"]] == ["reasoning_word"]
+        before = srv.count(), outputs(ws)
+        run(params)
+        assert srv.count() == before[0] + len(failed) and outputs(ws) == before[1]
