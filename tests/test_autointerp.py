@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lorascope.tracking import client as mlflow_client
 
 from conftest import REPO, Prepared, cli, make_workspace, tiny_params
 
-SECRET = "sk-test-lorascope-secret-0123456789"
+SECRET = "test-key-" + secrets.token_hex(12)  # made per run: no key-like literal in the repo
 
 
 @pytest.fixture(scope="module")

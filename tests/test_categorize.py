@@ -4,6 +4,7 @@ counts, Figure 2 against numpy over the store, unknown ids over a real OpenAI-AP
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def test_unknown_id_is_reasked_then_uncategorized(ws: Path, monkeypatch: pytest.
     """A real OpenAI-API server answers the assignment; one feature gets an unknown id twice."""
     from lorascope.categorize.stage import run
 
-    secret = "sk-categorize-test-2b7e"
+    secret = "test-key-" + secrets.token_hex(12)
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     odd = "[heuristic] fires on 'zebra'"
     labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from lorascope.llm.clients import CachedClient, Client, LlmError, make_client, r
 from lorascope.llm.pricing import estimate_cost
 from lorascope.llm.repair import JsonRepairError, parse_json
 
-OPENAI_KEY = "sk-test-openai-5f3a9c"
-ANTHROPIC_KEY = "sk-ant-test-8e21d4"
+OPENAI_KEY = "test-openai-" + secrets.token_hex(8)  # made per run: no key-like literal
+ANTHROPIC_KEY = "test-anthropic-" + secrets.token_hex(8)
 MODELS: dict[Api, str] = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
 APIS: list[Api] = ["openai", "anthropic"]
 
