@@ -386,19 +386,11 @@ def test_cli_errors_are_one_line(eval_workspace: Path, tmp_path: Path):
 
 
 def test_adapter_that_does_not_fit_the_base(eval_workspace: Path, tmp_path: Path):
-    from lorascope.base.stage import run as run_base
     from lorascope.evaluate.stage import run
-    from test_extract import make_adapter
+    from test_extract import foreign_adapter
 
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "dvc.yaml").write_text("stages: {}\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORASCOPE_ROOT", str(other))
-        run_base(tiny_params(base={"tiny": {"hidden_size": 32}}))
-        make_adapter(other)
     shutil.rmtree(eval_workspace / "models/lora")
-    shutil.copytree(other / "models/lora", eval_workspace / "models/lora")
+    shutil.copytree(foreign_adapter(tmp_path), eval_workspace / "models/lora")
     with pytest.raises(
         LorascopeError, match=r"models/lora: adapter does not match the base model \(.*size mismatch"
     ):

@@ -269,8 +269,8 @@ def test_components_follow_the_design_order():
 
 
 # ------------------------------------------------------------------------------------- bad input
-def test_adapter_for_another_model_shape(with_prepared: Path, tmp_path: Path):
-    """An adapter trained on a wider model of the same name: one line, exit 2."""
+def foreign_adapter(tmp_path: Path) -> Path:
+    """An adapter saved on a tiny base of hidden size 32 (the workspace's base has 64)."""
     from lorascope.base.stage import run as run_base
 
     other = tmp_path / "other"
@@ -279,8 +279,12 @@ def test_adapter_for_another_model_shape(with_prepared: Path, tmp_path: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORASCOPE_ROOT", str(other))
         run_base(tiny_params(base={"tiny": {"hidden_size": 32}}))
-        make_adapter(other)
-    shutil.copytree(other / "models/lora", with_prepared / "models/lora")
+        return make_adapter(other)
+
+
+def test_adapter_for_another_model_shape(with_prepared: Path, tmp_path: Path):
+    """An adapter trained on a wider model of the same name: one line, exit 2."""
+    shutil.copytree(foreign_adapter(tmp_path), with_prepared / "models/lora")
     shutil.copy(REPO / "params.yaml", with_prepared)
     res = cli("extract", "--source", "lora", cwd=with_prepared, env={"LORASCOPE_ROOT": str(with_prepared)})
     last = res.stderr.strip().splitlines()[-1]  # above it: transformers' weight-loading bar

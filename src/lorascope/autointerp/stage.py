@@ -15,7 +15,6 @@ as a failed label with its raw text. Writes ``data/interp/<source>.parquet`` and
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import re
 from dataclasses import dataclass, field
@@ -205,16 +204,15 @@ def run(params: Params, source: str) -> Path:
     features, dead = load_features(params, source)
     client = open_client(cfg)  # a missing API key fails here, before any run is opened
     ctx_path, feat_path = contexts_paths(source)
-    digest = hashlib.sha256(ctx_path.read_bytes()).hexdigest()[:16]
     phash = prompt_hash("explain")
     tags = {
         "autointerp.source": source, "autointerp.backend": cfg.backend, "autointerp.model": cfg.model,
         "autointerp.prompt_hash": phash, "autointerp.detect_prompt_hash": prompt_hash("detect"),
-        "contexts.digest": digest,
     }  # fmt: skip
     if cfg.backend == "heuristic":
         tags["autointerp.note"] = "heuristic baseline: labels from token statistics, not an LLM"
     with stage_run("autointerp", params, inputs=[ctx_path, feat_path], run_name=source, tags=tags) as sr:
+        mlflow.set_tag("contexts.digest", sr.inputs_md5[ctx_path])
         rows = asyncio.run(_label_all(params, source, features, client))
         table = _table(rows, cfg.backend, cfg.model, phash)
         out = interp_path(source)

@@ -96,7 +96,7 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
     from lm_eval.tasks import TaskManager
 
     from lorascope.evaluate.backend import build, resolve
-    from lorascope.tracking import dvc_md5, stage_run
+    from lorascope.tracking import stage_run
 
     cfg, root = params.evaluate, workspace_root()
     tasks = tasks or cfg.tasks
@@ -108,8 +108,6 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
     local = [Path(metadata[benchmarks.DATA_KEY][t]) for t in tasks if t in cfg.data]
     counts = {t: benchmarks.counts(t, metadata) for t in tasks}  # loads every dataset: bad files fail here
     inputs = [base_dir, *([model_dir] if model_dir != base_dir else []), *local]
-    cache = _cache_prefix(params, variant, [dvc_md5(p) for p in inputs[:2]])
-    cache.parent.mkdir(parents=True, exist_ok=True)
 
     with stage_run(
         "evaluate",
@@ -118,6 +116,10 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
         run_name=variant,
         tags={"evaluate.variant": variant, "evaluate.backend": cfg.backend},
     ) as sr:
+        cache = _cache_prefix(
+            params, variant, [sr.inputs_md5[p] for p in inputs[:2]]
+        )  # hashed once, by the run
+        cache.parent.mkdir(parents=True, exist_ok=True)
         lm = build(cfg, spec, root / "checkpoints" / "evaluate" / "merged" / variant)
         results = simple_evaluate(
             model=lm,
