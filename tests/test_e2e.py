@@ -67,10 +67,27 @@ def test_dvc_repro_then_noop(repo):
     stages = ("base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp")
     evaluate = ("evaluate@base", "evaluate@lora", "evaluate@full", "recovery")
     interp = ("autointerp@lora", "autointerp@mlp", "autointerp@sae", "categorize")
-    for stage in (*stages, *evaluate, "sae", "contexts@lora", "contexts@mlp", "contexts@sae", *interp):
+    ablate = ("ablate", "ablate-export@attn", "ablate-export@mlp", "evaluate@lora-attn-ablated",
+              "evaluate@lora-mlp-ablated", "steer")  # fmt: skip
+    for stage in (
+        *stages,
+        *evaluate,
+        "sae",
+        "contexts@lora",
+        "contexts@mlp",
+        "contexts@sae",
+        *interp,
+        *ablate,
+    ):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for out in (
         "metrics/eval/lora.json",
+        "metrics/eval/lora-mlp-ablated.json",
+        "models/lora-attn-ablated/adapter_config.json",
+        "metrics/ablation/groups.json",
+        "metrics/ablation/figure3.json",
+        "data/steer/summary.parquet",
+        "metrics/steer.json",
         "data/interp/sae.parquet",
         "data/interp/categories/figure1.json",
         "metrics/recovery.json",
@@ -133,7 +150,28 @@ def test_dvc_repro_then_noop(repo):
     interp_run = json.loads((root / "data/interp/lora.run.json").read_text())
     assert interp_run["upstream"] == {"contexts": contexts_run["run_id"]}
     recovery_run = json.loads((root / "metrics/recovery.run.json").read_text())
-    assert len(recovery_run["upstream"]) == 3 and eval_run["run_id"] in recovery_run["upstream"].values()
+    assert len(recovery_run["upstream"]) == 5 and eval_run["run_id"] in recovery_run["upstream"].values()
+    # Table 2: the ablated adapters are evaluated and get their recovery columns
+    for group in ("attn", "mlp"):
+        assert {f"lora-{group}-ablated", f"recovery.lora-{group}-ablated"} & set(table["math500"])
+        export_run = json.loads((root / f"models/lora-{group}-ablated/run.json").read_text())
+        ablated_eval = json.loads((root / f"metrics/eval/lora-{group}-ablated.run.json").read_text())
+        assert ablated_eval["upstream"]["ablate"] == export_run["run_id"]
+        assert export_run["upstream"] == {"finetune": lora_run["run_id"]}
+    # the KL sweep in `dvc metrics show`, its run reaching the adapter; steering in its own file
+    metrics = json.loads(shown)[""]["data"]
+    groups = metrics["metrics/ablation/groups.json"]["data"]
+    assert groups["direction"] == "KL(P_lora || P_ablated)" and set(groups["ablations"]) == {
+        "attn",
+        "mlp",
+        "all",
+    }
+    ablate_run = json.loads((root / "metrics/ablation/run.json").read_text())
+    assert (
+        ablate_run["run_id"] == groups["run_id"] and ablate_run["upstream"]["finetune"] == lora_run["run_id"]
+    )
+    steer = metrics["metrics/steer.json"]["data"]["directions"]
+    assert set(steer) == {"L1.gate_proj", "sae.0"} and set(steer["sae.0"]) == {"0", "10", "50", "100"}
 
 
 def test_temp_experiment_logs_to_the_same_store(repo):

@@ -367,7 +367,7 @@ def test_cli_errors_are_one_line(eval_workspace: Path, tmp_path: Path):
     shutil.copy(Path(__file__).parents[1] / "params.yaml", eval_workspace)
     res = cli("evaluate", "--variant", "nope", cwd=eval_workspace, env=env)
     assert res.returncode == 2 and res.stderr.strip() == (
-        "error: unknown variant 'nope'; evaluate.variants has: base, full, lora"
+        "error: unknown variant 'nope'; evaluate.variants has: base, full, lora, lora-attn-ablated, lora-mlp-ablated"
     )
     res = cli("evaluate", "--variant", "base", "--task", "gsm8k", cwd=eval_workspace, env=env)
     assert res.returncode == 2

@@ -147,6 +147,54 @@ def evaluate_recovery(params: ParamsOpt = None, profile: ProfileOpt = None) -> N
     typer.echo(f"evaluate recovery: wrote {out}")
 
 
+ablate_app = typer.Typer(
+    help="Zero adapter components and measure KL(P_lora || P_ablated) into metrics/ablation/ (no "
+    "sub-command), or export an ablated adapter.",
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+app.add_typer(ablate_app, name="ablate")
+
+
+@ablate_app.callback()
+def ablate(ctx: typer.Context, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """KL(P_lora || P_ablated) and delta CE per component, layer, type and group into metrics/ablation/."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lorascope.ablate.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"ablate: wrote {out}")
+
+
+@ablate_app.command("export")
+def ablate_export(
+    group: Annotated[
+        str,
+        typer.Option(
+            "--group",
+            help="Components to remove: attn, mlp, all, a type (q_proj ...), L<layer> or L<layer>.<type>.",
+        ),
+    ],
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Write models/lora-<group>-ablated: a peft adapter without the group's components (Table 2)."""
+    from lorascope.ablate.stage import run_export
+
+    out = run_export(_load(params, profile), group)
+    typer.echo(f"ablate export: wrote {out}")
+
+
+@app.command()
+def steer(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Generate with alpha x a LoRA component or SAE feature added; backtracking per 1000 tokens into data/steer/."""
+    from lorascope.steer.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"steer: wrote {out}")
+
+
 class ExtractSource(str, Enum):
     lora = "lora"
     mlp = "mlp"

@@ -25,6 +25,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Precision = Literal["auto", "float32", "bfloat16"]
+"""Model compute dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
 
 
 class Section(BaseModel):
@@ -230,7 +232,7 @@ class ExtractSection(Section):
     own. RAM holds one shard, so this bounds memory (tokens x components x dtype bytes)."""
     batch_tokens: PositiveInt = 32768
     """Padded tokens per forward pass (documents of a shard are packed by length up to this)."""
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    precision: Precision = "auto"
     """Model compute dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
     method: Literal["merged", "lora_a"] = "merged"
     """``merged``: fold the adapter into the weights and project each adapted linear's input on
@@ -318,6 +320,16 @@ class SaeSection(Section):
 EVAL_TASKS = ("aime24_nofigures", "math500", "gpqa_diamond")
 
 
+def known_tasks(v: list[str]) -> list[str]:
+    """``v`` if it is a non-empty list of benchmark names."""
+    unknown = [t for t in v if t not in EVAL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
+    if not v:
+        raise ValueError("at least one task is needed")
+    return v
+
+
 class EvalVariant(Section):
     """One model to evaluate."""
 
@@ -385,12 +397,7 @@ class EvaluateSection(Section):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in EVAL_TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
-        if not v:
-            raise ValueError("at least one task is needed")
-        return v
+        return known_tasks(v)
 
     @field_validator("data")
     @classmethod
@@ -485,6 +492,99 @@ class CategorizeSection(Section):
         return self
 
 
+# --------------------------------------------------------------------------------- ablate / steer
+AblationSweep = Literal["components", "layers", "types", "groups"]
+
+
+class AblateSection(Section):
+    """``ablate``: zero adapter components and measure KL(P_lora || P_ablated) and the change in
+    cross-entropy per response token of sampled training sequences."""
+
+    sequences: PositiveInt = 16
+    """Training sequences sampled (with ``seed``) from the prepared data (the paper: 16)."""
+    max_tokens: PositiveInt = 2048
+    """Each sequence is cut to its first N tokens (the paper: up to 2048)."""
+    seed: int = 0
+    """Seed of the sequence sample."""
+    sweeps: list[AblationSweep] = Field(default_factory=lambda: ["components", "layers", "types", "groups"])
+    """Sweeps to run: every single component, every layer (all its components), every component type
+    (e.g. all gate_proj), and the groups (all attention, all MLP, all components)."""
+    custom: dict[str, list[str]] = Field(default_factory=dict)
+    """Extra named ablations written to ``groups.json``: name -> selectors, each ``L<layer>.<type>`` (a
+    component), ``L<layer>`` (a layer), a type (``q_proj`` ...), ``attn``, ``mlp`` or ``all``."""
+    export: list[str] = Field(default_factory=lambda: ["attn", "mlp"])
+    """Groups exported as peft adapters without their components (``models/lora-<group>-ablated``,
+    evaluated as the variants of Table 2); each a selector as in ``custom``."""
+    batch_size: PositiveInt = 8
+    """Ablations run together as one batch (same start layer; bounded by GPU memory)."""
+    prefix_reuse: bool = True
+    """Run each ablation from the first layer it changes, on hidden states cached from one unablated
+    pass (equal results, less work); false runs a full forward per ablation (the reference)."""
+    logit_chunk: PositiveInt = 512
+    """Positions per vocabulary projection and KL chunk (bounds memory: chunk x vocab x 4 bytes)."""
+    precision: Precision = "auto"
+    """Model compute dtype (``auto``: bfloat16 on a GPU that supports it, float32 otherwise); KL is
+    always computed in float32."""
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        taken = [n for n in v if n in ("attn", "mlp", "all")]
+        if taken:
+            raise ValueError(f"{taken[0]!r} is a built-in group; give the custom ablation another name")
+        return v
+
+    @field_validator("export")
+    @classmethod
+    def _export_names(cls, v: list[str]) -> list[str]:
+        bad = [g for g in v if not g or any(c in g for c in "/\\ ")]
+        if bad:
+            raise ValueError(f"group {bad[0]!r} cannot name a directory (no spaces or slashes)")
+        return v
+
+
+class SteerSection(Section):
+    """``steer``: add alpha x typical magnitude of a direction to the adapter state while generating,
+    and measure backtracking, length and accuracy."""
+
+    directions: list[str] = Field(default_factory=list)
+    """Directions to steer along: ``L<layer>.<type>`` (a LoRA component: its B vector) or ``sae.<latent>``
+    (an SAE feature: its decoder vector mapped through the adapter's B vectors)."""
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 1.0, 10.0, 50.0, 100.0])
+    """Multiples of the direction's typical magnitude to add (the paper needed >= 50)."""
+    tasks: list[str] = Field(default_factory=lambda: ["math500"])
+    """Benchmarks whose rows are the fixed prompt set (files from ``evaluate.data``, else the hub)."""
+    limit: PositiveInt = 16
+    """Prompts per task (the first N rows with an answer)."""
+    max_new_tokens: PositiveInt = 1024
+    """Tokens generated per prompt (greedy)."""
+    backtrack_words: list[str] = Field(default_factory=lambda: ["Wait", "Hmm", "But"])
+    """Words counted as backtracking (whole words, case-sensitive), reported per 1000 generated tokens."""
+    batch_size: PositiveInt = 8
+    """Prompts generated together."""
+    precision: Precision = "auto"
+    """Model compute dtype (``auto``: bfloat16 on a GPU that supports it, float32 otherwise)."""
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("the alpha list is empty; give at least one multiple (e.g. [0, 50])")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _steer_tasks(cls, v: list[str]) -> list[str]:
+        return known_tasks(v)
+
+    @field_validator("backtrack_words")
+    @classmethod
+    def _words(cls, v: list[str]) -> list[str]:
+        if not v or not all(w.strip() for w in v):
+            raise ValueError("give at least one non-empty word")
+        return v
+
+
 # ------------------------------------------------------------------------------------- the file
 class Params(Section):
     """The whole ``params.yaml``: one section per stage."""
@@ -507,6 +607,10 @@ class Params(Section):
     """Feature labelling."""
     categorize: CategorizeSection = Field(default_factory=CategorizeSection)
     """Feature categorization."""
+    ablate: AblateSection = Field(default_factory=AblateSection)
+    """Component ablations (KL sweeps) and ablated-adapter exports."""
+    steer: SteerSection = Field(default_factory=SteerSection)
+    """Steering along adapter directions."""
 
     @model_validator(mode="after")
     def _positions_fit(self) -> Params:

@@ -56,6 +56,13 @@ class _Question:
         return THINK + self.thinking.rstrip("\n") + ANSWER + self.answer  # as the answer phase saw it
 
 
+def chat_prompt(tokenizer: Any, user: str) -> str:
+    """The user turn through the tokenizer's chat template, as in training (system turn included),
+    opening the thinking phase."""
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + THINK
+
+
 class BudgetForcing:
     """Mixin for an lm-eval LM: see the module docstring. Set ``budget`` before use."""
 
@@ -66,10 +73,7 @@ class BudgetForcing:
     """Tokens generated over all phases."""
 
     def chat_prompt(self, user: str) -> str:
-        """The user turn through the tokenizer's chat template, as in training (system turn included)."""
-        tok = self.tokenizer  # type: ignore[attr-defined]
-        messages = [{"role": "user", "content": user}]
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + THINK
+        return chat_prompt(self.tokenizer, user)  # type: ignore[attr-defined]
 
     def _phase(self, prompts: list[str], max_tokens: list[int], stops: list[str]) -> list[str]:
         from lm_eval.api.instance import Instance

@@ -1,0 +1,139 @@
+"""Measure ablations on one sequence: per response token, KL(P_lora || P_ablated) and the ablated
+model's cross-entropy, next to the adapter as trained.
+
+Two paths with the same results: ``prefix`` (one recorded unablated pass, then each batch of
+ablations runs from its first changed layer, logits only at response positions) and ``naive`` (a full
+forward of the whole model per batch, all logits, then the response positions), the reference the
+tests and the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import torch
+
+from lorascope.ablate.masks import Masks
+from lorascope.ablate.prefix import LayerCache
+from lorascope.ablate.targets import Ablation
+from lorascope.extract.components import Component
+
+DIRECTION = "KL(P_lora || P_ablated)"
+"""The divergence every output reports: expectation under the adapter as trained."""
+
+
+@dataclass
+class Stats:
+    """Sums over the response tokens of one sequence for one ablation."""
+
+    tokens: int
+    kl_sum: float
+    kl_max: float
+    ce_sum: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"tokens": self.tokens, "kl_sum": self.kl_sum, "kl_max": self.kl_max, "ce_sum": self.ce_sum}
+
+
+def compare(logp_lora_RV: torch.Tensor, logits_BRV: torch.Tensor, labels_R: torch.Tensor) -> tuple[Any, Any]:
+    """Per-row, per-token ``KL(P_lora || P_row)`` and ``-log P_row(label)``, in float32: ``[B, R]`` each."""
+    logq_BRV = logits_BRV.float().log_softmax(-1)
+    kl_BR = (logp_lora_RV.exp() * (logp_lora_RV - logq_BRV)).sum(-1)
+    ce_BR = -logq_BRV.gather(-1, labels_R.expand(logq_BRV.shape[0], -1)[..., None])[..., 0]
+    return kl_BR, ce_BR
+
+
+class Ablator:
+    """Runs ablations of ``comps`` on a peft model, ``batch_size`` ablations per forward."""
+
+    def __init__(
+        self,
+        peft_model: Any,
+        comps: Sequence[Component],
+        batch_size: int = 8,
+        logit_chunk: int = 512,
+        prefix_reuse: bool = True,
+    ) -> None:
+        self.model = peft_model
+        self.base = peft_model.get_base_model()
+        self.lm_head = self.base.get_output_embeddings()
+        self.comps = list(comps)
+        self.masks = Masks(comps)
+        self.cache = LayerCache(self.base)
+        self.batch_size, self.logit_chunk, self.prefix_reuse = batch_size, logit_chunk, prefix_reuse
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @torch.no_grad()
+    def measure(
+        self, ids_T: torch.Tensor, first: int, ablations: Sequence[Ablation]
+    ) -> tuple[Stats, list[Stats]]:
+        """``(adapter as trained, one per ablation)`` over the tokens ``first..T-1`` of ``ids_T``
+        (each predicted from the position before it); the first's ``kl_sum`` is 0."""
+        ids_1T = ids_T.to(self.device, torch.long)[None]
+        positions = torch.arange(first - 1, ids_1T.shape[1] - 1, device=self.device)
+        labels_R = ids_1T[0, first:]
+        out: list[Stats | None] = [None] * len(ablations)
+        with self.masks.attach(self.model):
+            if self.prefix_reuse:
+                hidden_1TD = self.cache.record(ids_1T)
+            else:
+                hidden_1TD = self.base.get_decoder()(input_ids=ids_1T, use_cache=False).last_hidden_state
+            logp_lora_RV = self.lm_head(hidden_1TD[0, positions]).float().log_softmax(-1)
+            ce_lora = -logp_lora_RV.gather(-1, labels_R[:, None])[:, 0]
+            lora = Stats(len(positions), 0.0, 0.0, float(ce_lora.double().sum()))
+            for batch in self._batches(ablations):
+                keep_BK = self.masks.rows([ablations[i].components for i in batch], self.device)
+                with self.masks.ablating(keep_BK):
+                    stats = self._run(batch, ablations, ids_1T, positions, labels_R, logp_lora_RV)
+                for i, s in zip(batch, stats, strict=True):
+                    out[i] = s
+        return lora, [s for s in out if s is not None]
+
+    def _batches(self, ablations: Sequence[Ablation]) -> list[list[int]]:
+        """Indices of ``ablations`` in batches; with prefix reuse each batch shares a start layer."""
+        order = list(range(len(ablations)))
+        if not self.prefix_reuse:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        start = [a.start_layer(self.comps) for a in ablations]
+        batches = []
+        for _, group in groupby(sorted(order, key=lambda i: (start[i], i)), key=lambda i: start[i]):
+            members = list(group)
+            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        return batches
+
+    def _run(
+        self,
+        batch: list[int],
+        ablations: Sequence[Ablation],
+        ids_1T: torch.Tensor,
+        positions: torch.Tensor,
+        labels_R: torch.Tensor,
+        logp_lora_RV: torch.Tensor,
+    ) -> list[Stats]:
+        B = len(batch)
+        if self.prefix_reuse:
+            hidden_BTD = self.cache.run_from(ablations[batch[0]].start_layer(self.comps), B)
+
+            def logits(chunk: torch.Tensor) -> torch.Tensor:
+                return self.lm_head(hidden_BTD[:, chunk])
+        else:
+            full_BTV = self.model(input_ids=ids_1T.expand(B, -1)).logits
+
+            def logits(chunk: torch.Tensor) -> torch.Tensor:
+                return full_BTV[:, chunk]
+
+        kl_sum, ce_sum = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+        kl_max = torch.zeros(B)
+        for lo in range(0, len(positions), self.logit_chunk):
+            sl = slice(lo, lo + self.logit_chunk)
+            kl_BR, ce_BR = compare(logp_lora_RV[sl], logits(positions[sl]), labels_R[sl])
+            kl_sum += kl_BR.double().sum(-1).cpu()
+            kl_max = torch.maximum(kl_max, kl_BR.max(-1).values.cpu())
+            ce_sum += ce_BR.double().sum(-1).cpu()
+        return [Stats(len(positions), float(kl_sum[b]), float(kl_max[b]), float(ce_sum[b])) for b in range(B)]

@@ -1,0 +1,216 @@
+"""Run the ``ablate`` stage: KL sweeps into ``metrics/ablation/`` and ablated-adapter exports.
+
+Outputs (every number is a mean over the response tokens of the sampled sequences, in nats):
+
+* ``{components,layers,types,groups}.json``: per ablation ``kl`` = KL(P_lora || P_ablated) (the
+  direction is named in each file), its standard error over sequences, ``kl_max`` over tokens,
+  ``ce`` and ``delta_ce`` = CE(ablated) - CE(lora); a ``reference`` block with the adapter's and
+  the base model's cross-entropy and KL(P_lora || P_base) (every component ablated);
+* ``figure3.json``: the single-component KL as a layer x component-type matrix (Figure 3);
+* ``run.json``: lineage.
+
+Each sequence's sums go to ``checkpoints/ablate/<fingerprint>/`` as soon as it is measured, so a
+killed run resumes at the next sequence and ends with the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from lorascope.ablate.runner import DIRECTION, Stats
+from lorascope.ablate.targets import Ablation
+from lorascope.atomic import write_json
+from lorascope.config import LORA_TARGETS, Params, section_hash
+from lorascope.errors import LorascopeError
+from lorascope.extract.components import Component
+from lorascope.project import workspace_root
+
+PREPARED = Path("data/prepared")
+BASE = Path("models/base")
+ADAPTER = Path("models/lora")
+SWEEPS = ("components", "layers", "types", "groups")
+UNIT = "nats per response token (mean over every response token of the sampled sequences)"
+DELTA_CE = "CE(P_ablated) - CE(P_lora) on the next response token, nats per token"
+
+
+def out_dir() -> Path:
+    return workspace_root() / "metrics" / "ablation"
+
+
+def export_dir(group: str) -> Path:
+    """Where ``ablate export --group <group>`` writes: ``models/lora-<group>-ablated``."""
+    return workspace_root() / "models" / f"lora-{group}-ablated"
+
+
+def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list[tuple[str, list[int], int]]:
+    """``(row id, token ids cut to max_tokens, first response token)`` of ``n`` training rows drawn
+    with ``seed`` among those with a response token inside the cut, in data order."""
+    import pyarrow.parquet as pq
+
+    path = prepared / "train.parquet"
+    if not path.is_file():
+        raise LorascopeError(
+            f"{path}: prepared data not found; run `lorascope prepare` (or `dvc repro`) first"
+        )
+    table = pq.read_table(path, columns=["id", "input_ids", "loss_start"]).to_pylist()
+    eligible = [i for i, r in enumerate(table) if 0 < r["loss_start"] < min(len(r["input_ids"]), max_tokens)]
+    if not eligible:
+        raise LorascopeError(f"{path}: no row has a response token within ablate.max_tokens ({max_tokens})")
+    chosen = sorted(random.Random(seed).sample(eligible, min(n, len(eligible))))
+    return [(table[i]["id"], table[i]["input_ids"][:max_tokens], table[i]["loss_start"]) for i in chosen]
+
+
+def _fingerprint(params: Params, inputs_md5: dict[Path, str]) -> str:
+    blob = json.dumps(
+        {"params": section_hash(params, "ablate"), "inputs": sorted(inputs_md5.values())}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def summarize(per_seq: list[Stats], lora: list[Stats]) -> dict[str, Any]:
+    """Token-weighted means over sequences, and the standard error of the per-sequence mean KL."""
+    tokens = sum(s.tokens for s in per_seq)
+    means = [s.kl_sum / s.tokens for s in per_seq]
+    stderr = None
+    if len(means) > 1:
+        mu = sum(means) / len(means)
+        stderr = math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1) / len(means))
+    ce = sum(s.ce_sum for s in per_seq) / tokens
+    return {
+        "kl": sum(s.kl_sum for s in per_seq) / tokens,
+        "kl_stderr": stderr,
+        "kl_max": max(s.kl_max for s in per_seq),
+        "ce": ce,
+        "delta_ce": ce - sum(s.ce_sum for s in lora) / tokens,
+    }
+
+
+def figure3(comps: list[Component], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Single-component KL as ``kl[layer][type]`` (null where a layer has no such component)."""
+    layers = sorted({c.layer for c in comps})
+    kinds = [k for k in LORA_TARGETS if any(c.kind == k for c in comps)]
+    grid = [[(results.get(f"L{n}.{k}") or {}).get("kl") for k in kinds] for n in layers]
+    return {"direction": DIRECTION, "unit": UNIT, "layers": layers, "types": kinds, "kl": grid}
+
+
+def run(params: Params) -> Path:
+    """Measure every requested ablation; returns ``metrics/ablation/``."""
+    import mlflow
+    import torch
+
+    from lorascope.ablate.runner import Ablator
+    from lorascope.ablate.targets import sweeps
+    from lorascope.base.load import load_model
+    from lorascope.extract.components import lora_components
+    from lorascope.extract.extractor import _check_adapter_base, compute_dtype, load_adapter
+    from lorascope.progress import track
+    from lorascope.tracking import stage_run
+
+    cfg, root = params.ablate, workspace_root()
+    prepared, base_dir, adapter_dir = root / PREPARED, root / BASE, root / ADAPTER
+    seqs = sample_sequences(prepared, cfg.sequences, cfg.max_tokens, cfg.seed)
+    _check_adapter_base(adapter_dir, base_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(base_dir, dtype=compute_dtype(cfg.precision)).to(device)
+    model = load_adapter(model, adapter_dir).eval()
+    comps = lora_components(model)
+    ablations = sweeps(comps, cfg.sweeps, cfg.custom)
+    reference = Ablation("base", "reference", tuple(range(len(comps))))
+    measured = [*ablations, reference]
+    ablator = Ablator(model, comps, cfg.batch_size, cfg.logit_chunk, cfg.prefix_reuse)
+
+    with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
+        work = root / "checkpoints" / "ablate" / _fingerprint(params, sr.inputs_md5)
+        work.mkdir(parents=True, exist_ok=True)
+        resumed = 0
+        per_seq: list[tuple[Stats, list[Stats]]] = []
+        for i, (_row, ids, first) in enumerate(track(seqs, "ablate", total=len(seqs))):
+            path = work / f"{i:05d}.json"
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                per_seq.append((Stats(**saved["lora"]), [Stats(**s) for s in saved["ablations"]]))
+                resumed += 1
+                continue
+            lora, stats = ablator.measure(torch.tensor(ids), first, measured)
+            write_json(path, {"lora": lora.to_json(), "ablations": [s.to_json() for s in stats]})
+            per_seq.append((lora, stats))
+
+        loras = [lora for lora, _ in per_seq]
+        results = {a.name: summarize([s[k] for _, s in per_seq], loras) for k, a in enumerate(measured)}
+        base = results.pop(reference.name)
+        tokens = sum(s.tokens for s in loras)
+        header = {
+            "direction": DIRECTION,
+            "unit": UNIT,
+            "delta_ce_definition": DELTA_CE,
+            "sequences": len(seqs),
+            "tokens": tokens,
+            "reference": {
+                "ce_lora": sum(s.ce_sum for s in loras) / tokens,
+                "ce_base": base["ce"],
+                "kl_lora_base": base["kl"],
+            },
+            "run_id": sr.run_id,
+        }
+        out = out_dir()
+        files = []
+        for sweep in SWEEPS:
+            chosen = {
+                a.name: {**results[a.name], "n_components": len(a.components)}
+                for a in ablations
+                if a.sweep == sweep
+            }
+            files.append(out / f"{sweep}.json")
+            write_json(files[-1], {**header, "sweep": sweep, "ablations": chosen})
+        files.append(out / "figure3.json")
+        write_json(files[-1], figure3(comps, results))
+        sr.write_manifest(out, {"sequences": len(seqs), "tokens": tokens})  # the folder is the stage's own
+
+        metrics = {f"reference.{k}": v for k, v in header["reference"].items()}
+        metrics |= {
+            "sequences": float(len(seqs)),
+            "tokens": float(tokens),
+            "sequences_resumed": float(resumed),
+        }
+        for a in ablations:
+            metrics[f"{a.sweep}.{a.name}.kl"] = results[a.name]["kl"]
+            metrics[f"{a.sweep}.{a.name}.delta_ce"] = results[a.name]["delta_ce"]
+        items = list(metrics.items())
+        for lo in range(0, len(items), 500):
+            mlflow.log_metrics(dict(items[lo : lo + 500]))
+        mlflow.log_params({"direction": DIRECTION, "ablations": len(ablations), "components": len(comps)})
+        for f in files:
+            mlflow.log_artifact(str(f), "ablation")
+    return out
+
+
+def run_export(params: Params, group: str) -> Path:
+    """``models/lora-<group>-ablated``: the adapter without the components ``group`` selects."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    from lorascope.ablate.export import WEIGHTS, export, saved_components
+    from lorascope.ablate.targets import select_all
+    from lorascope.tracking import stage_run
+
+    root = workspace_root()
+    adapter_dir = root / ADAPTER
+    if (adapter_dir / WEIGHTS).is_file():  # bad selectors fail before a run is opened
+        select_all([group], saved_components(load_file(str(adapter_dir / WEIGHTS))), "--group")
+    out = export_dir(group)
+    with stage_run(
+        "ablate", params, [adapter_dir], run_name=f"export-{group}", tags={"ablate.export": group}
+    ) as sr:
+
+        def finish(tmp: Path, removed: list[str]) -> None:
+            sr.write_manifest(tmp, {"group": group, "removed": removed})
+
+        removed = export(adapter_dir, out, [group], "--group", finish)
+        mlflow.log_params({"export.group": group, "export.removed": len(removed)})
+        mlflow.log_dict({"group": group, "removed": removed}, "export.json")
+    return out

@@ -1,0 +1,2 @@
+"""``steer`` stage: add a multiple of an adapter direction while generating and measure backtracking,
+answer length and accuracy."""

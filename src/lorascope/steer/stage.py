@@ -1,0 +1,172 @@
+"""Run the ``steer`` stage: for each direction, a sweep over alpha on a fixed prompt set.
+
+Outputs in ``data/steer/``: ``generations.parquet`` (direction, alpha, task, row, question, output,
+tokens, finished, backtracks, extracted answer, correct), ``summary.parquet`` (per direction and
+alpha: typical magnitude, backtracking words per 1000 generated tokens, mean length, accuracy) and
+``run.json``; ``metrics/steer.json`` holds the summary for ``dvc metrics``. The stage run is the
+parent of one MLflow run per direction (its sweep) with the summary table and per-alpha metrics.
+
+Each (direction, alpha) is saved to ``checkpoints/steer/<fingerprint>/`` when done, so a killed
+run resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from lorascope.atomic import atomic_path, write_json
+from lorascope.config import Params, section_hash
+from lorascope.errors import LorascopeError
+from lorascope.project import workspace_root
+
+BASE = Path("models/base")
+ADAPTER = Path("models/lora")
+
+
+def prompt_rows(params: Params) -> list[dict[str, Any]]:
+    """The fixed prompt set: the first ``steer.limit`` rows with an answer of each task."""
+    from lorascope.evaluate import benchmarks
+
+    cfg, root = params.steer, workspace_root()
+    metadata = {
+        benchmarks.DATA_KEY: {t: str(root / p) for t, p in params.evaluate.data.items()},
+        benchmarks.SEED_KEY: params.evaluate.choice_seed,
+    }
+    rows = []
+    for task in cfg.tasks:
+        processed = benchmarks.process(task, benchmarks.load(task, metadata), metadata)
+        for i, doc in enumerate(processed.select(range(min(cfg.limit, len(processed))))):
+            rows.append({"task": task, "row": i, **doc})
+    if not rows:
+        raise LorascopeError(f"steer.tasks: no rows with an answer in {', '.join(cfg.tasks)}")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Backtracking words per 1000 generated tokens, mean length, accuracy, finished fraction."""
+    tokens = sum(r["tokens"] for r in rows)
+    return {
+        "backtracks_per_1k": 1000 * sum(r["backtracks"] for r in rows) / max(tokens, 1),
+        "mean_tokens": tokens / len(rows),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "finished": sum(r["finished"] for r in rows) / len(rows),
+        "generated_tokens": float(tokens),
+    }
+
+
+def _key(direction: str, alpha: float) -> str:
+    return f"{direction}@{alpha:g}"
+
+
+def run(params: Params) -> Path:
+    """Generate every (direction, alpha) and write ``data/steer/``; returns the folder."""
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from lorascope.base.load import load_model, load_tokenizer
+    from lorascope.evaluate.benchmarks import score
+    from lorascope.evaluate.forcing import THINK, chat_prompt
+    from lorascope.extract.components import feature_names, lora_components
+    from lorascope.extract.extractor import _check_adapter_base, compute_dtype, load_adapter
+    from lorascope.progress import track
+    from lorascope.steer.directions import resolve
+    from lorascope.steer.generation import count_words, generate, steered
+    from lorascope.tracking import experiment_id, stage_run
+
+    cfg, root = params.steer, workspace_root()
+    if not cfg.directions:
+        raise LorascopeError("steer.directions: empty; name at least one (L<layer>.<type> or sae.<latent>)")
+    base_dir, adapter_dir = root / BASE, root / ADAPTER
+    _check_adapter_base(adapter_dir, base_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_adapter(
+        load_model(base_dir, dtype=compute_dtype(cfg.precision)).to(device), adapter_dir
+    ).eval()
+    tokenizer = load_tokenizer(base_dir)
+    comps = lora_components(model)
+    features = feature_names(comps)
+    directions = [resolve(d, features, root) for d in cfg.directions]  # bad names fail before the run
+    rows = prompt_rows(params)
+    prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
+    contexts = root / "data" / "contexts"
+    inputs = [base_dir, adapter_dir, contexts / "lora.features.parquet"]
+    if any(d.name.startswith("sae.") for d in directions):
+        inputs += [root / "models" / "sae", contexts / "sae.features.parquet"]
+    inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
+
+    with stage_run("steer", params, inputs) as sr:
+        blob = json.dumps({"params": section_hash(params, "steer"), "inputs": sorted(sr.inputs_md5.values())})
+        work = root / "checkpoints" / "steer" / hashlib.sha256(blob.encode()).hexdigest()[:16]
+        work.mkdir(parents=True, exist_ok=True)
+        generations: list[dict[str, Any]] = []
+        todo = [(d, a) for d in directions for a in cfg.alphas]
+        for direction, alpha in track(todo, "steer", total=len(todo)):
+            path = work / f"{_key(direction.name, alpha)}.json"
+            if not path.is_file():
+                with steered(model, comps, direction.offset(alpha)):
+                    outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+                done = []
+                for r, g in zip(rows, outs, strict=True):
+                    s = score(r, THINK + g.text)
+                    done.append(
+                        {
+                            "direction": direction.name,
+                            "alpha": alpha,
+                            "task": r["task"],
+                            "row": r["row"],
+                            "question": r["question"],
+                            "gold": r["gold"],
+                            "output": g.text,
+                            "tokens": g.tokens,
+                            "finished": g.finished,
+                            "backtracks": count_words(g.text, cfg.backtrack_words),
+                            "correct": bool(s["exact_match"]),
+                        }
+                    )
+                write_json(path, done)
+            generations += json.loads(path.read_text())
+
+        summary = []
+        for d in directions:
+            for a in cfg.alphas:
+                chosen = [g for g in generations if g["direction"] == d.name and g["alpha"] == a]
+                summary.append({"direction": d.name, "alpha": a, "typical": d.typical, **summarize(chosen)})
+        out = root / "data" / "steer"
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            pd.DataFrame(generations).to_parquet(tmp / "generations.parquet", index=False)
+            pd.DataFrame(summary).to_parquet(tmp / "summary.parquet", index=False)
+            sr.write_manifest(tmp, {"directions": [d.name for d in directions], "alphas": cfg.alphas})
+        write_json(
+            root / "metrics" / "steer.json",
+            {
+                "backtrack_words": cfg.backtrack_words,
+                "prompts": len(rows),
+                "run_id": sr.run_id,
+                "directions": {
+                    d.name: {f"{s['alpha']:g}": {k: s[k] for k in ("backtracks_per_1k", "mean_tokens", "accuracy")}
+                             for s in summary if s["direction"] == d.name}
+                    for d in directions
+                },
+            },
+        )  # fmt: skip
+        mlflow.log_params({"prompts": len(rows)})
+        for d in directions:
+            with mlflow.start_run(
+                experiment_id=experiment_id("steer"),
+                run_name=d.name,
+                nested=True,
+                tags={"lorascope.stage": "steer", "steer.direction": d.name, "upstream.steer": sr.run_id},
+            ):
+                sweep = [s for s in summary if s["direction"] == d.name]
+                mlflow.log_params({"direction": d.name, "typical": d.typical, "alphas": cfg.alphas})
+                for step, s in enumerate(sweep):
+                    mlflow.log_metrics(
+                        {k: float(v) for k, v in s.items() if k not in ("direction", "typical")}, step=step
+                    )
+                mlflow.log_table(pd.DataFrame(sweep), artifact_file="sweep.json")
+    return out

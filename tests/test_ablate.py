@@ -1,0 +1,266 @@
+"""The ablate stage: prefix reuse against full forwards, exactness of the hooks, exported adapters,
+the stage's files, resume and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorascope.ablate.masks import Masks
+from lorascope.ablate.runner import DIRECTION, Ablator
+from lorascope.ablate.stage import sample_sequences
+from lorascope.ablate.targets import GROUPS, select, sweeps
+from lorascope.base.load import load_model
+from lorascope.config import LORA_TARGETS
+from lorascope.errors import LorascopeError
+from lorascope.extract.components import lora_components
+from lorascope.extract.extractor import load_adapter
+
+from conftest import REPO, cli, tiny_params
+
+ALL_SWEEPS = ["components", "layers", "types", "groups"]
+
+
+@pytest.fixture
+def ablate_workspace(with_prepared: Path) -> Path:
+    """The tiny base, prepared data and a random-B adapter with a finetune lineage record."""
+    from lorascope.tracking import create_run
+    from test_extract import make_adapter
+
+    adapter = make_adapter(with_prepared)
+    run_id = create_run("finetune", "lora", {"finetune.variant": "lora"})
+    (adapter / "run.json").write_text(json.dumps({"run_id": run_id, "stage": "finetune"}))
+    return with_prepared
+
+
+def peft_model(root: Path, adapter: str = "models/lora"):  # noqa: ANN201
+    return load_adapter(load_model(root / "models/base", dtype=torch.float32), root / adapter).eval()
+
+
+def sequences(root: Path, n: int = 2, max_tokens: int = 160) -> list[tuple[str, list[int], int]]:
+    return sample_sequences(root / "data/prepared", n, max_tokens, seed=0)
+
+
+def test_prefix_reuse_equals_full_forwards(ablate_workspace: Path):
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    ablations = sweeps(comps, ALL_SWEEPS, {"mixed": ["L1.v_proj", "L0.down_proj"]})
+    assert len(ablations) == 14 + 2 + 7 + 3 + 1
+    for _, ids, first in sequences(ablate_workspace):
+        ids_T = torch.tensor(ids)
+        lora_n, naive = Ablator(model, comps, batch_size=1, prefix_reuse=False).measure(
+            ids_T, first, ablations
+        )
+        lora_p, prefix = Ablator(model, comps, batch_size=5, logit_chunk=7, prefix_reuse=True).measure(
+            ids_T, first, ablations
+        )
+        assert lora_n.tokens == lora_p.tokens == len(ids) - first
+        assert lora_p.ce_sum == pytest.approx(lora_n.ce_sum, rel=1e-6)
+        for a, n, p in zip(ablations, naive, prefix, strict=True):
+            assert abs(n.kl_sum - p.kl_sum) / n.tokens <= 1e-5, a.name
+            assert abs(n.kl_max - p.kl_max) <= 1e-5 and abs(n.ce_sum - p.ce_sum) / n.tokens <= 1e-5
+        assert any(n.kl_sum / n.tokens > 1e-4 for n in naive)  # the adapter does something
+
+
+def test_naive_kl_against_an_independent_computation(ablate_workspace: Path):
+    """KL(P_lora || P_ablated) and CE from plain logits: the component's lora_B zeroed in a copy."""
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    _, ids, first = sequences(ablate_workspace, 1)[0]
+    ids_1T = torch.tensor(ids)[None]
+    ablation = sweeps(comps, ["components"], {})[4]  # L0.gate_proj
+    lora, (stats,) = Ablator(model, comps).measure(ids_1T[0], first, [ablation])
+    with torch.no_grad():
+        logp = model(input_ids=ids_1T).logits[0, first - 1 : -1].log_softmax(-1).double()
+        model.get_base_model().get_submodule(comps[4].module).lora_B["default"].weight.zero_()
+        logq = model(input_ids=ids_1T).logits[0, first - 1 : -1].log_softmax(-1).double()
+    labels = ids_1T[0, first:]
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    assert stats.kl_sum == pytest.approx(float(kl.sum()), rel=1e-4)
+    assert stats.kl_max == pytest.approx(float(kl.max()), rel=1e-4)
+    assert stats.ce_sum == pytest.approx(float(-logq.gather(-1, labels[:, None]).sum()), rel=1e-6)
+    assert lora.ce_sum == pytest.approx(float(-logp.gather(-1, labels[:, None]).sum()), rel=1e-6)
+
+
+def test_zero_b_component_has_zero_kl(ablate_workspace: Path):
+    weights = ablate_workspace / "models/lora/adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    chosen = [a for a in sweeps(comps, ["components"], {}) if a.name in ("L1.v_proj", "L1.o_proj")]
+    _, ids, first = sequences(ablate_workspace, 1)[0]
+    for prefix in (False, True):
+        ablator = Ablator(model, comps, batch_size=1, prefix_reuse=prefix)
+        _, (v_proj, o_proj) = ablator.measure(torch.tensor(ids), first, chosen)
+        assert o_proj.kl_sum == 0.0 and o_proj.kl_max == 0.0
+        assert v_proj.kl_sum / v_proj.tokens > 1e-5
+        # batched rows round differently from a batch of one: a float32 noise floor, far below effects
+        _, (v_proj, o_proj) = Ablator(model, comps, batch_size=8, prefix_reuse=prefix).measure(
+            torch.tensor(ids), first, chosen
+        )
+        assert 0 <= o_proj.kl_max <= 1e-5 and o_proj.kl_sum / o_proj.tokens <= 1e-6
+
+
+def test_all_components_ablated_is_exactly_the_base_model(ablate_workspace: Path):
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    _, ids, _ = sequences(ablate_workspace, 1)[0]
+    ids_1T = torch.tensor(ids)[None]
+    masks = Masks(comps)
+    with torch.no_grad(), masks.attach(model):
+        with masks.ablating(masks.rows([range(len(comps))], "cpu")):
+            ablated = model(input_ids=ids_1T).logits
+        trained = model(input_ids=ids_1T).logits
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids_1T).logits
+    assert torch.equal(ablated, base)
+    assert not torch.equal(trained, base)
+
+
+@pytest.mark.parametrize("group", ["attn", "mlp", "L0", "L1.up_proj"])
+def test_exported_adapter_reproduces_the_hook_ablation(ablate_workspace: Path, group: str):
+    from lorascope.ablate.stage import run_export
+
+    out = run_export(tiny_params(), group)
+    assert out == ablate_workspace / f"models/lora-{group}-ablated"
+    config = json.loads((out / "adapter_config.json").read_text())
+    removed = select(group, lora_components(peft_model(ablate_workspace)))
+    if group in GROUPS:  # whole types left: the config lists them, as peft writes it
+        assert config["target_modules"] == [k for k in LORA_TARGETS if k not in GROUPS[group]]
+    else:
+        assert isinstance(config["target_modules"], str)
+    exported = peft_model(ablate_workspace, f"models/lora-{group}-ablated")
+    left = lora_components(exported)
+    assert len(left) == 14 - len(removed)
+    assert sum(k.endswith("lora_A.weight") for k in load_file(str(out / "adapter_model.safetensors"))) == len(
+        left
+    )
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    assert {c.module for c in left} == {c.module for i, c in enumerate(comps) if i not in removed}
+    _, ids, _ = sequences(ablate_workspace, 1)[0]
+    ids_1T = torch.tensor(ids)[None]
+    masks = Masks(comps)
+    with torch.no_grad(), masks.attach(model), masks.ablating(masks.rows([removed], "cpu")):
+        hooked = model(input_ids=ids_1T).logits
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids_1T).logits, hooked, atol=1e-6, rtol=0)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stage"] == "ablate" and manifest["group"] == group
+    assert manifest["removed"] == [f"L{comps[i].layer}.{comps[i].kind}" for i in removed]
+
+
+def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: pytest.MonkeyPatch):
+    from lorascope import tracking
+    from lorascope.ablate import stage
+
+    params = tiny_params(
+        ablate={"sequences": 3, "max_tokens": 128, "custom": {"q_and_k": ["q_proj", "k_proj"]}}
+    )
+    calls = {"n": 0}
+    measure = Ablator.measure
+
+    def killed_after_two(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ablator, "measure", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(params)
+    assert not (ablate_workspace / "metrics/ablation").exists()
+    monkeypatch.setattr(Ablator, "measure", measure)
+    out = stage.run(params)
+    files = {n: json.loads((out / f"{n}.json").read_text()) for n in (*ALL_SWEEPS, "figure3")}
+    run_id = files["groups"]["run_id"]
+    run = tracking.client().get_run(run_id)
+    assert run.data.metrics["sequences_resumed"] == 2.0
+    finetune_run = json.loads((ablate_workspace / "models/lora/run.json").read_text())["run_id"]
+    assert run.data.tags["upstream.finetune"] == finetune_run
+    assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+
+    for name in (*ALL_SWEEPS, "figure3"):
+        assert files[name]["direction"] == DIRECTION == "KL(P_lora || P_ablated)"
+    comps, layers, types, groups = (files[n]["ablations"] for n in ALL_SWEEPS)
+    assert len(comps) == 14 and set(layers) == {"L0", "L1"} and set(types) == set(LORA_TARGETS)
+    assert set(groups) == {"attn", "mlp", "all", "q_and_k"} and groups["q_and_k"]["n_components"] == 4
+    ref = files["groups"]["reference"]
+    assert groups["all"]["kl"] == ref["kl_lora_base"] > 0
+    assert groups["all"]["ce"] == ref["ce_base"]
+    for a in (*comps.values(), *groups.values()):
+        assert a["delta_ce"] == pytest.approx(a["ce"] - ref["ce_lora"])
+        assert a["kl"] >= -1e-7 and a["kl_max"] >= a["kl"] and a["kl_stderr"] is not None
+    fig = files["figure3"]
+    assert fig["layers"] == [0, 1] and fig["types"] == list(LORA_TARGETS)
+    assert fig["kl"] == [[comps[f"L{n}.{k}"]["kl"] for k in LORA_TARGETS] for n in (0, 1)]
+    assert run.data.metrics["groups.attn.kl"] == pytest.approx(groups["attn"]["kl"])
+
+    # the per-sequence sums of an uninterrupted run are the resumed run's
+    shutil.rmtree(ablate_workspace / "checkpoints/ablate")
+    again = json.loads((stage.run(params) / "components.json").read_text())["ablations"]
+    assert again == comps
+
+
+def test_sequences_are_sampled_with_response_tokens(ablate_workspace: Path):
+    import pyarrow.parquet as pq
+
+    rows = {r["id"]: r for r in pq.read_table(ablate_workspace / "data/prepared/train.parquet").to_pylist()}
+    chosen = sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=3)
+    assert len(chosen) == 5 and chosen == sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=3)
+    assert chosen != sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=4)
+    for row_id, ids, first in chosen:
+        assert ids == rows[row_id]["input_ids"][:100] and first == rows[row_id]["loss_start"] < len(ids)
+
+
+def test_bad_input_is_one_line(ablate_workspace: Path):
+    env = {"LORASCOPE_ROOT": str(ablate_workspace)}
+    shutil.copy(REPO / "params.yaml", ablate_workspace)
+    res = cli("ablate", "export", "--group", "L9", cwd=ablate_workspace, env=env)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --group: 'L9' matches no component of the adapter (the adapter has layers L0..L1 and "
+        "types q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; selectors: "
+        "L<layer>.<type>, L<layer>, <type>, attn, mlp, all)"
+    )
+    res = cli("ablate", "export", "--group", "all", cwd=ablate_workspace, env=env)
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip() == "error: --group: 'all' removes every component; evaluate the base model instead"
+    )
+    assert not list((ablate_workspace / "models").glob("lora-*"))
+
+    params = ablate_workspace / "bad.yaml"
+    raw = (REPO / "params.yaml").read_text()
+    params.write_text(raw.replace("  custom: {}\n", "  custom: {mine: [L0.q_proj, L3.zz_proj]}\n", 1))
+    res = cli("ablate", "--params", str(params), cwd=ablate_workspace, env=env)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: ablate.custom.mine: unknown component 'L3.zz_proj' (the adapter has layers L0..L1"
+    )
+    assert not (ablate_workspace / "metrics/ablation").exists()
+    with pytest.raises(LorascopeError, match="'attn' is a built-in group"):
+        tiny_params(ablate={"custom": {"attn": ["q_proj"]}})
+
+
+def test_profiles_declare_every_field_and_the_papers_setting():
+    from lorascope.config import AblateSection, SteerSection, load_params
+
+    from conftest import tiny_raw
+
+    raw = tiny_raw()
+    assert set(raw["ablate"]) == set(AblateSection.model_fields)
+    assert set(raw["steer"]) == set(SteerSection.model_fields)
+    paper = load_params(profile="qwen2.5-32b-paper")
+    assert (paper.ablate.sequences, paper.ablate.max_tokens) == (16, 2048)
+    assert max(paper.steer.alphas) >= 50 and max(tiny_params().steer.alphas) >= 50
+    small = load_params(profile="qwen2.5-0.5b")
+    assert small.steer.directions == ["L12.down_proj"]  # a layer the 24-layer model has
+    for p in (paper, small, tiny_params()):
+        assert {f"lora-{g}-ablated" for g in p.ablate.export} <= set(p.evaluate.variants)

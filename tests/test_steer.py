@@ -1,0 +1,216 @@
+"""The steer stage: the offset reaches the model as alpha x typical x scaling x B, alpha = 0 is the
+unsteered model, the sweep's counts and files, resume, and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.extract.components import feature_names, lora_components
+from lorascope.steer.directions import resolve
+from lorascope.steer.generation import count_words, generate, steered
+from test_ablate import peft_model
+
+from conftest import REPO, cli, tiny_params
+
+SAE_LATENTS = 6
+
+
+def features_table(
+    path: Path, names: list[str], mean: list[float], std: list[float], nonzero: list[float]
+) -> None:
+    from lorascope.contexts.stage import FEATURES_SCHEMA
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {
+        "feature": list(range(len(names))),
+        "feature_name": names,
+        "sign": [1] * len(names),
+        "max": [1.0] * len(names),
+        "density": nonzero,
+        "nonzero_density": nonzero,
+        "mean": mean,
+        "std": std,
+        "min": [0.0] * len(names),
+        "tokens": [100] * len(names),
+    }
+    pd.DataFrame(rows).to_parquet(path, index=False, schema=FEATURES_SCHEMA)
+
+
+@pytest.fixture
+def steer_workspace(with_prepared: Path) -> Path:
+    """A random-B adapter, feature statistics for both sources and a small SAE over its state."""
+    from safetensors.torch import save_file
+
+    from lorascope.sae.model import BatchTopKSAE
+    from lorascope.tracking import create_run
+    from test_extract import make_adapter
+
+    adapter = make_adapter(with_prepared)
+    (adapter / "run.json").write_text(
+        json.dumps({"run_id": create_run("finetune", "lora", {}), "stage": "finetune"})
+    )
+    names = feature_names(lora_components(peft_model(with_prepared)))
+    contexts = with_prepared / "data/contexts"
+    n = len(names)
+    features_table(contexts / "lora.features.parquet", [f"{x}{s}" for s in "+-" for x in names],
+                   [0.3] * 2 * n, [0.4] * 2 * n, [1.0] * 2 * n)  # fmt: skip
+    features_table(contexts / "sae.features.parquet", [str(i) for i in range(SAE_LATENTS)],
+                   [0.2] * SAE_LATENTS, [0.1] * SAE_LATENTS, [0.5, 0.5, 0.0, 0.5, 0.5, 0.5])  # fmt: skip
+    sae = BatchTopKSAE(n, SAE_LATENTS, 2, generator=torch.Generator().manual_seed(0))
+    (with_prepared / "models/sae").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in sae.state_dict().items()},
+        str(with_prepared / "models/sae/sae.safetensors"),
+    )
+    cfg = {"d_in": n, "d_sae": SAE_LATENTS, "k": 2, "components": names}
+    (with_prepared / "models/sae/cfg.json").write_text(json.dumps(cfg))
+    return with_prepared
+
+
+def module_outputs(model, comps, ids_1T: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+    """Each adapted module's output, captured by plain hooks."""
+    outs: list[torch.Tensor] = []
+    base = model.get_base_model()
+    handles = [
+        base.get_submodule(c.module).register_forward_hook(lambda _m, _a, o: outs.append(o.clone()))
+        for c in comps
+    ]
+    with torch.no_grad():
+        model(input_ids=ids_1T)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("name", ["L1.gate_proj", "sae.3"])
+def test_offset_moves_each_module_by_alpha_typical_scaling_b(steer_workspace: Path, name: str):
+    """Steering by alpha shifts module c's output by alpha x typical x u_c x scaling x B_c (u: the
+    direction over the adapter state), checked one module at a time with the model's real inputs
+    fixed (hooks on all modules, so the downstream inputs change too: compare the first steered one)."""
+    from safetensors.torch import load_file
+
+    model = peft_model(steer_workspace)
+    comps = lora_components(model)
+    names = feature_names(comps)
+    direction = resolve(name, names, steer_workspace)
+    if name.startswith("L"):
+        assert direction.typical == pytest.approx(math.sqrt(0.3**2 + 0.4**2))
+        assert direction.unit_C.tolist() == [float(n == name) for n in names]
+    else:  # mean when active = mean / nonzero density; the decoder row of latent 3
+        assert direction.typical == pytest.approx(0.2 / 0.5)
+        W_dec = load_file(str(steer_workspace / "models/sae/sae.safetensors"))["W_dec_FD"]
+        assert torch.equal(direction.unit_C, W_dec[3])
+    ids_1T = torch.arange(5, 30)[None]
+    plain = module_outputs(model, comps, ids_1T)
+    alpha = 50.0
+    with steered(model, comps, direction.offset(alpha)):
+        pushed = module_outputs(model, comps, ids_1T)
+    first = next(i for i, u in enumerate(direction.unit_C) if u != 0)
+    lora_B = model.get_base_model().get_submodule(comps[first].module).lora_B["default"].weight[:, 0]
+    scaling = model.get_base_model().get_submodule(comps[first].module).scaling["default"]
+    expected = alpha * direction.typical * float(direction.unit_C[first]) * scaling * lora_B
+    assert torch.allclose(pushed[first] - plain[first], expected.expand_as(plain[first]), atol=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(plain[:first], pushed[:first], strict=True))
+
+
+def test_alpha_zero_reproduces_unsteered_generation(steer_workspace: Path):
+    from lorascope.base.load import load_tokenizer
+    from lorascope.evaluate.forcing import chat_prompt
+
+    model = peft_model(steer_workspace)
+    comps = lora_components(model)
+    tok = load_tokenizer(steer_workspace / "models/base")
+    prompts = [chat_prompt(tok, q) for q in ("What is 2 + 3?", "Compute 7 * 6.", "Is 91 prime?")]
+    direction = resolve("L0.v_proj", feature_names(comps), steer_workspace)
+    plain = generate(model, tok, prompts, 12, batch_size=2)
+    with steered(model, comps, direction.offset(0.0)):
+        zero = generate(model, tok, prompts, 12, batch_size=2)
+    assert zero == plain and all(g.tokens == 12 for g in plain)
+    one = generate(model, tok, prompts[1:2], 12, batch_size=1)  # left padding changes nothing
+    assert one[0] == plain[1]
+
+
+def test_count_words():
+    words = ["Wait", "Hmm", "But"]
+    assert count_words("Wait, so 3. Hmm... But wait: Waiting is not Wait. BUT no", words) == 4
+    assert count_words("", words) == 0 and count_words("Butter and Hmmm", words) == 0
+
+
+def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: pytest.MonkeyPatch):
+    from lorascope import tracking
+    from lorascope.steer import generation, stage
+
+    params = tiny_params(
+        steer={"directions": ["L1.gate_proj", "sae.3"], "alphas": [0, 50], "limit": 2, "max_new_tokens": 6}
+    )
+    out = stage.run(params)
+    gens = pd.read_parquet(out / "generations.parquet")
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert len(gens) == 2 * 2 * 2 * 2  # directions x alphas x tasks x rows
+    assert set(gens.task) == {"math500", "aime24_nofigures"} and (gens.tokens <= 6).all()
+    for _, s in summary.iterrows():
+        chosen = gens[(gens.direction == s.direction) & (gens.alpha == s.alpha)]
+        recount = sum(count_words(t, ["Wait", "Hmm", "But"]) for t in chosen.output)
+        assert (
+            chosen.backtracks.sum() == recount
+        ) and s.backtracks_per_1k == 1000 * recount / chosen.tokens.sum()
+        assert s.mean_tokens == chosen.tokens.mean() and s.accuracy == chosen.correct.mean()
+    unsteered = [
+        gens[(gens.direction == d) & (gens.alpha == 0)].output.tolist() for d in ("L1.gate_proj", "sae.3")
+    ]
+    assert unsteered[0] == unsteered[1]
+    metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
+    assert set(metrics["directions"]) == {"L1.gate_proj", "sae.3"} and set(
+        metrics["directions"]["sae.3"]
+    ) == {"0", "50"}
+
+    parent = tracking.client().get_run(metrics["run_id"])
+    assert parent.data.tags["upstream.finetune"]
+    children = tracking.client().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["steer.direction"] for c in children) == ["L1.gate_proj", "sae.3"]
+    child = next(c for c in children if c.data.tags["steer.direction"] == "sae.3")
+    history = tracking.client().get_metric_history(child.info.run_id, "alpha")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.0, 50.0]
+
+    # a re-run generates nothing: every (direction, alpha) is in the checkpoint
+    calls = []
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or [])
+    again = stage.run(params)
+    assert not calls
+    assert pd.read_parquet(again / "generations.parquet").equals(gens)
+
+
+def test_bad_input_is_one_line(steer_workspace: Path):
+    env = {"LORASCOPE_ROOT": str(steer_workspace)}
+    raw = (REPO / "params.yaml").read_text()
+    bad = steer_workspace / "bad.yaml"
+    assert "  alphas: [0.0, 10.0, 50.0, 100.0]\n" in raw and "  directions: [L1.gate_proj, sae.0]\n" in raw
+    bad.write_text(raw.replace("  alphas: [0.0, 10.0, 50.0, 100.0]\n", "  alphas: []\n", 1))
+    res = cli("steer", "--params", str(bad), cwd=steer_workspace, env=env)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: {bad}: steer.alphas: the alpha list is empty; give at least one multiple (e.g. [0, 50])"
+    )
+    shutil.copy(REPO / "params.yaml", steer_workspace)
+    names = feature_names(lora_components(peft_model(steer_workspace)))
+    with pytest.raises(LorascopeError, match=r"unknown direction 'L7.q_proj' \(LoRA components: L0.q_proj, "):
+        resolve("L7.q_proj", names, steer_workspace)
+    with pytest.raises(LorascopeError, match="'sae.2' never fires on the store"):
+        resolve("sae.2", names, steer_workspace)
+    with pytest.raises(LorascopeError, match=r"'sae.9': the SAE has latents 0..5"):
+        resolve("sae.9", names, steer_workspace)
+    bad.write_text(raw.replace("  directions: [L1.gate_proj, sae.0]\n", "  directions: [L1.nope]\n", 1))
+    res = cli("steer", "--params", str(bad), cwd=steer_workspace, env=env)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: steer.directions: unknown direction 'L1.nope'"
+    )
+    assert not (steer_workspace / "data/steer").exists()
