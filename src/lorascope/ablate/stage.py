@@ -105,19 +105,15 @@ def run(params: Params) -> Path:
 
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
-    from lorascope.base.load import load_model
     from lorascope.extract.components import lora_components
-    from lorascope.extract.extractor import _check_adapter_base, compute_dtype, load_adapter
+    from lorascope.extract.extractor import load_lora_model
     from lorascope.progress import track
     from lorascope.tracking import stage_run
 
     cfg, root = params.ablate, workspace_root()
     prepared, base_dir, adapter_dir = root / PREPARED, root / BASE, root / ADAPTER
     seqs = sample_sequences(prepared, cfg.sequences, cfg.max_tokens, cfg.seed)
-    _check_adapter_base(adapter_dir, base_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(base_dir, dtype=compute_dtype(cfg.precision)).to(device)
-    model = load_adapter(model, adapter_dir).eval()
+    model = load_lora_model(base_dir, adapter_dir, cfg.precision)
     comps = lora_components(model)
     ablations = sweeps(comps, cfg.sweeps, cfg.custom)
     reference = Ablation("base", "reference", tuple(range(len(comps))))

@@ -52,7 +52,7 @@ def padded_batches(docs: list[list[int]], batch_tokens: int) -> Iterator[tuple[l
         yield batch, input_ids, mask if len(batch) > 1 else None
 
 
-def _check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     from lorascope.base.load import model_name
 
     config = adapter_dir / "adapter_config.json"
@@ -66,6 +66,19 @@ def _check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
         raise LorascopeError(
             f"{adapter_dir}: adapter was trained on {trained_on!r}, but the base model is {base!r}"
         )
+
+
+def load_lora_model(base_dir: Path, adapter_dir: Path, precision: str) -> Any:
+    """The base model in ``precision`` on the GPU if there is one, wrapped with the saved adapter
+    (unmerged, eval mode): what the ablate and steer stages hook."""
+    import torch
+
+    from lorascope.base.load import load_model
+
+    check_adapter_base(adapter_dir, base_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(base_dir, dtype=compute_dtype(precision)).to(device)
+    return load_adapter(model, adapter_dir).eval()
 
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -114,7 +127,7 @@ class Extractor:
         if source == "mlp":
             return cls(model, Recorder(mlp_components(model, neurons)), "mlp", device)
         assert adapter_dir is not None
-        _check_adapter_base(adapter_dir, base_dir)
+        check_adapter_base(adapter_dir, base_dir)
         peft_model = load_adapter(model, adapter_dir).eval()
         components = lora_components(peft_model)
         if method == "lora_a":

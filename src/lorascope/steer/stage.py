@@ -65,13 +65,12 @@ def run(params: Params) -> Path:
     """Generate every (direction, alpha) and write ``data/steer/``; returns the folder."""
     import mlflow
     import pandas as pd
-    import torch
 
-    from lorascope.base.load import load_model, load_tokenizer
+    from lorascope.base.load import load_tokenizer
     from lorascope.evaluate.benchmarks import score
     from lorascope.evaluate.forcing import THINK, chat_prompt
     from lorascope.extract.components import feature_names, lora_components
-    from lorascope.extract.extractor import _check_adapter_base, compute_dtype, load_adapter
+    from lorascope.extract.extractor import load_lora_model
     from lorascope.progress import track
     from lorascope.steer.directions import resolve
     from lorascope.steer.generation import count_words, generate, steered
@@ -81,11 +80,7 @@ def run(params: Params) -> Path:
     if not cfg.directions:
         raise LorascopeError("steer.directions: empty; name at least one (L<layer>.<type> or sae.<latent>)")
     base_dir, adapter_dir = root / BASE, root / ADAPTER
-    _check_adapter_base(adapter_dir, base_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_adapter(
-        load_model(base_dir, dtype=compute_dtype(cfg.precision)).to(device), adapter_dir
-    ).eval()
+    model = load_lora_model(base_dir, adapter_dir, cfg.precision)
     tokenizer = load_tokenizer(base_dir)
     comps = lora_components(model)
     features = feature_names(comps)
