@@ -209,6 +209,13 @@ def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: p
     again = json.loads((stage.run(params) / "components.json").read_text())["ablations"]
     assert again == comps
 
+    # one sweep only: the others are written empty, the reference (base model) is still measured
+    out = stage.run(tiny_params(ablate={"sequences": 1, "max_tokens": 64, "sweeps": ["layers"]}))
+    groups = json.loads((out / "groups.json").read_text())
+    assert groups["ablations"] == {} and groups["reference"]["kl_lora_base"] > 0
+    assert set(json.loads((out / "layers.json").read_text())["ablations"]) == {"L0", "L1"}
+    assert json.loads((out / "figure3.json").read_text())["kl"] == [[None] * 7, [None] * 7]
+
 
 def test_sequences_are_sampled_with_response_tokens(ablate_workspace: Path):
     import pyarrow.parquet as pq

@@ -116,8 +116,9 @@ def run(params: Params) -> Path:
     model = load_lora_model(base_dir, adapter_dir, cfg.precision)
     comps = lora_components(model)
     ablations = sweeps(comps, cfg.sweeps, cfg.custom)
-    reference = Ablation("base", "reference", tuple(range(len(comps))))
-    measured = [*ablations, reference]
+    every = tuple(range(len(comps)))  # the base model: reported as the reference
+    reference = next((a for a in ablations if a.components == every), Ablation("base", "reference", every))
+    measured = ablations if reference in ablations else [*ablations, reference]
     ablator = Ablator(model, comps, cfg.batch_size, cfg.logit_chunk, cfg.prefix_reuse)
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
@@ -138,7 +139,7 @@ def run(params: Params) -> Path:
 
         loras = [lora for lora, _ in per_seq]
         results = {a.name: summarize([s[k] for _, s in per_seq], loras) for k, a in enumerate(measured)}
-        base = results.pop(reference.name)
+        base = results[reference.name] if reference in ablations else results.pop(reference.name)
         tokens = sum(s.tokens for s in loras)
         header = {
             "direction": DIRECTION,
