@@ -257,13 +257,14 @@ def test_bad_input_is_one_line(ablate_workspace: Path):
 
 
 def test_profiles_declare_every_field_and_the_papers_setting():
-    from lorascope.config import AblateSection, SteerSection, load_params
+    from lorascope.config import AblateSection, ReportSection, SteerSection, load_params
 
     from conftest import tiny_raw
 
     raw = tiny_raw()
     assert set(raw["ablate"]) == set(AblateSection.model_fields)
     assert set(raw["steer"]) == set(SteerSection.model_fields)
+    assert set(raw["report"]) == set(ReportSection.model_fields)
     paper = load_params(profile="qwen2.5-32b-paper")
     assert (paper.ablate.sequences, paper.ablate.max_tokens) == (16, 2048)
     assert max(paper.steer.alphas) >= 50 and max(tiny_params().steer.alphas) >= 50

@@ -68,7 +68,7 @@ def test_dvc_repro_then_noop(repo):
     evaluate = ("evaluate@base", "evaluate@lora", "evaluate@full", "recovery")
     interp = ("autointerp@lora", "autointerp@mlp", "autointerp@sae", "categorize")
     ablate = ("ablate", "ablate-export@attn", "ablate-export@mlp", "evaluate@lora-attn-ablated",
-              "evaluate@lora-mlp-ablated", "steer")  # fmt: skip
+              "evaluate@lora-mlp-ablated", "steer", "report")  # fmt: skip
     for stage in (
         *stages,
         *evaluate,
@@ -88,6 +88,10 @@ def test_dvc_repro_then_noop(repo):
         "metrics/ablation/figure3.json",
         "data/steer/summary.parquet",
         "metrics/steer.json",
+        "reports/index.html",
+        "reports/dashboard.html",
+        "reports/figure3.png",
+        "reports/table2.md",
         "data/interp/sae.parquet",
         "data/interp/categories/figure1.json",
         "metrics/recovery.json",
@@ -171,6 +175,12 @@ def test_dvc_repro_then_noop(repo):
         ablate_run["run_id"] == groups["run_id"] and ablate_run["upstream"]["finetune"] == lora_run["run_id"]
     )
     steer = metrics["metrics/steer.json"]["data"]["directions"]
+    # the report: nothing missing after a full repro; `dvc plots show` finds the loss and KL data
+    report = json.loads((root / "reports/run.json").read_text())
+    assert report["missing"] == [] and report["lineage"]["metrics/recovery.json"] == recovery_run["run_id"]
+    plots = sh("dvc", "plots", "show", "--json", cwd=root, env=env).stdout
+    for name in ("loss_lora.csv", "loss_full.csv", "ablation_layers.csv", "ablation_types.csv"):
+        assert f"reports/plots/{name}" in plots, name
     assert set(steer) == {"L1.gate_proj", "sae.0"} and set(steer["sae.0"]) == {"0", "10", "50", "100"}
 
 

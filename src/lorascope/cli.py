@@ -195,6 +195,15 @@ def steer(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
     typer.echo(f"steer: wrote {out}")
 
 
+@app.command()
+def report(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+    """Tables, figures, index.html and the offline dashboard.html into reports/ (what exists; the rest is listed)."""
+    from lorascope.report.stage import run
+
+    out = run(_load(params, profile))
+    typer.echo(f"report: wrote {out}/index.html")
+
+
 class ExtractSource(str, Enum):
     lora = "lora"
     mlp = "mlp"

@@ -585,6 +585,30 @@ class SteerSection(Section):
         return v
 
 
+# ---------------------------------------------------------------------------------------- report
+DashboardSource = Literal["lora", "mlp", "sae"]
+
+
+class ReportSection(Section):
+    """``report``: the paper's tables and figures, and the offline HTML feature dashboard."""
+
+    dpi: PositiveInt = 150
+    """Resolution of the PNG figures."""
+    dashboard_sources: list[DashboardSource] = Field(default_factory=lambda: ["lora", "mlp", "sae"])
+    """Feature sources shown in the dashboard (those with labels and contexts on disk)."""
+    max_features: PositiveInt | None = None
+    """Features per source in the dashboard (the first N by feature id); null for all."""
+    contexts_per_feature: PositiveInt = 64
+    """Max-activating contexts embedded per feature."""
+    histogram_bins: PositiveInt = 40
+    """Bins of each feature's activation histogram."""
+    histogram_tokens: PositiveInt = 1_000_000
+    """Tokens read from the start of the activation store for the histograms (and training samples)."""
+    sample_tokens: PositiveInt = 1024
+    """Most tokens of the training sample shown with all of a feature's activations (centred on the
+    feature's strongest token when the document is longer)."""
+
+
 # ------------------------------------------------------------------------------------- the file
 class Params(Section):
     """The whole ``params.yaml``: one section per stage."""
@@ -611,6 +635,8 @@ class Params(Section):
     """Component ablations (KL sweeps) and ablated-adapter exports."""
     steer: SteerSection = Field(default_factory=SteerSection)
     """Steering along adapter directions."""
+    report: ReportSection = Field(default_factory=ReportSection)
+    """Tables, figures and the feature dashboard."""
 
     @model_validator(mode="after")
     def _positions_fit(self) -> Params:

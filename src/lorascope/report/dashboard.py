@@ -1,0 +1,812 @@
+"""The offline feature dashboard: one self-contained HTML file (``reports/dashboard.html``).
+
+Per feature (LoRA direction signs, MLP neurons, SAE latents) it shows the label (explanation, class,
+category, detection score), the layer and component, an activation histogram over the first
+``report.histogram_tokens`` tokens of the store, the top ``report.contexts_per_feature`` contexts with
+every token coloured by its activation, one training sample (the document of the feature's strongest
+activation in those tokens, at most ``report.sample_tokens`` tokens centred on it) and, for an SAE
+latent, its decoder vector as a layer x component-type heatmap. The list is searchable and filterable.
+
+The file works offline and makes no request: CSS and JS are inline (a Content-Security-Policy allows
+only those two blocks, by hash, and nothing else) and the data is embedded in two script blocks:
+
+* ``#meta``: JSON with the sources, the features as columns (labels, categories, histograms, top
+  tokens, per feature scales and offsets into the arrays; ``rows_of`` turns them back into dicts) and
+  the table of contents of the bulk arrays;
+* ``#bulk``: base64 of a gzip of the bulk arrays (see ``render``): token ids of a per-dashboard
+  vocabulary of the token strings used (ranked by frequency, LEB128: one byte for the 128 most frequent
+  strings, two for the next 16K), activations as int8 relative to each feature's largest |activation|
+  (its scale in ``#meta``), and the exact activation of each context's selected token as float32.
+
+The page decodes ``#bulk`` with ``DecompressionStream`` (no network), builds the list lazily (200 rows,
+then "show more") and renders a feature's detail only when it is selected. All text is put in the
+page with ``textContent`` (never parsed as HTML), so explanations and tokens cannot inject markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorascope.atomic import atomic_path
+from lorascope.config import LORA_TARGETS, ReportSection
+from lorascope.errors import LorascopeError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FORMAT = "lorascope-dashboard/1"
+ASSETS = Path(__file__).with_name("dashboard")
+CLASSES = {0: "monosemantic", 1: "broad but consistent", 2: "polysemantic"}
+TOP_TOKENS = 8
+"""Distinct selected tokens of the top contexts kept per feature (shown and searched)."""
+BLOCK_ELEMENTS = 1 << 22
+"""Store values (tokens x feature columns) scanned at once for the histograms."""
+_COMPONENT = re.compile(r"^L(\d+)\.([A-Za-z_]+)$")
+
+
+# ------------------------------------------------------------------------------------------ render
+@dataclass
+class Bulk:
+    """The bulky arrays of a dashboard in logical form; ``render`` quantises and packs them.
+
+    Contexts are grouped by feature, in the order of ``meta["features"]``: feature ``i`` owns contexts
+    ``ctx[0] .. ctx[0] + ctx[1]`` (its ``"ctx": [first, count]``). Training samples: the token ids of
+    each sample segment (a span of one document, shared by every feature whose sample lies in it), and
+    each sampled feature's activations over its own span, concatenated in feature order.
+    """
+
+    vocab: list[str]
+    """Token strings; every id below indexes it."""
+    ctx_tokens: np.ndarray
+    """int [N]: vocabulary ids of every context window, concatenated."""
+    ctx_acts: np.ndarray
+    """float [N]: the feature's activation at each of those tokens."""
+    ctx_lengths: np.ndarray
+    """int [C]: tokens per context window."""
+    ctx_peak: np.ndarray
+    """int [C]: index of the selected (max-activating) token within its window."""
+    ctx_activation: np.ndarray
+    """float [C]: the exact activation of the selected token."""
+    ctx_doc: np.ndarray
+    """int [C]: document index (in the store) of each context."""
+    ctx_position: np.ndarray
+    """int [C]: position of the selected token in its document."""
+    seg_tokens: np.ndarray
+    """int [M]: vocabulary ids of the sample segments, concatenated."""
+    seg_lengths: np.ndarray
+    """int [S]: tokens per sample segment."""
+    sample_acts: np.ndarray
+    """float [K]: activations of each sampled feature over its span (``sample.len`` each)."""
+    heat: np.ndarray
+    """float [H, layers x kinds]: SAE decoder rows on the ``meta["heatmap"]`` grid (NaN: no component)."""
+
+
+def _uint(values: np.ndarray) -> np.ndarray:
+    """``values`` as the narrowest of uint8/16/32 that holds them."""
+    import numpy as np
+
+    top = int(values.max()) if values.size else 0
+    for t in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(t).max:
+            return values.astype(t)
+    raise ValueError(f"value {top} does not fit in uint32")
+
+
+def _leb128(values: np.ndarray) -> np.ndarray:
+    """Unsigned LEB128 of ``values`` (7 bits per byte, high bit set on all but the last byte of each)."""
+    import numpy as np
+
+    v = values.astype(np.uint64)
+    n = np.ones(len(v), np.int64)
+    for k in range(1, 5):
+        n += v >= (1 << (7 * k))
+    out = np.zeros(int(n.sum()), np.uint8)
+    pos = np.cumsum(n) - n
+    for k in range(5):
+        m = n > k
+        out[pos[m] + k] = ((v[m] >> np.uint64(7 * k)) & np.uint64(127)).astype(np.uint8) | np.where(
+            n[m] > k + 1, 128, 0
+        ).astype(np.uint8)
+    return out
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows as columns (the keys once, not once per feature); a dict-valued key ``k`` becomes a 0/1
+    column ``k`` and one column ``k.sub`` per sub-key. ``rows_of`` is the inverse."""
+    keys: dict[str, dict[str, None] | None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, dict):
+                subs = keys.get(k) or {}
+                subs.update(dict.fromkeys(v))
+                keys[k] = subs
+            else:
+                keys.setdefault(k, None)
+    cols: dict[str, list[Any]] = {}
+    for k, subs in keys.items():
+        if subs is None:
+            cols[k] = [r.get(k) for r in rows]
+        else:
+            cols[k] = [int(isinstance(r.get(k), dict)) for r in rows]
+            for sub in subs:
+                cols[f"{k}.{sub}"] = [(r.get(k) or {}).get(sub) for r in rows]
+    return {"n": len(rows), "columns": cols}
+
+
+def rows_of(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The feature dicts of a ``_columns`` table (as the page rebuilds them)."""
+    cols = table["columns"]
+    rows: list[dict[str, Any]] = [{} for _ in range(table["n"])]
+    for name, values in cols.items():
+        if "." in name:
+            continue
+        nested = any(c.startswith(name + ".") for c in cols)
+        for r, v in zip(rows, values, strict=True):
+            r[name] = ({} if v else None) if nested else v
+    for name, values in cols.items():
+        if "." in name:
+            k, sub = name.split(".", 1)
+            for r, v in zip(rows, values, strict=True):
+                if r[k] is not None:
+                    r[k][sub] = v
+    return rows
+
+
+def _quantise(values: np.ndarray, owner: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes ``round(127 * v / scale[owner])`` and the per-owner scale (its largest |v|)."""
+    import numpy as np
+
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    scale = np.zeros(n_owners, np.float32)
+    if values.size:
+        np.maximum.at(scale, owner, np.abs(values))
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.rint(values / safe[owner] * 127).clip(-127, 127).astype(np.int8)
+    return q, scale
+
+
+def _script_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON that cannot end its ``<script>`` block (``<``, ``>`` and ``&`` escaped)."""
+    text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render(meta: dict[str, Any], bulk: Bulk, out: Path, compresslevel: int = 9) -> int:
+    """Write the dashboard of ``meta`` and ``bulk`` to ``out`` atomically; returns its size in bytes.
+
+    ``meta``: ``title``; ``classes`` (``{"0": "monosemantic", ...}``); ``sources`` (``[{"name",
+    "features"}]``, the source filter's options); ``missing`` (lines shown at the top); ``heatmap``
+    (``{"layers": [...], "kinds": [...]}``: the grid of ``bulk.heat`` rows, layers x kinds, or None);
+    ``features``: one dict per feature, in list order, with ``source``, ``id``, ``name``, ``sign``,
+    ``layer``, ``component``, ``explanation``, ``class`` (0/1/2 or None), ``status``, ``error``,
+    ``category``, ``subcategory``, ``detection``, ``detection_n``, ``density``, ``max``, ``top`` (token
+    strings, searched), ``ctx`` (``[first, count]`` into the contexts of ``bulk``), ``hist``
+    (``{"lo", "hi", "counts", "zeros", "tokens"}`` or None), ``sample`` (``{"seg", "off", "len",
+    "peak", "doc", "doc_id", "pos", "act"}``: tokens ``off .. off + len`` of segment ``seg``, the
+    strongest at ``peak``; or None) and ``heat`` (a row of ``bulk.heat`` or None). Other keys are kept.
+
+    Adds to each feature its scales (``cs``: contexts, ``ss``: sample, ``hs``: heatmap; the int8 code
+    127 stands for the scale) and its sample's offset into the sample activations (``sample.a``).
+    """
+    import numpy as np
+
+    features = [dict(f) for f in meta["features"]]
+    n_feat = len(features)
+    n_ctx = int(len(bulk.ctx_lengths))
+    lengths = np.asarray(bulk.ctx_lengths, np.int64)
+    if int(lengths.sum()) != len(bulk.ctx_tokens) or len(bulk.ctx_acts) != len(bulk.ctx_tokens):
+        raise ValueError("ctx_tokens, ctx_acts and ctx_lengths disagree")
+    if int(np.asarray(bulk.seg_lengths, np.int64).sum()) != len(bulk.seg_tokens):
+        raise ValueError("seg_tokens and seg_lengths disagree")
+
+    # vocabulary ranked by use: frequent tokens get small ids, so most take one or two LEB128 bytes
+    ctx_ids = np.asarray(bulk.ctx_tokens, np.int64)
+    seg_ids = np.asarray(bulk.seg_tokens, np.int64)
+    counts = np.bincount(np.concatenate([ctx_ids, seg_ids]), minlength=len(bulk.vocab))
+    used = np.flatnonzero(counts)
+    order = used[np.argsort(-counts[used], kind="stable")]
+    rank = np.zeros(len(bulk.vocab), np.int64)
+    rank[order] = np.arange(len(order))
+    vocab = [bulk.vocab[i] for i in order]
+    utf16 = np.array([len(s.encode("utf-16-le")) // 2 for s in vocab], np.int64)
+
+    # contexts: int8 relative to each feature's largest |activation| in its windows
+    owner_ctx = np.full(n_ctx, -1, np.int64)
+    for i, f in enumerate(features):
+        first, count = f.get("ctx", (0, 0))
+        owner_ctx[first : first + count] = i
+    if (owner_ctx < 0).any():
+        raise ValueError("every context must belong to one feature (meta features' ctx ranges)")
+    ctx_q, ctx_scale = _quantise(np.asarray(bulk.ctx_acts), np.repeat(owner_ctx, lengths), n_feat)
+
+    # samples: each sampled feature's activations, in feature order
+    owner_sample, offset = [], 0
+    for i, f in enumerate(features):
+        if f.get("sample"):
+            f["sample"] = {**f["sample"], "a": offset}
+            owner_sample.append(np.full(f["sample"]["len"], i, np.int64))
+            offset += f["sample"]["len"]
+    if offset != len(bulk.sample_acts):
+        raise ValueError(f"sample_acts holds {len(bulk.sample_acts)} values, the samples {offset}")
+    owners = np.concatenate(owner_sample) if owner_sample else np.zeros(0, np.int64)
+    sample_q, sample_scale = _quantise(np.asarray(bulk.sample_acts), owners, n_feat)
+
+    # heatmaps: int8 per row, -128 marks a cell without a component
+    heat = np.asarray(bulk.heat, np.float32)
+    heat = heat.reshape(len(heat), -1) if heat.size else np.zeros((0, 0), np.float32)
+    absent = np.isnan(heat)
+    heat_scale = np.abs(np.where(absent, 0, heat)).max(1) if heat.size else np.zeros(len(heat), np.float32)
+    safe = np.where(heat_scale > 0, heat_scale, 1.0)[:, None]
+    heat_q = np.rint(np.where(absent, 0, heat) / safe * 127).clip(-127, 127).astype(np.int8)
+    heat_q[absent] = -128
+
+    for i, f in enumerate(features):
+        f["cs"] = float(ctx_scale[i])
+        if f.get("sample"):
+            f["ss"] = float(sample_scale[i])
+        if f.get("heat") is not None:
+            f["hs"] = float(heat_scale[f["heat"]])
+
+    arrays = {
+        "vocab_utf8": np.frombuffer("".join(vocab).encode("utf-8"), np.uint8),
+        "vocab_len": _uint(utf16),
+        "ctx_ids": _leb128(rank[ctx_ids]),
+        "ctx_q": ctx_q,
+        "ctx_len": _uint(lengths),
+        "ctx_peak": _uint(np.asarray(bulk.ctx_peak, np.int64)),
+        "ctx_act": np.asarray(bulk.ctx_activation, np.float32),
+        "ctx_doc": np.asarray(bulk.ctx_doc, np.int32),
+        "ctx_pos": np.asarray(bulk.ctx_position, np.int32),
+        "seg_ids": _leb128(rank[seg_ids]),
+        "seg_len": np.asarray(bulk.seg_lengths, np.uint32),
+        "sample_q": sample_q,
+        "heat_q": heat_q.reshape(-1),
+    }
+    dtypes = {"u1": "u8", "i1": "i8", "u2": "u16", "i2": "i16", "u4": "u32", "i4": "i32", "f4": "f32"}
+    sections, chunks, size = {}, [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        sections[name] = [size, int(a.size), dtypes[a.dtype.str[1:]]]
+        raw = a.tobytes()
+        chunks.append(raw)
+        size += len(raw)
+        pad = -size % 8  # typed-array views need aligned offsets
+        chunks.append(b"\0" * pad)
+        size += pad
+    packed = base64.b64encode(gzip.compress(b"".join(chunks), compresslevel=compresslevel, mtime=0))
+
+    meta = {
+        **meta,
+        "format": FORMAT,
+        "features": _columns(features),
+        "bulk": {
+            "sections": sections,
+            "vocab": len(vocab),
+            "tokens": len(ctx_ids),
+            "segment_tokens": len(seg_ids),
+            "raw_bytes": size,
+        },
+    }
+    style = (ASSETS / "style.css").read_text(encoding="utf-8")
+    script = (ASSETS / "app.js").read_text(encoding="utf-8")
+    csp = f"default-src 'none'; script-src {_script_hash(script)}; style-src {_script_hash(style)}"
+    fills = {
+        "CSP": csp,
+        "STYLE": style,
+        "SCRIPT": script,
+        "META": _json_for_script(meta),
+        "BULK": packed.decode("ascii"),
+        "TITLE": str(meta.get("title", "lorascope feature dashboard"))
+        .replace("&", "&amp;")
+        .replace("<", "&lt;"),
+    }
+    template = (ASSETS / "template.html").read_text(encoding="utf-8")
+    # one pass: text put in is never searched for markers again
+    html = re.sub(r"__([A-Z]+)__", lambda m: fills.get(m[1], m[0]), template)
+    data = html.encode("utf-8")
+    with atomic_path(out, ".html") as tmp:
+        tmp.write_bytes(data)
+    return len(data)
+
+
+# ------------------------------------------------------------------------------------------- build
+@dataclass
+class DashboardInfo:
+    """What ``build`` wrote."""
+
+    path: Path
+    bytes: int
+    sources: list[str]
+    """Sources included, in order."""
+    features: dict[str, int]
+    """Features shown per included source."""
+    contexts: int
+    """Context windows embedded, all sources together."""
+    missing: list[str] = field(default_factory=list)
+    """Human-readable reasons for what is not shown: skipped sources (no label set or contexts) and
+    parts left out (no store: no histograms or samples; no categories; no SAE heatmaps)."""
+
+
+class _Collector:
+    """Features and their bulk arrays, accumulated source by source."""
+
+    def __init__(self) -> None:
+        self.features: list[dict[str, Any]] = []
+        self.vocab: dict[str, int] = {}
+        self.ctx: dict[str, list[Any]] = {
+            k: [] for k in ("tokens", "acts", "lengths", "peak", "act", "doc", "pos")
+        }
+        self.n_ctx = 0
+        self.seg_tokens: list[Any] = []
+        self.seg_lengths: list[int] = []
+        self.sample_acts: list[Any] = []
+        self.heat: list[Any] = []
+
+    def ids(self, strings: Any) -> np.ndarray:
+        """Vocabulary ids of a pyarrow string array (or list of str)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = pa.array(strings, pa.string()) if not isinstance(strings, pa.Array) else strings
+        if len(arr) == 0:
+            return np.zeros(0, np.int64)
+        enc = pc.dictionary_encode(arr.fill_null(""))
+        lookup = np.array(
+            [self.vocab.setdefault(s, len(self.vocab)) for s in enc.dictionary.to_pylist()], np.int64
+        )
+        return lookup[enc.indices.to_numpy(zero_copy_only=False)]
+
+    def bulk(self) -> Bulk:
+        import numpy as np
+
+        def cat(parts: list[Any], dtype: Any) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        width = max((len(h) for h in self.heat), default=0)
+        return Bulk(
+            vocab=list(self.vocab),
+            ctx_tokens=cat(self.ctx["tokens"], np.int64),
+            ctx_acts=cat(self.ctx["acts"], np.float32),
+            ctx_lengths=cat(self.ctx["lengths"], np.int64),
+            ctx_peak=cat(self.ctx["peak"], np.int64),
+            ctx_activation=cat(self.ctx["act"], np.float32),
+            ctx_doc=cat(self.ctx["doc"], np.int32),
+            ctx_position=cat(self.ctx["pos"], np.int32),
+            seg_tokens=cat(self.seg_tokens, np.int64),
+            seg_lengths=np.asarray(self.seg_lengths, np.int64),
+            sample_acts=cat(self.sample_acts, np.float32),
+            heat=np.asarray(self.heat, np.float32).reshape(len(self.heat), width),
+        )
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _num(x: Any) -> float | None:
+    """A finite float or None (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _categories(root: Path, missing: list[str]) -> dict[tuple[str, int, int], tuple[str | None, str | None]]:
+    import pyarrow.parquet as pq
+
+    path = root / "data" / "interp" / "categories" / "assignments.parquet"
+    if not path.is_file():
+        missing.append(f"categories: {_rel(root, path)} not found (no categories shown)")
+        return {}
+    try:
+        rows = pq.read_table(
+            path, columns=["source", "feature", "sign", "category", "subcategory"]
+        ).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a broken optional input never stops the dashboard
+        missing.append(f"categories: {_rel(root, path)} unreadable ({type(e).__name__}: {e})")
+        return {}
+    return {(r["source"], int(r["feature"]), int(r["sign"])): (r["category"], r["subcategory"]) for r in rows}
+
+
+def _labels(path: Path, max_features: int | None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    wanted = ("feature", "feature_name", "sign", "layer", "component", "explanation", "classification",
+              "status", "error", "detection_balanced_accuracy", "detection_n")  # fmt: skip
+    names = pq.read_schema(path).names
+    for c in ("feature", "feature_name", "sign"):
+        if c not in names:
+            raise LorascopeError(f"{path.name} has no column {c!r}")
+    rows = pq.read_table(path, columns=[c for c in wanted if c in names]).to_pylist()
+    rows.sort(key=lambda r: (int(r["feature"]), -int(r["sign"])))
+    return rows[:max_features] if max_features else rows
+
+
+def _top_contexts(path: Path, keys: list[tuple[int, int]], per_feature: int) -> Any:
+    """The ``top`` rows of the wanted features, rank < ``per_feature``, sorted by (feature, -sign, rank)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    cols = ["feature", "sign", "kind", "rank", "doc_index", "position", "activation", "window_start",
+            "window_acts", "tokens"]  # fmt: skip
+    table = pq.read_table(path, columns=cols, filters=[("kind", "=", "top"), ("rank", "<", per_feature)])
+    table = table.filter(
+        pc.is_in(table["feature"], pa.array(sorted({f for f, _ in keys}), table["feature"].type))
+    )
+    neg_sign = pc.negate(table["sign"].cast(pa.int32()))
+    table = table.append_column("neg_sign", neg_sign)
+    return table.sort_by([("feature", "ascending"), ("neg_sign", "ascending"), ("rank", "ascending")])
+
+
+def _store_pass(
+    src: Any, columns: list[int], lo: np.ndarray, hi: np.ndarray, signs: list[int], cfg: ReportSection
+) -> tuple[np.ndarray, np.ndarray, int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """One pass over the first ``histogram_tokens`` tokens: per column a histogram of its nonzero values
+    over [lo, hi], its count of exact zeros, and per sign the strongest activation and its token."""
+    import numpy as np
+    import torch
+
+    bins, limit = cfg.histogram_bins, cfg.histogram_tokens
+    cols = torch.tensor(columns, dtype=torch.long)
+    n = len(columns)
+    lo_t = torch.tensor(lo, dtype=torch.float32)
+    width = torch.tensor(np.where(hi > lo, hi - lo, 1.0), dtype=torch.float32)
+    hist = torch.zeros(n * bins, dtype=torch.long)
+    zeros = torch.zeros(n, dtype=torch.long)
+    best = {s: (torch.full((n,), float("-inf")), torch.full((n,), -1, dtype=torch.long)) for s in signs}
+    offsets = torch.arange(n) * bins
+    block = max(1, BLOCK_ELEMENTS // max(n, len(src.features), len(src.store.components)))
+    seen = 0
+    with torch.no_grad():
+        for shard in src.store.shards:
+            if seen >= limit:
+                break
+            take = min(shard.tokens, limit - seen)
+            acts_TC, _ = src.store.read(shard)
+            for b0 in range(0, take, block):
+                b1 = min(take, b0 + block)
+                x = acts_TC[b0:b1].float()
+                v = (src.encode(x) if src.encode is not None else x)[:, cols]
+                nz = v != 0
+                zeros += (~nz).sum(0)
+                idx = ((v - lo_t) / width * bins).floor().clamp(0, bins - 1).long() + offsets
+                hist += torch.bincount(idx[nz], minlength=n * bins)
+                for s, (val, pos) in best.items():
+                    m, i = (v * s).max(0)
+                    better = m > val
+                    val[better] = m[better]
+                    pos[better] = i[better] + shard.start + b0
+            seen += take
+    return (
+        hist.view(n, bins).numpy(),
+        zeros.numpy(),
+        seen,
+        {s: (val.numpy(), pos.numpy()) for s, (val, pos) in best.items()},
+    )
+
+
+def _samples(
+    src: Any, renderer: Any, wanted: list[tuple[int, int, int]], sample_tokens: int
+) -> tuple[list[dict[str, Any]], list[tuple[Any, Any]], dict[int, tuple[int, int, Any]]]:
+    """Cut the training samples. ``wanted``: (feature index, column, global peak token) per feature.
+
+    Returns the segments (one per document: ``doc``, ``doc_id``, ``start``, ``length``), their (token
+    ids, pieces), and per feature index ``(segment, offset, activations over its span)``."""
+    import bisect
+
+    import numpy as np
+    import torch
+
+    docs = src.store.documents
+    starts = [d[1] for d in docs]
+    spans: dict[int, list[tuple[int, int, int, int]]] = {}  # doc -> [(feature index, column, a, b)]
+    for fi, column, g in wanted:
+        d = bisect.bisect_right(starts, g) - 1
+        s, length = docs[d][1], docs[d][2]
+        a = max(s, min(g - sample_tokens // 2, s + length - sample_tokens))
+        spans.setdefault(d, []).append((fi, column, a, min(s + length, a + sample_tokens)))
+    shards = src.store.shards
+    shard_of = {}
+    for d in spans:
+        shard_of.setdefault(next(sh for sh in shards if sh.first_doc <= d < sh.last_doc).index, []).append(d)
+    segments, seg_data, per_feature = [], [], {}
+    with torch.no_grad():
+        for si in sorted(shard_of):
+            shard = shards[si]
+            acts_TC, ids_T = src.store.read(shard)
+            for d in sorted(shard_of[si]):
+                items = spans[d]
+                a0, b0 = min(a for *_, a, _ in items), max(b for *_, b in items)
+                rows = slice(a0 - shard.start, b0 - shard.start)
+                x = acts_TC[rows].float()
+                columns = torch.tensor([c for _, c, _, _ in items], dtype=torch.long)
+                values = (src.encode(x) if src.encode is not None else x)[:, columns].numpy()
+                ids = ids_T[rows].tolist()
+                _, pieces = renderer.render(ids)
+                seg = len(segments)
+                segments.append(
+                    {"doc": d, "doc_id": str(docs[d][0]), "start": a0 - docs[d][1], "length": b0 - a0}
+                )
+                seg_data.append((ids, pieces))
+                for j, (fi, _column, a, b) in enumerate(items):
+                    per_feature[fi] = (seg, a - a0, np.asarray(values[a - a0 : b - a0, j], np.float32))
+    return segments, seg_data, per_feature
+
+
+def _heatmap(root: Path, ids: list[int]) -> tuple[dict[str, Any], list[list[float]]]:
+    """The SAE decoder rows of latents ``ids`` on a layer x component-type grid."""
+    from lorascope.sae.train import load
+
+    sae, cfg = load(root / "models" / "sae")
+    W = sae.W_dec_FD.detach().float().numpy()
+    cells = []
+    for name in cfg["components"]:
+        m = _COMPONENT.match(name)
+        if not m:
+            raise LorascopeError(f"models/sae/cfg.json: component {name!r} is not L<layer>.<kind>")
+        cells.append((int(m[1]), m[2]))
+    layers = sorted({layer for layer, _ in cells})
+    kinds = [k for k in LORA_TARGETS if any(k == c for _, c in cells)]
+    kinds += sorted({c for _, c in cells} - set(kinds))
+    where = [layers.index(layer) * len(kinds) + kinds.index(kind) for layer, kind in cells]
+    rows = []
+    for f in ids:
+        row = [math.nan] * (len(layers) * len(kinds))
+        for c, w in enumerate(where):
+            row[w] = float(W[f, c])
+        rows.append(row)
+    return {"layers": layers, "kinds": kinds}, rows
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, LorascopeError) else f"{type(e).__name__}: {e}"
+
+
+def _add_source(
+    root: Path,
+    source: str,
+    cfg: ReportSection,
+    out: _Collector,
+    categories: dict[tuple[str, int, int], tuple[str | None, str | None]],
+    renderer: Any,
+    missing: list[str],
+    meta: dict[str, Any],
+) -> int:
+    """Add ``source``'s features to ``out``; returns how many. Raises for a source that is skipped
+    (then nothing of it is added)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    labels_path = root / "data" / "interp" / f"{source}.parquet"
+    ctx_path = root / "data" / "contexts" / f"{source}.parquet"
+    stats_path = root / "data" / "contexts" / f"{source}.features.parquet"
+    for p in (labels_path, ctx_path, stats_path):
+        if not p.is_file():
+            raise LorascopeError(f"{_rel(root, p)} not found")
+    labels = _labels(labels_path, cfg.max_features)
+    keys = [(int(r["feature"]), int(r["sign"])) for r in labels]
+    stats = {
+        (int(r["feature"]), int(r["sign"])): r
+        for r in pq.read_table(stats_path, columns=["feature", "sign", "max", "min", "density"]).to_pylist()
+    }
+
+    # --- the top contexts, grouped by (feature, sign) in label order
+    table = _top_contexts(ctx_path, keys, cfg.contexts_per_feature)
+    feat = table["feature"].to_numpy().astype(np.int64)
+    sign = table["sign"].to_numpy().astype(np.int64)
+    row_key = feat * 2 + (sign < 0)
+    lengths = pc.list_value_length(table["tokens"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    acts_len = pc.list_value_length(table["window_acts"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not np.array_equal(lengths, acts_len):
+        raise LorascopeError(f"{_rel(root, ctx_path)}: tokens and window_acts differ in length")
+    tokens = out.ids(pc.list_flatten(table["tokens"]))
+    acts = pc.list_flatten(table["window_acts"]).to_numpy(zero_copy_only=False).astype(np.float32)
+    position = table["position"].to_numpy().astype(np.int64)
+    peak = position - table["window_start"].to_numpy().astype(np.int64)
+    if ((peak < 0) | (peak >= lengths)).any():
+        raise LorascopeError(f"{_rel(root, ctx_path)}: a selected token lies outside its window")
+    tok_start = np.concatenate([[0], np.cumsum(lengths)])
+    vocab = list(out.vocab)
+    # contexts of features not in the label set (dead, or past max_features) are dropped
+    keep = np.zeros(len(lengths), bool)
+    features, first = [], 0
+    for r, (f, s) in zip(labels, keys, strict=True):
+        k = f * 2 + (s < 0)
+        lo, hi = int(np.searchsorted(row_key, k, "left")), int(np.searchsorted(row_key, k, "right"))
+        keep[lo:hi] = True
+        picked = Counter(int(tokens[tok_start[j] + peak[j]]) for j in range(lo, hi))
+        st = stats.get((f, s), {})
+        cat, sub = categories.get((source, f, s), (None, None))
+        cls = r.get("classification")
+        features.append({
+            "source": source, "id": f, "name": r["feature_name"], "sign": s,
+            "layer": None if r.get("layer") is None else int(r["layer"]), "component": r.get("component"),
+            "explanation": r.get("explanation"), "class": None if cls is None else int(cls),
+            "status": r.get("status"), "error": r.get("error"), "category": cat, "subcategory": sub,
+            "detection": _num(r.get("detection_balanced_accuracy")), "detection_n": r.get("detection_n"),
+            "density": _num(st.get("density")), "max": _num(st.get("max")),
+            "top": [vocab[t] for t, _ in picked.most_common(TOP_TOKENS)],
+            "ctx": [first, hi - lo], "hist": None, "sample": None, "heat": None,
+        })  # fmt: skip
+        first += hi - lo
+    tok_keep = np.repeat(keep, lengths)
+
+    # --- histograms and training samples: one pass over the start of the store
+    samples: tuple[list[dict[str, Any]], list[Any], list[Any]] = ([], [], [])
+    try:
+        samples = _store_features(root, source, cfg, out, features, stats, renderer, meta)
+    except Exception as e:  # noqa: BLE001 - the labels and contexts still make a useful dashboard
+        missing.append(f"{source}: no histograms or training samples ({_why(e)})")
+        for f in features:
+            f["hist"] = f["sample"] = None
+
+    # --- SAE decoder heatmaps
+    heat: list[list[float]] = []
+    if source == "sae":
+        try:
+            grid, heat = _heatmap(root, [f["id"] for f in features])
+            meta["heatmap"] = grid
+        except Exception as e:  # noqa: BLE001
+            missing.append(f"sae: no decoder heatmaps ({_why(e)})")
+            heat = []
+
+    # --- commit (nothing of the source is in ``out`` before this point, except vocabulary entries)
+    segments, seg_ids, sample_acts = samples
+    seg_base, ctx_base = len(out.seg_lengths), out.n_ctx
+    for f in features:
+        f["ctx"][0] += ctx_base
+        if f["sample"] is not None:
+            f["sample"]["seg"] += seg_base
+    for i, f in enumerate(features if heat else []):
+        f["heat"] = len(out.heat) + i
+    out.heat.extend(heat)
+    out.ctx["tokens"].append(tokens[tok_keep])
+    out.ctx["acts"].append(acts[tok_keep])
+    out.ctx["lengths"].append(lengths[keep])
+    out.ctx["peak"].append(peak[keep])
+    out.ctx["act"].append(table["activation"].to_numpy().astype(np.float32)[keep])
+    out.ctx["doc"].append(table["doc_index"].to_numpy()[keep])
+    out.ctx["pos"].append(position[keep])
+    out.n_ctx += int(keep.sum())
+    out.seg_tokens.extend(seg_ids)
+    out.seg_lengths.extend(len(ids) for ids in seg_ids)
+    out.sample_acts.extend(sample_acts)
+    meta.setdefault("segments", []).extend(segments)
+    out.features.extend(features)
+    return len(features)
+
+
+def _store_features(
+    root: Path,
+    source: str,
+    cfg: ReportSection,
+    out: _Collector,
+    features: list[dict[str, Any]],
+    stats: dict[tuple[int, int], dict[str, Any]],
+    renderer: Any,
+    meta: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Set each feature's ``hist`` and ``sample`` (segment indices local to the source); returns the
+    segments, their vocabulary ids and the sample activations in feature order."""
+    import numpy as np
+
+    from lorascope.contexts.sources import open_source
+
+    if renderer is None:
+        raise LorascopeError("models/base: no tokenizer")
+    src = open_source(source, root)
+    columns = sorted({f["id"] for f in features})
+    for c in columns:
+        if not 0 <= c < len(src.features):
+            raise LorascopeError(f"feature {c} is not in the store ({len(src.features)} features)")
+    where = {c: i for i, c in enumerate(columns)}
+    # each column's raw range over the whole store (for a signed source the + row holds it)
+    lo = np.zeros(len(columns), np.float64)
+    hi = np.ones(len(columns), np.float64)
+    for c, i in where.items():
+        pos, neg = stats.get((c, 1)) or {}, stats.get((c, -1)) or {}
+        if pos.get("min") is not None and pos.get("max") is not None:
+            lo[i], hi[i] = float(pos["min"]), float(pos["max"])
+        elif neg.get("min") is not None and neg.get("max") is not None:
+            lo[i], hi[i] = -float(neg["max"]), -float(neg["min"])
+    signs = sorted({f["sign"] for f in features}, reverse=True)
+    hist, zeros, seen, best = _store_pass(src, columns, lo, hi, signs, cfg)
+    wanted = []
+    for fi, f in enumerate(features):
+        i = where[f["id"]]
+        f["hist"] = {
+            "lo": float(lo[i]), "hi": float(hi[i]), "counts": hist[i].tolist(), "zeros": int(zeros[i]), "tokens": seen,
+        }  # fmt: skip
+        val, pos = best[f["sign"]]
+        if val[i] > 0:
+            wanted.append((fi, f["id"], int(pos[i])))
+    segments, seg_data, per_feature = _samples(src, renderer, wanted, cfg.sample_tokens)
+    seg_ids = [out.ids(pieces) for _, pieces in seg_data]
+    sample_acts = []
+    for fi, (seg, off, values) in sorted(per_feature.items()):
+        peak = int(np.argmax(values * features[fi]["sign"]))
+        info = segments[seg]
+        features[fi]["sample"] = {
+            "seg": seg, "off": off, "len": len(values), "peak": peak, "doc": info["doc"],
+            "doc_id": info["doc_id"], "pos": info["start"] + off, "act": float(values[peak]),
+        }  # fmt: skip
+        sample_acts.append(values)
+    meta.setdefault("stores", {})[source] = {"tokens": src.store.tokens, "scanned": seen}
+    return segments, seg_ids, sample_acts
+
+
+def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
+    """Write the dashboard of the workspace at ``root`` to ``out`` (atomically).
+
+    Sources (``cfg.dashboard_sources``) whose label set (``data/interp/<source>.parquet``) or contexts
+    (``data/contexts/<source>.parquet`` and ``.features.parquet``) are missing or unreadable are skipped
+    and listed in ``missing``; so are the parts that need other inputs (the activation store and
+    ``models/base`` for histograms and samples, ``models/sae`` for heatmaps, the category assignments).
+    """
+    root = Path(root)
+    missing: list[str] = []
+    categories = _categories(root, missing)
+    renderer = None
+    try:
+        from lorascope.base.load import load_tokenizer
+        from lorascope.contexts.tokens import TokenRenderer
+
+        renderer = TokenRenderer(load_tokenizer(root / "models" / "base"))
+    except Exception as e:  # noqa: BLE001 - only the training samples need it
+        missing.append(f"tokenizer: models/base unusable ({_why(e)}); no training samples")
+    collector = _Collector()
+    meta: dict[str, Any] = {
+        "title": "lorascope feature dashboard",
+        "classes": {str(k): v for k, v in CLASSES.items()},
+        "settings": cfg.model_dump(mode="json"),
+        "sources": [],
+        "missing": missing,
+        "heatmap": None,
+        "segments": [],
+        "stores": {},
+    }
+    counts: dict[str, int] = {}
+    for source in cfg.dashboard_sources:
+        try:
+            n = _add_source(root, source, cfg, collector, categories, renderer, missing, meta)
+        except Exception as e:  # noqa: BLE001 - one broken source never stops the others
+            why = str(e) if isinstance(e, LorascopeError) else f"unreadable ({_why(e)})"
+            missing.append(f"{source}: {why}")
+            continue
+        counts[source] = n
+        meta["sources"].append({"name": source, "features": n})
+    size = render({**meta, "features": collector.features}, collector.bulk(), out)
+    return DashboardInfo(
+        path=out, bytes=size, sources=list(counts), features=counts, contexts=collector.n_ctx, missing=missing
+    )

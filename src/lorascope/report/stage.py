@@ -1,0 +1,289 @@
+"""Run the ``report`` stage: everything the paper shows, from whatever upstream outputs exist.
+
+Writes ``reports/`` (temp directory, then rename):
+
+* ``table1.{md,csv}`` (base / LoRA / full / recovery), ``table2.{md,csv}`` (ablated adapters),
+  ``steering.{md,csv}`` (backtracking per 1000 tokens, length, accuracy per direction and alpha);
+* ``figure1.png`` (category shares), ``figure2.png`` (category density by layer and type),
+  ``figure3.png`` (ablation KL, layer x type), ``sae.png`` (FVU by layer and type, L0, alive
+  latents), ``training.png`` (loss curves of the finetunes, read from their MLflow runs);
+* ``plots/*.csv``: the loss curves and the ablation KL per layer and type, for ``dvc plots``;
+* ``dashboard.html``: the offline feature dashboard;
+* ``index.html``: all of it on one page, each number with the run that produced it;
+* ``run.json``: lineage, and the list of what was missing.
+
+A missing upstream output is never an error: its table or figure is left out and named in the
+index, the run (``report.missing``) and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorascope.config import Params
+from lorascope.project import workspace_root
+from lorascope.report.tables import Table, table1, table2
+
+RECOVERY = Path("metrics/recovery.json")
+FIGURE1 = Path("data/interp/categories/figure1.json")
+FIGURE2 = Path("data/interp/categories/figure2.json")
+FIGURE3 = Path("metrics/ablation/figure3.json")
+ABLATION = Path("metrics/ablation")
+SAE = Path("metrics/sae.json")
+STEER = Path("metrics/steer.json")
+FINETUNES = {"lora": Path("models/lora"), "full": Path("models/full")}
+RECORDED_BY = {SAE: Path("models/sae"), STEER: Path("data/steer")}
+"""Outputs whose run.json lives with another output of the same stage."""
+
+
+@dataclass
+class Page:
+    """What the index shows, in order, and what could not be shown."""
+
+    sections: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    lineage: dict[str, str] = field(default_factory=dict)
+    """Artefact (relative path) -> the run id that produced it."""
+
+
+def _run_id(root: Path, rel: Path) -> str | None:
+    """The run that produced ``rel`` (its run.json), if recorded."""
+    from lorascope.tracking import read_manifest
+
+    manifest = read_manifest(root / rel)
+    return manifest.get("run_id") if manifest else None
+
+
+def _load(root: Path, rel: Path, page: Page, what: str) -> Any | None:
+    """The JSON at ``rel``; a missing or unreadable file is recorded on the page."""
+    path = root / rel
+    if not path.is_file():
+        page.missing.append(f"{what}: {rel} not found")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        page.missing.append(f"{what}: {rel} unreadable ({e})")
+        return None
+    if run_id := _run_id(root, RECORDED_BY.get(rel, rel)):
+        page.lineage[rel.as_posix()] = run_id
+    return data
+
+
+def _source(rel: Path, page: Page) -> str:
+    run = page.lineage.get(rel.as_posix())
+    return f"<p class='src'>data: <code>{html.escape(rel.as_posix())}</code>" + (
+        f", run <code>{run}</code></p>" if run else "</p>"
+    )
+
+
+def _html_table(table: Table) -> str:
+    def cell(v: Any) -> str:
+        return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in table.notes)
+    return f"<table><tr>{head}</tr>{body}</table>" + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+
+
+def _write_table(out: Path, name: str, title: str, table: Table, rel: Path, page: Page) -> None:
+    (out / f"{name}.md").write_text(f"# {title}\n\n{table.markdown()}")
+    (out / f"{name}.csv").write_text(table.csv())
+    page.sections.append(
+        f"<h2>{html.escape(title)}</h2>{_html_table(table)}{_source(rel, page)}"
+        f"<p class='files'><a href='{name}.md'>{name}.md</a> · <a href='{name}.csv'>{name}.csv</a></p>"
+    )
+
+
+def _figure(out: Path, name: str, title: str, draw: Callable[[Path], Any], rel: Path, page: Page) -> None:
+    try:
+        draw(out / f"{name}.png")
+    except Exception as e:  # a figure that cannot be drawn must not cost the rest of the report
+        page.missing.append(f"{title}: could not be drawn from {rel} ({type(e).__name__}: {e})")
+        return
+    page.sections.append(
+        f"<h2>{html.escape(title)}</h2><img src='{name}.png' alt='{html.escape(title)}'>{_source(rel, page)}"
+    )
+
+
+def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(buf.getvalue())
+
+
+def loss_curves(root: Path, page: Page) -> dict[str, list[tuple[int, float]]]:
+    """Per finetune variant, its logged training loss by step (from the MLflow run in its run.json)."""
+    from lorascope.tracking import client
+
+    curves = {}
+    for variant, rel in FINETUNES.items():
+        run_id = _run_id(root, rel)
+        if run_id is None:
+            page.missing.append(f"training curve ({variant}): {rel}/run.json not found")
+            continue
+        try:
+            history = client().get_metric_history(run_id, "loss")
+        except Exception as e:  # the run lives in another store, or the store is unreachable
+            page.missing.append(f"training curve ({variant}): run {run_id} not readable ({type(e).__name__})")
+            continue
+        if not history:
+            page.missing.append(f"training curve ({variant}): run {run_id} logged no loss")
+            continue
+        curves[variant] = sorted((m.step, m.value) for m in history)
+        page.lineage[rel.as_posix()] = run_id
+    return curves
+
+
+def steering_table(steer: dict[str, Any]) -> Table:
+    rows = [
+        [direction, float(alpha), s["backtracks_per_1k"], s["mean_tokens"], s["accuracy"]]
+        for direction, sweep in steer["directions"].items()
+        for alpha, s in sorted(sweep.items(), key=lambda kv: float(kv[0]))
+    ]
+    words = ", ".join(steer.get("backtrack_words", []))
+    return Table(
+        ["direction", "alpha", "backtracks per 1000 tokens", "mean tokens", "accuracy"],
+        rows,
+        [f"backtracking words: {words}; {steer.get('prompts', '?')} prompts"],
+    )
+
+
+def _ablation_plots(root: Path, out: Path) -> None:
+    """Per-layer and per-type KL as CSV for ``dvc plots``."""
+    for sweep, key in (("layers", "layer"), ("types", "type")):
+        path = root / ABLATION / f"{sweep}.json"
+        if path.is_file():
+            ablations = json.loads(path.read_text())["ablations"]
+            rows = [[name, a["kl"], a["delta_ce"]] for name, a in ablations.items()]
+            if sweep == "layers":
+                rows.sort(key=lambda r: int(r[0][1:]))
+            _csv(out / "plots" / f"ablation_{sweep}.csv", [key, "kl", "delta_ce"], rows)
+
+
+def index_html(page: Page, dashboard: bool) -> str:
+    missing = "".join(f"<li>{html.escape(m)}</li>" for m in page.missing)
+    lineage = "".join(
+        f"<tr><td><code>{html.escape(k)}</code></td><td><code>{v}</code></td></tr>"
+        for k, v in sorted(page.lineage.items())
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lorascope report</title>
+<style>
+body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }} img {{ max-width: 100%; }} .src, .files, .notes {{ color: #666; font-size: 13px; }}
+.missing {{ background: #fff4e5; border-left: 4px solid #f0a020; padding: .5em 1em; }}
+</style></head><body>
+<h1>lorascope report</h1>
+<p>Rank-1 LoRAs Encode Interpretable Reasoning Signals: tables and figures from this workspace's pipeline outputs.
+{"<a href='dashboard.html'>Feature dashboard</a> (offline, one file)." if dashboard else ""}
+Each number names the MLflow run that produced it; <code>lorascope lineage RUN_ID</code> walks back to the data.</p>
+{f"<div class='missing'><b>Missing</b> (not rendered):<ul>{missing}</ul></div>" if missing else ""}
+{"".join(page.sections)}
+<h2>Lineage</h2><table><tr><th>artefact</th><th>run</th></tr>{lineage}</table>
+</body></html>
+"""
+
+
+def run(params: Params) -> Path:
+    """Render ``reports/`` from what exists; returns the folder."""
+    import mlflow
+
+    from lorascope.atomic import atomic_path
+    from lorascope.report import figures
+    from lorascope.report.dashboard import build
+    from lorascope.tracking import stage_run
+
+    cfg, root = params.report, workspace_root()
+    candidates = [
+        RECOVERY, FIGURE1.parent, FIGURE3.parent, SAE, STEER, *FINETUNES.values(), Path("data/interp"),
+        Path("data/contexts"), Path("data/activations/lora"), Path("data/activations/mlp"), Path("models/sae"),
+    ]  # fmt: skip
+    inputs = [root / p for p in candidates if (root / p).exists()]
+    out = root / "reports"
+    with stage_run("report", params, inputs) as sr, atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        page = Page()
+        if (recovery := _load(root, RECOVERY, page, "Table 1")) is not None:
+            _write_table(
+                tmp, "table1", "Table 1: recovery of the full finetune", table1(recovery), RECOVERY, page
+            )
+            if (t2 := table2(recovery)) is not None:
+                _write_table(tmp, "table2", "Table 2: ablated adapters", t2, RECOVERY, page)
+            else:
+                page.missing.append("Table 2: no ablated adapter was evaluated (evaluate.variants)")
+        else:
+            page.missing.append(f"Table 2: {RECOVERY} not found")
+        if (fig1 := _load(root, FIGURE1, page, "Figure 1")) is not None:
+            _figure(
+                tmp,
+                "figure1",
+                "Figure 1: category shares",
+                lambda p: figures.figure1(fig1, p, cfg.dpi),
+                FIGURE1,
+                page,
+            )
+        if (fig2 := _load(root, FIGURE2, page, "Figure 2")) is not None:
+            _figure(
+                tmp,
+                "figure2",
+                "Figure 2: category density by layer and component",
+                lambda p: figures.figure2(fig2, p, cfg.dpi),
+                FIGURE2,
+                page,
+            )
+        if (fig3 := _load(root, FIGURE3, page, "Figure 3")) is not None:
+            _figure(
+                tmp,
+                "figure3",
+                "Figure 3: ablation KL by layer and component type",
+                lambda p: figures.figure3(fig3, p, cfg.dpi),
+                FIGURE3,
+                page,
+            )
+            _ablation_plots(root, tmp)
+        if (sae := _load(root, SAE, page, "SAE metrics")) is not None:
+            _figure(
+                tmp,
+                "sae",
+                "SAE: FVU by layer and type, L0, alive latents",
+                lambda p: figures.sae_metrics(sae, p, cfg.dpi),
+                SAE,
+                page,
+            )
+        if curves := loss_curves(root, page):
+            for variant, points in curves.items():
+                _csv(tmp / "plots" / f"loss_{variant}.csv", ["step", "loss"], [list(p) for p in points])
+            _figure(
+                tmp,
+                "training",
+                "Training loss",
+                lambda p: figures.training_curves(curves, p, cfg.dpi),
+                FINETUNES["lora"],
+                page,
+            )
+        if (steer := _load(root, STEER, page, "Steering")) is not None:
+            _write_table(
+                tmp, "steering", "Steering: backtracking by magnitude", steering_table(steer), STEER, page
+            )
+        info = build(root, cfg, tmp / "dashboard.html")
+        page.missing += [f"dashboard: {m}" for m in info.missing]
+        dashboard = (tmp / "dashboard.html").is_file()
+        (tmp / "index.html").write_text(index_html(page, dashboard))
+        sr.write_manifest(tmp, {"missing": page.missing, "lineage": page.lineage})
+        mlflow.log_metric("missing_items", len(page.missing))
+        mlflow.log_dict({"missing": page.missing, "lineage": page.lineage}, "report.json")
+        mlflow.log_artifacts(str(tmp), "reports")
+    return out
