@@ -182,6 +182,14 @@ class StageRun:
     inputs_md5: dict[Path, str] = field(default_factory=dict)
     """The DVC md5 of each input, as tagged (a stage keys caches on it instead of hashing again)."""
 
+    def fingerprint(self) -> str:
+        """16 hex digits of the params section and the inputs: equal exactly when a resumable
+        stage's saved partial work is still valid."""
+        import hashlib
+
+        blob = json.dumps({"params": self.params_hash, "inputs": sorted(self.inputs_md5.values())})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def write_manifest(
         self, out_dir: str | Path, extra: dict[str, Any] | None = None, files: Sequence[Path] = ()
     ) -> dict[str, Any]:

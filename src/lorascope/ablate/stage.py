@@ -15,7 +15,6 @@ killed run resumes at the next sequence and ends with the same files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -25,7 +24,7 @@ from typing import Any
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
-from lorascope.config import LORA_TARGETS, Params, section_hash
+from lorascope.config import LORA_TARGETS, Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component
 from lorascope.project import workspace_root
@@ -63,13 +62,6 @@ def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list
         raise LorascopeError(f"{path}: no row has a response token within ablate.max_tokens ({max_tokens})")
     chosen = sorted(random.Random(seed).sample(eligible, min(n, len(eligible))))
     return [(table[i]["id"], table[i]["input_ids"][:max_tokens], table[i]["loss_start"]) for i in chosen]
-
-
-def _fingerprint(params: Params, inputs_md5: dict[Path, str]) -> str:
-    blob = json.dumps(
-        {"params": section_hash(params, "ablate"), "inputs": sorted(inputs_md5.values())}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def summarize(per_seq: list[Stats], lora: list[Stats]) -> dict[str, Any]:
@@ -122,7 +114,7 @@ def run(params: Params) -> Path:
     ablator = Ablator(model, comps, cfg.batch_size, cfg.logit_chunk, cfg.prefix_reuse)
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
-        work = root / "checkpoints" / "ablate" / _fingerprint(params, sr.inputs_md5)
+        work = root / "checkpoints" / "ablate" / sr.fingerprint()
         work.mkdir(parents=True, exist_ok=True)
         resumed = 0
         per_seq: list[tuple[Stats, list[Stats]]] = []

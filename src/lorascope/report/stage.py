@@ -18,9 +18,7 @@ index, the run (``report.missing``) and ``run.json``.
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,12 +113,8 @@ def _figure(out: Path, name: str, title: str, draw: Callable[[Path], Any], rel: 
 
 
 def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buf.getvalue())
+    path.write_text(Table(header, rows, []).csv())
 
 
 def loss_curves(root: Path, page: Page) -> dict[str, list[tuple[int, float]]]:

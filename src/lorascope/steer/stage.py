@@ -12,13 +12,12 @@ run resumes after the last finished one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from lorascope.atomic import atomic_path, write_json
-from lorascope.config import Params, section_hash
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
@@ -94,8 +93,7 @@ def run(params: Params) -> Path:
     inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
 
     with stage_run("steer", params, inputs) as sr:
-        blob = json.dumps({"params": section_hash(params, "steer"), "inputs": sorted(sr.inputs_md5.values())})
-        work = root / "checkpoints" / "steer" / hashlib.sha256(blob.encode()).hexdigest()[:16]
+        work = root / "checkpoints" / "steer" / sr.fingerprint()
         work.mkdir(parents=True, exist_ok=True)
         generations: list[dict[str, Any]] = []
         todo = [(d, a) for d in directions for a in cfg.alphas]
