@@ -487,8 +487,10 @@ def _store_pass(
     offsets = torch.arange(n) * bins
     block = max(1, BLOCK_ELEMENTS // max(n, len(src.features), len(src.store.components)))
     seen = 0
+    from lorascope.progress import track
+
     with torch.no_grad():
-        for shard in src.store.shards:
+        for shard in track(src.store.shards, "dashboard: histograms", total=len(src.store.shards)):
             if seen >= limit:
                 break
             take = min(shard.tokens, limit - seen)
