@@ -43,7 +43,7 @@ MAX_TICKS = 16  # more rows/columns than this get every k-th tick label
 LOG_DECADES = 2.0  # positive values spanning more decades than this get a log scale
 LOG_FLOOR_DECADES = 6.0  # a log scale spans at most this many decades below its maximum
 NULL_COLOR = "#d9d9d9"
-DENSITY_LABEL = "Activation density (fraction of the cell's categorized activation mass, 0-1)"
+DENSITY_LABEL = "Activation density\n(fraction of the cell's categorized mass, 0-1)"
 
 
 @dataclass
@@ -54,7 +54,8 @@ class FigureInfo:
     figsize_in: tuple[float, float]
     dpi: int
     size_px: tuple[int, int]
-    """(width, height) read back from the written PNG's header."""
+    """(width, height) read back from the written PNG's header: ``figsize_in * dpi`` up to the tight
+    bounding box (a few pixels of padding or trimmed margin)."""
     panels: int = 0
     """Axes that show data (heatmaps, bar charts, line plots); note-only axes are not counted."""
     cells: int = 0
@@ -72,6 +73,8 @@ class FigureInfo:
     """Tick labels shown on named axes (e.g. ``layers``, ``types``, ``categories``)."""
     text: list[str] = field(default_factory=list)
     """Notes and summary lines drawn as text (e.g. ``no categories``)."""
+    colorbar: str = ""
+    """The colorbar's label (empty when there is no colorbar)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -192,9 +195,9 @@ def figure1(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     shares = {s: [_num((r.get("shares") or {}).get(s)) for r in rows] for s in sources}
     counts = {s: [(r.get("counts") or {}).get(s) for r in rows] for s in sources}
 
-    fig = _new_figure(7.5, 1.6 + len(rows) * (0.2 + 0.22 * max(1, len(sources))))
+    fig = _new_figure(9.0, 1.6 + len(rows) * (0.2 + 0.22 * max(1, len(sources))))
     ax = fig.add_subplot()
-    ax.set_title("Figure 1: Category shares of LoRA directions, MLP neurons and SAE latents")
+    ax.set_title("Figure 1: Category shares of LoRA directions, MLP neurons and SAE latents", fontsize=10)
     text: list[str] = []
     bars = 0
     if not rows or not sources:
@@ -296,8 +299,13 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     nrows = max(1, math.ceil(len(panels) / ncols))
     n_rows_max = max([len(layers), len(mlp_layers), 1])
     panel_h = min(7.0, 1.6 + 0.12 * n_rows_max)
-    fig = _new_figure(1.4 + 3.3 * ncols, 0.8 + panel_h * nrows)
-    fig.suptitle("Figure 2: Category activation density by layer and component type (LoRA directions)")
+    # at least wide enough for the title and tall enough for the colorbar's label
+    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), max(4.5, 1.0 + panel_h * nrows))
+    title = "Figure 2: Category activation density by layer and component type\n(LoRA directions"
+    title += "; MLP neurons by layer)" if panels[-1:] and panels[-1][0] == "mlp" else ")"
+    if any(v is None for _, _, grid, *_ in panels for row in grid for v in row):
+        title += "\ngrey: no categorized feature fired in the cell"
+    fig.suptitle(title, fontsize=11)
     text: list[str] = []
     if not panels:
         ax = fig.add_subplot()
@@ -337,6 +345,7 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
             "types": [_short_type(kinds[i]) for i in _thin(len(kinds))],
             "categories": [_category_name(c) for c in categories],
         },
+        colorbar=DENSITY_LABEL,
     )
 
 
@@ -371,12 +380,16 @@ def figure3(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     present = [v for row in kl_LT for v in row if v is not None]
     row_labels, col_labels = [str(n) for n in layers], [_short_type(k) for k in kinds]
 
-    fig = _new_figure(2.2 + 0.75 * max(len(kinds), 4), 1.6 + min(8.0, 0.3 * max(len(layers), 2)))
+    fig = _new_figure(2.6 + 0.75 * max(len(kinds), 4), 2.4 + min(7.5, 0.3 * max(len(layers), 4)))
     ax = fig.add_subplot()
-    ax.set_title("Figure 3: Single-component ablation KL by layer and component type", fontsize=10)
+    title = "Figure 3: Single-component ablation KL by layer and component type"
+    if present and len(present) < len(layers) * len(kinds):
+        title += "\ngrey: not measured"
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("Component type")
     ax.set_ylabel("Layer")
     text: list[str] = []
+    colorbar = f"{direction}\n{unit}" if present and layers and kinds else ""
     scale, floor, norm = "none", None, None
     if present:
         top = max(present)
@@ -394,7 +407,7 @@ def figure3(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     else:
         image = _heatmap(ax, kl_LT, row_labels, col_labels, _cmap("magma_r"), norm or Normalize(0, 1), floor)
         if present:
-            fig.colorbar(image, ax=ax, label=f"{direction}\n{unit}")
+            fig.colorbar(image, ax=ax, label=colorbar)
             if len(layers) * len(kinds) <= 120:
                 _annotate(ax, kl_LT, norm)
         else:
@@ -414,6 +427,7 @@ def figure3(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
             "types": [col_labels[i] for i in _thin(len(col_labels))],
         },
         text=text,
+        colorbar=colorbar,
     )
 
 
@@ -479,6 +493,7 @@ def _fvu_bars(
     if not drawn:
         _note(ax, "not reported")
         ax.set_xticks([])
+        ax.set_yticks([])
         return 0
     ax.bar([i for i, _ in drawn], [v for _, v in drawn], color="#4c72b0")
     ax.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8, label="FVU = 1 (mean predictor)")
@@ -504,9 +519,10 @@ def sae_metrics(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
     layer_labels = [k[1:] if re.fullmatch(r"L\d+", k) else k for k in layer_keys]
     summary = _sae_summary(data)
 
-    fig = _new_figure(3.0 + min(6.0, 0.3 * max(len(layer_keys), 4)) + 3.2 + 2.8, 4.2)
+    widths_in = [1.2 + min(8.0, 0.3 * max(len(layer_keys), 4)), 1.2 + 0.35 * max(len(type_keys), 7), 3.0]
+    fig = _new_figure(sum(widths_in), 4.2)
     fig.suptitle("SAE on LoRA activations: reconstruction metrics")
-    grid = fig.add_gridspec(1, 3, width_ratios=[max(len(layer_keys), 4), max(len(type_keys), 4), 4])
+    grid = fig.add_gridspec(1, 3, width_ratios=widths_in)
     ax_layer, ax_type, ax_text = (fig.add_subplot(grid[0, i]) for i in range(3))
     bars_layer = _fvu_bars(ax_layer, layer_vals, layer_labels, "FVU by layer", "Layer")
     bars_type = _fvu_bars(
