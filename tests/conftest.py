@@ -90,6 +90,25 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+def run_of(root: Path, rel: str) -> str:
+    """The id of the MLflow run that logged ``root/rel``'s current content as its output ``rel``."""
+    from lorascope.tracking import producer
+
+    made_by = producer(root / rel, name=rel)
+    assert made_by is not None, f"no run logged {rel} as an output"
+    return made_by["run_id"]
+
+
+def record_output(stage: str, root: Path, rel: str, tags: dict[str, str] | None = None) -> str:
+    """A bare run of ``stage`` that logged ``root/rel`` as its output (a lineage record for data a
+    test made by hand); returns its id."""
+    from lorascope.tracking import OUTPUT_TAG, client, create_run, dvc_md5
+
+    run_id = create_run(stage, rel, tags or {})
+    client().set_tag(run_id, OUTPUT_TAG + rel, dvc_md5(root / rel))
+    return run_id
+
+
 def make_workspace(path: Path) -> Path:
     """A directory that lorascope recognises as a workspace root (it holds a dvc.yaml)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -108,8 +127,6 @@ class Prepared:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     """A git workspace where the tiny ``base`` and ``prepare`` stages ran (in-process)."""
-    import json
-
     from lorascope.base.stage import run as run_base
     from lorascope.prepare.stage import run as run_prepare
 
@@ -126,9 +143,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
         mp.setenv("LORASCOPE_ROOT", str(root))
         run_base(params)
         run_prepare(params)
-    base_run = json.loads((root / "models/base/run.json").read_text())["run_id"]
-    prepare_run = json.loads((root / "data/prepared/run.json").read_text())["run_id"]
-    return Prepared(root, commit, base_run, prepare_run)
+    return Prepared(root, commit, run_of(root, "models/base"), run_of(root, "data/prepared"))
 
 
 @pytest.fixture

@@ -23,12 +23,15 @@ _PATHS: dict[str, Api] = {"/v1/chat/completions": "openai", "/v1/messages": "ant
 
 @dataclass(frozen=True)
 class Reply:
-    """What the server answers: ``text`` with status 200, or an error ``status``, after ``delay_s``."""
+    """What the server answers: ``text`` with status 200, or an error ``status``, after ``delay_s``.
+    ``cut``: the reply stopped at the token limit (OpenAI ``finish_reason: length``, Anthropic
+    ``stop_reason: max_tokens``) instead of ending on its own."""
 
     text: str = "ok"
     status: int = 200
     delay_s: float = 0.0
     headers: Mapping[str, str] = field(default_factory=dict)
+    cut: bool = False
 
     @classmethod
     def error(cls, status: int, *, retry_after_ms: int | None = 10) -> Reply:
@@ -186,7 +189,7 @@ def _payload(api: Api, body: dict[str, Any], prompt: str, reply: Reply) -> dict[
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": reply.text},
-                    "finish_reason": "stop",
+                    "finish_reason": "length" if reply.cut else "stop",
                 }
             ],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
@@ -199,7 +202,7 @@ def _payload(api: Api, body: dict[str, Any], prompt: str, reply: Reply) -> dict[
         "role": "assistant",
         "model": model,
         "content": [{"type": "text", "text": reply.text}],
-        "stop_reason": "end_turn",
+        "stop_reason": "max_tokens" if reply.cut else "end_turn",
         "stop_sequence": None,
         "usage": {"input_tokens": n_in, "output_tokens": n_out},
     }

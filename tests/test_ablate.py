@@ -21,7 +21,7 @@ from lorascope.errors import LorascopeError
 from lorascope.extract.components import lora_components
 from lorascope.extract.extractor import load_adapter
 
-from conftest import REPO, cli, tiny_params
+from conftest import REPO, cli, record_output, run_of, tiny_params
 
 ALL_SWEEPS = ["components", "layers", "types", "groups"]
 
@@ -29,12 +29,10 @@ ALL_SWEEPS = ["components", "layers", "types", "groups"]
 @pytest.fixture
 def ablate_workspace(with_prepared: Path) -> Path:
     """The tiny base, prepared data and a random-B adapter with a finetune lineage record."""
-    from lorascope.tracking import create_run
     from test_extract import make_adapter
 
-    adapter = make_adapter(with_prepared)
-    run_id = create_run("finetune", "lora", {"finetune.variant": "lora"})
-    (adapter / "run.json").write_text(json.dumps({"run_id": run_id, "stage": "finetune"}))
+    make_adapter(with_prepared)
+    record_output("finetune", with_prepared, "models/lora", {"finetune.variant": "lora"})
     return with_prepared
 
 
@@ -85,6 +83,50 @@ def test_naive_kl_against_an_independent_computation(ablate_workspace: Path):
     assert stats.kl_max == pytest.approx(float(kl.max()), rel=1e-4)
     assert stats.ce_sum == pytest.approx(float(-logq.gather(-1, labels[:, None]).sum()), rel=1e-6)
     assert lora.ce_sum == pytest.approx(float(-logp.gather(-1, labels[:, None]).sum()), rel=1e-6)
+    assert stats.all_tokens == lora.all_tokens == len(ids) - 1 and stats.tokens == len(ids) - first
+
+
+def test_kl_over_all_positions_and_response_tokens_by_hand(ablate_workspace: Path):
+    """Both KL averages against a hand computation as the paper's code did it (F.kl_div(log P_ablated,
+    P_lora) summed over the vocabulary at every position, then per sequence mean and mean over sequences)
+    and over response tokens only (pooled), on the same logits; the stage writes both, named."""
+    import json
+
+    import torch.nn.functional as F
+
+    from lorascope.ablate.stage import run
+
+    seqs = sequences(ablate_workspace, 2)
+    model = peft_model(ablate_workspace)
+    comps = lora_components(model)
+    target = 8  # L1.k_proj (layer-major: 7 components per layer)
+    per_seq_all, resp_sum, resp_tokens = [], 0.0, 0
+    for _, ids, first in seqs:
+        ids_1T = torch.tensor(ids)[None]
+        with torch.no_grad():
+            p_lora = F.softmax(model(input_ids=ids_1T[:, :-1]).logits[0].double(), -1)
+            B = model.get_base_model().get_submodule(comps[target].module).lora_B["default"].weight
+            saved = B.detach().clone()
+            B.zero_()
+            p_abl = F.softmax(model(input_ids=ids_1T[:, :-1]).logits[0].double(), -1)
+            B.copy_(saved)
+        kl_T = F.kl_div(p_abl.log(), p_lora, reduction="none").sum(-1)  # the paper's call
+        per_seq_all.append(float(kl_T.mean()))
+        resp_sum += float(kl_T[first - 1 :].sum())
+        resp_tokens += len(ids) - first
+    params = tiny_params(ablate={"sequences": 2, "max_tokens": 160, "sweeps": ["components"], "precision": "float32"})
+    out = run(params)
+    doc = json.loads((out / "components.json").read_text())
+    assert (comps[target].layer, comps[target].kind) == (1, "k_proj")
+    got = doc["ablations"]["L1.k_proj"]
+    assert got["kl_all_positions"] == pytest.approx(sum(per_seq_all) / len(per_seq_all), rel=1e-4)
+    assert got["kl"] == pytest.approx(resp_sum / resp_tokens, rel=1e-4)
+    assert got["kl_all_positions"] != pytest.approx(got["kl"], rel=1e-3)  # the prompt positions count
+    assert set(doc["kl_definitions"]) == {"kl", "kl_all_positions"}
+    assert "response" in doc["kl_definitions"]["kl"] and "every position" in doc["kl_definitions"]["kl_all_positions"]
+    fig3 = json.loads((out / "figure3.json").read_text())
+    row = fig3["layers"].index(1)
+    assert fig3["kl_all_positions"][row][fig3["types"].index("k_proj")] == pytest.approx(got["kl_all_positions"])
 
 
 def test_zero_b_component_has_zero_kl(ablate_workspace: Path):
@@ -153,9 +195,15 @@ def test_exported_adapter_reproduces_the_hook_ablation(ablate_workspace: Path, g
         hooked = model(input_ids=ids_1T).logits
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=ids_1T).logits, hooked, atol=1e-6, rtol=0)
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["stage"] == "ablate" and manifest["group"] == group
-    assert manifest["removed"] == [f"L{comps[i].layer}.{comps[i].kind}" for i in removed]
+    names = [f"L{comps[i].layer}.{comps[i].kind}" for i in removed]
+    assert json.loads((out / "ablation.json").read_text()) == {"selectors": [group], "removed": names}
+    assert not (out / "run.json").exists()
+    from lorascope import tracking
+
+    export_run = tracking.client().get_run(run_of(ablate_workspace, f"models/lora-{group}-ablated"))
+    tags = export_run.data.tags
+    assert tags["lorascope.stage"] == "ablate" and tags["ablate.export"] == group
+    assert tags["upstream.finetune"] == run_of(ablate_workspace, "models/lora")
 
 
 def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: pytest.MonkeyPatch):
@@ -181,12 +229,15 @@ def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: p
     monkeypatch.setattr(Ablator, "measure", measure)
     out = stage.run(params)
     files = {n: json.loads((out / f"{n}.json").read_text()) for n in (*ALL_SWEEPS, "figure3")}
-    run_id = files["groups"]["run_id"]
+    run_id = run_of(ablate_workspace, "metrics/ablation/groups.json")
     run = tracking.client().get_run(run_id)
     assert run.data.metrics["sequences_resumed"] == 2.0
-    finetune_run = json.loads((ablate_workspace / "models/lora/run.json").read_text())["run_id"]
+    finetune_run = run_of(ablate_workspace, "models/lora")
     assert run.data.tags["upstream.finetune"] == finetune_run
-    assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("dvc.out.")} == {
+        f"dvc.out.metrics/ablation/{n}.json": tracking.dvc_md5(out / f"{n}.json") for n in files
+    }  # every file, from the one run; none of them names it
+    assert not (out / "run.json").exists() and not any("run_id" in f for f in files.values())
 
     for name in (*ALL_SWEEPS, "figure3"):
         assert files[name]["direction"] == DIRECTION == "KL(P_lora || P_ablated)"

@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 
 from llm_server import LlmServer, Reply
+from lorascope import tracking
 from lorascope.autointerp.labelling import LABEL_COLUMNS
 from lorascope.autointerp.stage import balanced_accuracy, layer_component, load_features, run
 from lorascope.errors import LorascopeError
 from lorascope.tracking import client as mlflow_client
+from lorascope.tracking import producer
 
-from conftest import REPO, Prepared, cli, make_workspace, tiny_params
+from conftest import REPO, Prepared, cli, make_workspace, run_of, tiny_params
 
 SECRET = "test-key-" + secrets.token_hex(12)  # made per run: no key-like literal in the repo
 
@@ -47,9 +49,15 @@ def ws(contexts_root: Path, workspace: Path) -> Path:
     return workspace
 
 
+def run_id_of(path: Path) -> str:
+    """The latest run that logged ``path`` (in the test's workspace) as its output."""
+    made_by = producer(path)
+    assert made_by is not None and made_by["stage"] == "autointerp", path
+    return made_by["run_id"]
+
+
 def metrics_of(path: Path) -> dict[str, float]:
-    run_id = json.loads(path.with_name("lora.run.json").read_text())["run_id"]
-    return mlflow_client().get_run(run_id).data.metrics
+    return mlflow_client().get_run(run_id_of(path)).data.metrics
 
 
 def test_feature_names_and_balanced_accuracy():
@@ -99,11 +107,10 @@ def test_heuristic_label_set_and_cached_rerun(ws: Path):
     first = metrics_of(out)
     assert first["requests"] == 56 and first["cache_hits"] == 0 and first["labelled"] == 28
     assert sum(first[f"class_{c}_share"] for c in (0, 1, 2)) == pytest.approx(1)
-    run_ = mlflow_client().get_run(json.loads(out.with_name("lora.run.json").read_text())["run_id"])
-    assert (
-        run_.data.tags["upstream.contexts"]
-        == json.loads((ws / "data/contexts/lora.run.json").read_text())["run_id"]
-    )
+    run_ = mlflow_client().get_run(run_id_of(out))
+    assert run_.data.tags["upstream.contexts"] == run_of(ws, "data/contexts/lora.parquet")
+    assert run_.data.tags["dvc.out.data/interp/lora.parquet"] == tracking.dvc_md5(out)
+    assert not out.with_name("lora.run.json").exists()
     assert "heuristic baseline" in run_.data.tags["autointerp.note"]
 
     again = run(params, "lora")
@@ -176,11 +183,11 @@ def test_real_sdks_against_a_local_server(ws: Path, monkeypatch: pytest.MonkeyPa
     assert metrics["cost_usd"] > 0  # gpt-5-mini is priced
 
     # the key is in no param, tag, metric name, artifact, output file or cache entry
-    run_id = json.loads(out.with_name("lora.run.json").read_text())["run_id"]
+    run_id = run_id_of(out)
     data = mlflow_client().get_run(run_id).data
     assert SECRET not in json.dumps([data.params, data.tags, list(data.metrics)])
     art = Path(mlflow.artifacts.download_artifacts(run_id=run_id))
-    files = [*art.rglob("*"), out, out.with_name("lora.run.json"), *(ws / "checkpoints").rglob("*")]
+    files = [*art.rglob("*"), *out.parent.rglob("*"), *(ws / "checkpoints").rglob("*")]
     assert not [p for p in files if p.is_file() and SECRET.encode() in p.read_bytes()]
 
 

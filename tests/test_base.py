@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorascope import tracking
 from lorascope.base.load import load_model, load_tokenizer, source
 from lorascope.base.stage import run
 from lorascope.errors import LorascopeError
 
-from conftest import Prepared, tiny_params
+from conftest import Prepared, run_of, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def tiny(prepared: Prepared) -> Path:
     return prepared.root / "models" / "base"
 
 
-def test_tiny_model_is_a_real_qwen2_of_the_params_shape(tiny: Path):
+def test_tiny_model_is_a_real_qwen2_of_the_params_shape(tiny: Path, prepared: Prepared):
     from transformers import Qwen2ForCausalLM
 
     cfg = tiny_params().base.tiny
@@ -36,8 +37,9 @@ def test_tiny_model_is_a_real_qwen2_of_the_params_shape(tiny: Path):
     ids = tok("So the answer is 42.", return_tensors="pt")["input_ids"]
     logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
-    manifest = json.loads((tiny / "run.json").read_text())
-    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+    base_run = tracking.client().get_run(prepared.base_run)
+    assert base_run.data.metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    assert base_run.data.tags["dvc.out.models/base"] == tracking.dvc_md5(tiny)
 
 
 def test_tiny_tokenizer_behaves_like_qwens(tiny: Path):
@@ -68,7 +70,7 @@ def test_local_model_is_referenced_not_copied(workspace: Path, prepared: Prepare
     local = prepared.root / "models" / "base"
     run(tiny_params(base={"model": str(local)}))
     out = workspace / "models" / "base"
-    assert sorted(p.name for p in out.iterdir()) == ["reference.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["reference.json"]  # no lineage file in the output
     ref = json.loads((out / "reference.json").read_text())
     import hashlib
 
@@ -76,7 +78,9 @@ def test_local_model_is_referenced_not_copied(workspace: Path, prepared: Prepare
     assert (
         ref["revision"] == "config-sha256:" + hashlib.sha256((local / "config.json").read_bytes()).hexdigest()
     )
-    assert ref["parameters"] == json.loads((local / "run.json").read_text())["parameters"]
+    assert ref["parameters"] == tracking.client().get_run(prepared.base_run).data.metrics["parameters"]
+    local_run = tracking.client().get_run(run_of(workspace, "models/base"))
+    assert local_run.data.metrics["parameters"] == ref["parameters"]
     assert source(out) == (str(local.resolve()), None)
     assert load_tokenizer(out).eos_token == "<|im_end|>"
 

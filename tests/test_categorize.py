@@ -18,7 +18,7 @@ from lorascope import tracking
 from lorascope.autointerp.labelling import LABEL_COLUMNS
 from lorascope.errors import LorascopeError
 
-from conftest import Prepared, make_workspace, tiny_params
+from conftest import Prepared, make_workspace, run_of, tiny_params
 
 EXPECTED = {  # explanation -> the heuristic's category (the character class of its first quoted token)
     "[heuristic] fires on 'Wait'": "reasoning_word",
@@ -31,7 +31,8 @@ EXPECTED = {  # explanation -> the heuristic's category (the character class of 
 CYCLE = list(EXPECTED)
 SAE_PLAN = [CYCLE[0]] * 12 + [CYCLE[2]] * 8 + CYCLE  # two categories with >= 5 SAE features
 DENSITY_TOKENS = 5000  # crosses the first shard (4096 tokens), so the cut is inside a shard
-FILES = ("categories.json", "assignments.parquet", "figure1.json", "figure2.json")
+FILES = ("categories.json", "assignments.parquet", "figure1.json", "figure2.json", "figure2_lora.json")
+SAE_LATENTS, SAE_ALIVE = 32, 28  # latents 28..31 are dead (not in alive.json)
 
 
 # --------------------------------------------------------------------------------------- workspace
@@ -64,7 +65,57 @@ def built(prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
             rows.append({**r, "feature": latent[r["feature_name"]], "feature_name": f"sae.{latent[r['feature_name']]}",
                          "sign": 1, "activation": s * r["activation"], "window_acts": [s * a for a in r["window_acts"]]})  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows, schema=CONTEXTS_SCHEMA), root / "data/contexts/sae.parquet")
+    write_sae(root, json.loads((root / "data/activations/lora/index.json").read_text())["components"])
     return root
+
+
+def write_sae(root: Path, components: list[str]) -> None:
+    """A random SAE over the LoRA store's components (``models/sae``: weights, cfg with a per-component
+    scale that is not 1, alive.json listing latents 0..SAE_ALIVE-1); latent 0 decodes to L1.k_proj only."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorascope.sae.model import BatchTopKSAE
+
+    sae = BatchTopKSAE(len(components), SAE_LATENTS, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sae.W_enc_DF.mul_(8.0)  # codes of a useful size on the tiny store
+        sae.W_dec_FD[0] = 0.0
+        sae.W_dec_FD[0, components.index("L1.k_proj")] = 2.5
+        sae.threshold.fill_(0.05)
+    folder = root / "models/sae"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
+    scale = [0.5 + 0.25 * (i % 5) for i in range(len(components))]
+    cfg = {"d_in": len(components), "d_sae": SAE_LATENTS, "k": 2, "components": components, "scale": scale}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "alive.json").write_text(json.dumps({"alive_latents": list(range(SAE_ALIVE)), "d_sae": SAE_LATENTS}))
+
+
+def numpy_sae_figure2(root: Path, members: dict[int, str], ids: list[str], n_tokens: int) -> dict:
+    """Figure 2 of the SAE latents recomputed with numpy from the safetensors file: encode, sum the
+    activations per latent, split each over (layer, type) cells by w^2 / sum w^2 with w = W_dec / scale."""
+    from safetensors.numpy import load_file
+
+    w = load_file(str(root / "models/sae/sae.safetensors"))
+    cfg = json.loads((root / "models/sae/cfg.json").read_text())
+    acts_TC, components = numpy_mass(root, "lora", n_tokens)
+    pre = np.maximum((acts_TC - w["b_dec_D"].astype(np.float64)) @ w["W_enc_DF"].astype(np.float64)
+                     + w["b_enc_F"].astype(np.float64), 0)  # fmt: skip
+    code = np.where(pre > float(w["threshold"]), pre, 0.0)
+    mass_F = code.sum(0)
+    wdec = w["W_dec_FD"].astype(np.float64) / np.array(cfg["scale"])[None, :]
+    share = wdec**2 / (wdec**2).sum(1, keepdims=True)
+    cells: dict[tuple[int, str], dict[str, float]] = {}
+    for c, name in enumerate(components):
+        layer, kind = int(name.split(".")[0][1:]), name.split(".")[1]
+        cell = cells.setdefault((layer, kind), dict.fromkeys(ids, 0.0))
+        for f, category in members.items():
+            cell[category] += mass_F[f] * share[f, c]
+    overall = dict.fromkeys(ids, 0.0)
+    for f, category in members.items():
+        overall[category] += mass_F[f]
+    return {"cells": cells, "overall": overall, "mass_F": mass_F}
 
 
 @pytest.fixture
@@ -108,9 +159,9 @@ def outputs(root: Path) -> dict[str, bytes]:
     return {f: (root / "data/interp/categories" / f).read_bytes() for f in FILES}
 
 
-def run_of(root: Path):
-    run_id = json.loads((root / "data/interp/categories/run.json").read_text())["run_id"]
-    return tracking.client().get_run(run_id)
+def categorize_run(root: Path):
+    """The latest run that logged ``data/interp/categories`` as it is now."""
+    return tracking.client().get_run(run_of(root, "data/interp/categories"))
 
 
 def numpy_mass(root: Path, source: str, n_tokens: int) -> np.ndarray:
@@ -140,7 +191,9 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     assert doc["generation"]["backend"] == "heuristic" and doc["generation"][
         "raw_response"
     ].lstrip().startswith("{")
-    assert doc["generation"]["explanations_shown"] == len(labels["lora"]) + len(labels["mlp"])
+    n_each = min(params.categorize.sample_size // 2, len(labels["lora"]), len(labels["mlp"]))
+    assert doc["generation"]["explanations_shown"] == 2 * n_each
+    assert doc["generation"]["explanations_shown_per_source"] == {"lora": n_each, "mlp": n_each}
     assert len(doc["generation"]["prompt_hash"]) == 64
 
     # every ok feature exactly once, failed ones left out, each in its category
@@ -180,8 +233,8 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
         s["share"] for s in sub_rw["subcategories"]
     ) == pytest.approx(1)
 
-    # Figure 2 against an independent numpy computation over the stores
-    fig2 = json.loads((out / "figure2.json").read_text())
+    # Figure 2 of the LoRA directions and MLP neurons against an independent numpy computation over the stores
+    fig2 = json.loads((out / "figure2_lora.json").read_text())
     assert "sum to 1" in fig2["normalisation"]
     for source in ("lora", "mlp"):
         acts_TC, components = numpy_mass(ws, source, DENSITY_TOKENS)
@@ -190,7 +243,7 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
         for _fid, name, sign in features_of(ws, source):
             if name not in labels[source]:
                 continue
-            col = components.index(name.rstrip("+-") if source == "lora" else name)
+            col = components.index(name.rstrip("+-"))  # both sources are signed
             layer, kind = int(components[col].split(".")[0][1:]), components[col].split(".")[1]
             cell = (layer, kind) if source == "lora" else (layer,)
             category = EXPECTED[labels[source][name]]
@@ -209,10 +262,52 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
             assert sum(cells[key]["density"].values()) == pytest.approx(1.0)
     assert len(fig2["lora"]["cells"]) == 2 * 7 and len(fig2["mlp"]["cells"]) == 2
 
+    # Figure 2 of the paper: the SAE latents, cell by cell against numpy (encode, attribute by w^2 / sum w^2)
+    sae2 = json.loads((out / "figure2.json").read_text())
+    assert sae2["features"] == "sae" and "W_dec[f, c] / scale[c]" in sae2["attribution"]
+    members = {int(n.split(".")[1]): EXPECTED[e] for n, e in labels["sae"].items()}
+    assert max(members) < SAE_ALIVE
+    want = numpy_sae_figure2(ws, members, ids, DENSITY_TOKENS)
+    assert sae2["tokens"] == DENSITY_TOKENS and sae2["latents"] == {
+        "d_sae": SAE_LATENTS, "alive": SAE_ALIVE, "dead": SAE_LATENTS - SAE_ALIVE, "categorized": len(members)}
+    assert sae2["dead_mass"] == pytest.approx(want["mass_F"][SAE_ALIVE:].sum(), rel=1e-5, abs=1e-6)
+    assert sae2["dead_mass"] > 0  # the dead latents do fire here: left out all the same
+    got_cells = {(c["layer"], c["component_type"]): c for c in sae2["cells"]}
+    assert list(got_cells) == [(n, k) for n in (0, 1) for k in
+                               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    for key, mass in want["cells"].items():
+        total = sum(mass.values())
+        for category in ids:
+            assert got_cells[key]["mass"][category] == pytest.approx(mass[category], rel=1e-5, abs=1e-6)
+            if total > 0:
+                assert got_cells[key]["density"][category] == pytest.approx(mass[category] / total, rel=1e-5)
+    total = sum(want["overall"].values())
+    for category in ids:
+        assert sae2["overall"]["mass"][category] == pytest.approx(want["overall"][category], rel=1e-5)
+        assert sae2["overall"]["density"][category] == pytest.approx(want["overall"][category] / total, rel=1e-5)
+    # orientation: latent 0 decodes to L1.k_proj only, so layer 1 / k_proj holds its whole mass
+    cat0 = members[0]
+    k_cell = got_cells[(1, "k_proj")]["mass"][cat0]
+    assert want["mass_F"][0] > 0 and k_cell >= want["mass_F"][0] * (1 - 1e-5)
+    assert got_cells[(0, "k_proj")]["mass"][cat0] < k_cell and got_cells[(1, "q_proj")]["mass"][cat0] < k_cell
+    cells_sum = sum(sum(c["mass"].values()) for c in sae2["cells"])
+    assert cells_sum == pytest.approx(sum(sae2["overall"]["mass"].values()), rel=1e-9)  # cells partition it
+    (sub_rw2,) = [x for x in sae2["subcategories"] if x["category"] == "reasoning_word"]
+    sub_hand: dict[str, float] = {}
+    for r in table:
+        if r["source"] == "sae" and r["category"] == "reasoning_word":
+            f = int(r["feature_name"].split(".")[1])
+            sub_hand[r["subcategory"]] = sub_hand.get(r["subcategory"], 0.0) + want["mass_F"][f]
+    assert sub_rw2["mass"] == pytest.approx({k: sub_hand.get(k, 0.0) for k in sub_rw2["mass"]}, rel=1e-5)
+    assert sum(sub_rw2["density"].values()) == pytest.approx(1.0)
+
     # lineage, metrics, tags, artifacts
-    manifest = json.loads((out / "run.json").read_text())
-    assert set(manifest["outputs"]) == set(FILES) and manifest["stage"] == "categorize"
-    first = run_of(ws)
+    assert {p.name for p in out.iterdir()} == set(FILES)  # no lineage file among the outputs
+    first = categorize_run(ws)
+    assert first.data.tags["lorascope.stage"] == "categorize"
+    assert {k: v for k, v in first.data.tags.items() if k.startswith("dvc.out.")} == {
+        "dvc.out.data/interp/categories": tracking.dvc_md5(out)
+    }
     assert first.data.metrics["categories"] == len(ids)
     assert (
         first.data.metrics["assigned_lora"] == len(labels["lora"])
@@ -228,7 +323,7 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     # a re-run answers everything from the cache and writes the same files
     before = outputs(ws)
     run(params)
-    second = run_of(ws)
+    second = categorize_run(ws)
     assert second.info.run_id != first.info.run_id
     assert second.data.metrics["requests"] == 0 and second.data.metrics["cache_hits"] > 0
     assert outputs(ws) == before
@@ -276,7 +371,7 @@ def test_unknown_id_is_reasked_then_uncategorized(ws: Path, monkeypatch: pytest.
         fig1 = json.loads((out / "figure1.json").read_text())
         assert fig1["totals"]["mlp"]["uncategorized"] == 1
         assert sum(r["shares"]["mlp"] for r in fig1["categories"]) == pytest.approx(1.0)
-        first = run_of(ws)
+        first = categorize_run(ws)
         assert (
             first.data.metrics["uncategorized"] == 1 and first.data.metrics["requests"] == n_features + 1 + 1
         )  # + generation
@@ -341,7 +436,7 @@ def test_on_the_autointerp_stage_label_sets(ws: Path):
     }
     got = [(r["source"], r["feature_name"]) for r in pq.read_table(out / "assignments.parquet").to_pylist()]
     assert ok and sorted(got) == sorted(ok)
-    tags = run_of(ws).data.tags
+    tags = categorize_run(ws).data.tags
     assert {"upstream.autointerp", "upstream.autointerp.mlp", "upstream.contexts", "upstream.extract"} <= set(
         tags
     )
@@ -401,3 +496,56 @@ def test_failed_requests_and_failed_subcategories_are_recorded(ws: Path):
         before = srv.count(), outputs(ws)
         run(params)
         assert srv.count() == before[0] + len(failed) and outputs(ws) == before[1]
+
+
+def latest_run(stage: str):
+    """The newest MLflow run of ``stage`` (found by experiment, not by any file the stage writes)."""
+    c = tracking.client()
+    (found,) = c.search_runs([tracking.experiment_id(stage)], order_by=["attributes.start_time DESC"], max_results=1)
+    return found
+
+
+def test_dead_latent_labels_are_dropped_and_counted(ws: Path):
+    """A label set older than the SAE: a label of a latent that alive.json does not list is dropped (never
+    categorized, never in Figure 2) and counted; the category sample is an equal number per source."""
+    from lorascope.categorize.stage import run
+
+    labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}
+    labels["sae"] = write_labels(ws, "sae", SAE_PLAN, failed_every=1000)
+    # latent 3 is declared dead: its label (and contexts) are now stale
+    alive = [i for i in range(SAE_ALIVE) if i != 3]
+    (ws / "models/sae/alive.json").write_text(json.dumps({"alive_latents": alive, "d_sae": SAE_LATENTS}))
+    params = tiny_params(categorize={"density_tokens": 1000, "sample_size": 10, "sae_subcategories": False})
+    out = run(params)
+    rows = pq.read_table(out / "assignments.parquet").to_pylist()
+    sae_names = {r["feature_name"] for r in rows if r["source"] == "sae"}
+    assert "sae.3" not in sae_names and sae_names == set(labels["sae"]) - {"sae.3"}
+    doc = json.loads((out / "categories.json").read_text())
+    assert doc["sae_latents"]["alive"] == SAE_ALIVE - 1 and doc["sae_latents"]["dead_labels_dropped"] == 1
+    assert doc["generation"]["explanations_shown_per_source"] == {"lora": 5, "mlp": 5}
+    assert doc["generation"]["explanations_shown"] == 10
+    fig2 = json.loads((out / "figure2.json").read_text())
+    assert fig2["latents"]["dead"] == SAE_LATENTS - SAE_ALIVE + 1
+    assert fig2["latents"]["categorized"] == len(sae_names)
+    metrics = latest_run("categorize").data.metrics
+    assert metrics["sae_dead_labels_dropped"] == 1 and metrics["sae_live_latents"] == SAE_ALIVE - 1
+    assert metrics["truncated"] == 0
+    before = outputs(ws)
+    run(params)
+    assert outputs(ws) == before  # deterministic: a cached re-run writes the same bytes
+
+
+def test_category_sample_has_equal_numbers_per_source():
+    from lorascope.categorize.generation import sample_equal
+
+    pools = {"lora": [f"lora {i}" for i in range(40)], "mlp": [f"mlp {i}" for i in range(300)]}
+    shown, per_source = sample_equal(pools, 200, seed=0)
+    assert per_source == {"lora": 40, "mlp": 40} and len(shown) == 80  # the smaller pool bounds both
+    assert sum(s.startswith("lora") for s in shown) == sum(s.startswith("mlp") for s in shown) == 40
+    assert len(set(shown)) == 80 and set(shown) <= set(pools["lora"]) | set(pools["mlp"])
+    shown, per_source = sample_equal(pools, 31, seed=1)
+    assert per_source == {"lora": 15, "mlp": 15} and len(shown) == 30
+    assert sum(s.startswith("lora") for s in shown) == 15
+    assert shown == sample_equal(pools, 31, seed=1)[0] != sample_equal(pools, 31, seed=2)[0]
+    kinds = [s.split()[0] for s in shown]
+    assert kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)  # mixed, not source by source

@@ -41,7 +41,14 @@ def error_of(**sections) -> str:
         ({"finetune": {"weight_decay": -0.1}}, "params.yaml: finetune.weight_decay: must be >= 0, got -0.1"),
         ({"finetune": {"epochs": "many"}}, "params.yaml: finetune.epochs: expected a number, got 'many'"),
         ({"sae": {"k": 2.5}}, "params.yaml: sae.k: expected an integer, got 2.5"),
-        ({"finetune": {"bf16": "maybe"}}, "params.yaml: finetune.bf16: expected true or false, got 'maybe'"),
+        (
+            {"finetune": {"precision": "fp8"}},
+            "params.yaml: finetune.precision: must be one of 'auto', 'float32', 'bfloat16' or 'float16', got 'fp8'",
+        ),
+        (
+            {"ablate": {"device": "gpu"}},
+            "params.yaml: ablate.device: expected auto, cpu, cuda or cuda:<index>, got 'gpu'",
+        ),
         (
             {"finetune": {"lr_scheduler": "exp"}},
             "params.yaml: finetune.lr_scheduler: must be one of 'cosine', 'linear', 'constant' or "
@@ -98,7 +105,7 @@ def test_unknown_section_names_the_sections():
     )
     assert error_of(extract={"batch": 1}) == (
         "params.yaml: extract.batch: unknown key (expected one of: dtype, shard_tokens, batch_tokens, precision, "
-        "method, mlp_neurons, launcher)"
+        "method, merge_check_tokens, merge_max_relative_error, merge_max_kl, mlp_neurons, launcher)"
     )
 
 
@@ -147,7 +154,7 @@ def test_paper_profile_is_the_papers_recipe(monkeypatch):
     f = p.finetune
     assert (f.lr, f.full_lr, f.adam_betas, f.weight_decay) == (1e-3, 1e-5, (0.9, 0.95), 1e-4)
     assert (f.lr_scheduler, f.warmup_ratio, f.epochs) == ("cosine", 0.05, 5)
-    assert (f.global_batch_size, f.micro_batch_size, f.bf16, f.gradient_checkpointing) == (16, 1, True, True)
+    assert (f.global_batch_size, f.micro_batch_size, f.precision, f.gradient_checkpointing) == (16, 1, "auto", True)
     assert (p.sae.k, p.sae.expansion, p.sae.lr, p.sae.batch_size) == (16, 8, 5e-4, 512)
     assert 448 * p.sae.expansion == 3584
     e, ctx = p.extract, p.contexts

@@ -3,7 +3,6 @@ document boundaries, samples, statistics, resume, the encoder (SAE) path, token 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lorascope import tracking
 from lorascope.config import ContextsSection
 from lorascope.contexts import selection
 from lorascope.contexts.selection import Selector, ShardView
@@ -20,7 +20,7 @@ from lorascope.contexts.tokens import TokenRenderer
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 
-from conftest import QWEN_TOKENIZER, tiny_params
+from conftest import QWEN_TOKENIZER, run_of, tiny_params
 
 CFG = {
     "top_k": 5,
@@ -59,7 +59,6 @@ def synthetic_store(root: Path, source: str = "lora", n_components: int = 5, see
             "tokens": tokens,
             "documents": [[f"doc{i}", s, n] for i, (s, n) in enumerate(zip(starts, lengths, strict=True))],
             "shards": [s.to_json() for s in shards],
-            "run_id": "none",
         },
     )
     return acts_TC, ids_T, lengths, starts, shards
@@ -129,8 +128,12 @@ def test_feature_statistics(with_base: Path):
         assert row.mean == pytest.approx(a[:, row.feature].mean(), abs=1e-9)
         assert row.std == pytest.approx(a[:, row.feature].std(), rel=1e-6)
         assert row.nonzero_density == 1.0 and row.tokens == a.shape[0]
-    manifest = json.loads((with_base / "data/contexts/lora.run.json").read_text())
-    assert sorted(manifest["outputs"]) == ["lora.features.parquet", "lora.parquet"]
+    tags = tracking.client().get_run(run_of(with_base, "data/contexts/lora.parquet")).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("dvc.out.")} == {
+        f"dvc.out.data/contexts/{name}": tracking.dvc_md5(with_base / "data/contexts" / name)
+        for name in ("lora.features.parquet", "lora.parquet")
+    }
+    assert not (with_base / "data/contexts/lora.run.json").exists()
 
 
 def test_kill_and_resume_gives_the_same_tables(with_base: Path, tmp_path: Path):

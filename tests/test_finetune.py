@@ -15,7 +15,7 @@ from lorascope.errors import LorascopeError
 from lorascope.finetune.data import Collator, PreparedRows
 from lorascope.finetune.stage import accumulation_steps, build_model, checkpoint_dir, run
 
-from conftest import cli, launch_two_processes, tiny_params, tiny_raw
+from conftest import cli, launch_two_processes, record_output, run_of, tiny_params, tiny_raw
 
 FAST = {"max_steps": 4, "checkpoint_steps": 2, "global_batch_size": 4, "micro_batch_size": 2}
 
@@ -105,6 +105,7 @@ def test_lora_run_learns_logs_and_round_trips(with_prepared: Path):
 
     train = with_prepared / "data/prepared/train.parquet"
     pq.write_table(pq.read_table(train).slice(0, 4), train)  # overfit four rows, one batch per step
+    prepare_run = record_output("prepare", with_prepared, "data/prepared")  # lineage of the edited data
     params = tiny_params(
         finetune={"lr": 2e-2, "lora": {"r": 4}, "max_steps": 30, "checkpoint_steps": 50, "warmup_ratio": 0.0,
                   "global_batch_size": 4, "micro_batch_size": 4, "lr_scheduler": "constant"},
@@ -114,28 +115,25 @@ def test_lora_run_learns_logs_and_round_trips(with_prepared: Path):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
-        "run.json",
-    ]
-    manifest = json.loads((out / "run.json").read_text())
+    ]  # no lineage file among the outputs
+    run_id = run_of(with_prepared, "models/lora")
     c = tracking.client()
-    mrun = c.get_run(manifest["run_id"])
-    losses = [m.value for m in c.get_metric_history(manifest["run_id"], "loss")]
+    mrun = c.get_run(run_id)
+    losses = [m.value for m in c.get_metric_history(run_id, "loss")]
     # a rank-4 adapter on a random model learns the token distribution (6.57 -> 6.32 measured)
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 0.15
     for key in ("learning_rate", "grad_norm", "tokens_per_second"):
-        assert len(c.get_metric_history(manifest["run_id"], key)) >= 29, key
+        assert len(c.get_metric_history(run_id, key)) >= 29, key
     tags, metrics = mrun.data.tags, mrun.data.metrics
     assert tags["lorascope.stage"] == "finetune" and tags["finetune.variant"] == "lora"
-    assert (
-        tags["upstream.prepare"]
-        == json.loads((with_prepared / "data/prepared/run.json").read_text())["run_id"]
-    )
+    assert tags["upstream.prepare"] == prepare_run == run_of(with_prepared, "data/prepared")
+    assert tags["dvc.out.models/lora"] == tracking.dvc_md5(out)
     assert metrics["adapted_modules"] == 2 * 7
     assert metrics["trainable_fraction"] == pytest.approx(
         metrics["trainable_parameters"] / metrics["total_parameters"]
     )
     assert mrun.data.params["lora.r"] == "4" and mrun.data.params["gradient_accumulation_steps"] == "1"
-    artifacts = {a.path for a in c.list_artifacts(manifest["run_id"], "adapter")}
+    artifacts = {a.path for a in c.list_artifacts(run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
     assert not checkpoint_dir("lora").exists()  # removed once the model is in place
 
@@ -179,8 +177,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(with_prepared: Path, tmp
     ]
 
     out = run(params, "lora")
-    manifest = json.loads((out / "run.json").read_text())
-    assert tracking.client().get_run(manifest["run_id"]).data.params["resumed_from"] == "checkpoint-4"
+    run_id = run_of(other, "models/lora")
+    assert tracking.client().get_run(run_id).data.params["resumed_from"] == "checkpoint-4"
     resumed = adapter_weights(out)
     assert resumed.keys() == reference.keys()
     assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
@@ -196,25 +194,21 @@ def test_stale_checkpoints_are_not_resumed(with_prepared: Path):
 
     with pytest.raises(KeyboardInterrupt):
         run(tiny_params(finetune=FAST), "lora", callbacks=[Kill()])
-    out = run(tiny_params(finetune={**FAST, "lr": 5e-3}), "lora")  # other params: start over
-    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    run(tiny_params(finetune={**FAST, "lr": 5e-3}), "lora")  # other params: start over
+    run_id = run_of(with_prepared, "models/lora")
     assert tracking.client().get_run(run_id).data.params["resumed_from"] == "none"
 
 
 def test_full_finetune_trains_everything_and_is_referenced_by_md5(with_prepared: Path):
     out = run(tiny_params(finetune=FAST), "full")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "run.json"} <= {
-        p.name for p in out.iterdir()
-    }
-    manifest = json.loads((out / "run.json").read_text())
-    mrun = tracking.client().get_run(manifest["run_id"])
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names and "run.json" not in names
+    run_id = run_of(with_prepared, "models/full")
+    mrun = tracking.client().get_run(run_id)
     assert mrun.data.metrics["trainable_fraction"] == 1.0
     assert mrun.data.params["effective_lr"] == str(tiny_params().finetune.full_lr)
-    assert mrun.data.tags["output.dvc_md5"] == tracking.dvc_md5(out)
-    assert [a.path for a in tracking.client().list_artifacts(manifest["run_id"])] == [
-        "params.yaml",
-        "run.json",
-    ]
+    assert mrun.data.tags["dvc.out.models/full"] == tracking.dvc_md5(out)
+    assert [a.path for a in tracking.client().list_artifacts(run_id)] == ["params.yaml"]  # weights not copied
     trained, base = load_model(out), load_model(with_prepared / "models/base")
     assert not torch.equal(
         trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
@@ -271,10 +265,9 @@ def test_two_process_accelerate_run_saves_once(with_prepared: Path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = with_prepared / "models" / "lora"
     assert sorted(p.name for p in (with_prepared / "models").iterdir()) == ["base", "lora"]  # one adapter
-    manifest = json.loads((out / "run.json").read_text())
     exp = c.get_experiment_by_name("lorascope-finetune")
     assert len(c.search_runs([exp.experiment_id])) == before + 1  # one MLflow run
-    mrun = c.get_run(manifest["run_id"])
+    mrun = c.get_run(run_of(with_prepared, "models/lora"))
     assert mrun.data.params["processes"] == "2" and mrun.data.params["gradient_accumulation_steps"] == "1"
     from peft import PeftModel
 

@@ -9,12 +9,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from lorascope import tracking
 from lorascope.errors import LorascopeError
 from lorascope.prepare import synthetic
 from lorascope.prepare.stage import run
 from lorascope.prepare.validation import validate
 
-from conftest import Prepared, cli, tiny_params
+from conftest import Prepared, cli, run_of, tiny_params
 
 
 def rows(n: int = 6) -> list[dict]:
@@ -55,14 +56,20 @@ def test_outputs_of_the_session_run(prepared: Prepared):
     gpqa = pd.read_csv(out / "eval" / "gpqa.csv")
     assert list(gpqa.columns) == list(synthetic.GPQA_COLUMNS) and len(gpqa) == 8
 
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["stage"] == "prepare" and manifest["run_id"] == prepared.prepare_run
-    assert set(manifest["outputs"]) == {
+    assert run_of(prepared.root, "data/prepared") == prepared.prepare_run
+    assert run_of(prepared.root, "metrics/prepare.json") == prepared.prepare_run
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == {
         "train.parquet",
         "validation.json",
         "eval/aime.jsonl",
         "eval/math.jsonl",
         "eval/gpqa.csv",
+    }  # nothing run-specific in the output
+    tags = tracking.client().get_run(prepared.prepare_run).data.tags
+    assert tags["lorascope.stage"] == "prepare"
+    assert {k: v for k, v in tags.items() if k.startswith("dvc.out.")} == {
+        "dvc.out.data/prepared": tracking.dvc_md5(out),
+        "dvc.out.metrics/prepare.json": tracking.dvc_md5(prepared.root / "metrics" / "prepare.json"),
     }
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lorascope.report.tables import table1, table2
 
-from conftest import tiny_params
+from conftest import record_output, run_of, tiny_params
 
 RECOVERY = {
     "tasks": {
@@ -27,8 +27,18 @@ RECOVERY = {
             "recovery.lora-mlp-ablated": None, "recovery.lora-mlp-ablated.reason": "full (0.1) <= base (0.1): x",
         },
     },
-    "run_id": "r-recovery",
 }  # fmt: skip
+
+
+def report_record(root: Path) -> tuple[str, dict]:
+    """The report run that logged ``root/reports`` and its ``report.json`` (missing, lineage, runs)."""
+    import mlflow
+
+    from lorascope import tracking
+
+    run_id = run_of(root, "reports")
+    tracking.client()  # points mlflow at the store
+    return run_id, mlflow.artifacts.load_dict(f"runs:/{run_id}/report.json")
 
 
 def test_tables_follow_the_recovery_table():
@@ -63,11 +73,12 @@ def test_empty_workspace_renders_and_lists_everything_missing(workspace: Path):
 
     out = run(tiny_params())
     index = (out / "index.html").read_text()
-    manifest = json.loads((out / "run.json").read_text())
-    missing = manifest["missing"]
+    _, record = report_record(workspace)
+    missing = record["missing"]
+    assert not (out / "run.json").exists() and record["lineage"] == record["runs"] == {}
     for what in ("Table 1: metrics/recovery.json not found", "Figure 1: data/interp/categories/figure1.json not found",
                  "Figure 3: metrics/ablation/figure3.json not found", "SAE metrics: metrics/sae.json not found",
-                 "training curve (lora): models/lora/run.json not found"):  # fmt: skip
+                 "training curve (lora): models/lora not found"):  # fmt: skip
         assert what in missing and what in index
     assert any(m.startswith("dashboard: ") for m in missing)
     assert not list(out.glob("*.png")) and not (out / "table1.md").exists()
@@ -77,33 +88,31 @@ def test_stage_renders_what_exists_with_lineage(workspace: Path):
     from lorascope import tracking
     from lorascope.report.stage import run
 
-    def put(rel: str, data: dict, run_id: str | None = None) -> None:
+    def put(rel: str, data: dict, stage: str | None = None) -> str | None:
+        """Write ``rel``; with ``stage``, a run of it that logged the file (its lineage record)."""
         path = workspace / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
-        if run_id:
-            stem = path.name.split(".")[0]
-            path.with_name(f"{stem}.run.json").write_text(json.dumps({"run_id": run_id, "stage": "x"}))
+        return record_output(stage, workspace, rel) if stage else None
 
-    put("metrics/recovery.json", RECOVERY, "r-recovery")
+    recovery_run = put("metrics/recovery.json", RECOVERY, "evaluate")
     fig3 = {"direction": "KL(P_lora || P_ablated)", "unit": "nats", "layers": [0, 1],
             "types": ["q_proj", "k_proj"], "kl": [[0.1, None], [0.02, 0.3]]}  # fmt: skip
-    put("metrics/ablation/figure3.json", fig3)
-    (workspace / "metrics/ablation/run.json").write_text(
-        json.dumps({"run_id": "r-ablate", "stage": "ablate"})
-    )
+    ablate_run = put("metrics/ablation/figure3.json", fig3, "ablate")
     put(
         "metrics/ablation/layers.json",
         {"ablations": {"L1": {"kl": 0.4, "delta_ce": 0.2}, "L0": {"kl": 0.1, "delta_ce": 0.05}}},
     )
-    put("metrics/steer.json", {"backtrack_words": ["Wait"], "prompts": 4, "run_id": "r-steer",
+    put("metrics/steer.json", {"backtrack_words": ["Wait"], "prompts": 4,
                                "directions": {"L1.gate_proj": {"0": {"backtracks_per_1k": 0.0, "mean_tokens": 30.0, "accuracy": 0.25},
                                                                "50": {"backtracks_per_1k": 12.5, "mean_tokens": 20.0, "accuracy": 0.0}}}})  # fmt: skip
-    run_id = tracking.create_run("finetune", "lora", {})
+    (workspace / "models/lora").mkdir(parents=True)
+    (workspace / "models/lora/adapter_config.json").write_text(
+        json.dumps({"r": 1, "made_in": str(workspace)})
+    )
+    run_id = record_output("finetune", workspace, "models/lora")
     for step, loss in ((1, 3.0), (2, 2.5), (3, 2.25)):
         tracking.client().log_metric(run_id, "loss", loss, step=step)
-    (workspace / "models/lora").mkdir(parents=True)
-    (workspace / "models/lora/run.json").write_text(json.dumps({"run_id": run_id, "stage": "finetune"}))
 
     out = run(tiny_params())
     assert (out / "table1.md").read_text().startswith("# Table 1") and (out / "table2.csv").is_file()
@@ -117,18 +126,33 @@ def test_stage_renders_what_exists_with_lineage(workspace: Path):
     for png in ("figure3.png", "training.png"):
         assert (out / png).stat().st_size > 1000
     index = (out / "index.html").read_text()
-    for rid in ("r-recovery", "r-ablate", run_id):
-        assert rid in index
+    for rel in (
+        "metrics/recovery.json",
+        "metrics/ablation/figure3.json",
+        "models/lora",
+        "metrics/steer.json",
+    ):
+        assert tracking.dvc_md5(workspace / rel) in index and f"lorascope lineage {rel}" in index
+    for rid in (recovery_run, ablate_run, run_id):  # run ids stay out of the DVC output
+        assert rid not in index
     assert (
         "<img src='figure3.png'" in index
         and "Figure 1: data/interp/categories/figure1.json not found" in index
     )
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["lineage"]["metrics/recovery.json"] == "r-recovery"
-    assert manifest["lineage"]["models/lora"] == run_id
-    report_run = tracking.client().get_run(manifest["run_id"])
+    assert not (out / "run.json").exists()
+    report_id, record = report_record(workspace)
+    assert record["lineage"]["metrics/recovery.json"] == tracking.dvc_md5(workspace / "metrics/recovery.json")
+    assert record["lineage"]["models/lora"] == tracking.dvc_md5(workspace / "models/lora")
+    assert record["runs"]["metrics/recovery.json"] == recovery_run
+    assert record["runs"]["metrics/ablation/figure3.json"] == ablate_run
+    assert record["runs"]["models/lora"] == run_id
+    assert "metrics/steer.json" in record["lineage"] and "metrics/steer.json" not in record["runs"]  # no run
+    report_run = tracking.client().get_run(report_id)
     assert report_run.data.tags["upstream.finetune"] == run_id
-    artifacts = {a.path for a in tracking.client().list_artifacts(manifest["run_id"], "reports")}
+    assert report_run.data.tags["upstream.models/lora"] == run_id
+    assert report_run.data.tags["upstream.metrics/recovery.json"] == recovery_run
+    assert report_run.data.tags["dvc.out.reports"] == tracking.dvc_md5(out)
+    artifacts = {a.path for a in tracking.client().list_artifacts(report_id, "reports")}
     assert {"reports/index.html", "reports/figure3.png"} <= artifacts
 
 
@@ -144,7 +168,7 @@ def test_a_figure_that_fails_is_listed_not_fatal(workspace: Path, monkeypatch: p
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"layers": [], "types": [], "kl": []}))
     out = run(tiny_params())
-    missing = json.loads((out / "run.json").read_text())["missing"]
+    missing = report_record(workspace)[1]["missing"]
     assert (
         "Figure 3: ablation KL by layer and component type: could not be drawn from "
         "metrics/ablation/figure3.json (ValueError: no layers)" in missing
@@ -158,5 +182,6 @@ def test_unreadable_inputs_are_listed(workspace: Path, bad: str):
 
     (workspace / "metrics").mkdir()
     (workspace / "metrics/sae.json").write_text(bad)
-    missing = json.loads((run(tiny_params()) / "run.json").read_text())["missing"]
+    run(tiny_params())
+    missing = report_record(workspace)[1]["missing"]
     assert any(m.startswith(("SAE metrics: ", "SAE: FVU")) for m in missing)

@@ -36,6 +36,9 @@ CFG = ReportSection(contexts_per_feature=6, histogram_bins=12, histogram_tokens=
 from longer documents (centring)."""
 INJECTION = "<img src=x onerror=alert(1)></script><script>alert(2)</script>"
 WORKSPACE_PARTS = ("models/base", "models/sae", "data/activations", "data/contexts", "data/interp")
+KILLED = 3
+"""Live latents that ``pipeline`` declares dead (drops from alive.json) after training: they do fire, so
+only the alive.json filter keeps them out of contexts, labels, categories and the dashboard."""
 
 
 # --------------------------------------------------------------------------------------- workspace
@@ -60,6 +63,10 @@ def pipeline(prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Pa
         for source in ("lora", "mlp"):
             extract(params, source)
         sae(params)
+        alive_path = root / "models/sae/alive.json"
+        alive = json.loads(alive_path.read_text())
+        alive["alive_latents"] = alive["alive_latents"][KILLED:]
+        alive_path.write_text(json.dumps(alive))
         for source in SOURCES:
             contexts(params, source)
             autointerp(params, source)
@@ -500,3 +507,42 @@ def test_long_lists_render_lazily(browser: Any, tmp_path: Path):
     assert p.rows() == [f"mlp/L3.mlp.{i}" for i in range(n) if i % 4 == 3 and i % 2 == 1]
     p.clean()
     p.context.close()
+
+
+def test_dead_latents_appear_nowhere(dashboard: tuple[Path, Any]):
+    """Latents not in alive.json (here: ones that do fire, declared dead) are in no contexts table, label
+    set, category assignment or dashboard entry, and every stage reports how many it left out."""
+    from lorascope import tracking
+
+    root, info = dashboard
+    doc = json.loads((root / "models/sae/alive.json").read_text())
+    alive, d_sae = set(doc["alive_latents"]), doc["d_sae"]
+    dead = set(range(d_sae)) - alive
+    assert len(dead) >= KILLED
+    for table in ("data/contexts/sae.parquet", "data/contexts/sae.features.parquet", "data/interp/sae.parquet"):
+        rows = pq.read_table(root / table, columns=["feature", "feature_name"]).to_pylist()
+        assert rows and not {r["feature"] for r in rows} & dead, table
+        assert all(r["feature_name"] == f"sae.{r['feature']}" for r in rows)
+    meta = pq.read_schema(root / "data/contexts/sae.features.parquet").metadata
+    assert json.loads(meta[b"lorascope.latents"]) == {"d_sae": d_sae, "alive": len(alive), "dead": len(dead)}
+    assigned = pq.read_table(root / "data/interp/categories/assignments.parquet").to_pylist()
+    assert [r for r in assigned if r["source"] == "sae"] and not {
+        r["feature"] for r in assigned if r["source"] == "sae"} & dead  # fmt: skip
+    categories = json.loads((root / "data/interp/categories/categories.json").read_text())
+    assert categories["sae_latents"]["alive"] == len(alive)
+    fig2 = json.loads((root / "data/interp/categories/figure2.json").read_text())
+    assert fig2["latents"]["dead"] == len(dead) and fig2["dead_mass"] > 0  # they fire, and are left out
+    meta, _ = decode(info.path)
+    shown = {f["id"] for f in meta["features"] if f["source"] == "sae"}
+    assert shown and not shown & dead
+    assert meta["sae_latents"] == {"d_sae": d_sae, "alive": len(alive), "dead": len(dead), "dead_labels_dropped": 0}
+    c = tracking.client()
+    runs = {
+        stage: c.search_runs([tracking.experiment_id(stage)], order_by=["attributes.start_time DESC"])
+        for stage in ("contexts", "autointerp", "categorize")
+    }
+    ctx_run = next(r for r in runs["contexts"] if r.data.tags.get("contexts.source") == "sae")
+    ai_run = next(r for r in runs["autointerp"] if r.data.tags.get("autointerp.source") == "sae")
+    assert ctx_run.data.metrics["dead_latents_skipped"] == len(dead)
+    assert ai_run.data.metrics["sae_dead_latents"] == len(dead) and ai_run.data.metrics["sae_live_latents"] == len(alive)
+    assert runs["categorize"][0].data.metrics["sae_dead_latents"] == len(dead)

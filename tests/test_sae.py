@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorascope import tracking
 from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
@@ -18,7 +19,7 @@ from lorascope.sae.model import BatchTopKSAE, training_loss
 from lorascope.sae.stage import run
 from lorascope.sae.train import Trainer, fold
 
-from conftest import REPO, cli, tiny_params
+from conftest import REPO, cli, run_of, tiny_params
 
 D_IN, N_TRUE = 24, 48
 
@@ -66,7 +67,6 @@ def write_store(root: Path, x_TD: torch.Tensor, doc_len: int = 200) -> Store:
             "tokens": sum(lengths),
             "documents": [[f"doc{i}", i * doc_len, doc_len] for i in range(len(lengths))],
             "shards": [s.to_json() for s in shards],
-            "run_id": "none",
         },
     )
     return Store.open(folder)
@@ -234,7 +234,11 @@ def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
 
     table = pq.read_table(contexts(tiny_params(), "sae")).to_pandas()
     assert table.feature_name.iloc[0].startswith("sae.") and (table[table.kind == "top"].activation > 0).all()
-    assert json.loads((out / "run.json").read_text())["upstream"]["extract"]
+    sae_run = tracking.client().get_run(run_of(with_prepared, "models/sae"))
+    assert sae_run.data.tags["upstream.extract"] == run_of(with_prepared, "data/activations/lora")
+    metrics_md5 = tracking.dvc_md5(with_prepared / "metrics/sae.json")
+    assert sae_run.data.tags["dvc.out.metrics/sae.json"] == metrics_md5
+    assert "run_id" not in json.loads((out / "cfg.json").read_text()) and not (out / "run.json").exists()
 
 
 def test_saelens_export_loads_and_encodes_identically(workspace: Path, tmp_path: Path):

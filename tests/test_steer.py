@@ -18,7 +18,7 @@ from lorascope.steer.directions import resolve
 from lorascope.steer.generation import count_words, generate, steered
 from test_ablate import peft_model
 
-from conftest import REPO, cli, tiny_params
+from conftest import REPO, cli, record_output, run_of, tiny_params
 
 SAE_LATENTS = 6
 
@@ -50,13 +50,10 @@ def steer_workspace(with_prepared: Path) -> Path:
     from safetensors.torch import save_file
 
     from lorascope.sae.model import BatchTopKSAE
-    from lorascope.tracking import create_run
     from test_extract import make_adapter
 
-    adapter = make_adapter(with_prepared)
-    (adapter / "run.json").write_text(
-        json.dumps({"run_id": create_run("finetune", "lora", {}), "stage": "finetune"})
-    )
+    make_adapter(with_prepared)
+    record_output("finetune", with_prepared, "models/lora")
     names = feature_names(lora_components(peft_model(with_prepared)))
     contexts = with_prepared / "data/contexts"
     n = len(names)
@@ -172,8 +169,11 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
         metrics["directions"]["sae.3"]
     ) == {"0", "50"}
 
-    parent = tracking.client().get_run(metrics["run_id"])
-    assert parent.data.tags["upstream.finetune"]
+    assert "run_id" not in metrics
+    parent = tracking.client().get_run(run_of(steer_workspace, "metrics/steer.json"))
+    assert parent.data.tags["upstream.finetune"] == run_of(steer_workspace, "models/lora")
+    assert parent.data.tags["dvc.out.data/steer"] == tracking.dvc_md5(steer_workspace / "data/steer")
+    assert not (steer_workspace / "data/steer/run.json").exists()
     children = tracking.client().search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )

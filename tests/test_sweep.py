@@ -17,7 +17,7 @@ from lorascope.errors import LorascopeError
 from lorascope.sweep.space import Space, load_space
 from lorascope.sweep.study import optimize
 
-from conftest import REPO, cli, tiny_params
+from conftest import REPO, cli, run_of, tiny_params
 
 FAST = {
     "finetune": {
@@ -69,7 +69,8 @@ def test_four_trials_are_four_child_runs_under_one_parent(with_prepared: Path):
         assert float(run.data.params["lr"]) == pytest.approx(t.params["finetune.lr"])
         assert run.data.params["max_steps"] == "3"  # the fixed overrides reached the stage
         assert run.data.metrics["objective.heldout_loss"] == pytest.approx(t.value)
-        assert run.data.tags["sweep.state"] == "complete" and run.data.tags["upstream.prepare"]
+        assert run.data.tags["sweep.state"] == "complete"
+        assert run.data.tags["upstream.prepare"] == run_of(with_prepared, "data/prepared")  # the split's source
         assert 3 < t.value < 10  # a cross-entropy over a 2048-token vocabulary
     assert not (with_prepared / "sweeps" / "four").exists()  # trial workspaces are cleaned up
     assert not (with_prepared / "models" / "lora").exists()  # the DVC output was never touched
@@ -157,8 +158,8 @@ def test_best_params_feed_back_into_a_run(with_prepared: Path):
         and params.finetune.lora.r == best.params["finetune.lora.r"]
     )
     assert params.finetune.epochs == tiny_params().finetune.epochs  # base params, not the sweep's shortcuts
-    manifest = yaml.safe_load((run(load_params(out).model_copy(update={}), "lora") / "run.json").read_text())
-    logged = tracking.client().get_run(manifest["run_id"]).data.params
+    run(load_params(out).model_copy(update={}), "lora")
+    logged = tracking.client().get_run(run_of(with_prepared, "models/lora")).data.params
     assert float(logged["lr"]) == pytest.approx(best.params["finetune.lr"])
 
 

@@ -1,7 +1,8 @@
-"""Lineage tags, run.json links, the store location, and a real `mlflow server`."""
+"""Lineage tags, links by output digest, the store location, and a real `mlflow server`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from lorascope import tracking
 from lorascope.config import section_hash
 from lorascope.project import store_root, workspace_root
 
-from conftest import Prepared, cli, make_workspace, tiny_params
+from conftest import Prepared, cli, make_workspace, record_output, run_of, tiny_params
 
 
 def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
@@ -48,11 +49,14 @@ def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(
     out.mkdir()
     (out / "weights.bin").write_bytes(b"\x00" * 16)
     with tracking.stage_run("finetune", tiny_params(), inputs=[prepared.root / "data" / "prepared"]) as run:
-        manifest = run.write_manifest(out)
-    assert manifest["upstream"] == {"prepare": prepared.prepare_run}
-    assert manifest["outputs"] == {"weights.bin": "4ae71336e44bf9bf79d2752e234818a5"}  # md5 of 16 zero bytes
+        outputs = run.log_outputs(out / "weights.bin")
+    assert run.upstream == {"prepare": prepared.prepare_run}
+    weights = (out / "weights.bin").resolve().as_posix()  # outside the workspace: named by its absolute path
+    assert outputs == {weights: "4ae71336e44bf9bf79d2752e234818a5"}  # md5 of 16 zero bytes
+    assert sorted(p.name for p in out.iterdir()) == ["weights.bin"]  # nothing written beside the output
     tags = tracking.client().get_run(run.run_id).data.tags
     assert tags["upstream.prepare"] == prepared.prepare_run
+    assert tags[f"dvc.out.{weights}"] == "4ae71336e44bf9bf79d2752e234818a5"
 
     chain = tracking.lineage(run.run_id)
     assert chain["stage"] == "finetune"
@@ -70,6 +74,94 @@ def test_a_second_stage_links_upstream_prepare_and_lineage_walks_back(
     assert any("dataset synthetic" in line for line in lines)
     as_json = json.loads(cli("lineage", run.run_id, "--json").stdout)
     assert as_json["upstream"][0]["upstream"][0]["stage"] == "base"
+
+
+def test_log_outputs_tags_each_output_with_its_dvc_md5(workspace: Path):
+    model = workspace / "models" / "x"
+    model.mkdir(parents=True)
+    (model / "weights.bin").write_bytes(b"\x00" * 16)
+    metrics = workspace / "metrics" / "x.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"loss": 1.5}\n')
+    with tracking.stage_run("finetune", tiny_params()) as run:
+        logged = run.log_outputs(model, metrics)
+    assert logged == {"models/x": tracking.dvc_md5(model), "metrics/x.json": tracking.dvc_md5(metrics)}
+    assert logged["models/x"].endswith(".dir")
+    assert logged["metrics/x.json"] == hashlib.md5(metrics.read_bytes()).hexdigest()
+    tags = tracking.client().get_run(run.run_id).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("dvc.out.")} == {
+        "dvc.out.models/x": logged["models/x"],
+        "dvc.out.metrics/x.json": logged["metrics/x.json"],
+    }
+    made_by = {"run_id": run.run_id, "stage": "finetune"}
+    assert tracking.producer(model) == tracking.producer(metrics) == made_by
+
+
+def test_producer_is_the_latest_run_that_logged_this_content(workspace: Path):
+    out = workspace / "data" / "thing.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({"made_in": str(workspace)}))
+    first_md5 = tracking.dvc_md5(out)
+    record_output("prepare", workspace, "data/thing.json")
+    time.sleep(0.02)  # runs are ordered by start time (milliseconds)
+    latest = record_output("prepare", workspace, "data/thing.json")
+    assert tracking.producer(out) == {"run_id": latest, "stage": "prepare"}
+
+    out.write_text(json.dumps({"made_in": str(workspace), "edited": True}))  # content no run logged
+    assert tracking.producer(out) is None
+    assert tracking.producer(out, md5=first_md5) == {"run_id": latest, "stage": "prepare"}
+
+    twin = workspace / "data" / "twin.json"  # equal content under another path: not its output
+    twin.write_text(json.dumps({"made_in": str(workspace)}))
+    assert tracking.dvc_md5(twin) == first_md5
+    assert tracking.producer(twin) is None
+    assert tracking.producer(twin, name="data/thing.json") == {"run_id": latest, "stage": "prepare"}
+
+
+def test_stage_run_links_the_producer_of_a_copied_output(workspace: Path, tmp_path: Path, monkeypatch):
+    elsewhere = make_workspace(tmp_path / "elsewhere")
+    (elsewhere / "data" / "contexts").mkdir(parents=True)
+    for source in ("lora", "mlp"):
+        (elsewhere / "data" / "contexts" / f"{source}.parquet").write_text(f"{source} rows of {tmp_path}")
+    monkeypatch.setenv("LORASCOPE_ROOT", str(elsewhere))
+    made = {}
+    for source in ("lora", "mlp"):  # one run per source
+        with tracking.stage_run("contexts", tiny_params()) as run:
+            run.log_outputs(elsewhere / "data" / "contexts" / f"{source}.parquet")
+        made[source] = run.run_id
+
+    # the same relative paths with the same content in another workspace (a dvc pull, a copy)
+    shutil.copytree(elsewhere / "data", workspace / "data")
+    shutil.copy(workspace / "data/contexts/lora.parquet", workspace / "data/lora-copy.parquet")
+    monkeypatch.setenv("LORASCOPE_ROOT", str(workspace))
+    inputs = [workspace / "data/contexts/lora.parquet", workspace / "data/contexts/mlp.parquet"]
+    with tracking.stage_run(
+        "autointerp", tiny_params(), inputs=[*inputs, workspace / "data/lora-copy.parquet"]
+    ) as run:
+        pass
+    assert run.upstream == {"contexts": made["lora"], "contexts.mlp": made["mlp"]}
+    tags = tracking.client().get_run(run.run_id).data.tags
+    assert tags["upstream.contexts"] == made["lora"] and tags["upstream.contexts.mlp"] == made["mlp"]
+    assert {k for k in tags if k.startswith("upstream.")} == {"upstream.contexts", "upstream.contexts.mlp"}
+    assert tags["dvc.md5.data/lora-copy.parquet"] == tags["dvc.md5.data/contexts/lora.parquet"]
+
+
+def test_lineage_of_an_output_path(prepared: Prepared, with_prepared: Path):
+    res = cli("lineage", "data/prepared", cwd=with_prepared)  # a copy of the session's prepared data
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"prepare  run {prepared.prepare_run}  [FINISHED]")
+    assert any(line.strip().startswith(f"<-  base  run {prepared.base_run}") for line in lines)
+    as_json = json.loads(cli("lineage", str(with_prepared / "models" / "base"), "--json").stdout)
+    assert as_json["run_id"] == prepared.base_run and as_json["stage"] == "base"
+
+    (with_prepared / "notes.txt").write_text(f"written by hand in {with_prepared}\n")
+    for target in ("notes.txt", "data/prepared/train.parquet"):  # no run logged it as an output
+        res = cli("lineage", target, cwd=with_prepared)
+        assert res.returncode == 2 and res.stdout == ""
+        assert res.stderr == (
+            f"error: {target}: no run in {os.environ['MLFLOW_TRACKING_URI']} logged this content as an output\n"
+        )
 
 
 def test_unknown_run_is_one_line():
@@ -151,20 +243,19 @@ def test_stage_logs_to_a_real_mlflow_server(mlflow_server: str, with_base: Path,
     from lorascope.prepare.stage import run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    base_run = record_output("base", with_base, "models/base")  # the base model's record in this store
     run(tiny_params(prepare={"synthetic": {"n_train": 8}}))
-    manifest = json.loads((with_base / "data/prepared/run.json").read_text())
+    run_id = run_of(with_base, "data/prepared")  # found through the server
 
     import mlflow
 
     c = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    remote = c.get_run(manifest["run_id"])
+    remote = c.get_run(run_id)
     assert remote.data.tags["lorascope.stage"] == "prepare"
-    assert (
-        remote.data.tags["upstream.base"]
-        == json.loads((with_base / "models/base/run.json").read_text())["run_id"]
-    )
+    assert remote.data.tags["upstream.base"] == base_run
+    assert remote.data.tags["dvc.out.data/prepared"] == tracking.dvc_md5(with_base / "data/prepared")
     assert remote.data.metrics["rows"] == 8
-    got = Path(c.download_artifacts(manifest["run_id"], "validation.json", str(tmp_path)))
+    got = Path(c.download_artifacts(run_id, "validation.json", str(tmp_path)))
     assert json.loads(got.read_text()) == json.loads(
         (with_base / "data/prepared/validation.json").read_text()
     )

@@ -474,21 +474,65 @@ def params_use(
     typer.echo(f"params: wrote {target} from profile {profile}")
 
 
+# ------------------------------------------------------------------------------------ pipeline
+pipeline_app = typer.Typer(
+    help="dvc.yaml, generated from src/lorascope/pipeline.py (stages, code and params deps, outputs).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("write")
+def pipeline_write() -> None:
+    """Write dvc.yaml at the workspace root from the stage table in lorascope.pipeline."""
+    from lorascope.atomic import write_text
+    from lorascope.pipeline import render
+    from lorascope.project import workspace_root
+
+    target = workspace_root() / "dvc.yaml"
+    write_text(target, render())
+    typer.echo(f"pipeline: wrote {target}")
+
+
+@pipeline_app.command("check")
+def pipeline_check() -> None:
+    """Exit 2 when dvc.yaml differs from what `lorascope pipeline write` would write."""
+    from lorascope.errors import LorascopeError
+    from lorascope.pipeline import render
+    from lorascope.project import workspace_root
+
+    target = workspace_root() / "dvc.yaml"
+    if not target.is_file() or target.read_text() != render():
+        raise LorascopeError(f"{target}: out of date with src/lorascope/pipeline.py; run `lorascope pipeline write`")
+    typer.echo(f"pipeline: {target} is up to date")
+
+
 # ------------------------------------------------------------------------------------ tracking
 @app.command()
 def lineage(
-    run_id: Annotated[str, typer.Argument(help="MLflow run id of any stage run.")],
+    target: Annotated[
+        str, typer.Argument(help="MLflow run id of any stage run, or a DVC output (file or folder).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
 ) -> None:
-    """Print the chain of stage runs behind RUN_ID, back to the dataset."""
+    """Print the chain of stage runs behind a run or an output, back to the dataset.
+
+    For an output, the run is the latest one that logged the output's current DVC md5."""
     import json
 
     from mlflow.exceptions import MlflowException
 
     from lorascope.errors import LorascopeError
     from lorascope.tracking import lineage as walk
-    from lorascope.tracking import tracking_uri
+    from lorascope.tracking import producer, tracking_uri
 
+    run_id = target
+    if Path(target).exists():
+        made_by = producer(target)
+        if made_by is None:
+            raise LorascopeError(f"{target}: no run in {tracking_uri()} logged this content as an output")
+        run_id = made_by["run_id"]
     try:
         chain = walk(run_id)
     except MlflowException as e:
@@ -551,7 +595,14 @@ def ui(
 # ------------------------------------------------------------------------------------------ entry
 def main() -> None:
     """Console entry point: run the app, turning errors into one line unless --debug."""
+    import os
+
     from lorascope.errors import LorascopeError
+
+    # One CPU thread unless the user says otherwise: CPU kernels reduce in an order that depends on
+    # the thread count, so a pinned count is what makes outputs (and dvc.lock) equal on any machine.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
     try:
         app()

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
@@ -25,14 +34,33 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Precision = Literal["auto", "float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
 """Model compute dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
+
+
+def _device(value: str) -> str:
+    import re
+
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:<index>, got {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device)]
+"""Where a stage computes: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``,
+``cuda`` or ``cuda:<index>`` (resolved by ``lorascope.devices``)."""
 
 
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors, field docstrings are descriptions."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _TRACE is not None and (path := _TRACE.paths.get(id(self))) is not None:
+            return _TRACE.read(f"{path}.{name}" if path else name, value, type(self).model_fields.get(name))
+        return value
 
 
 # ----------------------------------------------------------------------------------------- base
@@ -190,8 +218,11 @@ class FinetuneSection(Section):
     """Sequences per optimizer step across all processes (micro-batch x accumulation x processes)."""
     micro_batch_size: PositiveInt = 1
     """Sequences per forward pass on one device."""
-    bf16: bool = True
-    """Train in bfloat16 where the device supports it (fp32 on CPU)."""
+    precision: Precision = "auto"
+    """Training precision: ``bfloat16`` loads the weights in bf16 and trains with bf16 autocast;
+    ``float16`` keeps float32 master weights and trains with fp16 autocast and loss scaling;
+    ``float32`` is plain fp32; ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise.
+    The LoRA's own weights stay float32 in every precision."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant) to fit long sequences."""
     seed: int = 42
@@ -236,8 +267,19 @@ class ExtractSection(Section):
     """Model compute dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
     method: Literal["merged", "lora_a"] = "merged"
     """``merged``: fold the adapter into the weights and project each adapted linear's input on
-    ``lora_A`` in a pre-hook (fast); ``lora_a``: read peft's ``lora_A`` outputs on the unmerged model
-    (the reference the fast path is tested against)."""
+    ``lora_A`` in a pre-hook (fast), kept only when the merge check passes (below), else the
+    unmerged model is used; ``lora_a``: read peft's ``lora_A`` outputs on the unmerged model (the
+    reference the fast path is tested against). Projections accumulate in float32."""
+    merge_check_tokens: PositiveInt = 2048
+    """Merge check: tokens (the first documents) run through the unmerged and the merged model
+    before extraction; folding a rank-1 update into bf16/fp16 weights rounds it."""
+    merge_max_relative_error: PositiveFloat = 0.02
+    """Merge check: largest relative error ``||xA_merged - xA_unmerged|| / ||xA_unmerged||`` of any
+    component over the check tokens for the merged fast path to be used."""
+    merge_max_kl_fraction: PositiveFloat = 0.01
+    """Merge check: largest mean KL(P_lora || P_merged) of the next-token distributions, as a
+    fraction of KL(P_lora || P_base) (the adapter's own effect), for the merged fast path to be used:
+    a merge that rounds the update away loses the whole effect (fraction ~1)."""
     mlp_neurons: PositiveInt = 60
     """``--source mlp``: the first N neurons of each layer's MLP hidden activation (the paper: 60)."""
     launcher: str = "lorascope"
@@ -269,6 +311,9 @@ class ContextsSection(Section):
     """Features scored together per pass over a shard (bounds the working memory)."""
     seed: int = 0
     """Seed of the uniform samples."""
+    device: Device = "auto"
+    """Where the pass runs (SAE encoding included): ``auto`` (a CUDA GPU when present), ``cpu``,
+    ``cuda`` or ``cuda:<index>``; shards are streamed to it one at a time."""
 
 
 # ------------------------------------------------------------------------------------------ sae
@@ -314,6 +359,13 @@ class SaeSection(Section):
     """Skip tokens with NaN/inf activations (counted) instead of stopping with an error."""
     kl_sequences: Annotated[int, Field(ge=0)] = 16
     """Held-out sequences for the downstream splice KL (0 skips it)."""
+    device: Device = "auto"
+    """Where training, calibration, evaluation and the splice KL run: ``auto`` (a CUDA GPU when
+    present), ``cpu``, ``cuda`` or ``cuda:<index>``; shards are streamed to it one at a time."""
+    precision: Precision = "auto"
+    """Compute dtype of the base model + adapter in the splice KL (``auto``: bfloat16 on a GPU that
+    supports it, float32 otherwise; KL in float32). The SAE's weights, Adam state and matmuls stay
+    float32 in every precision (it is small; reduced precision would blur the top-k selection)."""
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -336,10 +388,23 @@ class EvalVariant(Section):
     model: str
     """Directory of the model: a full model (``models/full``), the base (``models/base``) or a peft
     adapter over the base (``models/lora``, an ablated adapter), relative to the workspace root."""
+    format: Literal["think", "chat"] = "think"
+    """How the model is prompted: ``think``: s1's think/answer format with its budget forcing (a model
+    finetuned on s1K: the LoRA, the full finetune, the ablated adapters); ``chat``: the chat template
+    and one generation to the end of the turn, as s1 prompts a model not trained with that format
+    (the base)."""
+    reference: str | None = None
+    """The variant whose gain over ``base`` this variant's recovery is a share of: recovery =
+    (variant - base) / (reference - base). Null: ``lora`` for a variant named ``lora-*-ablated``
+    (Table 2, the paper's share of the LoRA's own gain), else ``full`` (Table 1)."""
 
 
 def _default_variants() -> dict[str, EvalVariant]:
-    return {v: EvalVariant(model=f"models/{v}") for v in ("base", "lora", "full")}
+    return {
+        "base": EvalVariant(model="models/base", format="chat"),
+        "lora": EvalVariant(model="models/lora"),
+        "full": EvalVariant(model="models/full"),
+    }
 
 
 class EvaluateSection(Section):
@@ -361,11 +426,14 @@ class EvaluateSection(Section):
     """Questions per generation batch (hf backend; vLLM schedules its own batches)."""
     max_gen_toks: PositiveInt = 32768
     """Most tokens generated per question, thinking and answer together."""
-    thinking_tokens: PositiveInt | None = None
-    """Budget forcing: cap thinking at this many tokens, then force ``<|im_start|>answer``; null
-    lets thinking use all of ``max_gen_toks`` (no forcing)."""
-    answer_tokens: PositiveInt = 1024
-    """Tokens for the forced answer phase (with ``thinking_tokens``)."""
+    thinking_tokens: PositiveInt | Literal["auto"] | None = None
+    """Budget forcing (s1's ``max_tokens_thinking``, ``think`` variants): cap thinking at this many
+    tokens, then force the answer (``<|im_start|>answer\\nFinal Answer:``); ``auto``: s1's budget,
+    ``max_gen_toks`` minus the prompt, the markers and 100 tokens for the answer; null lets thinking
+    use all of ``max_gen_toks`` (no forcing)."""
+    answer_tokens: PositiveInt | None = None
+    """Tokens for the forced answer phase (with ``thinking_tokens``); null: what the prompt and the
+    thinking left of ``max_gen_toks`` (s1: the answer runs to the end of the model's context)."""
     wait_extensions: Annotated[int, Field(ge=0)] = 0
     """s1's "Wait" extension: this many times, a thinking phase that ends before the budget gets
     ``wait_text`` appended and continues."""
@@ -389,23 +457,44 @@ class EvaluateSection(Section):
     """vLLM: largest adapter rank to reserve memory for (vLLM accepts 8, 16, 32, ...)."""
     choice_seed: int = 0
     """Seed of the per-question GPQA choice shuffle (reproducible, unlike s1's unseeded shuffle)."""
+    instructions: dict[str, str] = Field(default_factory=dict)
+    """Text appended to a task's prompt after a blank line (e.g. ``math500: Please reason step by
+    step, and put your final answer within \\boxed{}.``); a task without one gets the benchmark
+    prompt exactly as s1 gives it (the problem; GPQA: the question and its lettered choices)."""
+    samples: Annotated[int, Field(ge=0)] = 0
+    """Decodes per question: 0 is one greedy decode (the paper's setting); k > 0 samples k decodes
+    at ``temperature`` (seeded by ``seed``) and reports avg@k and pass@k."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of the ``samples`` decodes (s1's sampled tasks use 1.0)."""
     bootstrap_iters: Annotated[int, Field(ge=0)] = 1000
-    """lm-eval bootstrap iterations for the stderr of non-mean metrics (mean scores use the closed form)."""
+    """Bootstrap resamples of the questions for the 95% CIs of scores, pass@k and recoveries (paired
+    across variants); 0 reports no CIs."""
     seed: int = 1234
-    """Sampling seed handed to the backend (generation is greedy)."""
+    """Seed of the sampled decodes and of the bootstrap."""
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
         return known_tasks(v)
 
-    @field_validator("data")
+    @field_validator("data", "instructions")
     @classmethod
     def _known_data(cls, v: dict[str, str]) -> dict[str, str]:
         unknown = [t for t in v if t not in EVAL_TASKS]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
         return v
+
+    @model_validator(mode="after")
+    def _known_references(self) -> EvaluateSection:
+        for name, variant in self.variants.items():
+            ref = variant.reference
+            if ref is not None and (ref not in self.variants or ref in ("base", name)):
+                raise ValueError(
+                    f"variants.{name}.reference: {ref!r} is not a variant other than base and "
+                    f"{name} (variants: {', '.join(self.variants)})"
+                )
+        return self
 
 
 # ----------------------------------------------------------------------------- autointerp / cat.
@@ -433,8 +522,11 @@ class LlmClientSection(Section):
     jitter, honouring Retry-After: the official SDKs' own retry loop)."""
     timeout_s: Annotated[float, Field(gt=0)] = 120
     """Seconds before one request attempt times out."""
-    max_tokens: PositiveInt = 4096
-    """Completion token cap (reasoning models spend part of it thinking)."""
+    max_tokens: PositiveInt = 32000
+    """Completion token cap. Reasoning models (gpt-5-mini, the paper's labeller) spend part of it thinking,
+    so it must leave room for that: OpenAI advises reserving at least 25,000 tokens; 32000 is also Claude
+    Opus 4.1's output limit. Only the tokens used are billed. A reply cut at the cap (``finish_reason:
+    length`` / ``stop_reason: max_tokens``) is a failure, counted (``truncated``), never a label."""
     temperature: float | None = None
     """Sampling temperature (null: the model's default; OpenAI reasoning models take none)."""
     reasoning_effort: ReasoningEffort | None = None
@@ -473,13 +565,17 @@ class CategorizeSection(Section):
     max_categories: PositiveInt = 8
     """Most categories the generation prompt asks for (the paper: 8)."""
     sample_size: PositiveInt = 200
-    """Explanations (LoRA and MLP together, sampled with ``seed``) shown to category generation."""
+    """Explanations shown to category generation: an equal number of LoRA and MLP explanations
+    (``sample_size // 2`` each, at most the smaller set; sampled with ``seed``), as in the paper."""
     n_examples: PositiveInt = 5
     """Max-activating contexts shown with each feature in the assignment prompt."""
     sae_subcategories: bool = True
     """Also generate subcategories within each category for SAE features and assign them."""
     density_tokens: PositiveInt = 100_000
     """Tokens of the activation stores (from the start) summed for the Figure 2 densities."""
+    device: Device = "auto"
+    """Where the Figure 2 density pass sums the stores: ``auto`` (a CUDA GPU when present), ``cpu``,
+    ``cuda`` or ``cuda:<index>``."""
     seed: int = 0
     """Seed of the explanation sample."""
 
@@ -525,6 +621,8 @@ class AblateSection(Section):
     precision: Precision = "auto"
     """Model compute dtype (``auto``: bfloat16 on a GPU that supports it, float32 otherwise); KL is
     always computed in float32."""
+    device: Device = "auto"
+    """Where the model runs: ``auto`` (a CUDA GPU when present), ``cpu``, ``cuda`` or ``cuda:<index>``."""
 
     @field_validator("custom")
     @classmethod
@@ -548,8 +646,10 @@ class SteerSection(Section):
     and measure backtracking, length and accuracy."""
 
     directions: list[str] = Field(default_factory=list)
-    """Directions to steer along: ``L<layer>.<type>`` (a LoRA component: its B vector) or ``sae.<latent>``
-    (an SAE feature: its decoder vector mapped through the adapter's B vectors)."""
+    """Directions to steer along: ``L<layer>.<type>`` (a LoRA component: its B vector; ``-`` appended:
+    its negative side), ``sae.<latent>`` (a live SAE feature: its decoder vector mapped through the
+    adapter's B vectors) or ``label:<regex>`` (the best labelled LoRA sign or SAE latent whose explanation
+    matches, e.g. ``label:backtrack``). Empty, unknown, dead or unmatched: a one-line error."""
     alphas: list[float] = Field(default_factory=lambda: [0.0, 1.0, 10.0, 50.0, 100.0])
     """Multiples of the direction's typical magnitude to add (the paper needed >= 50)."""
     tasks: list[str] = Field(default_factory=lambda: ["math500"])
@@ -558,12 +658,16 @@ class SteerSection(Section):
     """Prompts per task (the first N rows with an answer)."""
     max_new_tokens: PositiveInt = 1024
     """Tokens generated per prompt (greedy)."""
-    backtrack_words: list[str] = Field(default_factory=lambda: ["Wait", "Hmm", "But"])
-    """Words counted as backtracking (whole words, case-sensitive), reported per 1000 generated tokens."""
+    backtrack_words: list[str] = Field(default_factory=lambda: ["Wait", "Hmm"])
+    """Words counted as backtracking (the paper author's: Wait, Hmm), reported as whole words
+    (case-sensitive) per 1000 generated tokens and as the author's count (case-insensitive occurrences
+    per 100 words, mean over prompts)."""
     batch_size: PositiveInt = 8
     """Prompts generated together."""
     precision: Precision = "auto"
     """Model compute dtype (``auto``: bfloat16 on a GPU that supports it, float32 otherwise)."""
+    device: Device = "auto"
+    """Where the model runs: ``auto`` (a CUDA GPU when present), ``cpu``, ``cuda`` or ``cuda:<index>``."""
 
     @field_validator("alphas")
     @classmethod
@@ -648,6 +752,115 @@ class Params(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------- tracing
+class _ParamsTrace:
+    """Which params keys a process reads (``LORASCOPE_TRACE=<file>``): each stage's DVC params deps
+    are checked against it (``lorascope.pipeline``). Validation, hashing and logging read the
+    sections without going through attribute access, so only the stage's own reads are recorded."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.keys: set[str] = set()
+        self.keep: list[Any] = []  # the traced objects stay alive, so their ids stay theirs
+
+    def attach(self, model: Any, path: str) -> None:
+        self.paths[id(model)] = path
+        self.keep.append(model)
+
+    def read(self, key: str, value: Any, field: Any) -> Any:
+        if field is None:
+            return value
+        if isinstance(value, Section) and id(value) in self.paths:
+            return value  # a subsection: its leaves are recorded when read
+        if isinstance(value, dict):
+            return _TracedDict(key, value, self)
+        self.keys.add(key)
+        return value
+
+
+class _TracedDict(dict):
+    """A params mapping (e.g. ``evaluate.variants``) that records ``<path>.<key>`` for one key
+    looked up and ``<path>`` when iterated as a whole."""
+
+    def __init__(self, path: str, data: dict[str, Any], trace: _ParamsTrace) -> None:
+        super().__init__(data)
+        self._path, self._trace = path, trace
+        for k, v in data.items():
+            if isinstance(v, Section) and id(v) not in trace.paths:
+                _attach(v, f"{path}.{k}", trace)
+
+    def _one(self, key: Any) -> None:
+        self._trace.keys.add(f"{self._path}.{key}")
+
+    def _all(self) -> None:
+        self._trace.keys.add(self._path)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._one(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._one(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._one(key)
+        return super().__contains__(key)
+
+    def __iter__(self) -> Any:
+        self._all()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._all()
+        return super().__len__()
+
+    def keys(self) -> Any:
+        self._all()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._all()
+        return super().values()
+
+    def items(self) -> Any:
+        self._all()
+        return super().items()
+
+
+_TRACE: _ParamsTrace | None = None
+
+
+def _attach(model: Section, path: str, trace: _ParamsTrace) -> None:
+    trace.attach(model, path)
+    for name in type(model).model_fields:
+        value = model.__dict__[name]
+        if isinstance(value, Section):
+            _attach(value, f"{path}.{name}" if path else name, trace)
+
+
+def trace_params(params: Params, out: str) -> None:
+    """Record the keys of ``params`` this process reads; at exit, append them (and the lorascope
+    modules it imported) to ``out`` as one JSON line with the command line."""
+    import atexit
+    import sys
+
+    global _TRACE
+    _TRACE = _TRACE or _ParamsTrace()
+    _attach(params, "", _TRACE)
+    trace = _TRACE
+
+    def dump() -> None:
+        modules = sorted(m for m in sys.modules if m == "lorascope" or m.startswith("lorascope."))
+        line = {"argv": sys.argv[1:], "keys": sorted(trace.keys), "modules": modules}
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    if not getattr(trace, "registered", False):
+        atexit.register(dump)
+        trace.registered = True  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------------------------------- loading
 def profiles_dir(root: Path | None = None) -> Path:
     """``pipelines/profiles/`` of the workspace."""
@@ -721,7 +934,10 @@ def load_params(params: str | Path | None = None, profile: str | None = None) ->
     else:
         source = Path(params) if params else root / "params.yaml"
         data = read_yaml_mapping(source)
-    return validate_params(data, source)
+    resolved = validate_params(data, source)
+    if trace := os.environ.get("LORASCOPE_TRACE"):
+        trace_params(resolved, trace)
+    return resolved
 
 
 def validate_params(data: dict[str, Any], source: str | Path = "params") -> Params:
@@ -828,7 +1044,7 @@ def dump_params(params: Params, comments: bool = True) -> str:
 def _emit(model: BaseModel, lines: list[str], indent: int, comments: bool) -> None:
     pad = "  " * indent
     for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
+        value = model.__dict__[name]
         if comments and field.description:
             if indent == 0 and lines:
                 lines.append("")

@@ -1,9 +1,10 @@
-"""The one way a stage opens its MLflow run: experiment, tags, lineage, inputs and ``run.json``.
+"""The one way a stage opens its MLflow run: experiment, tags, lineage by digest, inputs and outputs.
 
 Every run carries ``lorascope.stage``, the git commit and dirty flag, the params section's hash, the
-DVC md5 of each input and ``upstream.<stage>`` = the run that produced each input (read from the
-``run.json`` beside it). Each stage writes ``run.json`` (run id, stage, output digests) into its
-output directory so the next stage can link back. The store defaults to ``sqlite:///<repo>/mlflow.db``
+DVC md5 of each input (``dvc.md5.<path>``) and of each output it wrote (``dvc.out.<path>``), and
+``upstream.<stage>`` = the run that logged the input's md5 as an output. Lineage lives in the tracking
+store only: DVC outputs hold nothing run-specific, so a re-run with the same inputs and params writes
+the same bytes and leaves every later stage cached. The store defaults to ``sqlite:///<repo>/mlflow.db``
 with artifacts in ``<repo>/mlruns/``, absolute so ``dvc exp run --temp`` workspaces log to the same
 store; ``MLFLOW_TRACKING_URI`` overrides it (a real ``mlflow server`` works unchanged).
 """
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorascope.atomic import write_json
 from lorascope.config import Params, dump_params, section_dict, section_hash
 from lorascope.project import store_root, workspace_root
 
-RUN_FILE = "run.json"
+INPUT_TAG = "dvc.md5."
+OUTPUT_TAG = "dvc.out."
 EXPERIMENT_PREFIX = "lorascope-"
 _EXTRA_TAGS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("lorascope_extra_tags", default=())
 
@@ -106,39 +107,28 @@ def dvc_md5(path: str | Path) -> str:
     return obj.hash_info.value
 
 
-def file_digests(directory: str | Path) -> dict[str, str]:
-    """md5 of every file below ``directory`` (relative posix paths), excluding ``run.json``."""
-    from dvc_data.hashfile.hash import file_md5
-    from dvc_objects.fs.local import LocalFileSystem
-
-    directory, fs = Path(directory), LocalFileSystem()
-    return {
-        p.relative_to(directory).as_posix(): file_md5(str(p), fs)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != RUN_FILE
-    }
+def repo_path(path: str | Path) -> str:
+    """``path`` as the workspace-relative posix path DVC names it (absolute when outside the workspace)."""
+    resolved, root = Path(path).resolve(), workspace_root()
+    return (resolved.relative_to(root) if resolved.is_relative_to(root) else resolved).as_posix()
 
 
-def manifest_path(path: str | Path) -> Path:
-    """Where the ``run.json`` describing ``path`` lives: inside a directory; for a file
-    ``<stem>.parquet`` the sibling ``<stem>.run.json`` (several outputs share a folder), else
-    ``run.json`` beside it."""
-    path = Path(path)
-    if path.is_dir():
-        return path / RUN_FILE
-    own = path.with_name(f"{path.name.split('.')[0]}.{RUN_FILE}")
-    return own if own.is_file() else path.parent / RUN_FILE
-
-
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The ``run.json`` that describes ``path`` (see ``manifest_path``)."""
-    manifest = manifest_path(path)
-    if not manifest.is_file():
+def producer(path: str | Path, md5: str | None = None, name: str | None = None) -> dict[str, str] | None:
+    """The latest run that logged ``path`` with this DVC md5 as an output (``dvc.out.<path>``),
+    as ``{"run_id", "stage"}``; None when no run did. ``md5`` defaults to the file's current md5;
+    ``name`` (default: ``path`` relative to the workspace) is the output's name in the tags."""
+    md5 = md5 or dvc_md5(path)
+    c = client()
+    ids = [e.experiment_id for e in c.search_experiments() if e.name.startswith(EXPERIMENT_PREFIX)]
+    if not ids:
         return None
-    try:
-        return json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
+    key = OUTPUT_TAG + (name or repo_path(path))
+    found = c.search_runs(
+        ids, f"tags.`{key}` = '{md5}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not found:
         return None
+    return {"run_id": found[0].info.run_id, "stage": found[0].data.tags.get("lorascope.stage", "?")}
 
 
 # ----------------------------------------------------------------------------------------- git
@@ -190,31 +180,17 @@ class StageRun:
         blob = json.dumps({"params": self.params_hash, "inputs": sorted(self.inputs_md5.values())})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def write_manifest(
-        self, out_dir: str | Path, extra: dict[str, Any] | None = None, files: Sequence[Path] = ()
-    ) -> dict[str, Any]:
-        """Write ``run.json`` into ``out_dir`` (typically the temp dir before its atomic rename),
-        listing the digest of every file in it. With ``files`` (outputs that share a folder with
-        other stages' files), write ``<stem>.run.json`` beside the first of them and list only them."""
-        from dvc_data.hashfile.hash import file_md5
-        from dvc_objects.fs.local import LocalFileSystem
+    def log_outputs(self, *paths: str | Path) -> dict[str, str]:
+        """Tag the run with the DVC md5 of each output it wrote (``dvc.out.<path>``), once the
+        outputs are in place: the next stage finds this run from its input's digest. Returns
+        ``{path: md5}``."""
+        from mlflow import MlflowClient
 
-        if files:
-            fs = LocalFileSystem()
-            outputs = {p.name: file_md5(str(p), fs) for p in files}
-            target = files[0].with_name(f"{files[0].name.split('.')[0]}.{RUN_FILE}")
-        else:
-            outputs, target = file_digests(out_dir), Path(out_dir) / RUN_FILE
-        manifest = {
-            "run_id": self.run_id,
-            "stage": self.stage,
-            "params_hash": self.params_hash,
-            "upstream": self.upstream,
-            "outputs": outputs,
-            **(extra or {}),
-        }
-        write_json(target, manifest)
-        return manifest
+        outputs = {repo_path(p): dvc_md5(p) for p in paths}
+        c = MlflowClient()
+        for path, md5 in outputs.items():
+            c.set_tag(self.run_id, OUTPUT_TAG + path, md5)
+        return outputs
 
 
 @contextmanager
@@ -229,14 +205,13 @@ def stage_run(
     """Open the MLflow run of ``stage`` with the lineage tags and its params section logged.
 
     ``inputs`` are the stage's DVC deps; each gets a ``dvc.md5.<path>`` tag, and the run that
-    produced it (its ``run.json``) an ``upstream.<stage>`` tag. ``section`` names the params
+    logged that md5 as an output (see ``producer``) an ``upstream.<stage>`` tag. ``section`` names the params
     section (default: the stage name). A failing body ends the run as FAILED and re-raises.
     """
     import mlflow
 
     section = section or stage
     exp_id = experiment_id(stage)
-    root = workspace_root()
     commit, dirty = git_state()
     phash = section_hash(params, section)
     run_tags = {
@@ -250,15 +225,15 @@ def stage_run(
     upstream: dict[str, str] = {}
     inputs_md5: dict[Path, str] = {}
     for path in map(Path, inputs):
-        rel = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
-        inputs_md5[path] = run_tags[f"dvc.md5.{rel.as_posix()}"] = dvc_md5(path)
-        manifest = read_manifest(path)
-        if manifest and "stage" in manifest and "run_id" in manifest:
-            key = manifest["stage"]
-            if upstream.get(key, manifest["run_id"]) != manifest["run_id"]:  # several runs of one stage
+        inputs_md5[path] = md5 = dvc_md5(path)
+        run_tags[INPUT_TAG + repo_path(path)] = md5
+        made_by = producer(path, md5)
+        if made_by:
+            key = made_by["stage"]
+            if upstream.get(key, made_by["run_id"]) != made_by["run_id"]:  # several runs of one stage
                 key = f"{key}.{path.name.split('.')[0]}"
-            upstream[key] = manifest["run_id"]
-            run_tags[f"upstream.{key}"] = manifest["run_id"]
+            upstream[key] = made_by["run_id"]
+            run_tags[f"upstream.{key}"] = made_by["run_id"]
     run_tags.update(tags or {})
     run_tags.update(dict(_EXTRA_TAGS.get()))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ _PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+REMOVED = "ablation.json"
+"""What was removed: the selectors and the component names."""
 
 
 def saved_components(tensors: dict[str, Any]) -> list[Component]:
@@ -55,11 +56,10 @@ def export(
     output: Path,
     selectors: list[str],
     where: str,
-    finish: Callable[[Path, list[str]], None] | None = None,
 ) -> list[str]:
     """Write ``adapter_dir`` without the components named by ``selectors`` to ``output``; returns the
-    removed component names. Errors name ``where`` (the option or params key); ``finish(tmp dir,
-    removed)`` adds files (the lineage manifest) before the directory is moved into place."""
+    removed component names, also written to ``ablation.json`` beside the adapter. Errors name
+    ``where`` (the option or params key)."""
     from safetensors.torch import load_file, save_file
 
     if not (adapter_dir / CONFIG).is_file() or not (adapter_dir / WEIGHTS).is_file():
@@ -85,6 +85,5 @@ def export(
         tmp.mkdir(parents=True)
         save_file(keep, str(tmp / WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / CONFIG, config)
-        if finish is not None:
-            finish(tmp, names)
+        write_json(tmp / REMOVED, {"selectors": selectors, "removed": names})
     return names

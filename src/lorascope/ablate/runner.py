@@ -1,5 +1,6 @@
 """Measure ablations on one sequence: per response token, KL(P_lora || P_ablated) and the ablated
-model's cross-entropy, next to the adapter as trained.
+model's cross-entropy, next to the adapter as trained; and the KL over every position (prompt included),
+as the paper's code averaged it.
 
 Two paths with the same results: ``prefix`` (one recorded unablated pass, then each batch of
 ablations runs from its first changed layer, logits only at response positions) and ``naive`` (a full
@@ -27,15 +28,20 @@ DIRECTION = "KL(P_lora || P_ablated)"
 
 @dataclass
 class Stats:
-    """Sums over the response tokens of one sequence for one ablation."""
+    """Sums over the response tokens of one sequence for one ablation (``tokens``, ``kl_sum``, ``kl_max``,
+    ``ce_sum``), and the KL summed over every predicted position (``all_tokens`` = T - 1: each token from
+    the one before it, prompt included)."""
 
     tokens: int
     kl_sum: float
     kl_max: float
     ce_sum: float
+    all_tokens: int
+    all_kl_sum: float
 
     def to_json(self) -> dict[str, float]:
-        return {"tokens": self.tokens, "kl_sum": self.kl_sum, "kl_max": self.kl_max, "ce_sum": self.ce_sum}
+        return {"tokens": self.tokens, "kl_sum": self.kl_sum, "kl_max": self.kl_max, "ce_sum": self.ce_sum,
+                "all_tokens": self.all_tokens, "all_kl_sum": self.all_kl_sum}  # fmt: skip
 
 
 def compare(logp_lora_RV: torch.Tensor, logits_BRV: torch.Tensor, labels_R: torch.Tensor) -> tuple[Any, Any]:
@@ -74,10 +80,12 @@ class Ablator:
         self, ids_T: torch.Tensor, first: int, ablations: Sequence[Ablation]
     ) -> tuple[Stats, list[Stats]]:
         """``(adapter as trained, one per ablation)`` over the tokens ``first..T-1`` of ``ids_T``
-        (each predicted from the position before it); the first's ``kl_sum`` is 0."""
+        (each predicted from the position before it), and the KL over all tokens ``1..T-1``; the first's
+        KL sums are 0."""
         ids_1T = ids_T.to(self.device, torch.long)[None]
-        positions = torch.arange(first - 1, ids_1T.shape[1] - 1, device=self.device)
-        labels_R = ids_1T[0, first:]
+        positions = torch.arange(0, ids_1T.shape[1] - 1, device=self.device)  # every predicting position
+        labels_R = ids_1T[0, 1:]
+        response = first - 1  # positions[response:] predict the response tokens
         out: list[Stats | None] = [None] * len(ablations)
         with self.masks.attach(self.model):
             if self.prefix_reuse:
@@ -85,12 +93,12 @@ class Ablator:
             else:
                 hidden_1TD = self.base.get_decoder()(input_ids=ids_1T, use_cache=False).last_hidden_state
             logp_lora_RV = self.lm_head(hidden_1TD[0, positions]).float().log_softmax(-1)
-            ce_lora = -logp_lora_RV.gather(-1, labels_R[:, None])[:, 0]
-            lora = Stats(len(positions), 0.0, 0.0, float(ce_lora.double().sum()))
+            ce_lora = -logp_lora_RV[response:].gather(-1, labels_R[response:, None])[:, 0]
+            lora = Stats(len(positions) - response, 0.0, 0.0, float(ce_lora.double().sum()), len(positions), 0.0)
             for batch in self._batches(ablations):
                 keep_BK = self.masks.rows([ablations[i].components for i in batch], self.device)
                 with self.masks.ablating(keep_BK):
-                    stats = self._run(batch, ablations, ids_1T, positions, labels_R, logp_lora_RV)
+                    stats = self._run(batch, ablations, ids_1T, positions, labels_R, logp_lora_RV, response)
                 for i, s in zip(batch, stats, strict=True):
                     out[i] = s
         return lora, [s for s in out if s is not None]
@@ -115,6 +123,7 @@ class Ablator:
         positions: torch.Tensor,
         labels_R: torch.Tensor,
         logp_lora_RV: torch.Tensor,
+        response: int,
     ) -> list[Stats]:
         B = len(batch)
         if self.prefix_reuse:
@@ -129,11 +138,19 @@ class Ablator:
                 return full_BTV[:, chunk]
 
         kl_sum, ce_sum = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+        all_kl_sum = torch.zeros(B, dtype=torch.float64)
         kl_max = torch.zeros(B)
         for lo in range(0, len(positions), self.logit_chunk):
             sl = slice(lo, lo + self.logit_chunk)
             kl_BR, ce_BR = compare(logp_lora_RV[sl], logits(positions[sl]), labels_R[sl])
-            kl_sum += kl_BR.double().sum(-1).cpu()
-            kl_max = torch.maximum(kl_max, kl_BR.max(-1).values.cpu())
-            ce_sum += ce_BR.double().sum(-1).cpu()
-        return [Stats(len(positions), float(kl_sum[b]), float(kl_max[b]), float(ce_sum[b])) for b in range(B)]
+            all_kl_sum += kl_BR.double().sum(-1).cpu()
+            skip = max(0, response - lo)  # the chunk's positions before the response
+            if skip < kl_BR.shape[1]:
+                kl_sum += kl_BR[:, skip:].double().sum(-1).cpu()
+                kl_max = torch.maximum(kl_max, kl_BR[:, skip:].max(-1).values.cpu())
+                ce_sum += ce_BR[:, skip:].double().sum(-1).cpu()
+        n, n_all = len(positions) - response, len(positions)
+        return [
+            Stats(n, float(kl_sum[b]), float(kl_max[b]), float(ce_sum[b]), n_all, float(all_kl_sum[b]))
+            for b in range(B)
+        ]

@@ -1,13 +1,15 @@
 """Run the ``ablate`` stage: KL sweeps into ``metrics/ablation/`` and ablated-adapter exports.
 
-Outputs (every number is a mean over the response tokens of the sampled sequences, in nats):
+Outputs (nats; ``kl_definitions`` in each file says which tokens each KL averages):
 
 * ``{components,layers,types,groups}.json``: per ablation ``kl`` = KL(P_lora || P_ablated) (the
-  direction is named in each file), its standard error over sequences, ``kl_max`` over tokens,
-  ``ce`` and ``delta_ce`` = CE(ablated) - CE(lora); a ``reference`` block with the adapter's and
-  the base model's cross-entropy and KL(P_lora || P_base) (every component ablated);
-* ``figure3.json``: the single-component KL as a layer x component-type matrix (Figure 3);
-* ``run.json``: lineage.
+  direction is named in each file) per response token, its standard error over sequences, ``kl_max``
+  over response tokens, ``kl_all_positions`` (every predicted position, prompt included, mean per
+  sequence then over sequences: how the paper's code averaged it), ``ce`` and ``delta_ce`` =
+  CE(ablated) - CE(lora) per response token; a ``reference`` block with the adapter's and the base
+  model's cross-entropy and KL(P_lora || P_base) (every component ablated), over both token sets;
+* ``figure3.json``: the single-component KL as a layer x component-type matrix (Figure 3), over
+  response tokens (``kl``) and over all positions (``kl_all_positions``).
 
 Each sequence's sums go to ``checkpoints/ablate/<fingerprint>/`` as soon as it is measured, so a
 killed run resumes at the next sequence and ends with the same files.
@@ -34,6 +36,15 @@ BASE = Path("models/base")
 ADAPTER = Path("models/lora")
 SWEEPS = ("components", "layers", "types", "groups")
 UNIT = "nats per response token (mean over every response token of the sampled sequences)"
+KL_DEFINITIONS = {
+    "kl": "KL(P_lora || P_ablated) summed over the vocabulary at each position predicting a response "
+    "token (the assistant turn), averaged over all those tokens of the sampled sequences (token-weighted)",
+    "kl_all_positions": "KL(P_lora || P_ablated) at every position of each sampled sequence (each token "
+    "predicted from the one before it, prompt included), mean per sequence, then mean over sequences: "
+    "the paper's code (F.kl_div(log P_ablated, P_lora), .sum(-1).mean() per sequence, np.mean over them)",
+}
+CHECKPOINT_VERSION = "v2"
+"""Bumped when what a per-sequence checkpoint holds changes (v2: the all-position KL sums)."""
 DELTA_CE = "CE(P_ablated) - CE(P_lora) on the next response token, nats per token"
 
 
@@ -75,6 +86,7 @@ def summarize(per_seq: list[Stats], lora: list[Stats]) -> dict[str, Any]:
     ce = sum(s.ce_sum for s in per_seq) / tokens
     return {
         "kl": sum(s.kl_sum for s in per_seq) / tokens,
+        "kl_all_positions": sum(s.all_kl_sum / s.all_tokens for s in per_seq) / len(per_seq),
         "kl_stderr": stderr,
         "kl_max": max(s.kl_max for s in per_seq),
         "ce": ce,
@@ -86,8 +98,12 @@ def figure3(comps: list[Component], results: dict[str, dict[str, Any]]) -> dict[
     """Single-component KL as ``kl[layer][type]`` (null where a layer has no such component)."""
     layers = sorted({c.layer for c in comps})
     kinds = [k for k in LORA_TARGETS if any(c.kind == k for c in comps)]
-    grid = [[(results.get(f"L{n}.{k}") or {}).get("kl") for k in kinds] for n in layers]
-    return {"direction": DIRECTION, "unit": UNIT, "layers": layers, "types": kinds, "kl": grid}
+    grid = {
+        key: [[(results.get(f"L{n}.{k}") or {}).get(key) for k in kinds] for n in layers]
+        for key in KL_DEFINITIONS
+    }
+    return {"direction": DIRECTION, "unit": UNIT, "kl_definitions": KL_DEFINITIONS, "layers": layers,
+            "types": kinds, **grid}  # fmt: skip
 
 
 def run(params: Params) -> Path:
@@ -105,7 +121,7 @@ def run(params: Params) -> Path:
     cfg, root = params.ablate, workspace_root()
     prepared, base_dir, adapter_dir = root / PREPARED, root / BASE, root / ADAPTER
     seqs = sample_sequences(prepared, cfg.sequences, cfg.max_tokens, cfg.seed)
-    model = load_lora_model(base_dir, adapter_dir, cfg.precision)
+    model = load_lora_model(base_dir, adapter_dir, cfg.precision, cfg.device, "ablate")
     comps = lora_components(model)
     ablations = sweeps(comps, cfg.sweeps, cfg.custom)
     every = tuple(range(len(comps)))  # the base model: reported as the reference
@@ -119,7 +135,7 @@ def run(params: Params) -> Path:
         resumed = 0
         per_seq: list[tuple[Stats, list[Stats]]] = []
         for i, (_row, ids, first) in enumerate(track(seqs, "ablate", total=len(seqs))):
-            path = work / f"{i:05d}.json"
+            path = work / f"{i:05d}.{CHECKPOINT_VERSION}.json"
             if path.is_file():
                 saved = json.loads(path.read_text())
                 per_seq.append((Stats(**saved["lora"]), [Stats(**s) for s in saved["ablations"]]))
@@ -137,14 +153,15 @@ def run(params: Params) -> Path:
             "direction": DIRECTION,
             "unit": UNIT,
             "delta_ce_definition": DELTA_CE,
+            "kl_definitions": KL_DEFINITIONS,
             "sequences": len(seqs),
             "tokens": tokens,
             "reference": {
                 "ce_lora": sum(s.ce_sum for s in loras) / tokens,
                 "ce_base": base["ce"],
                 "kl_lora_base": base["kl"],
+                "kl_lora_base_all_positions": base["kl_all_positions"],
             },
-            "run_id": sr.run_id,
         }
         out = out_dir()
         files = []
@@ -158,7 +175,7 @@ def run(params: Params) -> Path:
             write_json(files[-1], {**header, "sweep": sweep, "ablations": chosen})
         files.append(out / "figure3.json")
         write_json(files[-1], figure3(comps, results))
-        sr.write_manifest(out, {"sequences": len(seqs), "tokens": tokens})  # the folder is the stage's own
+        sr.log_outputs(*files)
 
         metrics = {f"reference.{k}": v for k, v in header["reference"].items()}
         metrics |= {
@@ -168,6 +185,7 @@ def run(params: Params) -> Path:
         }
         for a in ablations:
             metrics[f"{a.sweep}.{a.name}.kl"] = results[a.name]["kl"]
+            metrics[f"{a.sweep}.{a.name}.kl_all_positions"] = results[a.name]["kl_all_positions"]
             metrics[f"{a.sweep}.{a.name}.delta_ce"] = results[a.name]["delta_ce"]
         items = list(metrics.items())
         for lo in range(0, len(items), 500):
@@ -195,11 +213,8 @@ def run_export(params: Params, group: str) -> Path:
     with stage_run(
         "ablate", params, [adapter_dir], run_name=f"export-{group}", tags={"ablate.export": group}
     ) as sr:
-
-        def finish(tmp: Path, removed: list[str]) -> None:
-            sr.write_manifest(tmp, {"group": group, "removed": removed})
-
-        removed = export(adapter_dir, out, [group], "--group", finish)
+        removed = export(adapter_dir, out, [group], "--group")
         mlflow.log_params({"export.group": group, "export.removed": len(removed)})
         mlflow.log_dict({"group": group, "removed": removed}, "export.json")
+        sr.log_outputs(out)
     return out

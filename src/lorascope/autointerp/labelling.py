@@ -64,12 +64,15 @@ class Answer:
     cached: bool = True
     input_tokens: int = 0
     output_tokens: int = 0
+    truncated: bool = False
+    """The reply was cut at ``max_tokens`` (a failure: its partial text is in ``raw``, never parsed)."""
 
 
 async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: Callable[[str], T]) -> Answer:
     """Ask ``prompt`` and parse the reply; a reply that does not parse is re-asked once with the
-    reason, and a second failure is returned as an error with the raw text (never raised)."""
-    from lorascope.llm.completion import LlmError
+    reason, and a second failure is returned as an error with the raw text (never raised). A reply cut
+    at ``max_tokens`` is a failed request (``truncated``), not re-asked: the same limit would cut it again."""
+    from lorascope.llm.completion import LlmError, TruncatedReply
 
     raws: list[str] = []
     out = Answer(None, "")
@@ -78,6 +81,11 @@ async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: C
         try:
             done = await client.complete(text, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         except LlmError as e:
+            if isinstance(e, TruncatedReply):
+                raws.append(e.text)
+                out.truncated = True
+                out.input_tokens += e.input_tokens
+                out.output_tokens += e.output_tokens
             out.raw, out.error, out.cached = "\n---\n".join(raws), f"request failed: {e}", False
             return out
         out.cached = out.cached and done.cached

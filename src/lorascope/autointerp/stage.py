@@ -1,6 +1,7 @@
 """Run the ``autointerp`` stage for one source: label every live feature from its contexts.
 
-Per feature (LoRA: each sign of each direction; MLP: each neuron; SAE: each latent that fired) the
+Per feature (LoRA: each sign of each direction; MLP: each sign of each neuron; SAE: each live latent, i.e.
+listed in ``models/sae/alive.json`` (the contexts stage keeps no other) and fired) the
 paper's B.1 prompt shows the top ``n_contexts`` windows with activations on its 0-10 scale; the JSON
 reply gives the explanation, the class (0 monosemantic, 1 broad but consistent, 2 polysemantic) and
 its reasoning. Detection scoring then checks the explanation: held-out activating windows (the
@@ -9,7 +10,7 @@ shown in a seeded order, the model says which match, and the balanced accuracy i
 
 Requests run concurrently and go through the content-addressed LLM cache, so a killed or repeated
 run asks only what it does not have. A reply that cannot be parsed is re-asked once, then recorded
-as a failed label with its raw text. Writes ``data/interp/<source>.parquet`` and ``<source>.run.json``.
+as a failed label with its raw text. Writes ``data/interp/<source>.parquet``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,22 @@ def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
     return features, dead
 
 
+def latent_counts(features_path: Path) -> dict[str, float]:
+    """``{"sae_latents", "sae_live_latents", "sae_dead_latents"}`` from an SAE features table's metadata
+    (the contexts stage's count of the latents it kept and left out as dead); empty for other sources."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from lorascope.contexts.stage import LATENTS_KEY
+
+    raw = (pq.read_schema(features_path).metadata or {}).get(LATENTS_KEY)
+    if raw is None:
+        return {}
+    counts = json.loads(raw)
+    return {"sae_latents": counts["d_sae"], "sae_live_latents": counts["alive"], "sae_dead_latents": counts["dead"]}
+
+
 def balanced_accuracy(said: list[bool], truth: list[bool]) -> float:
     """Mean of the hit rate on activating and the correct-rejection rate on non-activating windows."""
     pos = [s for s, t in zip(said, truth, strict=True) if t]
@@ -129,7 +146,7 @@ async def _label_all(
             "source": source, "feature": f.id, "feature_name": f.name, "sign": f.sign, "layer": layer,
             "component": component, "explanation": None, "classification": None, "class_reasoning": None,
             "status": "failed", "error": got.error, "raw_response": got.raw, "cached": got.cached,
-            "detection_balanced_accuracy": None, "detection_n": 0,
+            "detection_balanced_accuracy": None, "detection_n": 0, "truncated": int(got.truncated),
         }  # fmt: skip
         tokens = [got.input_tokens, got.output_tokens]
         if got.error is None:
@@ -147,6 +164,7 @@ async def _label_all(
                 )  # fmt: skip
                 tokens = [tokens[0] + det.input_tokens, tokens[1] + det.output_tokens]
                 row["cached"] = row["cached"] and det.cached
+                row["truncated"] += int(det.truncated)
                 if det.error is None:
                     row["detection_balanced_accuracy"] = balanced_accuracy(det.value, truth)
                     row["detection_n"] = len(texts)
@@ -218,7 +236,7 @@ def run(params: Params, source: str) -> Path:
         out = interp_path(source)
         with atomic_path(out, ".parquet") as tmp:
             pq.write_table(table, tmp)
-        sr.write_manifest(out.parent, {"source": source}, files=[out])
+        sr.log_outputs(out)
         ok = [r for r in rows if r["status"] == "ok"]
         scored = [r for r in ok if r["detection_balanced_accuracy"] is not None]
         metrics: dict[str, float] = {
@@ -231,6 +249,8 @@ def run(params: Params, source: str) -> Path:
         cost = client.cost_usd()
         if cost is not None:
             metrics["cost_usd"] = cost
+        metrics["truncated"] = sum(r.get("truncated", 0) for r in rows)  # replies cut at max_tokens
+        metrics.update(latent_counts(feat_path))
         for c in (0, 1, 2):
             members = [r for r in ok if r["classification"] == c]
             metrics[f"class_{c}_share"] = len(members) / len(ok) if ok else 0.0

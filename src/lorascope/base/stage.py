@@ -81,14 +81,12 @@ def run(params: Params) -> Path:
     import mlflow
 
     out = workspace_root() / OUT
-    with stage_run("base", params) as run, atomic_path(out) as tmp:
-        stats = (_build_tiny if params.base.model == "tiny" else _pin_real)(params, tmp)
-        config_file = tmp / "config.json"
-        if config_file.is_file():
-            mlflow.log_artifact(str(config_file))
-        else:
-            mlflow.log_artifact(str(tmp / "reference.json"))
-        mlflow.log_metrics({k: float(v) for k, v in stats.items()})
-        mlflow.set_tag("base.model", params.base.model)
-        run.write_manifest(tmp, {"model": params.base.model, **stats})
+    with stage_run("base", params) as run:
+        with atomic_path(out) as tmp:
+            stats = (_build_tiny if params.base.model == "tiny" else _pin_real)(params, tmp)
+            config_file = tmp / "config.json"
+            mlflow.log_artifact(str(config_file if config_file.is_file() else tmp / "reference.json"))
+            mlflow.log_metrics({k: float(v) for k, v in stats.items()})
+            mlflow.set_tag("base.model", params.base.model)
+        run.log_outputs(out)
     return out

@@ -1,13 +1,15 @@
 """The data behind the paper's Figure 1 (category shares of LoRA directions vs MLP neurons) and Figure 2
-(category-wise activation density by layer and component type).
+(category-wise activation density of the SAE features, overall, by subcategory and by layer and component
+type), and of the same density for the LoRA directions and MLP neurons themselves (``figure2_lora.json``).
 
-Both are plain JSON, so the report stage (or a notebook) plots them without re-reading stores or labels.
+All are plain JSON, so the report stage (or a notebook) plots them without re-reading stores or labels.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lorascope.autointerp.prompts import Category
@@ -24,6 +26,25 @@ FIGURE2_NORMALISATION = (
     "summed over all categories, so each cell's densities sum to 1 (null where no member feature fired in the "
     "cell). Cells: (layer, component type) for the LoRA store, layer for the MLP store"
 )
+FIGURE2_SAE_ATTRIBUTION = (
+    "activation x share: a live latent f's activation a_f(t) (the SAE's calibrated threshold over the first "
+    "`tokens` tokens of the LoRA store) is split over the adapter components c by its decoder row in the "
+    "SAE's training units, w[f, c] = W_dec[f, c] / scale[c] (the unit-norm row; W_dec in x.A units, scale "
+    "from cfg.json): share[f, c] = w[f, c]^2 / sum_c' w[f, c']^2, the latent's share of the squared "
+    "reconstruction it adds (shares sum to 1, so the cells partition its mass). "
+    "cell mass[category] = sum_t sum_{f in category} a_f(t) * sum_{c in cell} share[f, c]"
+)
+FIGURE2_SAE_NORMALISATION = (
+    "overall: density[category] = sum_t sum_{f in category} a_f(t) / the same sum over all categories (the "
+    "paper's normalised sum of feature activations per category); subcategories: each subcategory's mass / "
+    "the mass of its category's subcategorized latents; cells (layer, component type): the attributed mass "
+    "/ the cell's attributed mass over all categories, so each cell's densities sum to 1 (null where no "
+    "categorized latent has mass in the cell). Latents: live (alive.json) with status ok only; the mass of "
+    "live latents without a category (unlabelled, failed, uncategorized) is `unassigned_mass`, that of dead "
+    "latents `dead_mass` (both excluded)"
+)
+SAE_BLOCK_TOKENS = 4096
+"""Tokens encoded at once for Figure 2 (bounds the dense block, tokens x d_sae floats)."""
 _COMPONENT = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[a-z_]+?)(?:\.\d+)?$")
 
 
@@ -179,3 +200,118 @@ def figure2(
         ]
         out[source] = figure2_source(store, members, category_ids, n_tokens, by_type=source == "lora")
     return out
+
+
+def latent_mass(store: Store, sae: Any, n_tokens: int, block: int = SAE_BLOCK_TOKENS) -> tuple[Any, int]:
+    """Per SAE latent, ``sum_t a_f(t)`` over the first ``n_tokens`` tokens of ``store`` (float64) and the
+    tokens used; the store is encoded with the SAE's calibrated threshold, one block at a time."""
+    import torch
+
+    from lorascope.progress import track
+
+    mass_F = torch.zeros(sae.d_sae, dtype=torch.float64)
+    shards = [s for s in store.shards if s.start < n_tokens]
+    used = 0
+    with torch.no_grad():
+        for shard in track(shards, "categorize: SAE density"):
+            acts_TC = store.read(shard)[0][: n_tokens - shard.start]
+            for b0 in range(0, acts_TC.shape[0], block):
+                mass_F += sae.encode(acts_TC[b0 : b0 + block].float()).sum(0, dtype=torch.float64)
+            used += acts_TC.shape[0]
+    return mass_F, used
+
+
+def decoder_shares(W_dec_FC: Any, scale_C: Any) -> Any:
+    """``share[f, c] = w[f, c]^2 / sum_c' w[f, c']^2`` with ``w = W_dec / scale`` (float64; a zero row gets
+    zero shares)."""
+    import torch
+
+    w_FC = W_dec_FC.to(torch.float64) / scale_C.to(torch.float64)[None, :]
+    sq_FC = w_FC.square()
+    total_F = sq_FC.sum(1, keepdim=True)
+    return torch.where(total_F > 0, sq_FC / total_F.clamp(min=1e-300), torch.zeros_like(sq_FC))
+
+
+def figure2_sae(
+    store: Store,
+    sae_dir: Path,
+    alive: Sequence[int],
+    members: Sequence[tuple[int, str, str | None]],
+    category_ids: Sequence[str],
+    subcategories: dict[str, list[Category]],
+    n_tokens: int,
+) -> dict[str, Any]:
+    """Figure 2 of the paper: the category-wise activation density of the SAE latents. ``members`` are
+    ``(latent, category, subcategory)`` of the categorized latents; ``alive`` the live latents. See
+    ``FIGURE2_SAE_ATTRIBUTION`` and ``FIGURE2_SAE_NORMALISATION``."""
+    import torch
+
+    from lorascope.sae.train import load
+
+    sae, cfg = load(sae_dir)
+    sae.eval()
+    if list(cfg["components"]) != list(store.components):
+        raise LorascopeError(
+            f"{sae_dir}/cfg.json: the SAE was trained on other components than {store.root} holds; "
+            "retrain it with `lorascope sae`"
+        )
+    mass_F, used = latent_mass(store, sae, n_tokens)
+    scale_C = torch.tensor(cfg.get("scale") or [1.0] * sae.d_in, dtype=torch.float64)
+    share_FC = decoder_shares(sae.W_dec_FD.detach(), scale_C)
+    cell_of = [component_cell(name) for name in store.components]
+    cells = list(dict.fromkeys(cell_of))  # store order: layer-major, then the component order
+    where_C = torch.tensor([cells.index(c) for c in cell_of], dtype=torch.long)
+    share_FK = torch.zeros(sae.d_sae, len(cells), dtype=torch.float64).index_add_(1, where_C, share_FC)
+
+    live = torch.zeros(sae.d_sae, dtype=torch.bool)
+    live[list(alive)] = True
+    cat_of: dict[int, tuple[str, str | None]] = {}
+    for latent, category, sub in members:
+        if not live[latent]:
+            raise LorascopeError(f"sae.{latent} is a dead latent (not in {sae_dir}/alive.json) but categorized")
+        cat_of[latent] = (category, sub)
+    overall = dict.fromkeys(category_ids, 0.0)
+    cell_mass = {c: torch.zeros(len(cells), dtype=torch.float64) for c in category_ids}
+    sub_mass = {c: dict.fromkeys((s.string_id for s in subs), 0.0) for c, subs in subcategories.items()}
+    sub_missing = dict.fromkeys(subcategories, 0.0)
+    for latent, (category, sub) in sorted(cat_of.items()):
+        m = float(mass_F[latent])
+        overall[category] += m
+        cell_mass[category] += mass_F[latent] * share_FK[latent]
+        if category in sub_mass:
+            if sub is None:
+                sub_missing[category] += m
+            else:
+                sub_mass[category][sub] += m
+    categorized = torch.zeros(sae.d_sae, dtype=torch.bool)
+    categorized[list(cat_of)] = True
+
+    def density(mass: dict[str, float]) -> dict[str, float | None]:
+        total = sum(mass.values())
+        return {k: (v / total if total > 0 else None) for k, v in mass.items()}
+
+    out_cells = []
+    for k, (layer, kind) in enumerate(cells):
+        mass = {c: float(cell_mass[c][k]) for c in category_ids}
+        out_cells.append({"layer": layer, "component_type": kind, "total": sum(mass.values()), "mass": mass,
+                          "density": density(mass)})  # fmt: skip
+    return {
+        "features": "sae",
+        "attribution": FIGURE2_SAE_ATTRIBUTION,
+        "normalisation": FIGURE2_SAE_NORMALISATION,
+        "density_tokens": n_tokens,
+        "tokens": used,
+        "categories": list(category_ids),
+        "latents": {"d_sae": sae.d_sae, "alive": int(live.sum()), "dead": sae.d_sae - int(live.sum()),
+                    "categorized": len(cat_of)},  # fmt: skip
+        "mass_total": float(mass_F[live].sum()),
+        "unassigned_mass": float(mass_F[live & ~categorized].sum()),
+        "dead_mass": float(mass_F[~live].sum()),
+        "overall": {"mass": overall, "density": density(overall)},
+        "subcategories": [
+            {"category": c, "mass": sub_mass[c], "density": density(sub_mass[c]),
+             "not_subcategorized_mass": sub_missing[c]}
+            for c in subcategories
+        ],  # fmt: skip
+        "cells": out_cells,
+    }

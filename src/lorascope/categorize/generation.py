@@ -1,7 +1,8 @@
 """Category generation (paper B.2a): one prompt over a seeded sample of explanations returns the categories.
 
-The same prompt and parser serve the shared categories (LoRA and MLP explanations together, so both sources
-are described in one vocabulary) and the SAE subcategories of one category (that category's SAE
+The same prompt and parser serve the shared categories (an equal number of LoRA and MLP explanations, as the
+paper prompts with "an equal number of MLP neurons and LoRA directions", mixed in a seeded order, so both
+sources are described in one vocabulary) and the SAE subcategories of one category (that category's SAE
 explanations). A reply that does not parse is re-asked once (``labelling.ask``); what the caller does with
 a second failure differs: fatal for the shared categories, recorded for a subcategory set.
 """
@@ -26,6 +27,18 @@ def sample_explanations(explanations: Sequence[str], size: int, seed: int) -> li
 
     order = np.random.default_rng(seed).permutation(len(explanations))[:size]
     return [explanations[int(i)] for i in order]
+
+
+def sample_equal(pools: dict[str, Sequence[str]], size: int, seed: int) -> tuple[list[str], dict[str, int]]:
+    """An equal number of explanations from each pool: ``n = min(size // len(pools), smallest pool)`` drawn
+    without replacement from each (seeded, pools in the given order), then mixed in one seeded order.
+    Returns the sample and ``n`` per pool."""
+    import numpy as np
+
+    n = min(size // len(pools), *(len(p) for p in pools.values()))
+    rng = np.random.default_rng(seed)
+    picked = [pool[int(i)] for pool in pools.values() for i in rng.permutation(len(pool))[:n]]
+    return [picked[int(i)] for i in rng.permutation(len(picked))], dict.fromkeys(pools, n)
 
 
 async def generate(

@@ -9,6 +9,7 @@ when its label set exists.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,13 @@ def ok_labels(source: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_features(source: str, n_examples: int) -> list[Feature]:
-    """The ok features of ``source`` with their first ``n_examples`` top contexts (label-set order)."""
+def load_features(source: str, n_examples: int, only: Collection[int] | None = None) -> list[Feature]:
+    """The ok features of ``source`` with their first ``n_examples`` top contexts (label-set order);
+    ``only``: keep just the features with these ids (the live SAE latents), drop the others."""
     labels = ok_labels(source)
+    if only is not None:
+        keep = set(only)
+        labels = [r for r in labels if int(r["feature"]) in keep]
     path = contexts_path(source)
     if not path.is_file():
         raise LorascopeError(f"{path}: contexts not found; run `lorascope contexts --source {source}` first")

@@ -1,13 +1,19 @@
 """Run the ``categorize`` stage: shared categories, one category per labelled feature, Figure 1/2 data.
 
-1. Category generation (B.2a, ``categorize.generate``): a seeded sample of the LoRA and MLP explanations
-   together, so both sources share one set of categories. A reply that is still unusable after one re-ask
+1. Category generation (B.2a, ``categorize.generate``): an equal number of LoRA and MLP explanations
+   (``sample_size`` in all, seeded; the paper prompts with equal numbers of both), mixed in one seeded
+   order, so both sources share one set of categories. A reply that is still unusable after one re-ask
    stops the stage (its raw text is kept in ``checkpoints/categorize/generation-reply.txt`` and the run).
 2. Assignment (B.2b, ``categorize.assign``): every ok feature of every source present (``sae`` when its label
    set exists) gets one category; an unknown id is re-asked once, then recorded as ``uncategorized``.
 3. SAE subcategories (``categorize.sae_subcategories``): see ``subcategories.SUBCATEGORY_RULE``.
-4. Figure data: category shares per source (Figure 1) and category-wise activation density per layer and
-   component type over the first ``density_tokens`` tokens of the LoRA and MLP stores (Figure 2).
+4. Figure data: category shares per source (Figure 1); the paper's Figure 2, the category-wise activation
+   density of the SAE latents (overall, by subcategory, and by layer and component type through each
+   latent's decoder row: ``figures.FIGURE2_SAE_ATTRIBUTION``) over the first ``density_tokens`` tokens of
+   the LoRA store; and the same density of the LoRA directions and MLP neurons themselves.
+
+SAE latents count only when live (``models/sae/alive.json``): a label of a dead latent (a label set older
+than the SAE) is dropped and counted (``categories.json`` ``sae_latents``, metric ``sae_dead_labels_dropped``).
 
 Every request goes through the LLM cache, so a killed run resumes for free and a repeated one makes no
 requests and writes the same files. Outputs, written together (temp directory, then rename), in
@@ -16,7 +22,8 @@ requests and writes the same files. Outputs, written together (temp directory, t
 * ``categories.json``: the categories (``string_id``, ``name``, ``definition``, ``examples``, ``sae_subcategories``)
   and how they were made (backend, model, prompt hashes, the raw generation reply, the sample);
 * ``assignments.parquet``: one row per ok feature (see ``ASSIGNMENT_COLUMNS``);
-* ``figure1.json``, ``figure2.json`` (see ``figures``); ``run.json``: lineage.
+* ``figure1.json``, ``figure2.json`` (SAE latents: the paper's Figure 2), ``figure2_lora.json`` (LoRA
+  directions and MLP neurons) (see ``figures``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ ASSIGNMENT_COLUMNS = (
 )  # fmt: skip
 """``assignments.parquet``: ``status`` ok | uncategorized | failed (category null unless ok);
 ``subcategory_status`` null when the feature's category has no SAE subcategories (every non-SAE feature)."""
+
+
+def figure_sae_width(sae_dir: Path) -> int:
+    """``d_sae`` of the SAE in ``sae_dir`` (its cfg.json)."""
+    import json
+
+    return int(json.loads((sae_dir / "cfg.json").read_text())["d_sae"])
 
 
 def out_dir() -> Path:
@@ -78,13 +92,14 @@ def run(params: Params) -> Path:
     from lorascope.autointerp.labelling import open_client
     from lorascope.autointerp.prompts import Category, prompt_hash
     from lorascope.categorize.assignment import assign_all
-    from lorascope.categorize.figures import figure1, figure2
-    from lorascope.categorize.generation import category_dict, generate, sample_explanations
+    from lorascope.categorize.figures import figure1, figure2, figure2_sae
+    from lorascope.categorize.generation import category_dict, generate, sample_equal
     from lorascope.categorize.inputs import (
         REQUIRED,
         contexts_path,
         label_path,
         load_features,
+        ok_labels,
         present_sources,
     )
     from lorascope.categorize.subcategories import (
@@ -93,13 +108,21 @@ def run(params: Params) -> Path:
         sae_subcategories,
         subcategory_range,
     )
+    from lorascope.contexts.sources import SAE_DIR, alive_latents
     from lorascope.extract.store import Store
     from lorascope.tracking import stage_run
 
     cfg = params.categorize
     root = workspace_root()
     sources = present_sources()
-    features = {s: load_features(s, cfg.n_examples) for s in sources}
+    sae_dir = root / SAE_DIR
+    alive: list[int] | None = None
+    if "sae" in sources:  # the SAE's live latents: the only ones interpreted (and its decoder: Figure 2)
+        if not (sae_dir / "cfg.json").is_file():
+            raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
+        alive = alive_latents(sae_dir)
+    features = {s: load_features(s, cfg.n_examples, alive if s == "sae" else None) for s in sources}
+    dead_labels = len(ok_labels("sae")) - len(features["sae"]) if "sae" in sources else 0
     stores = {}
     for source, rel in STORES.items():
         store = Store.open(root / rel, hint=f"run `lorascope extract --source {source}` first")
@@ -108,11 +131,13 @@ def run(params: Params) -> Path:
                 f"{store.root}/index.json: holds source {store.source!r}, expected {source!r}"
             )
         stores[source] = store
-    pool = [f.explanation for s in REQUIRED for f in features[s]]
-    if not pool:
-        raise LorascopeError(
-            f"{label_path('lora')}, {label_path('mlp')}: no feature has status ok; nothing to categorize"
-        )
+    pools = {s: [f.explanation for f in features[s]] for s in REQUIRED}
+    for s, pool in pools.items():
+        if not pool:
+            raise LorascopeError(
+                f"{label_path(s)}: no feature has status ok; category generation needs an equal number of "
+                f"{' and '.join(REQUIRED)} explanations"
+            )
     # a missing API key fails here, before any run is opened
     generator, assigner = open_client(cfg.generate), open_client(cfg.assign)
     hashes = {"categories": prompt_hash("categories"), "categorize": prompt_hash("categorize")}
@@ -129,10 +154,12 @@ def run(params: Params) -> Path:
         tags["categorize.note"] = "heuristic baseline: categories from token classes, not an LLM"
     inputs = [label_path(s) for s in sources] + [contexts_path(s) for s in sources]
     inputs += [store.root for store in stores.values()]
+    if "sae" in sources:
+        inputs.append(sae_dir)
 
     with stage_run("categorize", params, inputs=inputs, tags=tags) as tr:
         # ---- B.2a: shared categories
-        shown = sample_explanations(pool, cfg.sample_size, cfg.seed)
+        shown, shown_per_source = sample_equal(pools, cfg.sample_size, cfg.seed)
         got = asyncio.run(generate(generator, cfg.generate, shown, cfg.min_categories, cfg.max_categories))
         if got.error is not None:
             raise _generation_failed(got.raw, got.error, tr.run_id)
@@ -172,8 +199,12 @@ def run(params: Params) -> Path:
                 "prompt_hash": hashes["categories"],
                 "raw_response": got.raw,
                 "sources": list(REQUIRED),
-                "explanations_available": len(pool),
+                "explanations_available": sum(len(p) for p in pools.values()),
                 "explanations_shown": len(shown),
+                "explanations_available_per_source": {s: len(p) for s, p in pools.items()},
+                "explanations_shown_per_source": shown_per_source,
+                "sampling": "an equal number from each source (sample_size // 2, at most the smaller pool), "
+                "drawn without replacement with `seed`, then mixed in one seeded order",
                 "seed": cfg.seed,
                 "min_categories": cfg.min_categories,
                 "max_categories": cfg.max_categories,
@@ -185,6 +216,12 @@ def run(params: Params) -> Path:
                 "n_examples": cfg.n_examples,
                 "sources": sources,
             },
+            "sae_latents": None if alive is None else {
+                "d_sae": figure_sae_width(sae_dir),
+                "alive": len(alive),
+                "dead_labels_dropped": dead_labels,
+                "rule": "only live latents (models/sae/alive.json) are categorized; labels of others are dropped",
+            },
             "sae_subcategories": {
                 "enabled": cfg.sae_subcategories and "sae" in sources,
                 "rule": SUBCATEGORY_RULE,
@@ -193,7 +230,16 @@ def run(params: Params) -> Path:
             },
         }
         fig1 = figure1(rows, sources, categories, subs.sets)
-        fig2 = figure2(stores, rows, ids, cfg.density_tokens)
+        fig2_lora = figure2(stores, rows, ids, cfg.density_tokens)
+        if alive is not None:
+            sae_members = [(r["feature"], r["category"], r["subcategory"])
+                           for r in rows if r["source"] == "sae" and r["status"] == "ok"]  # fmt: skip
+            fig2 = figure2_sae(
+                stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens
+            )
+        else:
+            fig2 = {"features": "sae", "categories": ids, "missing": f"{label_path('sae')} not found: "
+                    "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
         out = out_dir()
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
@@ -201,7 +247,8 @@ def run(params: Params) -> Path:
             pq.write_table(_assignments_table(rows), tmp / "assignments.parquet")
             write_json(tmp / "figure1.json", fig1)
             write_json(tmp / "figure2.json", fig2)
-            tr.write_manifest(tmp, {"sources": sources, "categories": len(categories)})
+            write_json(tmp / "figure2_lora.json", fig2_lora)
+        tr.log_outputs(out)
 
         clients = (generator, assigner)
         metrics: dict[str, float] = {
@@ -213,7 +260,12 @@ def run(params: Params) -> Path:
             "output_tokens": sum(c.output_tokens for c in clients),
             "uncategorized": sum(r["status"] == "uncategorized" for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows),
+            "truncated": sum(c.truncated for c in clients),  # replies cut at max_tokens (failures)
         }
+        if alive is not None:
+            metrics["sae_live_latents"] = len(alive)
+            metrics["sae_dead_latents"] = fig2["latents"]["dead"]
+            metrics["sae_dead_labels_dropped"] = dead_labels
         for s in sources:
             for status, name in (
                 ("ok", "assigned"),

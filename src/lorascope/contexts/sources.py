@@ -1,9 +1,11 @@
 """Feature sources for the contexts stage: which store to read, how to turn it into features.
 
 ``lora``: the adapter components of ``data/activations/lora``, signed (each component gives a
-positive and a negative feature). ``mlp``: the MLP neurons of ``data/activations/mlp``. ``sae``: the
-LoRA store encoded shard by shard with the trained SAE in ``models/sae`` (its inference threshold),
-one feature per latent.
+positive and a negative feature). ``mlp``: the MLP neurons of ``data/activations/mlp``, signed the same
+way (a SiLU-gated neuron ``act_fn(gate) * up`` takes both signs, so it is read like a LoRA direction:
+each sign is its own feature). ``sae``: the LoRA store encoded shard by shard with the trained SAE in
+``models/sae`` (its inference threshold), one feature per latent; with ``live_only`` only the latents
+``models/sae/alive.json`` lists (the paper interprets live latents only).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ class FeatureSource:
     """None: the store's columns are the features."""
     inputs: list[Path] = field(default_factory=list)
     """DVC inputs, for lineage and the resume fingerprint."""
+    ids: list[int] | None = None
+    """The feature id of each entry of ``features`` (an SAE latent's index); None: its position."""
+    dead: int = 0
+    """Features left out as dead (SAE latents not in ``alive.json``; 0 for the other sources)."""
+
+    def feature_id(self, position: int) -> int:
+        """The id of the ``position``-th feature (what the tables' ``feature`` column holds)."""
+        return position if self.ids is None else self.ids[position]
 
     @property
     def signs(self) -> tuple[int, ...]:
@@ -44,11 +54,31 @@ def _store(root: Path, source: str) -> Store:
     return store
 
 
-def open_source(name: str, root: Path) -> FeatureSource:
-    """The feature source ``name`` (lora | mlp | sae) of the workspace at ``root``."""
+def alive_latents(sae_dir: Path, d_sae: int | None = None) -> list[int]:
+    """The live latents ``models/sae/alive.json`` lists (sorted); a missing or malformed file is a one-line
+    error. ``d_sae``: the SAE's width, checked against the file's."""
+    import json
+
+    path = sae_dir / "alive.json"
+    if not path.is_file():
+        raise LorascopeError(f"{path}: not found (the live latents); re-run `lorascope sae`")
+    try:
+        doc = json.loads(path.read_text())
+        alive = sorted({int(i) for i in doc["alive_latents"]})
+        width = int(doc["d_sae"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise LorascopeError(f"{path}: unreadable ({type(err).__name__}: {err}); re-run `lorascope sae`") from None
+    if (d_sae is not None and width != d_sae) or any(not 0 <= i < width for i in alive):
+        raise LorascopeError(f"{path}: does not match the SAE's {d_sae} latents; re-run `lorascope sae`")
+    return alive
+
+
+def open_source(name: str, root: Path, live_only: bool = False) -> FeatureSource:
+    """The feature source ``name`` (lora | mlp | sae) of the workspace at ``root``; ``live_only``: an SAE
+    source holds only the live latents (``alive.json``), encoded to just those columns."""
     if name in ("lora", "mlp"):
         store = _store(root, name)
-        return FeatureSource(name, store, list(store.components), signed=name == "lora", inputs=[store.root])
+        return FeatureSource(name, store, list(store.components), signed=True, inputs=[store.root])
     if name == "sae":
         sae_dir = root / SAE_DIR
         if not (sae_dir / "cfg.json").is_file():
@@ -57,5 +87,18 @@ def open_source(name: str, root: Path) -> FeatureSource:
 
         store = _store(root, "lora")
         features, encode = load_encoder(sae_dir, store.components)
-        return FeatureSource(name, store, features, signed=False, encode=encode, inputs=[store.root, sae_dir])
+        source = FeatureSource(name, store, features, signed=False, encode=encode, inputs=[store.root, sae_dir])
+        if live_only:
+            import torch
+
+            alive = alive_latents(sae_dir, len(features))
+            columns = torch.tensor(alive, dtype=torch.long)
+            full = encode
+
+            def encode_live(acts_TC: torch.Tensor) -> torch.Tensor:
+                return full(acts_TC)[:, columns]
+
+            source.features = [features[i] for i in alive]
+            source.ids, source.encode, source.dead = alive, encode_live, len(features) - len(alive)
+        return source
     raise LorascopeError(f"--source: unknown feature source {name!r} (expected lora, mlp or sae)")

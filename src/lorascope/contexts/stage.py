@@ -7,8 +7,11 @@ table):
   doc_index, position, activation, window_start, window_ids, window_acts, quantile_bin (-1 for top
   and random rows), text, tokens (per-token strings whose concatenation is ``text``);
 * ``<source>.features.parquet``: feature, feature_name, sign, max, density (tokens activating the
-  feature sign), nonzero_density, mean, std, min, tokens;
-* ``<source>.run.json``: lineage.
+  feature sign), nonzero_density, mean, std, min, tokens.
+
+``--source sae`` keeps only the live latents (``models/sae/alive.json``; ``feature`` is the latent's index):
+a dead latent has no row in either table, and how many were left out is the run's ``dead_latents_skipped``
+metric and, with the live count, the features table's parquet metadata (``LATENTS_KEY``).
 
 The selection state is saved after every shard to ``checkpoints/contexts/<source>.pt``; a killed run
 resumes there and ends with the same tables.
@@ -65,6 +68,10 @@ FEATURES_SCHEMA = pa.schema(
 )
 
 
+LATENTS_KEY = b"lorascope.latents"
+"""Features-table metadata of an SAE source: JSON ``{"d_sae", "alive", "dead"}`` (live latents kept)."""
+
+
 def out_paths(source: str) -> tuple[Path, Path]:
     """``(contexts table, features table)`` of ``source``."""
     folder = workspace_root() / "data" / "contexts"
@@ -118,7 +125,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
 
     cfg = params.contexts
     root = workspace_root()
-    features = open_source(source, root)
+    features = open_source(source, root, live_only=True)  # SAE: live latents only (alive.json)
     renderer = TokenRenderer(load_tokenizer(root / BASE))
     fingerprint = {
         "source": source,
@@ -152,6 +159,12 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
         contexts_path, features_path = out_paths(source)
         table = contexts_table(selector, features, renderer)
         stats = features_table(selector, features)
+        if source == "sae":
+            import json
+
+            counts = {"d_sae": len(features.features) + features.dead, "alive": len(features.features),
+                      "dead": features.dead}  # fmt: skip
+            stats = stats.replace_schema_metadata({LATENTS_KEY: json.dumps(counts).encode()})
         _write_parquet(contexts_path, table)
         _write_parquet(features_path, stats)
         metrics = {
@@ -159,15 +172,13 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
             "tokens": float(store.tokens),
             "rows": float(table.num_rows),
             "dead_features": float(sum(1 for d in stats.column("density").to_pylist() if d == 0)),
+            "dead_latents_skipped": float(features.dead),
             "resumed_from_shard": float(start_shard),
         }
         if scanned and elapsed > 0:
             metrics["activations_per_second"] = scanned * len(store.components) / elapsed
         mlflow.log_metrics(metrics)
-        manifest = tr.write_manifest(
-            contexts_path.parent, {"source": source}, files=[contexts_path, features_path]
-        )
-        mlflow.log_dict(manifest, f"{source}.run.json")
+        tr.log_outputs(contexts_path, features_path)
     ckpt.unlink(missing_ok=True)
     return contexts_path
 
@@ -218,7 +229,7 @@ def contexts_table(selector: Selector, features: FeatureSource, renderer: Any) -
                     window_ids = window[lo:hi].tolist()
                     text, pieces = renderer.render(window_ids)
                     position = g - docs[d][1]
-                    cols["feature"].append(f)
+                    cols["feature"].append(features.feature_id(f))
                     cols["feature_name"].append(_feature_name(features, f, sign))
                     cols["sign"].append(sign)
                     cols["kind"].append(group)
@@ -247,7 +258,7 @@ def features_table(selector: Selector, features: FeatureSource) -> Any:
     rows: dict[str, list[Any]] = {k: [] for k in FEATURES_SCHEMA.names}
     for si, sign in enumerate(selector.signs):
         for f in range(selector.n_features):
-            rows["feature"].append(f)
+            rows["feature"].append(features.feature_id(f))
             rows["feature_name"].append(_feature_name(features, f, sign))
             rows["sign"].append(sign)
             rows["max"].append(float(st["max"][f] if sign > 0 else -st["min"][f]))

@@ -14,6 +14,7 @@ from lorascope.evaluate.grading import normalize
 
 Kind = Literal["integer", "latex", "choice"]
 ANSWER_MARKER = "<|im_start|>answer"
+THINK_MARKER = "<|im_start|>think"
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
 _BARE_BOX = re.compile(r"[^\s${}]+")
@@ -104,10 +105,23 @@ def _fallback(text: str, kind: Kind) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
+def answer_section(output: str) -> str | None:
+    """The part of ``output`` an answer is read from: after the last ``<|im_start|>answer`` of an s1
+    think/answer output; None for a think-format output that never reached its answer (thinking
+    text is never graded); the whole output of a plain chat reply."""
+    if ANSWER_MARKER in output:
+        return output.rsplit(ANSWER_MARKER, 1)[-1]
+    if output.lstrip().startswith(THINK_MARKER):
+        return None
+    return output
+
+
 def extract(output: str, kind: Kind) -> Extracted:
-    """The final answer of ``output``: the last box, else an ``Answer:`` line, else the last number
-    (or letter) anywhere; only the s1 answer section is searched when the output has one."""
-    section = output.rsplit(ANSWER_MARKER, 1)[-1]
+    """The final answer of ``output``'s answer section (see ``answer_section``): the last box, else an
+    ``Answer:`` line (s1's forced ``Final Answer:`` included), else the last number (or letter)."""
+    section = answer_section(output)
+    if section is None:
+        return Extracted(None, "none")
     boxed = last_boxed(section)
     if boxed is not None and (text := _reduce(boxed, kind)):
         return Extracted(text, "boxed")

@@ -1,9 +1,13 @@
 """The three benchmarks: where their data lives, how a row becomes a prompt and a gold answer.
 
 lm-eval runs them from the task YAMLs in ``tasks/``; those call into this module, so loading,
-filtering and shuffling are plain functions the tests exercise without lm-eval. A task reads its
+shuffling and prompting are plain functions the tests exercise without lm-eval. A task reads its
 hub dataset by default or, when the stage's metadata names one, a local file in the benchmark's own
-format (jsonl, json, csv or parquet).
+format (jsonl, json, csv or parquet), evaluated as given: every row with a question and an answer.
+
+Prompts are s1's (its lm-evaluation-harness fork): the bare problem for AIME and MATH500, the
+question and its lettered choices for GPQA, with no instruction unless ``evaluate.instructions``
+names one for the task.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ DATA_KEY = "lorascope_data"
 """Task metadata key: ``{task: local file}`` overrides of the hub datasets."""
 SEED_KEY = "lorascope_choice_seed"
 """Task metadata key: the seed of the GPQA choice shuffle."""
+INSTRUCTIONS_KEY = "lorascope_instructions"
+"""Task metadata key: ``{task: text}`` appended to the prompt after a blank line."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,8 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark(
-            "aime24_nofigures", "integer", "Maxwell-Jia/AIME_2024", None, "train",
+        Benchmark(  # s1's set: all 30 AIME 2024 problems, figure code kept only where needed
+            "aime24_nofigures", "integer", "simplescaling/aime24_nofigures", None, "train",
             ("problem", "Problem"), ("answer", "Answer"),
         ),
         Benchmark(
@@ -54,12 +60,6 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
     )
 }  # fmt: skip
-
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-CHOICE_INSTRUCTION = (
-    "Answer the following multiple choice question. Think step by step, then give your final answer "
-    "as a single letter (A, B, C or D) within \\boxed{}."
-)
 
 
 def available() -> str:
@@ -116,21 +116,18 @@ def dataset(name: str, metadata: dict[str, Any]) -> Any:
 
 
 def counts(name: str, metadata: dict[str, Any]) -> dict[str, int]:
-    """Rows in the source, rows skipped for a missing answer, and (AIME) rows dropped for a figure."""
+    """Rows in the source and rows skipped for a missing question or answer."""
     rows = load(name, metadata)
-    q = BENCHMARKS[name].question
-    no_answer = sum(not has_answer(name, r) for r in rows)
-    figures = sum(
-        name == "aime24_nofigures" and has_answer(name, r) and "[asy]" in _field(r, q) for r in rows
-    )
-    return {"rows": len(rows), "skipped_no_answer": no_answer, "removed_figures": figures}
+    return {"rows": len(rows), "skipped_no_answer": sum(not has_answer(name, r) for r in rows)}
 
 
-def _field(row: dict[str, Any], names: tuple[str, ...]) -> str:
+def _field(row: dict[str, Any], names: tuple[str, ...], raw: bool = False) -> str:
+    """The first non-blank of the columns ``names``, stripped (``raw``: as it is, for prompts that
+    must be the text s1 shows the model)."""
     for n in names:
         value = row.get(n)
         if value is not None and str(value).strip():
-            return str(value).strip()
+            return str(value) if raw else str(value).strip()
     return ""
 
 
@@ -149,8 +146,8 @@ def shuffled_choices(row: dict[str, Any], seed: int) -> tuple[list[str], str]:
     The order depends only on ``seed`` and the question (its Record ID, else its text), so it is
     the same in every run, process and dataset order.
     """
-    choices = [_field(row, ("Correct Answer",))] + [
-        _field(row, (f"Incorrect Answer {i}",)) for i in (1, 2, 3)
+    choices = [_field(row, ("Correct Answer",), raw=True)] + [
+        _field(row, (f"Incorrect Answer {i}",), raw=True) for i in (1, 2, 3)
     ]
     key = _field(row, ("Record ID",)) or _field(row, ("Question",))
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
@@ -159,28 +156,36 @@ def shuffled_choices(row: dict[str, Any], seed: int) -> tuple[list[str], str]:
     return [choices[i] for i in order], LETTERS[order.index(0)]
 
 
+def prompt(question: str, choices: list[str] | None = None, instruction: str | None = None) -> str:
+    """The user turn as s1 gives it: the problem (GPQA: ``question\\n\\nA) ...\\nB) ...``), then the
+    task's instruction after a blank line when one is configured."""
+    text = question
+    if choices is not None:
+        text += "\n\n" + "\n".join(f"{letter}) {c}" for letter, c in zip(LETTERS, choices, strict=True))
+    return f"{text}\n\n{instruction}" if instruction else text
+
+
+def question_id(text: str) -> str:
+    """A short stable id of a question (its text's digest): per-question results pair on it."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def process(name: str, rows: Any, metadata: dict[str, Any]) -> Any:
-    """Rows with an answer, normalised to ``question``, ``prompt``, ``gold`` (AIME: without figures;
-    GPQA: with shuffled choices)."""
+    """Every row with a question and an answer, normalised to ``qid``, ``question``, ``prompt``,
+    ``gold`` (GPQA: with shuffled choices)."""
     b = BENCHMARKS[name]
     seed = int(metadata.get(SEED_KEY, 0))
-
-    def keep(row: dict[str, Any]) -> bool:
-        if not has_answer(name, row):
-            return False
-        return not (name == "aime24_nofigures" and "[asy]" in _field(row, b.question))
+    instruction = (metadata.get(INSTRUCTIONS_KEY) or {}).get(name)
 
     def fmt(row: dict[str, Any]) -> dict[str, Any]:
-        question = _field(row, b.question)
+        question = _field(row, b.question, raw=True)
+        out: dict[str, Any] = {"kind": b.kind, "question": question, "qid": question_id(question)}
         if b.kind == "choice":
             choices, gold = shuffled_choices(row, seed)
-            listed = "\n".join(f"{letter}) {c}" for letter, c in zip(LETTERS, choices, strict=True))
-            prompt = f"{CHOICE_INSTRUCTION}\n\n{question}\n\n{listed}"
-            return {"kind": b.kind, "question": question, "prompt": prompt, "gold": gold, "choices": choices}
-        prompt = f"{question}\n\n{MATH_INSTRUCTION}"
-        return {"kind": b.kind, "question": question, "prompt": prompt, "gold": _field(row, b.answer)}
+            return {**out, "prompt": prompt(question, choices, instruction), "gold": gold, "choices": choices}
+        return {**out, "prompt": prompt(question, None, instruction), "gold": _field(row, b.answer)}
 
-    return rows.filter(keep).map(fmt)
+    return rows.filter(lambda row: has_answer(name, row)).map(fmt)
 
 
 def score(doc: dict[str, Any], output: str) -> dict[str, float]:

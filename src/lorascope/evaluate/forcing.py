@@ -1,16 +1,27 @@
-"""s1-style generation for lm-eval models: the training chat format, a thinking budget, "Wait".
+"""s1's generation for lm-eval models: the think/answer format, budget forcing, "Wait", sampling.
 
-A request's context is the bare user turn. Each question is generated in phases, as s1 evaluates:
+A request's context is the bare user turn. A ``think`` variant (a model finetuned on s1K) is
+generated in phases, as s1's lm-evaluation-harness fork does:
 
-1. thinking: the chat prompt plus ``<|im_start|>think\\n``, stopped at the model's next
-   ``<|im_start|>`` (where it would open the answer) or at the thinking budget;
-2. "Wait" extensions (``wait_extensions`` times): a thinking phase that stopped on its own before the
-   budget gets ``wait_text`` appended and continues with what is left of the budget;
-3. answer: ``\\n<|im_start|>answer\\n`` is appended and the answer generated up to ``<|im_end|>``.
+1. thinking: the chat prompt plus ``<|im_start|>think``, stopped at the model's next
+   ``<|im_start|>`` (where it would open its answer) or at the thinking budget (``thinking_tokens``:
+   a number, s1's ``auto`` = ``max_gen_toks`` minus the prompt, the markers and 100 tokens, or none);
+2. "Wait" extensions (``wait_extensions`` times): a thinking phase that stopped on its own before
+   the budget gets ``wait_text`` appended and continues with what is left of the budget;
+3. answer: a thinking phase that ended on its own gets ``<|im_start|>answer``; one cut by the budget
+   gets ``<|im_start|>answer\\nFinal Answer:`` (after a newline if it lacks one), as s1 forces it;
+   the answer is then generated up to ``<|im_end|>``.
 
 With ``thinking_tokens`` unset there is no forcing: thinking may use all of ``max_gen_toks`` and a
 question that runs out of tokens while thinking gets no answer phase (as with plain generation).
-With it set, thinking is capped and the answer is forced (s1's budget forcing).
+
+A ``chat`` variant (the base, not trained with that format) gets the chat prompt alone and one
+generation up to ``<|im_end|>`` (s1 without thinking arguments).
+
+Decodes are greedy unless the request asks for sample ``j`` (``SAMPLE_KEY`` in its generation
+kwargs; the request cache then keeps each sample apart): then every phase samples at the budget's
+temperature from a seed derived from the run seed, ``j``, the chunk's questions and the phase, so
+a sampled run is as reproducible as a greedy one (for a given chunking and batch size).
 
 The mixin works over any lm-eval LM whose ``generate_until`` takes ``(context, gen_kwargs)`` requests
 (HFLM, VLLM): each phase is one batched call of the parent's ``generate_until``. Requests go
@@ -20,47 +31,77 @@ a killed run resumes after the last finished chunk.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-THINK = "<|im_start|>think\n"
-ANSWER = "\n<|im_start|>answer\n"
+from lorascope.errors import LorascopeError
+
+THINK = "<|im_start|>think"
+"""s1's ``thinking_start``: appended to the chat prompt; the model writes the newline after it."""
+ANSWER = "<|im_start|>answer"
+"""s1's ``thinking_end``: closes a thinking phase that ended on its own."""
+FINAL = "\nFinal Answer:"
+"""What s1 appends after ``ANSWER`` when the thinking budget ran out."""
 THINK_STOPS = ["<|im_start|>", "<|im_end|>"]
 ANSWER_STOPS = ["<|im_end|>"]
+AUTO_ANSWER_TOKENS = 100
+"""s1's ``max_tokens_thinking=auto`` leaves this many tokens for the answer."""
+SAMPLE_KEY = "lorascope_sample"
+"""Generation kwarg naming the sample index of a sampled decode (absent: greedy)."""
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How one question is generated (from the ``evaluate`` params)."""
+    """How one question is generated (from the ``evaluate`` params and the variant's format)."""
 
     max_gen_toks: int
-    thinking_tokens: int | None
-    answer_tokens: int
+    thinking_tokens: int | Literal["auto"] | None
+    answer_tokens: int | None
     wait_extensions: int
     wait_text: str
     chunk_size: int
+    format: Literal["think", "chat"] = "think"
+    temperature: float = 1.0
+    seed: int = 0
 
 
 @dataclass
 class _Question:
     prompt: str
+    budget: int = 0
     thinking: str = ""
     used: int = 0
     stopped_early: bool = False
+    end: str = ""
     answer: str | None = None
 
     @property
     def output(self) -> str:
         if self.answer is None:
             return THINK + self.thinking
-        return THINK + self.thinking.rstrip("\n") + ANSWER + self.answer  # as the answer phase saw it
+        return THINK + self.thinking + self.end + self.answer  # as the answer phase saw it
+
+
+def chat_template(tokenizer: Any, user: str) -> str:
+    """The user turn through the tokenizer's chat template (system turn included), opening the
+    assistant turn."""
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def chat_prompt(tokenizer: Any, user: str) -> str:
-    """The user turn through the tokenizer's chat template, as in training (system turn included),
-    opening the thinking phase."""
-    messages = [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + THINK
+    """The chat prompt of a think-format model: the assistant turn opens its thinking."""
+    return chat_template(tokenizer, user) + THINK
+
+
+def answer_end(thinking: str, forced: bool) -> str:
+    """What s1 appends to the thinking before the answer: ``<|im_start|>answer`` when the model ended
+    its thinking, ``<|im_start|>answer\\nFinal Answer:`` (on a new line) when the budget did."""
+    if not forced:
+        return ANSWER
+    return ("" if thinking.endswith("\n") else "\n") + ANSWER + FINAL
 
 
 class BudgetForcing:
@@ -71,23 +112,51 @@ class BudgetForcing:
     """Questions generated by this model (not answered from the request cache)."""
     generated_tokens: int = 0
     """Tokens generated over all phases."""
+    sample: int | None = None
+    """The sample index being generated (None: greedy)."""
+    seed_in_kwargs: bool = False
+    """The backend takes a per-request ``seed`` (vLLM); otherwise torch's global seed is set."""
+    extra_kwargs: dict[str, Any] = {}
+    """Generation kwargs that make the backend decode as vLLM's defaults do (HF: no repetition
+    penalty from the checkpoint's generation config)."""
+    sampling_kwargs: dict[str, Any] = {}
+    """Generation kwargs added when sampling (HF: no top-k / top-p truncation, as vLLM's defaults)."""
+    _chunk_key: str = ""
+    _phases: int = 0
 
     def chat_prompt(self, user: str) -> str:
         return chat_prompt(self.tokenizer, user)  # type: ignore[attr-defined]
 
+    def chat_template(self, user: str) -> str:
+        return chat_template(self.tokenizer, user)  # type: ignore[attr-defined]
+
+    def _phase_kwargs(self, stops: list[str], n: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"until": stops, "max_gen_toks": n, **self.extra_kwargs}
+        if self.sample is None:
+            return {**kwargs, "do_sample": False, "temperature": 0.0}
+        kwargs.update({"do_sample": True, "temperature": self.budget.temperature, **self.sampling_kwargs})
+        if self.seed_in_kwargs:
+            kwargs["seed"] = self._phase_seed()
+        return kwargs
+
+    def _phase_seed(self) -> int:
+        key = json.dumps([self.budget.seed, self.sample, self._chunk_key, self._phases])
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+
     def _phase(self, prompts: list[str], max_tokens: list[int], stops: list[str]) -> list[str]:
+        import torch
         from lm_eval.api.instance import Instance
         from lm_eval.api.model import CacheHook
 
         requests = [
             Instance(
-                request_type="generate_until",
-                doc={},
-                arguments=(p, {"until": stops, "max_gen_toks": n, "do_sample": False, "temperature": 0.0}),
-                idx=0,
+                request_type="generate_until", doc={}, arguments=(p, self._phase_kwargs(stops, n)), idx=0
             )
             for p, n in zip(prompts, max_tokens, strict=True)
         ]
+        if self.sample is not None:
+            torch.manual_seed(self._phase_seed())
+        self._phases += 1
         # phase prompts are not the requests lm-eval asked for: keep them out of its cache
         hook, self.cache_hook = self.cache_hook, CacheHook(None)  # type: ignore[has-type]
         try:
@@ -98,55 +167,107 @@ class BudgetForcing:
     def _count(self, text: str) -> int:
         return len(self.tok_encode(text))  # type: ignore[attr-defined]
 
-    def _think(self, questions: list[_Question], budget: int) -> None:
+    def _thinking_budget(self, user_prompt: str) -> int:
+        """This question's thinking budget in tokens (``user_prompt``: the chat prompt before ``THINK``)."""
+        b = self.budget
+        if b.thinking_tokens is None:
+            return b.max_gen_toks
+        if b.thinking_tokens != "auto":
+            return min(b.thinking_tokens, b.max_gen_toks)
+        # s1: max_gen_toks - prompt - thinking_start - (thinking_end + "\nFinal Answer:") - 100
+        marks = self._count(THINK) + self._count(ANSWER + FINAL)
+        left = b.max_gen_toks - self._count(user_prompt) - marks - AUTO_ANSWER_TOKENS
+        if left <= 0:
+            raise LorascopeError(
+                f"evaluate.thinking_tokens auto: a {self._count(user_prompt)}-token prompt leaves no thinking "
+                f"budget in max_gen_toks {b.max_gen_toks}; raise max_gen_toks or set thinking_tokens"
+            )
+        return left
+
+    def _think(self, questions: list[_Question]) -> None:
         """One thinking phase for ``questions``, each continuing from what it has."""
-        todo = [q for q in questions if budget - q.used > 0]
+        todo = [q for q in questions if q.budget - q.used > 0]
         if not todo:
             return
         texts = self._phase(
-            [q.prompt + q.thinking for q in todo], [budget - q.used for q in todo], THINK_STOPS
+            [q.prompt + q.thinking for q in todo], [q.budget - q.used for q in todo], THINK_STOPS
         )
         for q, text in zip(todo, texts, strict=True):
             n = self._count(text)
             q.thinking += text
             q.used += n
-            q.stopped_early = q.used < budget
+            q.stopped_early = q.used < q.budget
             self.generated_tokens += n
 
+    def _chat(self, users: list[str]) -> list[str]:
+        """One generation per user turn, to the end of the turn (``chat`` format)."""
+        texts = self._phase(
+            [self.chat_template(u) for u in users], [self.budget.max_gen_toks] * len(users), ANSWER_STOPS
+        )
+        self.generated_tokens += sum(self._count(t) for t in texts)
+        return texts
+
     def generate_questions(self, users: list[str]) -> list[str]:
-        """The full s1-format assistant output for each user turn."""
+        """The full output for each user turn: s1's think/answer output, or the chat reply."""
         b = self.budget
+        self._chunk_key = hashlib.sha256(json.dumps(users).encode()).hexdigest()
+        self._phases = 0
+        if b.format == "chat":
+            return self._chat(users)
         forced = b.thinking_tokens is not None
-        budget = min(b.thinking_tokens or b.max_gen_toks, b.max_gen_toks)
-        questions = [_Question(self.chat_prompt(u)) for u in users]
-        self._think(questions, budget)
+        questions = []
+        for u in users:
+            head = self.chat_template(u)
+            questions.append(_Question(head + THINK, budget=self._thinking_budget(head)))
+        self._think(questions)
+        wait = self._count(b.wait_text)
         for _ in range(b.wait_extensions):
             waiting = [q for q in questions if q.stopped_early]
-            for q in waiting:  # s1: the text so far, then the wait text, and think on
+            for q in waiting:  # s1: the thinking so far, then the wait text (within the budget), think on
                 q.thinking += b.wait_text
-            self._think(waiting, budget)
+                q.used += wait
+            self._think(waiting)
         # without forcing, a question that spent every token thinking has no answer phase
         answering = [q for q in questions if forced or q.stopped_early]
-        limits = [b.answer_tokens if forced else max(b.max_gen_toks - q.used, 0) for q in answering]
+        for q in answering:
+            q.end = answer_end(q.thinking, forced and not q.stopped_early)
+        limits = [self._answer_limit(q, forced) for q in answering]
         live = [(q, n) for q, n in zip(answering, limits, strict=True) if n > 0]
         if live:
-            prompts = [q.prompt + q.thinking.rstrip("\n") + ANSWER for q, _ in live]
-            answers = self._phase(prompts, [n for _, n in live], ANSWER_STOPS)
+            answers = self._phase(
+                [q.prompt + q.thinking + q.end for q, _ in live], [n for _, n in live], ANSWER_STOPS
+            )
             for (q, _), text in zip(live, answers, strict=True):
                 q.answer = text
                 self.generated_tokens += self._count(text)
         return [q.output for q in questions]
 
+    def _answer_limit(self, q: _Question, forced: bool) -> int:
+        b = self.budget
+        if not forced:
+            return max(b.max_gen_toks - q.used, 0)
+        if b.answer_tokens is not None:
+            return b.answer_tokens
+        # s1: the answer runs to the end of the context, which max_gen_toks stands for
+        return b.max_gen_toks - self._count(q.prompt) - q.used - self._count(q.end)
+
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         from lorascope.progress import track
 
-        outputs: list[str] = []
+        outputs: list[str | None] = [None] * len(requests)
         size = self.budget.chunk_size
-        chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
-        for chunk in track(chunks, description=f"generating {len(requests)} answers"):
-            done = self.generate_questions([r.args[0] for r in chunk])
-            for request, text in zip(chunk, done, strict=True):
-                self.cache_hook.add_partial("generate_until", request.args, text)  # type: ignore[has-type]
+        groups: dict[int | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.args[1].get(SAMPLE_KEY), []).append(i)
+        chunks = [
+            (sample, idx[i : i + size]) for sample, idx in groups.items() for i in range(0, len(idx), size)
+        ]
+        for sample, chunk in track(chunks, description=f"generating {len(requests)} answers"):
+            self.sample = None if sample is None else int(sample)
+            done = self.generate_questions([requests[i].args[0] for i in chunk])
+            for i, text in zip(chunk, done, strict=True):
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)  # type: ignore[has-type]
+                outputs[i] = text
             self.generated_requests += len(chunk)
-            outputs.extend(done)
-        return outputs
+        self.sample = None
+        return [o or "" for o in outputs]

@@ -1,13 +1,16 @@
 """Run the ``evaluate`` stage for one variant, and the recovery table over all variants.
 
-``run`` evaluates one model variant on the configured benchmarks through lm-eval and writes
-``metrics/eval/<variant>.json`` (per task: score, stderr, n, fallback answers, rows skipped) with its
-``<variant>.run.json``; the per-question samples go to the MLflow run as tables. Generated answers
-are kept in lm-eval's request cache under ``checkpoints/evaluate/``, keyed by the model and the
-generation params, so a killed run resumes and a repeated one generates nothing.
+``run`` evaluates one model variant on the configured benchmarks through lm-eval, once greedily or
+``evaluate.samples`` times sampled, and writes ``metrics/eval/<variant>.json`` (per task: score with
+its bootstrap 95% CI, pass@k when sampled, n, fallback answers, rows skipped) and the per-question
+correctness ``metrics/eval/<variant>.questions.json`` (kept out of the metrics file, for the paired
+bootstrap of the recovery CIs); the per-question samples go to the MLflow run as tables. Generated
+answers are kept in lm-eval's request cache under ``checkpoints/evaluate/``, keyed by the model and
+the generation params, so a killed run resumes and a repeated one generates nothing.
 
 ``run_recovery`` reads every variant's metrics and writes ``metrics/recovery.json`` (Table 1, and the
-ablated-adapter columns of Table 2) and ``metrics/recovery.md``.
+ablated-adapter columns of Table 2, each recovery naming its reference, with a paired bootstrap CI)
+and ``metrics/recovery.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def metrics_path(variant: str) -> Path:
     return workspace_root() / "metrics" / "eval" / f"{variant}.json"
 
 
+def questions_path(variant: str) -> Path:
+    """Per-question correctness of ``variant`` (a plain output next to its metrics)."""
+    return workspace_root() / "metrics" / "eval" / f"{variant}.questions.json"
+
+
 def recovery_path() -> Path:
     return workspace_root() / "metrics" / "recovery.json"
 
@@ -43,31 +51,38 @@ def _variant_dir(params: Params, variant: str) -> Path:
 
 
 def _metadata(params: Params) -> dict[str, Any]:
-    """Task metadata lm-eval hands to the dataset loaders: local files and the choice seed."""
+    """Task metadata lm-eval hands to the dataset loaders: local files, the choice seed and the
+    instructions appended to prompts."""
     root, cfg = workspace_root(), params.evaluate
     return {
         benchmarks.DATA_KEY: {t: str(root / p) for t, p in cfg.data.items()},
         benchmarks.SEED_KEY: cfg.choice_seed,
+        benchmarks.INSTRUCTIONS_KEY: dict(cfg.instructions),
     }
 
 
 def _cache_prefix(params: Params, variant: str, model_digests: list[str]) -> Path:
-    """lm-eval request-cache path: one per model content and generation params (not batch sizes,
-    which do not change greedy answers), so a resumed run reuses only answers of the same model."""
+    """lm-eval request-cache path: one per model content and generation params, so a resumed run
+    reuses only answers of the same model. Batch sizes do not change greedy answers and are left out;
+    sampled answers depend on the chunking and seed, which are in. The sample count is not: each
+    sample is its own request, so raising ``samples`` reuses the samples already drawn."""
     cfg = params.evaluate
+    fields = {"backend", "dtype", "max_gen_toks", "thinking_tokens", "answer_tokens", "wait_extensions",
+              "wait_text", "choice_seed", "lora_serving", "instructions"}  # fmt: skip
+    if cfg.samples:
+        fields |= {"temperature", "seed", "chunk_size", "batch_size"}
     key = {
         "models": model_digests,
-        "generation": cfg.model_dump(
-            include={"backend", "dtype", "max_gen_toks", "thinking_tokens", "answer_tokens", "wait_extensions",
-                     "wait_text", "choice_seed", "lora_serving"}
-        ),
-    }  # fmt: skip
+        "format": cfg.variants[variant].format,
+        "generation": cfg.model_dump(include=fields),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return workspace_root() / "checkpoints" / "evaluate" / f"{variant}-{digest}" / "requests"
 
 
-def _sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per question: prompt, output, extracted answer (and how), gold, correct."""
+def _sample_rows(samples: list[dict[str, Any]], sample: int | None = None) -> list[dict[str, Any]]:
+    """One row per question (of decode ``sample``; None: greedy): question id, prompt, output,
+    extracted answer (and how), gold, correct."""
     from lorascope.evaluate.answers import extract
 
     rows = []
@@ -77,6 +92,8 @@ def _sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "doc_id": s["doc_id"],
+                "sample": sample,
+                "qid": doc["qid"],
                 "prompt": doc["prompt"],
                 "output": output,
                 "extracted": got.text,
@@ -88,6 +105,15 @@ def _sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _correctness(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[int]]]:
+    """Question ids (in dataset order) and each question's 0/1 correctness per decode."""
+    by_q: dict[str, list[int]] = {}
+    order = sorted(rows, key=lambda r: (r["doc_id"], -1 if r["sample"] is None else r["sample"]))
+    for r in order:
+        by_q.setdefault(r["qid"], []).append(int(r["correct"]))
+    return list(by_q), list(by_q.values())
+
+
 def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
     """Evaluate ``variant`` on ``tasks`` (default: ``evaluate.tasks``); returns its metrics file."""
     import mlflow
@@ -96,6 +122,8 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
     from lm_eval.tasks import TaskManager
 
     from lorascope.evaluate.backend import build, resolve
+    from lorascope.evaluate.forcing import SAMPLE_KEY
+    from lorascope.evaluate.uncertainty import task_summary
     from lorascope.tracking import stage_run
 
     cfg, root = params.evaluate, workspace_root()
@@ -120,37 +148,57 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
             params, variant, [sr.inputs_md5[p] for p in inputs[:2]]
         )  # hashed once, by the run
         cache.parent.mkdir(parents=True, exist_ok=True)
-        lm = build(cfg, spec, root / "checkpoints" / "evaluate" / "merged" / variant)
-        results = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata),
-            use_cache=str(cache),
-            limit=cfg.limit,
-            gen_kwargs={"max_gen_toks": cfg.max_gen_toks},
-            log_samples=True,
-            bootstrap_iters=cfg.bootstrap_iters,
-            random_seed=cfg.seed,
+        lm = build(
+            cfg, spec, root / "checkpoints" / "evaluate" / "merged" / variant, cfg.variants[variant].format
         )
+        decodes: list[int | None] = list(range(cfg.samples)) if cfg.samples else [None]
+        rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+        for sample in decodes:  # one pass per decode: each sample is its own request in the cache
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=TaskManager(
+                    include_path=str(TASK_DIR), include_defaults=False, metadata=metadata
+                ),
+                use_cache=str(cache),
+                limit=cfg.limit,
+                gen_kwargs={
+                    "max_gen_toks": cfg.max_gen_toks,
+                    **({} if sample is None else {SAMPLE_KEY: sample}),
+                },
+                log_samples=True,
+                bootstrap_iters=0,  # the CIs are lorascope's own bootstrap over questions
+                random_seed=cfg.seed,
+            )
+            for t in tasks:
+                rows[t] += _sample_rows(results["samples"][t], sample)
         per_task: dict[str, Any] = {}
+        questions: dict[str, Any] = {}
         for t in tasks:
-            res, samples = results["results"][t], results["samples"][t]
-            rows = _sample_rows(samples)
+            ids, correct = _correctness(rows[t])
+            questions[t] = {"ids": ids, "correct": correct}
             per_task[t] = {
-                "score": res["exact_match,none"],
-                "stderr": res.get("exact_match_stderr,none"),
-                "n": len(rows),
-                "fallback": sum(r["method"] == "fallback" for r in rows),
-                "no_answer_extracted": sum(r["method"] == "none" for r in rows),
+                **task_summary(correct, cfg.bootstrap_iters, cfg.seed, t),
+                "fallback": sum(r["method"] == "fallback" for r in rows[t]),
+                "no_answer_extracted": sum(r["method"] == "none" for r in rows[t]),
                 **counts[t],
             }
             mlflow.log_metrics(
                 {f"{t}.{k}": float(v) for k, v in per_task[t].items() if isinstance(v, (int, float))}
             )
-            mlflow.log_table(pd.DataFrame(rows), artifact_file=f"samples/{t}.json")
+            mlflow.log_table(pd.DataFrame(rows[t]), artifact_file=f"samples/{t}.json")
         mlflow.log_metrics(
             {"generated_requests": lm.generated_requests, "generated_tokens": lm.generated_tokens}
         )
+        decoding = {
+            "samples": cfg.samples,
+            "temperature": cfg.temperature if cfg.samples else 0.0,
+            "format": cfg.variants[variant].format,
+        }
+        qpath = questions_path(variant)
+        write_text(qpath, json.dumps({"variant": variant, **decoding, "tasks": questions}, sort_keys=True,
+                                     separators=(",", ":")) + "\n")  # fmt: skip
+        sr.log_outputs(qpath)
         out = metrics_path(variant)
         write_json(
             out,
@@ -158,21 +206,30 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
                 "variant": variant,
                 "model": cfg.variants[variant].model,
                 "backend": cfg.backend,
-                "run_id": sr.run_id,
-                "generated_requests": lm.generated_requests,
+                "decoding": decoding,
                 "tasks": per_task,
             },
         )
-        sr.write_manifest(out.parent, {"variant": variant}, files=[out])
         mlflow.log_artifact(str(out))
+        sr.log_outputs(out)
     return out
 
 
+def _per_question(variant: str) -> dict[str, dict[str, float]]:
+    """``{task: {question id: mean correctness over its decodes}}`` of ``variant``."""
+    data = json.loads(questions_path(variant).read_text())
+    return {
+        t: {q: sum(c) / len(c) for q, c in zip(d["ids"], d["correct"], strict=True)}
+        for t, d in data["tasks"].items()
+    }
+
+
 def run_recovery(params: Params) -> Path:
-    """Collect every variant's scores into ``metrics/recovery.json`` (and ``.md``)."""
+    """Collect every variant's scores into ``metrics/recovery.json`` (and ``.md``): each recovery
+    column with its reference and a paired bootstrap CI from the per-question results."""
     import mlflow
 
-    from lorascope.evaluate.recovery import markdown, table
+    from lorascope.evaluate.recovery import formulas, markdown, reference_map, table
     from lorascope.tracking import stage_run
 
     cfg = params.evaluate
@@ -184,13 +241,21 @@ def run_recovery(params: Params) -> Path:
     scores = {
         v: {t: r["score"] for t, r in json.loads(p.read_text())["tasks"].items()} for v, p in present.items()
     }
-    rows = table(scores, cfg.tasks)
+    per_question = {v: _per_question(v) for v in present if questions_path(v).is_file()}
+    variants = list(cfg.variants)
+    references = {v: c.reference for v, c in cfg.variants.items()}
+    rows = table(scores, cfg.tasks, variants, references, per_question, cfg.bootstrap_iters, cfg.seed)
     missing = sorted(set(cfg.variants) - set(present))
-    with stage_run("evaluate", params, inputs=list(present.values()), run_name="recovery") as sr:
+    refs = {
+        ("recovery" if v == "lora" else f"recovery.{v}"): r
+        for v, r in reference_map(variants, references).items()
+    }
+    inputs = [*present.values(), *(questions_path(v) for v in per_question)]
+    with stage_run("evaluate", params, inputs=inputs, run_name="recovery") as sr:
         out = recovery_path()
-        write_json(out, {"tasks": rows, "missing_variants": missing, "run_id": sr.run_id})
-        write_text(out.with_suffix(".md"), markdown(rows, list(present)))
-        sr.write_manifest(out.parent, files=[out, out.with_suffix(".md")])
+        write_json(out, {"tasks": rows, "missing_variants": missing, "references": refs})
+        write_text(out.with_suffix(".md"), markdown(rows, variants, formulas(variants, references)))
+        sr.log_outputs(out, out.with_suffix(".md"))
         for task, row in rows.items():
             for k, v in row.items():
                 if isinstance(v, float):

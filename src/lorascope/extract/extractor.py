@@ -10,17 +10,20 @@ from typing import Any
 
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, feature_names, lora_components, mlp_components
+from lorascope.extract.merge_check import MergeCheck, MergeReport
 from lorascope.extract.recorder import Recorder
 
 
-def compute_dtype(precision: str) -> Any:
-    """The model dtype for ``extract.precision`` on this machine."""
+def compute_dtype(precision: str, device: Any = None, key: str = "extract.precision") -> Any:
+    """The model dtype for ``precision`` on ``device`` (default: the GPU when there is one), resolved
+    by ``lorascope.devices`` (an unsupported dtype is a one-line error naming ``key``)."""
     import torch
 
-    if precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, precision)
+    from lorascope.devices import resolve_dtype
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_dtype(precision, device, key)
 
 
 def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -68,28 +71,37 @@ def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
         )
 
 
-def load_lora_model(base_dir: Path, adapter_dir: Path, precision: str) -> Any:
-    """The base model in ``precision`` on the GPU if there is one, wrapped with the saved adapter
-    (unmerged, eval mode): what the ablate and steer stages hook."""
-    import torch
-
+def load_lora_model(
+    base_dir: Path, adapter_dir: Path, precision: str, device: str = "auto", section: str = "model"
+) -> Any:
+    """The base model in ``<section>.precision`` on ``<section>.device`` (``lorascope.devices``),
+    wrapped with the saved adapter (unmerged, eval mode, ``lora_A``/``lora_B`` in float32): what the
+    ablate and steer stages hook."""
     from lorascope.base.load import load_model
+    from lorascope.devices import resolve
 
     check_adapter_base(adapter_dir, base_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(base_dir, dtype=compute_dtype(precision)).to(device)
+    dev, dtype = resolve(device, precision, section)
+    model = load_model(base_dir, dtype=dtype).to(dev)
     return load_adapter(model, adapter_dir).eval()
 
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Wrap ``model`` with the saved adapter; a mismatch (targets, shapes) is a one-line error."""
+    """Wrap ``model`` with the saved adapter; a mismatch (targets, shapes) is a one-line error. The
+    adapter's weights are float32 whatever the model's dtype (peft's default, made explicit): a
+    rank-1 update is far below a bf16 ulp of the weights it adapts, and ``x . A`` is read in fp32."""
+    import torch
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         detail = " ".join(str(e).split())[:300]
         raise LorascopeError(f"{adapter_dir}: adapter does not match the base model ({detail})") from None
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
 
 
 @dataclass
@@ -99,7 +111,10 @@ class Extractor:
     model: Any
     recorder: Recorder
     method: str
+    """What the recorder reads: ``merged`` (the fast path), ``lora_a`` (unmerged) or ``mlp``."""
     device: Any
+    merge_report: MergeReport | None = None
+    """The merge check's measurements, when the merged path was requested and checked."""
 
     @property
     def components(self) -> list[Component]:
@@ -119,22 +134,41 @@ class Extractor:
         precision: str,
         device: Any,
         neurons: int,
+        check: MergeCheck | None = None,
     ) -> Extractor:
-        """``source`` ``lora`` (base + adapter, ``method`` merged | lora_a) or ``mlp`` (base only)."""
+        """``source`` ``lora`` (base + adapter, ``method`` merged | lora_a) or ``mlp`` (base only).
+
+        ``merged`` with a ``check``: the merged model is measured against the unmerged adapter on the
+        check tokens (``merge_check``) and kept only within the tolerances, else the unmerged model
+        is reloaded and read through ``lora_A`` (``method`` becomes ``lora_a``)."""
         from lorascope.base.load import load_model
 
-        model = load_model(base_dir, dtype=compute_dtype(precision)).to(device).eval()
+        dtype = compute_dtype(precision, device)
+
+        def unmerged() -> Any:
+            model = load_model(base_dir, dtype=dtype).to(device).eval()
+            return load_adapter(model, adapter_dir).eval()
+
         if source == "mlp":
+            model = load_model(base_dir, dtype=dtype).to(device).eval()
             return cls(model, Recorder(mlp_components(model, neurons)), "mlp", device)
         assert adapter_dir is not None
         check_adapter_base(adapter_dir, base_dir)
-        peft_model = load_adapter(model, adapter_dir).eval()
+        peft_model = unmerged()
         components = lora_components(peft_model)
         if method == "lora_a":
             return cls(peft_model, Recorder(components), method, device)
+        if check is not None and check.docs:
+            from lorascope.extract.merge_check import measure
+
+            merged, report, recorder = measure(peft_model, Recorder(components), check, device)
+            if report.passed:
+                return cls(merged, recorder, "merged", device, report)
+            del merged, peft_model
+            return cls(unmerged(), Recorder(components), "lora_a", device, report)
         base = peft_model.get_base_model()
         projections = {
-            c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().clone()
+            c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone()
             for c in components
         }
         merged = peft_model.merge_and_unload()

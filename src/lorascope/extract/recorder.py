@@ -3,9 +3,11 @@
 Three readings, one buffer layout (columns in component order):
 
 * ``merged``: the adapter is folded into the weights; a forward *pre*-hook on each adapted linear
-  projects the linear's real input on ``lora_A`` (``x @ A.T``), so the inputs are whatever the model
-  feeds the module (post-norm for q/k/v and gate/up, attention output for o, SwiGLU product for down).
-* ``lora_a``: the unmerged peft model; a forward hook on each ``lora_A`` module reads its output.
+  projects the linear's real input on ``lora_A`` (``x @ A.T``, accumulated in float32 whatever the
+  model's dtype), so the inputs are whatever the model feeds the module (post-norm for q/k/v and
+  gate/up, attention output for o, SwiGLU product for down).
+* ``lora_a``: the unmerged peft model; a forward hook on each ``lora_A`` module reads its output
+  (peft keeps ``lora_A`` in float32 and casts the input to it, so this is float32 too).
 * ``mlp``: a pre-hook on each ``down_proj`` of the base model keeps the first N input neurons.
 """
 
@@ -62,7 +64,8 @@ class Recorder:
             A_rI = self.projections[name]
 
             def project(_m: Any, args: tuple[Any, ...]) -> None:
-                self._write(start, width, args[0] @ A_rI.T)
+                # in float32 (A's dtype) whatever the model's dtype: a bf16 product would round x . A
+                self._write(start, width, args[0].to(A_rI.dtype) @ A_rI.T)
 
             return module.register_forward_pre_hook(project)
         if method == "lora_a":

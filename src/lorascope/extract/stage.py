@@ -3,14 +3,15 @@
 The shard plan is fixed by the document lengths, so work is split by shard: under ``accelerate
 launch`` process r extracts shards r, r + world, ... Shards are written into
 ``checkpoints/extract/<source>/`` (atomically); a re-run with the same inputs and params skips the
-complete ones. When every shard is there, rank 0 writes ``index.json`` and ``run.json`` and moves the
-directory into place.
+complete ones. When every shard is there, rank 0 writes ``index.json`` and moves the directory into
+place.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -77,6 +78,7 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
 
     from lorascope.base.load import model_name
     from lorascope.extract.extractor import Extractor, compute_dtype
+    from lorascope.extract.merge_check import MergeCheck, check_tokens
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 
@@ -94,7 +96,15 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
         cfg.precision,
         state.device,
         cfg.mlp_neurons,
+        MergeCheck(
+            check_tokens(docs, cfg.merge_check_tokens),
+            cfg.batch_tokens,
+            cfg.merge_max_relative_error,
+            cfg.merge_max_kl_fraction,
+        ),
     )
+    if extractor.merge_report is not None and state.is_main_process:
+        print(f"extract: {extractor.merge_report.summary()}", file=sys.stderr, flush=True)
     names = extractor.names
     plan = plan_shards([len(d) for d in docs], cfg.shard_tokens)
     work, out = work_dir(source), store_dir(source)
@@ -142,7 +152,7 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
                 "model": model_name(base_dir),
                 "adapter": ADAPTER.as_posix() if source == "lora" else None,
                 "method": extractor.method,
-                "precision": str(compute_dtype(cfg.precision)).removeprefix("torch."),
+                "precision": str(compute_dtype(cfg.precision, state.device)).removeprefix("torch."),
                 "components": names,
                 "modules": [
                     {"layer": c.layer, "kind": c.kind, "module": c.module, "width": c.width}
@@ -152,7 +162,6 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
                 "tokens": starts[-1],
                 "documents": [[d, s, len(t)] for d, s, t in zip(doc_ids, starts[:-1], docs, strict=True)],
                 "shards": [s.to_json() for s in plan],
-                "run_id": tracked_run.run_id,
             }
             write_index(work, index)
             metrics = {
@@ -166,14 +175,15 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
             }
             if extracted:
                 metrics["tokens_per_second_rank0"] = extracted / elapsed
-            mlflow.log_params({"source": source, "compute_dtype": index["precision"]})
+            mlflow.log_params({"source": source, "compute_dtype": index["precision"], "method_used": extractor.method})
+            if extractor.merge_report is not None:
+                metrics |= extractor.merge_report.metrics()
             mlflow.log_metrics(metrics)
-            manifest = tracked_run.write_manifest(work, {"source": source, "tokens": starts[-1]})
-            mlflow.log_dict(manifest, "run.json")
             if out.exists():
                 shutil.rmtree(out)
             out.parent.mkdir(parents=True, exist_ok=True)
             work.rename(out)
+            tracked_run.log_outputs(out)
             work.with_name(f"{work.name}.fingerprint.json").unlink(missing_ok=True)
     state.wait_for_everyone()
     return out

@@ -49,10 +49,31 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
-def _bf16(requested: bool) -> bool:
+def training_dtype(precision: str) -> Any:
+    """The training dtype for ``finetune.precision`` on this machine (the Trainer's device: the GPU
+    when there is one). float16 needs a GPU: accelerate runs fp16 autocast and loss scaling on GPUs
+    only, so on the CPU it would silently train in float32."""
     import torch
 
-    return requested and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from lorascope.devices import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(precision, device, "finetune.precision")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise LorascopeError(
+            "finetune.precision: float16 training needs a CUDA GPU (fp16 autocast with loss scaling); "
+            "use bfloat16 or float32 on the CPU"
+        )
+    return dtype
+
+
+def weights_dtype(precision: str, variant: str) -> Any:
+    """The dtype the weights are loaded in: bfloat16 as trained; under float16 the base of a LoRA is
+    frozen, so it is loaded in fp16, while a full finetune keeps float32 master weights."""
+    import torch
+
+    dtype = training_dtype(precision)
+    return torch.float32 if dtype == torch.float16 and variant == "full" else dtype
 
 
 def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
@@ -62,8 +83,7 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
     from lorascope.base.load import load_model
 
     cfg = params.finetune
-    dtype = torch.bfloat16 if _bf16(cfg.bf16) else torch.float32
-    model = load_model(base_dir, dtype=dtype)
+    model = load_model(base_dir, dtype=weights_dtype(cfg.precision, variant))
     model.config.use_cache = False  # no KV cache while training (and required by checkpointing)
     if variant == "full":
         return model
@@ -124,7 +144,8 @@ def training_arguments(params: Params, variant: Variant, world_size: int, output
         gradient_accumulation_steps=accumulation_steps(
             cfg.global_batch_size, cfg.micro_batch_size, world_size
         ),
-        bf16=_bf16(cfg.bf16),
+        bf16=training_dtype(cfg.precision) == torch.bfloat16,
+        fp16=training_dtype(cfg.precision) == torch.float16,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         seed=cfg.seed,
@@ -168,7 +189,7 @@ def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any], is_main: bool) ->
 
 
 def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path:
-    """Train ``variant`` and write ``models/<variant>/`` (adapter or full weights) with ``run.json``.
+    """Train ``variant`` and write ``models/<variant>/`` (adapter or full weights).
 
     ``callbacks`` are extra ``TrainerCallback``s (the tests use one to simulate a kill).
     """
@@ -180,7 +201,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     from lorascope.base.load import load_tokenizer
     from lorascope.finetune.data import Collator, PreparedRows
     from lorascope.finetune.step_logger import MlflowStepLogger
-    from lorascope.tracking import dvc_md5, stage_run
+    from lorascope.tracking import stage_run
 
     root = workspace_root()
     prepared, base_dir, out = root / PREPARED, root / BASE, out_dir(variant)
@@ -218,6 +239,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
                     "effective_lr": args.learning_rate,
                     "bf16_active": args.bf16,
+                    "fp16_active": args.fp16,
                     "resumed_from": Path(resume).name if resume else "none",
                 }
             )
@@ -246,15 +268,12 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
             mlflow.log_metrics(
                 {"train_loss": float(result.training_loss), "global_steps": float(result.global_step)}
             )
-            manifest = tracked_run.write_manifest(partial, {"variant": variant, **counts})
             if out.exists():
                 shutil.rmtree(out)
             os.replace(partial, out)
-            if variant == "lora":
+            if variant == "lora":  # full weights are referenced by their DVC md5, never copied
                 mlflow.log_artifacts(str(out), artifact_path="adapter")
-            else:  # full weights are referenced by their DVC md5, never copied into MLflow
-                mlflow.set_tag("output.dvc_md5", dvc_md5(out))
-            mlflow.log_dict(manifest, "run.json")
+            tracked_run.log_outputs(out)
             shutil.rmtree(checkpoint_dir(variant), ignore_errors=True)
     state.wait_for_everyone()
     return out

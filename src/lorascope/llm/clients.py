@@ -31,10 +31,12 @@ from rich.progress import (
 )
 
 from lorascope.llm.cache import CacheKey, DiskCache
-from lorascope.llm.completion import Completion, LlmError
+from lorascope.llm.completion import Completion, LlmError, TruncatedReply
 from lorascope.llm.pricing import estimate_cost
 
-__all__ = ["Backend", "CachedClient", "Client", "Completion", "LlmError", "make_client", "run_all"]
+__all__ = [
+    "Backend", "CachedClient", "Client", "Completion", "LlmError", "TruncatedReply", "make_client", "run_all",
+]  # fmt: skip
 
 Backend = Literal["openai", "anthropic", "openai-compatible"]
 T = TypeVar("T")
@@ -211,10 +213,19 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
         raw = await self._sdk().chat.completions.with_raw_response.create(**params)
         response = raw.parse()
         choice = response.choices[0] if response.choices else None
+        usage = response.usage
+        if choice is not None and choice.finish_reason == "length":
+            limit = params.get("max_completion_tokens", params.get("max_tokens"))
+            raise TruncatedReply(
+                f"{self.backend} {self.model}: reply cut at the completion-token limit ({limit}; "
+                "finish_reason: length): raise max_tokens",
+                choice.message.content or "",
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
         if choice is None or not choice.message.content:
             reason = choice.finish_reason if choice else "no choices"
             raise LlmError(f"{self.backend} {self.model}: empty reply (finish_reason: {reason})")
-        usage = response.usage
         return Completion(
             text=choice.message.content,
             input_tokens=usage.prompt_tokens if usage else 0,
@@ -253,6 +264,14 @@ class AnthropicClient(_SdkClient[anthropic.AsyncAnthropic]):
         raw = await self._sdk().messages.with_raw_response.create(**params)
         message = await raw.parse()
         text = "".join(block.text for block in message.content if block.type == "text")
+        if message.stop_reason == "max_tokens":
+            raise TruncatedReply(
+                f"anthropic {self.model}: reply cut at the completion-token limit ({params['max_tokens']}; "
+                "stop_reason: max_tokens): raise max_tokens",
+                text,
+                message.usage.input_tokens,
+                message.usage.output_tokens,
+            )
         if not text:
             raise LlmError(f"anthropic {self.model}: empty reply (stop_reason: {message.stop_reason})")
         return Completion(
@@ -268,7 +287,9 @@ class CachedClient:
     """A ``Client`` that answers from a ``DiskCache`` when it can, and counts what it spent.
 
     ``requests`` counts prompts sent to the backend (each may have taken SDK ``retries``), ``hits``
-    prompts answered from the cache; the token counts cover the requests only.
+    prompts answered from the cache, ``truncated`` replies cut at the token limit (raised as
+    ``TruncatedReply``, never cached); the token counts cover the requests only (cut replies included:
+    they are billed).
     """
 
     def __init__(self, client: Client, cache: DiskCache) -> None:
@@ -280,6 +301,7 @@ class CachedClient:
         self.retries = 0
         self.input_tokens = 0
         self.output_tokens = 0
+        self.truncated = 0
 
     def key_inputs(self, prompt: str, *, max_tokens: int, temperature: float | None) -> dict[str, Any]:
         return self.client.key_inputs(prompt, max_tokens=max_tokens, temperature=temperature)
@@ -291,7 +313,13 @@ class CachedClient:
             self.hits += 1
             return hit
         self.requests += 1
-        completion = await self.client.complete(prompt, max_tokens=max_tokens, temperature=temperature)
+        try:
+            completion = await self.client.complete(prompt, max_tokens=max_tokens, temperature=temperature)
+        except TruncatedReply as cut:
+            self.truncated += 1
+            self.input_tokens += cut.input_tokens
+            self.output_tokens += cut.output_tokens
+            raise
         self.retries += completion.retries
         self.input_tokens += completion.input_tokens
         self.output_tokens += completion.output_tokens

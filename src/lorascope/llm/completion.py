@@ -27,3 +27,17 @@ class LlmError(LorascopeError):
     A ``LorascopeError``, so a stage that lets one through ends with ``error: <message>`` and no
     traceback; ``run_all`` records it per item instead of raising.
     """
+
+
+class TruncatedReply(LlmError):
+    """A reply the server cut at the completion-token limit (OpenAI ``finish_reason: length``, Anthropic
+    ``stop_reason: max_tokens``): never used as an answer and never cached, but kept for the record.
+
+    A reasoning model spends part of the limit thinking, so a cut reply may hold no text at all."""
+
+    def __init__(self, message: str, text: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.text = text
+        """Whatever text arrived before the cut (often empty)."""
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens

@@ -103,7 +103,7 @@ def _log_dataset(df: Any, source: Any) -> None:
 
 
 def run(params: Params) -> Path:
-    """Write ``data/prepared/`` (train.parquet, validation.json, eval/, run.json) and the stats metrics."""
+    """Write ``data/prepared/`` (train.parquet, validation.json, eval/) and the stats metrics."""
     import mlflow
 
     from lorascope.base.load import load_tokenizer
@@ -150,7 +150,8 @@ def run(params: Params) -> Path:
             _write_train(tmp / "train.parquet", df, encoded)
             write_json(tmp / "validation.json", report)
             stats.update(_write_eval(tmp / "eval", params))
-            run.write_manifest(tmp, {"source": {"kind": source.kind, "uri": source.uri, **source.details}})
         write_json(root / METRICS, stats)
         mlflow.log_metrics({k: float(v) for k, v in stats.items()})
+        mlflow.log_dict({"kind": source.kind, "uri": source.uri, **source.details}, "source.json")
+        run.log_outputs(out, root / METRICS)
     return out

@@ -1,6 +1,7 @@
 """The offline feature dashboard: one self-contained HTML file (``reports/dashboard.html``).
 
-Per feature (LoRA direction signs, MLP neurons, SAE latents) it shows the label (explanation, class,
+Per feature (LoRA direction signs, MLP neuron signs, live SAE latents: ``models/sae/alive.json``; a label
+of a dead latent is dropped and counted in ``#meta`` ``sae_latents``) it shows the label (explanation, class,
 category, detection score), the layer and component, an activation histogram over the first
 ``report.histogram_tokens`` tokens of the store, the top ``report.contexts_per_feature`` contexts with
 every token coloured by its activation, one training sample (the document of the feature's strongest
@@ -617,6 +618,15 @@ def _add_source(
         if not p.is_file():
             raise LorascopeError(f"{_rel(root, p)} not found")
     labels = _labels(labels_path, cfg.max_features)
+    if source == "sae":  # live latents only (models/sae/alive.json), as every stage before
+        from lorascope.contexts.sources import SAE_DIR, alive_latents
+
+        alive = set(alive_latents(root / SAE_DIR))
+        d_sae = int(json.loads((root / SAE_DIR / "cfg.json").read_text())["d_sae"])
+        kept = [r for r in labels if int(r["feature"]) in alive]
+        meta["sae_latents"] = {"d_sae": d_sae, "alive": len(alive), "dead": d_sae - len(alive),
+                               "dead_labels_dropped": len(labels) - len(kept)}  # fmt: skip
+        labels = kept
     keys = [(int(r["feature"]), int(r["sign"])) for r in labels]
     stats = {
         (int(r["feature"]), int(r["sign"])): r
@@ -807,7 +817,10 @@ def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
             missing.append(f"{source}: {why}")
             continue
         counts[source] = n
-        meta["sources"].append({"name": source, "features": n})
+        entry: dict[str, Any] = {"name": source, "features": n}
+        if source == "sae" and meta.get("sae_latents"):
+            entry["live_latents"] = meta["sae_latents"]["alive"]
+        meta["sources"].append(entry)
     size = render({**meta, "features": collector.features}, collector.bulk(), out)
     return DashboardInfo(
         path=out, bytes=size, sources=list(counts), features=counts, contexts=collector.n_ctx, missing=missing

@@ -2,8 +2,10 @@
 
 * ``figure1``: category shares of LoRA directions vs MLP neurons vs SAE latents
   (``data/interp/categories/figure1.json``);
-* ``figure2``: category activation density by layer and component type
-  (``data/interp/categories/figure2.json``);
+* ``figure2_sae``: the paper's Figure 2, category activation density of the SAE latents: overall with
+  subcategories, and by layer and component type (``data/interp/categories/figure2.json``);
+* ``figure2``: the same density of the LoRA directions (by layer and component type) and MLP neurons (by
+  layer) themselves (``data/interp/categories/figure2_lora.json``);
 * ``figure3``: single-component ablation KL, layer x component type (``metrics/ablation/figure3.json``);
 * ``sae_metrics``: SAE reconstruction panel (``metrics/sae.json``);
 * ``training_curves``: loss vs step, one line per variant.
@@ -253,7 +255,11 @@ def figure1(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
 # ------------------------------------------------------------------------------------------ Figure 2
 def _density_grids(data: Mapping[str, Any], categories: Sequence[str]) -> tuple[list[int], list[str], dict]:
     """LoRA cells as ``(layers, types, {category: grid layers x types})``."""
-    cells = list((data.get("lora") or {}).get("cells") or [])
+    return _cell_grids(list((data.get("lora") or {}).get("cells") or []), categories)
+
+
+def _cell_grids(cells: list[dict[str, Any]], categories: Sequence[str]) -> tuple[list[int], list[str], dict]:
+    """(layer, component type) cells as ``(layers, types, {category: grid layers x types})``."""
     layers = sorted({int(c["layer"]) for c in cells})
     kinds = _type_order([str(c["component_type"]) for c in cells])
     at = {(int(c["layer"]), str(c["component_type"])): c.get("density") or {} for c in cells}
@@ -301,7 +307,7 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     panel_h = min(7.0, 1.6 + 0.12 * n_rows_max)
     # at least wide enough for the title and tall enough for the colorbar's label
     fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), max(4.5, 1.0 + panel_h * nrows))
-    title = "Figure 2: Category activation density by layer and component type\n(LoRA directions"
+    title = "Figure 2, LoRA-direction version: category activation density\n(LoRA directions by layer and type"
     title += "; MLP neurons by layer)" if panels[-1:] and panels[-1][0] == "mlp" else ")"
     if any(v is None for _, _, grid, *_ in panels for row in grid for v in row):
         title += "\ngrey: no categorized feature fired in the cell"
@@ -346,6 +352,106 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
             "categories": [_category_name(c) for c in categories],
         },
         colorbar=DENSITY_LABEL,
+    )
+
+
+def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
+    """The paper's Figure 2 from the SAE latents: a bar per category with its share of the categorized
+    latents' activation mass (``overall.density``), split into its subcategories' parts (share within the
+    category x the category's share), then one heatmap per category of its density by layer (rows) and
+    component type (columns q, k, v, o, gate, up, down), the mass attributed to cells through each latent's
+    decoder row (``attribution``, quoted under the title). ``FigureInfo.values``: ``overall`` (densities
+    in category order), ``sub/<category>`` (segment widths), ``sae/<category>`` (grids)."""
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import PercentFormatter
+
+    categories = list(data.get("categories") or [])
+    overall = (data.get("overall") or {}).get("density") or {}
+    layers, kinds, grids = _cell_grids(list(data.get("cells") or []), categories)
+    subs = {s.get("category"): s for s in data.get("subcategories") or []}
+    ncols = min(3, max(1, len(grids)))
+    nrows = 1 + max(1, math.ceil(len(grids) / ncols)) if grids else 1
+    panel_h = min(6.0, 1.6 + 0.12 * max(len(layers), 1))
+    bar_h = 0.9 + 0.3 * max(len(categories), 1)
+    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), 1.2 + bar_h + panel_h * (nrows - 1))
+    title = "Figure 2: Category activation density of the SAE latents"
+    latents = data.get("latents") or {}
+    if latents:
+        title += f"\n({latents.get('categorized', '?')} categorized of {latents.get('alive', '?')} live latents; "
+        title += f"{latents.get('dead', '?')} dead latents left out)"
+    fig.suptitle(title, fontsize=11)
+    text: list[str] = []
+    if not categories or not overall:
+        ax = fig.add_subplot()
+        text.append(str(data.get("missing") or ("no categories" if not categories else "no SAE densities")))
+        _note(ax, text[-1])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return _save(fig, out, dpi, text=text)
+
+    gs = fig.add_gridspec(nrows, ncols, height_ratios=[bar_h] + [panel_h] * (nrows - 1))
+    ax = fig.add_subplot(gs[0, :])
+    values: dict[str, Any] = {"overall": [_num(overall.get(c)) for c in categories]}
+    bars = 0
+    for i, c in enumerate(categories):
+        share = _num(overall.get(c)) or 0.0
+        sub = subs.get(c)
+        parts = [(k, _num(v)) for k, v in ((sub or {}).get("density") or {}).items()]
+        parts = [(k, v * share) for k, v in parts if v is not None]
+        if parts:
+            left = 0.0
+            for j, (k, w) in enumerate(parts):
+                ax.barh(i, w, left=left, color=f"C{j}", edgecolor="white", linewidth=0.5, height=0.7)
+                if w > 0.04:
+                    ax.text(left + w / 2, i, _category_name(k), ha="center", va="center", fontsize=6)
+                left += w
+                bars += 1
+            values[f"sub/{c}"] = [w for _, w in parts]
+        else:
+            ax.barh(i, share, color="0.55", height=0.7)
+            bars += 1
+        ax.text(share, i, f" {100 * share:.1f}%", va="center", ha="left", fontsize=7)
+    ax.set_yticks(range(len(categories)), [_category_name(c) for c in categories])
+    ax.invert_yaxis()
+    top = max((v for v in values["overall"] if v is not None), default=0.0)
+    ax.set_xlim(0, min(1.0, top * 1.25) if top > 0 else 1.0)
+    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.set_xlabel("Share of the categorized latents' activation mass (segments: subcategories)", fontsize=8)
+    ax.tick_params(labelsize=8)
+
+    norm, cmap = Normalize(0.0, 1.0), _cmap()
+    image, cells, non_null, heat_axes = None, 0, 0, []
+    for n, (c, grid) in enumerate(grids.items()):
+        hx = fig.add_subplot(gs[1 + n // ncols, n % ncols])
+        image = _heatmap(hx, grid, [str(x) for x in layers], [_short_type(k) for k in kinds], cmap, norm)
+        hx.set_title(_category_name(c), fontsize=9)
+        hx.set_ylabel("Layer", fontsize=8)
+        hx.set_xlabel("Component type", fontsize=8)
+        values[f"sae/{c}"] = grid
+        cells += len(layers) * len(kinds)
+        non_null += sum(v is not None for row in grid for v in row)
+        heat_axes.append(hx)
+    if image is not None:
+        fig.colorbar(image, ax=heat_axes, label=DENSITY_LABEL, shrink=0.9)
+    if data.get("attribution"):
+        text.append(str(data["attribution"]).split(":")[0])
+    return _save(
+        fig,
+        out,
+        dpi,
+        panels=1 + len(heat_axes),
+        cells=cells,
+        non_null=non_null,
+        bars=bars,
+        scale="linear",
+        values=values,
+        ticks={
+            "layers": [str(layers[i]) for i in _thin(len(layers))],
+            "types": [_short_type(kinds[i]) for i in _thin(len(kinds))],
+            "categories": [_category_name(c) for c in categories],
+        },
+        text=text,
+        colorbar=DENSITY_LABEL if image is not None else "",
     )
 
 

@@ -4,16 +4,19 @@ Writes ``reports/`` (temp directory, then rename):
 
 * ``table1.{md,csv}`` (base / LoRA / full / recovery), ``table2.{md,csv}`` (ablated adapters),
   ``steering.{md,csv}`` (backtracking per 1000 tokens, length, accuracy per direction and alpha);
-* ``figure1.png`` (category shares), ``figure2.png`` (category density by layer and type),
+* ``figure1.png`` (category shares), ``figure2.png`` (the paper's Figure 2: category density of the SAE
+  latents, overall with subcategories and by layer and type), ``figure2_lora.png`` (the same density of the
+  LoRA directions by layer and type and of the MLP neurons by layer),
   ``figure3.png`` (ablation KL, layer x type), ``sae.png`` (FVU by layer and type, L0, alive
   latents), ``training.png`` (loss curves of the finetunes, read from their MLflow runs);
 * ``plots/*.csv``: the loss curves and the ablation KL per layer and type, for ``dvc plots``;
 * ``dashboard.html``: the offline feature dashboard;
-* ``index.html``: all of it on one page, each number with the run that produced it;
-* ``run.json``: lineage, and the list of what was missing.
+* ``index.html``: all of it on one page, each number with the DVC md5 of the file it came from
+  (``lorascope lineage <file>`` finds the run that produced it; the report's MLflow run records
+  those run ids, which stay out of ``reports/`` so that equal inputs give equal bytes).
 
 A missing upstream output is never an error: its table or figure is left out and named in the
-index, the run (``report.missing``) and ``run.json``.
+index and the run (``report.missing``).
 """
 
 from __future__ import annotations
@@ -32,13 +35,12 @@ from lorascope.report.tables import Table, table1, table2
 RECOVERY = Path("metrics/recovery.json")
 FIGURE1 = Path("data/interp/categories/figure1.json")
 FIGURE2 = Path("data/interp/categories/figure2.json")
+FIGURE2_LORA = Path("data/interp/categories/figure2_lora.json")
 FIGURE3 = Path("metrics/ablation/figure3.json")
 ABLATION = Path("metrics/ablation")
 SAE = Path("metrics/sae.json")
 STEER = Path("metrics/steer.json")
 FINETUNES = {"lora": Path("models/lora"), "full": Path("models/full")}
-RECORDED_BY = {SAE: Path("models/sae"), STEER: Path("data/steer")}
-"""Outputs whose run.json lives with another output of the same stage."""
 
 
 @dataclass
@@ -48,15 +50,20 @@ class Page:
     sections: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     lineage: dict[str, str] = field(default_factory=dict)
-    """Artefact (relative path) -> the run id that produced it."""
+    """Artefact (relative path) -> its DVC md5 (shown on the page)."""
+    runs: dict[str, str] = field(default_factory=dict)
+    """Artefact (relative path) -> the run that produced it (logged to MLflow only)."""
 
+    def record(self, root: Path, rel: Path, md5: str | None = None) -> str | None:
+        """Note ``rel``'s md5 and the run that logged it as an output; returns that run id."""
+        from lorascope.tracking import dvc_md5, producer
 
-def _run_id(root: Path, rel: Path) -> str | None:
-    """The run that produced ``rel`` (its run.json), if recorded."""
-    from lorascope.tracking import read_manifest
-
-    manifest = read_manifest(root / rel)
-    return manifest.get("run_id") if manifest else None
+        md5 = md5 or dvc_md5(root / rel)
+        self.lineage[rel.as_posix()] = md5
+        if made_by := producer(root / rel, md5):
+            self.runs[rel.as_posix()] = made_by["run_id"]
+            return made_by["run_id"]
+        return None
 
 
 def _load(root: Path, rel: Path, page: Page, what: str) -> Any | None:
@@ -70,15 +77,14 @@ def _load(root: Path, rel: Path, page: Page, what: str) -> Any | None:
     except (OSError, json.JSONDecodeError) as e:
         page.missing.append(f"{what}: {rel} unreadable ({e})")
         return None
-    if run_id := _run_id(root, RECORDED_BY.get(rel, rel)):
-        page.lineage[rel.as_posix()] = run_id
+    page.record(root, rel)
     return data
 
 
 def _source(rel: Path, page: Page) -> str:
-    run = page.lineage.get(rel.as_posix())
+    md5 = page.lineage.get(rel.as_posix())
     return f"<p class='src'>data: <code>{html.escape(rel.as_posix())}</code>" + (
-        f", run <code>{run}</code></p>" if run else "</p>"
+        f", md5 <code>{md5}</code></p>" if md5 else "</p>"
     )
 
 
@@ -117,15 +123,19 @@ def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     path.write_text(Table(header, rows, []).csv())
 
 
-def loss_curves(root: Path, page: Page) -> dict[str, list[tuple[int, float]]]:
-    """Per finetune variant, its logged training loss by step (from the MLflow run in its run.json)."""
+def loss_curves(root: Path, page: Page, digests: dict[Path, str]) -> dict[str, list[tuple[int, float]]]:
+    """Per finetune variant, its logged training loss by step, from the MLflow run that logged the
+    model's md5 (``digests``: md5 by path, already computed for the run's inputs)."""
     from lorascope.tracking import client
 
     curves = {}
     for variant, rel in FINETUNES.items():
-        run_id = _run_id(root, rel)
+        if root / rel not in digests:
+            page.missing.append(f"training curve ({variant}): {rel} not found")
+            continue
+        run_id = page.record(root, rel, digests[root / rel])
         if run_id is None:
-            page.missing.append(f"training curve ({variant}): {rel}/run.json not found")
+            page.missing.append(f"training curve ({variant}): no MLflow run logged {rel} as an output")
             continue
         try:
             history = client().get_metric_history(run_id, "loss")
@@ -136,22 +146,26 @@ def loss_curves(root: Path, page: Page) -> dict[str, list[tuple[int, float]]]:
             page.missing.append(f"training curve ({variant}): run {run_id} logged no loss")
             continue
         curves[variant] = sorted((m.step, m.value) for m in history)
-        page.lineage[rel.as_posix()] = run_id
     return curves
 
 
 def steering_table(steer: dict[str, Any]) -> Table:
+    """Per direction and alpha: both backtracking counts (the paper's when recorded), length, accuracy."""
+    sweeps = [(d, float(a), s) for d, sweep in steer["directions"].items()
+              for a, s in sorted(sweep.items(), key=lambda kv: float(kv[0]))]  # fmt: skip
+    paper = any("backtrack_pct_words" in s for *_, s in sweeps)
     rows = [
-        [direction, float(alpha), s["backtracks_per_1k"], s["mean_tokens"], s["accuracy"]]
-        for direction, sweep in steer["directions"].items()
-        for alpha, s in sorted(sweep.items(), key=lambda kv: float(kv[0]))
-    ]
+        [d, alpha, s["backtracks_per_1k"], *([s.get("backtrack_pct_words")] if paper else []),
+         s["mean_tokens"], s["accuracy"]]
+        for d, alpha, s in sweeps
+    ]  # fmt: skip
     words = ", ".join(steer.get("backtrack_words", []))
-    return Table(
-        ["direction", "alpha", "backtracks per 1000 tokens", "mean tokens", "accuracy"],
-        rows,
-        [f"backtracking words: {words}; {steer.get('prompts', '?')} prompts"],
-    )
+    notes = [f"backtracking words: {words}; {steer.get('prompts', '?')} prompts"]
+    notes += [f"{k}: {v}" for k, v in (steer.get("backtrack_counts") or {}).items()]
+    notes += [f"{sel} chose {name}" for sel, name in (steer.get("selectors") or {}).items()]
+    header = ["direction", "alpha", "backtracks per 1000 tokens"]
+    header += ["backtracking words per 100 words (paper's count)"] if paper else []
+    return Table([*header, "mean tokens", "accuracy"], rows, notes)
 
 
 def _ablation_plots(root: Path, out: Path) -> None:
@@ -169,7 +183,8 @@ def _ablation_plots(root: Path, out: Path) -> None:
 def index_html(page: Page, dashboard: bool) -> str:
     missing = "".join(f"<li>{html.escape(m)}</li>" for m in page.missing)
     lineage = "".join(
-        f"<tr><td><code>{html.escape(k)}</code></td><td><code>{v}</code></td></tr>"
+        f"<tr><td><code>{html.escape(k)}</code></td><td><code>{v}</code></td>"
+        f"<td><code>lorascope lineage {html.escape(k)}</code></td></tr>"
         for k, v in sorted(page.lineage.items())
     )
     return f"""<!doctype html>
@@ -183,10 +198,11 @@ td:first-child, th:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 <h1>lorascope report</h1>
 <p>Rank-1 LoRAs Encode Interpretable Reasoning Signals: tables and figures from this workspace's pipeline outputs.
 {"<a href='dashboard.html'>Feature dashboard</a> (offline, one file)." if dashboard else ""}
-Each number names the MLflow run that produced it; <code>lorascope lineage RUN_ID</code> walks back to the data.</p>
+Each number names the DVC md5 of the file it comes from; <code>lorascope lineage FILE</code> finds the MLflow run
+that wrote it and walks back to the data.</p>
 {f"<div class='missing'><b>Missing</b> (not rendered):<ul>{missing}</ul></div>" if missing else ""}
 {"".join(page.sections)}
-<h2>Lineage</h2><table><tr><th>artefact</th><th>run</th></tr>{lineage}</table>
+<h2>Lineage</h2><table><tr><th>artefact</th><th>md5</th><th>its runs</th></tr>{lineage}</table>
 </body></html>
 """
 
@@ -196,8 +212,6 @@ def run(params: Params) -> Path:
     import mlflow
 
     from lorascope.atomic import atomic_path
-    from lorascope.report import figures
-    from lorascope.report.dashboard import build
     from lorascope.tracking import stage_run
 
     cfg, root = params.report, workspace_root()
@@ -207,77 +221,97 @@ def run(params: Params) -> Path:
     ]  # fmt: skip
     inputs = [root / p for p in candidates if (root / p).exists()]
     out = root / "reports"
-    with stage_run("report", params, inputs) as sr, atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        page = Page()
-        if (recovery := _load(root, RECOVERY, page, "Table 1")) is not None:
-            _write_table(
-                tmp, "table1", "Table 1: recovery of the full finetune", table1(recovery), RECOVERY, page
-            )
-            if (t2 := table2(recovery)) is not None:
-                _write_table(tmp, "table2", "Table 2: ablated adapters", t2, RECOVERY, page)
-            else:
-                page.missing.append("Table 2: no ablated adapter was evaluated (evaluate.variants)")
-        else:
-            page.missing.append(f"Table 2: {RECOVERY} not found")
-        if (fig1 := _load(root, FIGURE1, page, "Figure 1")) is not None:
-            _figure(
-                tmp,
-                "figure1",
-                "Figure 1: category shares",
-                lambda p: figures.figure1(fig1, p, cfg.dpi),
-                FIGURE1,
-                page,
-            )
-        if (fig2 := _load(root, FIGURE2, page, "Figure 2")) is not None:
-            _figure(
-                tmp,
-                "figure2",
-                "Figure 2: category density by layer and component",
-                lambda p: figures.figure2(fig2, p, cfg.dpi),
-                FIGURE2,
-                page,
-            )
-        if (fig3 := _load(root, FIGURE3, page, "Figure 3")) is not None:
-            _figure(
-                tmp,
-                "figure3",
-                "Figure 3: ablation KL by layer and component type",
-                lambda p: figures.figure3(fig3, p, cfg.dpi),
-                FIGURE3,
-                page,
-            )
-            _ablation_plots(root, tmp)
-        if (sae := _load(root, SAE, page, "SAE metrics")) is not None:
-            _figure(
-                tmp,
-                "sae",
-                "SAE: FVU by layer and type, L0, alive latents",
-                lambda p: figures.sae_metrics(sae, p, cfg.dpi),
-                SAE,
-                page,
-            )
-        if curves := loss_curves(root, page):
-            for variant, points in curves.items():
-                _csv(tmp / "plots" / f"loss_{variant}.csv", ["step", "loss"], [list(p) for p in points])
-            _figure(
-                tmp,
-                "training",
-                "Training loss",
-                lambda p: figures.training_curves(curves, p, cfg.dpi),
-                FINETUNES["lora"],
-                page,
-            )
-        if (steer := _load(root, STEER, page, "Steering")) is not None:
-            _write_table(
-                tmp, "steering", "Steering: backtracking by magnitude", steering_table(steer), STEER, page
-            )
-        info = build(root, cfg, tmp / "dashboard.html")
-        page.missing += [f"dashboard: {m}" for m in info.missing]
-        dashboard = (tmp / "dashboard.html").is_file()
-        (tmp / "index.html").write_text(index_html(page, dashboard))
-        sr.write_manifest(tmp, {"missing": page.missing, "lineage": page.lineage})
+    with stage_run("report", params, inputs) as sr:
+        with atomic_path(out) as tmp:
+            page = _render(root, cfg, tmp, sr.inputs_md5)
         mlflow.log_metric("missing_items", len(page.missing))
-        mlflow.log_dict({"missing": page.missing, "lineage": page.lineage}, "report.json")
-        mlflow.log_artifacts(str(tmp), "reports")
+        mlflow.set_tags({f"upstream.{rel}": run_id for rel, run_id in page.runs.items()})
+        mlflow.log_dict({"missing": page.missing, "lineage": page.lineage, "runs": page.runs}, "report.json")
+        mlflow.log_artifacts(str(out), "reports")
+        sr.log_outputs(out)
     return out
+
+
+def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
+    """Write every table, figure and page into ``tmp``; returns what the index shows."""
+    from lorascope.report import figures
+    from lorascope.report.dashboard import build
+
+    tmp.mkdir(parents=True)
+    page = Page()
+    if (recovery := _load(root, RECOVERY, page, "Table 1")) is not None:
+        _write_table(
+            tmp, "table1", "Table 1: recovery of the full finetune", table1(recovery), RECOVERY, page
+        )
+        if (t2 := table2(recovery)) is not None:
+            _write_table(tmp, "table2", "Table 2: ablated adapters", t2, RECOVERY, page)
+        else:
+            page.missing.append("Table 2: no ablated adapter was evaluated (evaluate.variants)")
+    else:
+        page.missing.append(f"Table 2: {RECOVERY} not found")
+    if (fig1 := _load(root, FIGURE1, page, "Figure 1")) is not None:
+        _figure(
+            tmp,
+            "figure1",
+            "Figure 1: category shares",
+            lambda p: figures.figure1(fig1, p, cfg.dpi),
+            FIGURE1,
+            page,
+        )
+    if (fig2 := _load(root, FIGURE2, page, "Figure 2")) is not None:
+        _figure(
+            tmp,
+            "figure2",
+            "Figure 2: category density of the SAE latents (overall, subcategories, layer x component)",
+            lambda p: figures.figure2_sae(fig2, p, cfg.dpi),
+            FIGURE2,
+            page,
+        )
+    if (fig2_lora := _load(root, FIGURE2_LORA, page, "Figure 2 (LoRA directions)")) is not None:
+        _figure(
+            tmp,
+            "figure2_lora",
+            "Figure 2, LoRA-direction version: category density of LoRA directions and MLP neurons",
+            lambda p: figures.figure2(fig2_lora, p, cfg.dpi),
+            FIGURE2_LORA,
+            page,
+        )
+    if (fig3 := _load(root, FIGURE3, page, "Figure 3")) is not None:
+        _figure(
+            tmp,
+            "figure3",
+            "Figure 3: ablation KL by layer and component type",
+            lambda p: figures.figure3(fig3, p, cfg.dpi),
+            FIGURE3,
+            page,
+        )
+        _ablation_plots(root, tmp)
+    if (sae := _load(root, SAE, page, "SAE metrics")) is not None:
+        _figure(
+            tmp,
+            "sae",
+            "SAE: FVU by layer and type, L0, alive latents",
+            lambda p: figures.sae_metrics(sae, p, cfg.dpi),
+            SAE,
+            page,
+        )
+    if curves := loss_curves(root, page, digests):
+        for variant, points in curves.items():
+            _csv(tmp / "plots" / f"loss_{variant}.csv", ["step", "loss"], [list(p) for p in points])
+        _figure(
+            tmp,
+            "training",
+            "Training loss",
+            lambda p: figures.training_curves(curves, p, cfg.dpi),
+            FINETUNES["lora"],
+            page,
+        )
+    if (steer := _load(root, STEER, page, "Steering")) is not None:
+        _write_table(
+            tmp, "steering", "Steering: backtracking by magnitude", steering_table(steer), STEER, page
+        )
+    info = build(root, cfg, tmp / "dashboard.html")
+    page.missing += [f"dashboard: {m}" for m in info.missing]
+    dashboard = (tmp / "dashboard.html").is_file()
+    (tmp / "index.html").write_text(index_html(page, dashboard))
+    return page

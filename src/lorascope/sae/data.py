@@ -3,7 +3,10 @@
 Memory stays at one shard whatever the store size: statistics are one streaming pass, and batches
 come from one shard at a time (its training tokens in a seeded random order; the remainder of a shard
 that does not fill a batch is carried into the next). The stream's position is a small state dict, so
-a resumed run continues with exactly the batches an uninterrupted run would have seen.
+a resumed run continues with exactly the batches an uninterrupted run would have seen. On a GPU the
+shards are streamed to it (``lorascope.devices.prefetched``: the next shard is read and shuffled into
+pinned memory while the current one trains); the shuffles are drawn on the CPU, so the batches are the
+same on every device.
 """
 
 from __future__ import annotations
@@ -53,15 +56,18 @@ class Stats:
     """Up to 4096 training tokens (for the geometric-median initialisation)."""
 
 
-def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool) -> Stats:
-    """Statistics of the training tokens; non-finite rows are an error naming where they are, or
-    dropped and counted with ``drop_nonfinite``."""
+def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool, device: Any = "cpu") -> Stats:
+    """Statistics of the training tokens (on ``device``); non-finite rows are an error naming where
+    they are, or dropped and counted with ``drop_nonfinite``."""
+    from lorascope.devices import stream_to
+
     D = len(store.components)
-    total, sq = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    total = torch.zeros(D, dtype=torch.float64, device=device)
+    sq = torch.zeros(D, dtype=torch.float64, device=device)
     tokens = bad = 0
     sample: list[torch.Tensor] = []
-    for shard, acts_TC, _ in store:
-        train_T = token_mask(store, shard, held_docs, False)
+    for shard, acts_TC, _ in stream_to(store, torch.device(device)):
+        train_T = token_mask(store, shard, held_docs, False).to(acts_TC.device)
         x_TD = acts_TC[train_T].double()
         finite_T = torch.isfinite(x_TD).all(1)
         n_bad = int((~finite_T).sum())
@@ -102,15 +108,18 @@ def geometric_median(x_ND: torch.Tensor, iterations: int = 50) -> torch.Tensor:
 
 
 class TokenStream:
-    """Endless shuffled batches of training tokens (float32, unscaled)."""
+    """Endless shuffled batches of training tokens (float32, unscaled, on ``device``)."""
 
-    def __init__(self, store: Store, held_docs: torch.Tensor, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, store: Store, held_docs: torch.Tensor, batch_size: int, seed: int, device: Any = "cpu"
+    ) -> None:
         self.store, self.held_docs, self.batch_size, self.seed = store, held_docs, batch_size, seed
+        self.device = torch.device(device)
         self.state: dict[str, Any] = {
             "epoch": 0,
             "cursor": 0,
             "offset": 0,
-            "carry": torch.zeros(0, len(store.components)),
+            "carry": torch.zeros(0, len(store.components), device=self.device),
         }
 
     def _order(self, epoch: int) -> list[int]:
@@ -126,11 +135,15 @@ class TokenStream:
         return x_TD[torch.randperm(x_TD.shape[0], generator=g)]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        from lorascope.devices import prefetched
+
         st = self.state
+        st["carry"] = st["carry"].to(self.device)  # a checkpoint may come from another device
         while True:
             order = self._order(st["epoch"])
-            while st["cursor"] < len(order):
-                x_TD = self._shard_tokens(st["epoch"], order[st["cursor"]])
+            epoch = st["epoch"]
+            shards = prefetched(order[st["cursor"] :], lambda i: self._shard_tokens(epoch, i), self.device)
+            for _, x_TD in shards:
                 while True:
                     need = self.batch_size - st["carry"].shape[0]
                     piece = x_TD[st["offset"] : st["offset"] + need]

@@ -58,7 +58,6 @@ def export(sae_dir: Path, output: Path, fmt: str = "saelens") -> Path:
                     "model_name": cfg.get("model"),
                     "lorascope_components": cfg["components"],
                     "lorascope_k": cfg["k"],
-                    "lorascope_run_id": cfg["run_id"],
                 },
             },
         )

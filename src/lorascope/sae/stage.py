@@ -132,13 +132,11 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
                     "scale_folded": True,
                     "components": store.components,
                     "training_tokens": trainer.step * cfg.batch_size,
-                    "run_id": tr.run_id,
                 },
             )
             write_json(tmp / "alive.json", {"alive_latents": alive, "d_sae": p.d_sae})
-            manifest = tr.write_manifest(tmp, {"d_sae": p.d_sae, "alive_latents": len(alive)})
         write_json(root / METRICS, metrics)
-        mlflow.log_dict(manifest, "run.json")
         mlflow.log_artifacts(str(out), artifact_path="sae")
+        tr.log_outputs(out, root / METRICS)
     ckpt.unlink(missing_ok=True)
     return out

@@ -8,6 +8,14 @@ Adding ``v`` to a component's ``x . A`` adds ``scaling * v * B`` to its module's
 * an SAE feature ``sae.<latent>`` is its decoder row (raw ``x . A`` units), which the adapter's B
   vectors map into the model; typical = its mean activation when it fires.
 
+A LoRA name may carry a sign (``L3.q_proj-``: the negative side of the direction, steered as ``-unit``).
+``label:<regex>`` picks the direction from the labels instead of naming it: among the ok labels of
+``data/interp/lora.parquet`` and ``data/interp/sae.parquet`` (live SAE latents only) whose explanation
+matches the regex (case-insensitive ``re.search``), the one with the highest detection balanced accuracy
+(then the lowest class, SAE before LoRA, the lowest id); so a profile names what to steer (e.g. backtracking)
+rather than a placeholder component. A name that does not exist, a dead latent, a selector that matches
+nothing or an empty list is a one-line error: nothing is ever steered along a stand-in.
+
 Typical magnitudes come from the contexts stage's feature tables (statistics over the whole store).
 """
 
@@ -25,6 +33,8 @@ import torch
 from lorascope.errors import LorascopeError
 
 _SAE = re.compile(r"sae\.(\d+)")
+LABEL = "label:"
+"""Prefix of a direction chosen from the labels by a regex over the explanations."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class Direction:
     name: str
     unit_C: torch.Tensor
     typical: float
+    selector: str | None = None
+    """The ``label:<regex>`` that chose this direction (None when it was named)."""
 
     def offset(self, alpha: float) -> torch.Tensor:
         """What steering by ``alpha`` adds to the adapter state of every token."""
@@ -51,17 +63,26 @@ def _stats(path: Path) -> Any:
 
 
 def lora_direction(name: str, features: Sequence[str], stats_path: Path) -> Direction:
-    """Column ``name`` of the adapter state, scaled by its RMS over the store."""
+    """Column ``name`` of the adapter state (``-unit`` for a name ending in ``-``), scaled by its RMS over
+    the store."""
+    sign = -1.0 if name.endswith("-") else 1.0
+    name = name[:-1] if name[-1:] in "+-" else name
     if name not in features:
         shown = ", ".join(features[:8]) + (f", ... ({len(features)} in all)" if len(features) > 8 else "")
         raise LorascopeError(
             f"steer.directions: unknown direction {name!r} (LoRA components: {shown}; or sae.<latent>)"
         )
     stats = _stats(stats_path)
-    row = stats[(stats.feature_name.str.rstrip("+-") == name)].iloc[0]
+    rows = stats[(stats.feature_name.str.rstrip("+-") == name)]
+    if rows.empty:
+        raise LorascopeError(
+            f"{stats_path}: no statistics for {name!r}; the contexts are older than the adapter, re-run them"
+        )
+    row = rows.iloc[0]
     unit_C = torch.zeros(len(features))
-    unit_C[features.index(name)] = 1.0
-    return Direction(name, unit_C, math.sqrt(row["mean"] ** 2 + row["std"] ** 2))
+    unit_C[features.index(name)] = sign
+    label = name + ("-" if sign < 0 else "")
+    return Direction(label, unit_C, math.sqrt(row["mean"] ** 2 + row["std"] ** 2))
 
 
 def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path: Path) -> Direction:
@@ -80,8 +101,17 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
         raise LorascopeError(
             f"{sae_dir}: the SAE was trained on other adapter components than models/lora has"
         )
+    from lorascope.contexts.sources import alive_latents
+
+    if latent not in alive_latents(sae_dir, sae.d_sae):
+        raise LorascopeError(
+            f"steer.directions: {name!r} is a dead latent (not in {sae_dir}/alive.json); choose a live one"
+        )
     stats = _stats(stats_path)
-    row = stats[stats.feature == latent].iloc[0]
+    rows = stats[stats.feature == latent]
+    if rows.empty:
+        raise LorascopeError(f"{stats_path}: no statistics for {name!r}; re-run `lorascope contexts --source sae`")
+    row = rows.iloc[0]
     if row["nonzero_density"] == 0:
         raise LorascopeError(
             f"steer.directions: {name!r} never fires on the store (a dead latent); choose a live one"
@@ -91,8 +121,53 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
     )
 
 
+def select_by_label(selector: str, root: Path) -> str:
+    """The feature a ``label:<regex>`` selector picks (see the module docstring); one-line errors for a
+    bad regex, missing label sets or no match."""
+    import pyarrow.parquet as pq
+
+    pattern = selector[len(LABEL) :]
+    try:
+        regex = re.compile(pattern, re.IGNORECASE)
+    except re.error as err:
+        raise LorascopeError(f"steer.directions: {selector!r}: not a regular expression ({err})") from None
+    interp = root / "data" / "interp"
+    paths = [interp / f"{s}.parquet" for s in ("sae", "lora") if (interp / f"{s}.parquet").is_file()]
+    if not paths:
+        raise LorascopeError(
+            f"steer.directions: {selector!r} needs labels ({interp}/lora.parquet or sae.parquet); "
+            "run `lorascope autointerp` first"
+        )
+    alive: set[int] | None = None
+    if (interp / "sae.parquet").is_file() and (root / "models" / "sae" / "alive.json").is_file():
+        from lorascope.contexts.sources import alive_latents
+
+        alive = set(alive_latents(root / "models" / "sae"))
+    cols = ["feature", "feature_name", "explanation", "status", "classification", "detection_balanced_accuracy"]
+    found = []
+    for order, path in enumerate(paths):  # sae first, then lora
+        for r in pq.read_table(path, columns=cols).to_pylist():
+            if r["status"] != "ok" or not r["explanation"] or not regex.search(r["explanation"]):
+                continue
+            if path.stem == "sae" and alive is not None and int(r["feature"]) not in alive:
+                continue
+            score = r["detection_balanced_accuracy"]
+            cls = r["classification"]
+            rank = (-(score if score is not None else -1.0), cls if cls is not None else 3, order, int(r["feature"]))
+            found.append((rank, r["feature_name"]))
+    if not found:
+        raise LorascopeError(
+            f"steer.directions: {selector!r} matches no ok label in {', '.join(str(p) for p in paths)}"
+        )
+    return min(found)[1]
+
+
 def resolve(name: str, features: Sequence[str], root: Path) -> Direction:
-    """The direction ``name`` names (``L<layer>.<type>`` or ``sae.<latent>``)."""
+    """The direction ``name`` names (``L<layer>.<type>[+-]``, ``sae.<latent>`` or ``label:<regex>``)."""
+    from dataclasses import replace
+
+    if name.startswith(LABEL):
+        return replace(resolve(select_by_label(name, root), features, root), selector=name)
     contexts = root / "data" / "contexts"
     if _SAE.fullmatch(name):
         return sae_direction(name, features, root / "models" / "sae", contexts / "sae.features.parquet")

@@ -3,6 +3,13 @@
 A forward hook on every ``lora_A`` adds that component's columns of the offset to its output at
 every position (prompt and generated tokens), so the module's output moves by ``scaling * B`` times
 the offset; an offset of zero leaves every logit as it was.
+
+Generated text is decoded with its special tokens (``<|im_start|>answer`` marks where the answer starts:
+dropping it, as ``skip_special_tokens`` would, leaves the grader only its fallbacks); only the closing
+``<|im_end|>`` is left out. Backtracking is counted two ways: ``count_words`` (whole words,
+case-sensitive) and ``paper_backtrack_pct``, the paper author's ``count_patterns`` (jnward/
+reasoning_behavior_probes: each word as a case-insensitive pattern, occurrences per 100
+whitespace-separated words, summed over the words).
 """
 
 from __future__ import annotations
@@ -77,8 +84,21 @@ def generate(
         )
         for row in result[:, width:].tolist():
             n = row.index(stop) + 1 if stop in row else len(row)
-            out.append(Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n, stop in row[:n]))
+            finished = stop in row[:n]
+            # keep <|im_start|>answer (special): only the closing <|im_end|> is not part of the text
+            text = tokenizer.decode(row[: n - 1] if finished else row[:n], skip_special_tokens=False)
+            out.append(Generation(text, n, finished))
     return out
+
+
+def paper_backtrack_pct(text: str, words: Sequence[str]) -> float:
+    """The paper author's backtracking count (``count_patterns`` in jnward/reasoning_behavior_probes):
+    ``100 * occurrences / whitespace-separated words``, each word matched case-insensitively anywhere
+    (``Waiting`` counts for ``Wait``), summed over ``words``; 0 for a text without words."""
+    total = len(text.split())
+    if total == 0:
+        return 0.0
+    return sum(100 * len(re.findall(re.escape(w), text, re.IGNORECASE)) / total for w in words)
 
 
 def count_words(text: str, words: Sequence[str]) -> int:

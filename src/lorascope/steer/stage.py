@@ -1,9 +1,10 @@
 """Run the ``steer`` stage: for each direction, a sweep over alpha on a fixed prompt set.
 
 Outputs in ``data/steer/``: ``generations.parquet`` (direction, alpha, task, row, question, output,
-tokens, finished, backtracks, extracted answer, correct), ``summary.parquet`` (per direction and
-alpha: typical magnitude, backtracking words per 1000 generated tokens, mean length, accuracy) and
-``run.json``; ``metrics/steer.json`` holds the summary for ``dvc metrics``. The stage run is the
+tokens, finished, backtracks, backtrack_pct_words, correct), ``summary.parquet`` (per direction and
+alpha: typical magnitude, backtracking words per 1000 generated tokens, the paper author's backtracking
+percentage (``generation.paper_backtrack_pct``, mean over prompts), mean length, accuracy);
+``metrics/steer.json`` holds the summary for ``dvc metrics``. The stage run is the
 parent of one MLflow run per direction (its sweep) with the summary table and per-alpha metrics.
 
 Each (direction, alpha) is saved to ``checkpoints/steer/<fingerprint>/`` when done, so a killed
@@ -44,16 +45,31 @@ def prompt_rows(params: Params) -> list[dict[str, Any]]:
     return rows
 
 
+BACKTRACK_COUNTS = {
+    "backtracks_per_1k": "whole-word, case-sensitive occurrences of backtrack_words per 1000 generated tokens "
+    "(pooled over the prompts)",
+    "backtrack_pct_words": "the paper author's count_patterns (jnward/reasoning_behavior_probes): per prompt, "
+    "100 x case-insensitive occurrences of each backtrack word / whitespace-separated words of the generated "
+    "text, summed over the words; mean over prompts",
+}
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Backtracking words per 1000 generated tokens, mean length, accuracy, finished fraction."""
+    """Backtracking (both counts: ``BACKTRACK_COUNTS``), mean length, accuracy, finished fraction."""
     tokens = sum(r["tokens"] for r in rows)
     return {
         "backtracks_per_1k": 1000 * sum(r["backtracks"] for r in rows) / max(tokens, 1),
+        "backtrack_pct_words": sum(r["backtrack_pct_words"] for r in rows) / len(rows),
         "mean_tokens": tokens / len(rows),
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
         "finished": sum(r["finished"] for r in rows) / len(rows),
         "generated_tokens": float(tokens),
     }
+
+
+CHECKPOINT_VERSION = "v2"
+"""Bumped when what a checkpointed (direction, alpha) holds changes (v2: text keeps the answer marker,
+the paper's backtracking count)."""
 
 
 def _key(direction: str, alpha: float) -> str:
@@ -72,24 +88,32 @@ def run(params: Params) -> Path:
     from lorascope.extract.extractor import load_lora_model
     from lorascope.progress import track
     from lorascope.steer.directions import resolve
-    from lorascope.steer.generation import count_words, generate, steered
+    from lorascope.steer.generation import count_words, generate, paper_backtrack_pct, steered
     from lorascope.tracking import experiment_id, stage_run
 
     cfg, root = params.steer, workspace_root()
     if not cfg.directions:
         raise LorascopeError("steer.directions: empty; name at least one (L<layer>.<type> or sae.<latent>)")
     base_dir, adapter_dir = root / BASE, root / ADAPTER
-    model = load_lora_model(base_dir, adapter_dir, cfg.precision)
+    model = load_lora_model(base_dir, adapter_dir, cfg.precision, cfg.device, "steer")
     tokenizer = load_tokenizer(base_dir)
     comps = lora_components(model)
     features = feature_names(comps)
     directions = [resolve(d, features, root) for d in cfg.directions]  # bad names fail before the run
+    names = [d.name for d in directions]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        chosen = [c for c, d in zip(cfg.directions, directions, strict=True) if d.name == dup]
+        raise LorascopeError(f"steer.directions: {' and '.join(map(repr, chosen))} are both {dup}; list it once")
     rows = prompt_rows(params)
     prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
     contexts = root / "data" / "contexts"
     inputs = [base_dir, adapter_dir, contexts / "lora.features.parquet"]
     if any(d.name.startswith("sae.") for d in directions):
         inputs += [root / "models" / "sae", contexts / "sae.features.parquet"]
+    if any(d.selector for d in directions):  # chosen from the labels
+        interp = root / "data" / "interp"
+        inputs += [interp / f"{s}.parquet" for s in ("lora", "sae") if (interp / f"{s}.parquet").is_file()]
     inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
 
     with stage_run("steer", params, inputs) as sr:
@@ -98,7 +122,7 @@ def run(params: Params) -> Path:
         generations: list[dict[str, Any]] = []
         todo = [(d, a) for d in directions for a in cfg.alphas]
         for direction, alpha in track(todo, "steer", total=len(todo)):
-            path = work / f"{_key(direction.name, alpha)}.json"
+            path = work / f"{_key(direction.name, alpha)}.{CHECKPOINT_VERSION}.json"
             if not path.is_file():
                 with steered(model, comps, direction.offset(alpha)):
                     outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
@@ -117,6 +141,7 @@ def run(params: Params) -> Path:
                             "tokens": g.tokens,
                             "finished": g.finished,
                             "backtracks": count_words(g.text, cfg.backtrack_words),
+                            "backtrack_pct_words": paper_backtrack_pct(g.text, cfg.backtrack_words),
                             "correct": bool(s["exact_match"]),
                         }
                     )
@@ -133,15 +158,15 @@ def run(params: Params) -> Path:
             tmp.mkdir(parents=True)
             pd.DataFrame(generations).to_parquet(tmp / "generations.parquet", index=False)
             pd.DataFrame(summary).to_parquet(tmp / "summary.parquet", index=False)
-            sr.write_manifest(tmp, {"directions": [d.name for d in directions], "alphas": cfg.alphas})
         write_json(
             root / "metrics" / "steer.json",
             {
                 "backtrack_words": cfg.backtrack_words,
+                "backtrack_counts": BACKTRACK_COUNTS,
+                "selectors": {d.selector: d.name for d in directions if d.selector},
                 "prompts": len(rows),
-                "run_id": sr.run_id,
                 "directions": {
-                    d.name: {f"{s['alpha']:g}": {k: s[k] for k in ("backtracks_per_1k", "mean_tokens", "accuracy")}
+                    d.name: {f"{s['alpha']:g}": {k: s[k] for k in ("backtracks_per_1k", "backtrack_pct_words", "mean_tokens", "accuracy")}
                              for s in summary if s["direction"] == d.name}
                     for d in directions
                 },
@@ -156,10 +181,12 @@ def run(params: Params) -> Path:
                 tags={"lorascope.stage": "steer", "steer.direction": d.name, "upstream.steer": sr.run_id},
             ):
                 sweep = [s for s in summary if s["direction"] == d.name]
-                mlflow.log_params({"direction": d.name, "typical": d.typical, "alphas": cfg.alphas})
+                mlflow.log_params({"direction": d.name, "typical": d.typical, "alphas": cfg.alphas,
+                                   "selector": d.selector or ""})  # fmt: skip
                 for step, s in enumerate(sweep):
                     mlflow.log_metrics(
                         {k: float(v) for k, v in s.items() if k not in ("direction", "typical")}, step=step
                     )
                 mlflow.log_table(pd.DataFrame(sweep), artifact_file="sweep.json")
+        sr.log_outputs(out, root / "metrics" / "steer.json")
     return out

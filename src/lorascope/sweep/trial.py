@@ -80,8 +80,6 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
     dst = ws / "data" / "prepared"
     dst.mkdir(parents=True)
     pq.write_table(table.filter(pc.invert(mask)), dst / "train.parquet")
-    if (src / "run.json").is_file():  # lineage: the trial's data comes from this prepare run
-        shutil.copy(src / "run.json", dst / "run.json")
     return table.filter(mask).select(["input_ids", "loss_start"]).to_pylist()
 
 
@@ -117,8 +115,10 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
 
     from lorascope.base.load import load_tokenizer
     from lorascope.finetune.stage import run
+    from lorascope.tracking import extra_tags, producer
 
     heldout = split_prepared(root, ws, space.validation_fraction)
+    prepared = producer(root / "data" / "prepared", name="data/prepared")  # the data the split came from
     pad = load_tokenizer(ws / "models" / "base").pad_token_id
     prune = len(space.objectives) == 1
     last: dict[str, float] = {}
@@ -131,7 +131,8 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"held-out loss {last['loss']:.4f} at epoch {state.epoch:.2f}")
 
-    run(params, "lora", callbacks=[Report()])
+    with extra_tags({"upstream.prepare": prepared["run_id"]} if prepared else {}):
+        run(params, "lora", callbacks=[Report()])
     if "loss" not in last:  # fewer steps than an epoch: measure the saved adapter
         from lorascope.base.load import load_model
         from lorascope.extract.extractor import load_adapter

@@ -412,7 +412,9 @@
   }
 
   // ------------------------------------------------------------------------------ start
-  const counts = (meta.sources || []).map((s) => `${s.name} ${s.features}`).join(", ");
+  const counts = (meta.sources || [])
+    .map((s) => `${s.name} ${s.features}` + (s.live_latents != null ? ` of ${s.live_latents} live latents` : ""))
+    .join(", ");
   $("summary").textContent = `${features.length} features` + (counts ? ` (${counts})` : "");
   const missing = $("missing");
   for (const m of meta.missing || []) missing.append(el("li", null, m));

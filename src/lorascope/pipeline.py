@@ -1,0 +1,393 @@
+"""The one owner of the pipeline: stage names, commands, outputs and the params keys each reads.
+
+``dvc.yaml`` is generated from ``STAGES`` (``lorascope pipeline write``; ``lorascope pipeline check``
+and the tests fail when the committed file differs), so the code and DVC cannot drift:
+
+* **code deps** are each stage's import closure inside ``src/lorascope`` (every module its stage
+  module can import, found statically, plus the package data folders beside them), so editing a
+  module a stage imports makes exactly the stages that import it stale. ``cli.py`` is left out: it
+  only parses arguments (a stage's behaviour lives in its package), and including it would make
+  every edit of any command re-run the whole pipeline;
+* **params deps** are the keys each stage reads, declared here and checked against what the stage
+  really reads (``LORASCOPE_TRACE``, see ``config.trace_params``): a key a stage reads but does not
+  declare fails the end-to-end test. Keys that change speed but never results are listed in
+  ``speed`` instead (read, not DVC deps).
+
+Outputs hold nothing run-specific (no run ids, timestamps, hostnames or absolute paths), so a
+re-run with equal inputs writes equal bytes and leaves every later stage cached.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NOT_A_DEP = frozenset({"lorascope.cli"})
+"""Modules a command loads that are not deps of its stage (argument parsing only)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DVC stage (or a ``foreach`` family of them) and what it reads and writes."""
+
+    name: str
+    """Stage name = module = CLI command = params section (``evaluate``'s ``recovery`` aside)."""
+    cmd: str
+    """The command; ``${key}`` / ``${item...}`` inside a ``foreach``."""
+    code: tuple[str, ...]
+    """Entry modules: their import closure is the stage's code deps."""
+    deps: tuple[str, ...] = ()
+    """Data deps (outputs of earlier stages, inputs)."""
+    params: tuple[str, ...] = ()
+    """Params keys whose value changes the outputs."""
+    speed: tuple[str, ...] = ()
+    """Params keys read that change only speed or resources: not DVC deps."""
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    """Small summary files shown by ``dvc metrics show`` / ``dvc exp show``."""
+    foreach: Any = None
+    """A list, a mapping of items, or a ``${params key}`` the stage family iterates over."""
+    item_params: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per-item params keys (``foreach`` over a fixed mapping), beyond the shared ``params``."""
+    items: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per-item template values (``${item.<name>}``) for a fixed mapping."""
+    comment: str = ""
+
+
+def keys_of(section: str, *exclude: str) -> tuple[str, ...]:
+    """Every key of a params section but ``exclude`` (as ``section.key``)."""
+    from lorascope.config import Params
+
+    model = Params.model_fields[section].annotation
+    return tuple(f"{section}.{k}" for k in model.model_fields if k not in exclude)  # type: ignore[union-attr]
+
+
+EVAL_SPEED = ("evaluate.chunk_size", "evaluate.gpu_memory_utilization")
+"""Checkpoint granularity and vLLM's memory share: never a result."""
+
+def _llm_calls() -> tuple[str, ...]:
+    from lorascope.config import LlmClientSection
+
+    fields = [k for k in LlmClientSection.model_fields if k != "concurrency"]
+    return tuple(f"categorize.{role}.{k}" for role in ("generate", "assign") for k in fields)
+
+
+LLM_CALLS = _llm_calls()
+"""The two LLM clients of ``categorize``, less their concurrency (speed only)."""
+FINETUNE_SPEED = ("finetune.checkpoint_steps", "finetune.logging_steps", "finetune.gradient_checkpointing")
+"""Checkpoint and logging cadence, activation recomputation: equal weights either way."""
+
+STAGES: tuple[Stage, ...] = (
+    Stage("base", "lorascope base", ("lorascope.base.stage",), params=("base",), outs=("models/base",)),
+    Stage(
+        "prepare",
+        "lorascope prepare",
+        ("lorascope.prepare.stage",),
+        deps=("models/base",),
+        params=("prepare",),
+        outs=("data/prepared",),
+        metrics=("metrics/prepare.json",),
+    ),
+    Stage(
+        "finetune",
+        "${finetune.launcher} finetune --variant ${key}",
+        ("lorascope.finetune.stage",),
+        deps=("data/prepared", "models/base"),
+        params=keys_of("finetune", "lr", "full_lr", "lora", "launcher", *(k.split(".")[1] for k in FINETUNE_SPEED)),
+        speed=FINETUNE_SPEED,
+        outs=("models/${key}",),
+        foreach=["lora", "full"],
+        item_params={"lora": ("finetune.lr", "finetune.lora"), "full": ("finetune.full_lr",)},
+    ),
+    Stage(
+        "evaluate",
+        "lorascope evaluate --variant ${key}",
+        ("lorascope.evaluate.stage",),
+        deps=("data/prepared", "models/base", "${item.model}"),
+        params=("evaluate.variants.${key}", *keys_of("evaluate", "variants", *(k.split(".")[1] for k in EVAL_SPEED))),
+        speed=EVAL_SPEED,
+        outs=("metrics/eval/${key}.json",),  # summarised in metrics/recovery.json
+        foreach="${evaluate.variants}",
+        comment="base, lora, full and any variant added in params",
+    ),
+    Stage(
+        "recovery",
+        "lorascope evaluate recovery",
+        ("lorascope.evaluate.stage",),
+        deps=("metrics/eval",),
+        params=("evaluate.tasks", "evaluate.variants"),
+        outs=("metrics/recovery.md",),
+        metrics=("metrics/recovery.json",),
+        comment="Tables 1 and 2: `lorascope evaluate recovery`",
+    ),
+    Stage(
+        "extract",
+        "${extract.launcher} extract --source ${key}",
+        ("lorascope.extract.stage",),
+        deps=("data/prepared", "models/base", "${item.model}"),
+        params=("extract",),
+        outs=("data/activations/${key}",),
+        foreach={"lora": {"model": "models/lora"}, "mlp": {"model": "models/base"}},
+        comment="the adapter is an input of the LoRA store only",
+    ),
+    Stage(
+        "sae",
+        "lorascope sae",
+        ("lorascope.sae.stage",),
+        deps=("data/activations/lora", "models/base", "models/lora"),
+        params=keys_of("sae", "checkpoint_steps"),
+        speed=("sae.checkpoint_steps",),
+        outs=("models/sae",),
+        metrics=("metrics/sae.json",),
+    ),
+    Stage(
+        "contexts",
+        "lorascope contexts --source ${key}",
+        ("lorascope.contexts.stage",),
+        deps=("${item.store}", "${item.encoder}", "models/base"),
+        params=keys_of("contexts", "feature_chunk"),
+        speed=("contexts.feature_chunk",),
+        outs=("data/contexts/${key}.parquet", "data/contexts/${key}.features.parquet"),
+        foreach={
+            "lora": {"store": "data/activations/lora", "encoder": "data/activations/lora"},
+            "mlp": {"store": "data/activations/mlp", "encoder": "data/activations/mlp"},
+            "sae": {"store": "data/activations/lora", "encoder": "models/sae"},
+        },
+        comment="sae: the LoRA store encoded with the trained SAE",
+    ),
+    Stage(
+        "autointerp",
+        "lorascope autointerp --source ${item}",
+        ("lorascope.autointerp.stage",),
+        deps=("data/contexts/${item}.parquet", "data/contexts/${item}.features.parquet"),
+        params=keys_of("autointerp", "concurrency"),
+        speed=("autointerp.concurrency",),
+        outs=("data/interp/${item}.parquet",),
+        foreach=["lora", "mlp", "sae"],
+    ),
+    Stage(
+        "categorize",
+        "lorascope categorize",
+        ("lorascope.categorize.stage",),
+        deps=(
+            "data/interp/lora.parquet", "data/interp/mlp.parquet", "data/interp/sae.parquet",
+            "data/contexts/lora.parquet", "data/contexts/mlp.parquet", "data/contexts/sae.parquet",
+            "data/activations/lora", "data/activations/mlp",
+        ),  # fmt: skip
+        params=(*keys_of("categorize", "generate", "assign"), *LLM_CALLS),
+        speed=("categorize.generate.concurrency", "categorize.assign.concurrency"),
+        outs=("data/interp/categories",),
+    ),
+    Stage(
+        "ablate",
+        "lorascope ablate",
+        ("lorascope.ablate.stage",),
+        deps=("data/prepared", "models/base", "models/lora"),
+        params=(
+            "ablate.sequences", "ablate.max_tokens", "ablate.seed", "ablate.sweeps", "ablate.custom",
+            "ablate.precision",
+        ),  # fmt: skip
+        speed=("ablate.batch_size", "ablate.logit_chunk", "ablate.prefix_reuse"),
+        outs=(
+            "metrics/ablation/components.json", "metrics/ablation/layers.json",
+            "metrics/ablation/types.json", "metrics/ablation/figure3.json",
+        ),  # fmt: skip
+        metrics=("metrics/ablation/groups.json",),
+    ),
+    Stage(
+        "ablate-export",
+        "lorascope ablate export --group ${item}",
+        ("lorascope.ablate.export",),
+        deps=("models/lora",),
+        outs=("models/lora-${item}-ablated",),
+        foreach="${ablate.export}",
+        comment="Table 2: the ablated adapters, evaluated as evaluate@lora-<group>-ablated",
+    ),
+    Stage(
+        "steer",
+        "lorascope steer",
+        ("lorascope.steer.stage",),
+        deps=(
+            "data/prepared", "models/base", "models/lora", "models/sae",
+            "data/contexts/lora.features.parquet", "data/contexts/sae.features.parquet",
+        ),  # fmt: skip
+        params=("steer", "evaluate.data", "evaluate.choice_seed"),
+        outs=("data/steer", "metrics/steer.json"),  # a curve per direction: the report's steering table
+    ),
+    Stage(
+        "report",
+        "lorascope report",
+        ("lorascope.report.stage",),
+        deps=(
+            "models/base", "models/lora", "models/full", "metrics/recovery.json", "data/interp",
+            "data/contexts", "data/activations/lora", "data/activations/mlp", "models/sae", "metrics/sae.json",
+            "metrics/ablation/figure3.json", "metrics/ablation/layers.json", "metrics/ablation/types.json",
+            "metrics/steer.json",
+        ),  # fmt: skip
+        params=("report",),
+        outs=("reports",),
+    ),
+)
+
+PLOTS: list[dict[str, Any]] = [
+    {"reports/plots/loss_lora.csv": {"x": "step", "y": "loss", "title": "LoRA training loss"}},
+    {"reports/plots/loss_full.csv": {"x": "step", "y": "loss", "title": "Full finetune training loss"}},
+    {
+        "reports/plots/ablation_layers.csv": {
+            "template": "bar_horizontal", "x": "kl", "y": "layer", "title": "KL(P_lora || P_ablated) per layer",
+        }
+    },
+    {
+        "reports/plots/ablation_types.csv": {
+            "template": "bar_horizontal", "x": "kl", "y": "type",
+            "title": "KL(P_lora || P_ablated) per component type",
+        }
+    },
+]  # fmt: skip
+
+HEADER = """\
+# GENERATED by `lorascope pipeline write` from src/lorascope/pipeline.py: edit that file, not this one
+# (`lorascope pipeline check` and the tests fail when they differ).
+# One stage per step, named as its module, CLI command, params section and MLflow experiment.
+# params.yaml holds the tiny profile; `lorascope params use <profile>` switches profiles.
+"""
+
+
+# ------------------------------------------------------------------------------------ code deps
+def module_file(module: str) -> Path | None:
+    """The source file of a ``lorascope`` module (``__init__.py`` for a package), if it exists."""
+    parts = module.split(".")
+    if parts[0] != "lorascope":
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _file_module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE_DIR.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@cache
+def _imports(path: Path) -> frozenset[str]:
+    """Every ``lorascope`` module ``path`` imports anywhere (top level or inside functions)."""
+    module = _file_module(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return frozenset(m for m in found if m == "lorascope" or m.startswith("lorascope."))
+
+
+def closure(entries: tuple[str, ...]) -> list[Path]:
+    """Source files of ``entries`` and every lorascope module they import, transitively, with
+    the ``__init__.py`` of each enclosing package and the package data folders (sub-folders without
+    ``__init__.py``) of each package reached."""
+    todo = [m for e in entries for m in _with_parents(e)]
+    seen: set[str] = set()
+    files: set[Path] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen or module in NOT_A_DEP:
+            continue
+        seen.add(module)
+        path = module_file(module)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        files.add(path)
+        for imported in _imports(path):
+            todo.extend(_with_parents(imported))
+    for package in [f.parent for f in files if f.name == "__init__.py"]:
+        files.update(d for d in package.iterdir() if _is_data_dir(d))
+    return sorted(files)
+
+
+def _with_parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _is_data_dir(path: Path) -> bool:
+    return path.is_dir() and not (path / "__init__.py").exists() and path.name != "__pycache__"
+
+
+def code_deps(stage: Stage) -> list[str]:
+    """The stage's code deps as repository-relative paths (``src/lorascope/...``)."""
+    root = PACKAGE_DIR.parent.parent
+    return [p.relative_to(root).as_posix() for p in closure(stage.code)]
+
+
+# ------------------------------------------------------------------------------------- dvc.yaml
+def _stage_body(stage: Stage) -> dict[str, Any]:
+    body: dict[str, Any] = {"cmd": stage.cmd, "deps": [*code_deps(stage), *stage.deps]}
+    params = list(stage.params)
+    if stage.item_params:
+        slots = max(len(v) for v in stage.item_params.values())
+        params += [f"${{item.param{i}}}" for i in range(slots)]
+    if params:
+        body["params"] = params
+    if stage.outs:
+        body["outs"] = list(stage.outs)
+    if stage.metrics:
+        body["metrics"] = list(stage.metrics)
+    return body
+
+
+def _foreach(stage: Stage) -> Any:
+    if not stage.item_params:
+        return stage.foreach
+    out = {}
+    for key, extra in stage.item_params.items():
+        slots = max(len(v) for v in stage.item_params.values())
+        padded = [*extra, *[extra[-1]] * (slots - len(extra))]  # DVC takes a repeated key once
+        out[key] = {**stage.items.get(key, {}), **{f"param{i}": p for i, p in enumerate(padded)}}
+    return out
+
+
+def dvc_yaml() -> dict[str, Any]:
+    """``dvc.yaml`` as data."""
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        body = _stage_body(stage)
+        stages[stage.name] = {"foreach": _foreach(stage), "do": body} if stage.foreach is not None else body
+    return {"stages": stages, "plots": PLOTS}
+
+
+def render() -> str:
+    """The text of ``dvc.yaml``."""
+    import yaml
+
+    return HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=110, default_flow_style=False)
+
+
+def by_name(name: str) -> Stage:
+    """The stage (family) behind a DVC stage name such as ``evaluate@lora``."""
+    family = name.split("@")[0]
+    for stage in STAGES:
+        if stage.name == family:
+            return stage
+    raise KeyError(name)
+
+
+def covers(declared: list[str] | tuple[str, ...], key: str) -> bool:
+    """Whether a declared params key (or one of its ancestors) covers ``key``."""
+    return any(key == d or key.startswith(d + ".") for d in declared)

@@ -1,0 +1,95 @@
+"""dvc.yaml is generated from lorascope.pipeline: code deps are import closures, params keys exist."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO, cli
+from lorascope import pipeline
+from lorascope.config import list_profiles, load_params, section_dict
+
+
+def test_committed_dvc_yaml_is_the_generated_one():
+    assert (REPO / "dvc.yaml").read_text() == pipeline.render()
+
+
+def test_closure_follows_every_kind_of_import():
+    sae = pipeline.code_deps(pipeline.by_name("sae"))
+    # a module imported inside a function (the store), a package __init__ and shared services
+    for rel in ("src/lorascope/extract/store.py", "src/lorascope/extract/__init__.py", "src/lorascope/config.py",
+                "src/lorascope/tracking.py", "src/lorascope/__init__.py", "src/lorascope/sae/train.py"):  # fmt: skip
+        assert rel in sae, rel
+    assert "src/lorascope/cli.py" not in sae and "src/lorascope/report/stage.py" not in sae
+    # package data: the lm-eval task files, the dashboard template and the prompts
+    assert "src/lorascope/evaluate/tasks" in pipeline.code_deps(pipeline.by_name("evaluate"))
+    assert "src/lorascope/report/dashboard" in pipeline.code_deps(pipeline.by_name("report"))
+    assert "src/lorascope/autointerp/prompts" in pipeline.code_deps(pipeline.by_name("autointerp"))
+    # an independent check: every `from lorascope...` line of the stage module is in the closure
+    stage_py = (REPO / "src/lorascope/sae/stage.py").read_text().splitlines()
+    for line in stage_py:
+        words = line.strip().split()
+        if len(words) > 1 and words[0] == "from" and words[1].startswith("lorascope."):
+            path = pipeline.module_file(words[1])
+            assert path is not None and path.relative_to(REPO).as_posix() in sae, line
+
+
+def test_relative_imports_resolve(tmp_path, monkeypatch):
+    pkg = tmp_path / "lorascope"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("X = 1\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("from . import b\nfrom ..helper import X\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from lorascope import helper\n")
+    monkeypatch.setattr(pipeline, "PACKAGE_DIR", pkg)
+    pipeline._imports.cache_clear()
+    try:
+        files = {p.relative_to(tmp_path).as_posix() for p in pipeline.closure(("lorascope.sub.a",))}
+    finally:
+        pipeline._imports.cache_clear()
+    assert files == {"lorascope/__init__.py", "lorascope/helper.py", "lorascope/sub/__init__.py",
+                     "lorascope/sub/a.py", "lorascope/sub/b.py"}  # fmt: skip
+
+
+def _has(data: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+@pytest.mark.parametrize("profile", list_profiles(REPO))
+def test_every_declared_params_key_exists_in_every_profile(profile, monkeypatch):
+    monkeypatch.setenv("LORASCOPE_ROOT", str(REPO))
+    params = load_params(profile=profile)
+    data = {s: section_dict(params, s) for s in type(params).model_fields}
+    for stage in pipeline.STAGES:
+        keys = [*stage.params, *stage.speed, *(k for v in stage.item_params.values() for k in v)]
+        for key in keys:
+            if "${key}" in key:  # evaluate.variants.${key}: one per variant
+                key = key.replace("${key}", next(iter(data["evaluate"]["variants"])))
+            assert _has(data, key), f"{stage.name}: {key} not in profile {profile}"
+        assert not set(stage.params) & set(stage.speed), stage.name
+
+
+def test_item_params_pad_with_a_repeated_key():
+    rendered = yaml.safe_load(pipeline.render())["stages"]["finetune"]
+    assert rendered["foreach"]["full"] == {"param0": "finetune.full_lr", "param1": "finetune.full_lr"}
+    assert rendered["foreach"]["lora"] == {"param0": "finetune.lr", "param1": "finetune.lora"}
+    assert "finetune.full_lr" not in rendered["do"]["params"] and "finetune.lr" not in rendered["do"]["params"]
+
+
+def test_pipeline_check_and_write(tmp_path):
+    shutil.copytree(REPO / "src", tmp_path / "src")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    res = cli("pipeline", "check", env={"LORASCOPE_ROOT": str(tmp_path)})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "out of date" in res.stderr and "lorascope pipeline write" in res.stderr
+    assert cli("pipeline", "write", env={"LORASCOPE_ROOT": str(tmp_path)}).returncode == 0
+    assert (tmp_path / "dvc.yaml").read_text() == pipeline.render()
+    assert cli("pipeline", "check", env={"LORASCOPE_ROOT": str(tmp_path)}).returncode == 0
