@@ -89,7 +89,8 @@ def test_naive_kl_against_an_independent_computation(ablate_workspace: Path):
 def test_kl_over_all_positions_and_response_tokens_by_hand(ablate_workspace: Path):
     """Both KL averages against a hand computation as the paper's code did it (F.kl_div(log P_ablated,
     P_lora) summed over the vocabulary at every position, then per sequence mean and mean over sequences)
-    and over response tokens only (pooled), on the same logits; the stage writes both, named."""
+    and over response tokens only (pooled), for the ``all`` group (every lora_B zeroed in the model: the
+    base); the stage writes both, named, and Figure 3's grids of both."""
     import json
 
     import torch.nn.functional as F
@@ -99,34 +100,35 @@ def test_kl_over_all_positions_and_response_tokens_by_hand(ablate_workspace: Pat
     seqs = sequences(ablate_workspace, 2)
     model = peft_model(ablate_workspace)
     comps = lora_components(model)
-    target = 8  # L1.k_proj (layer-major: 7 components per layer)
     per_seq_all, resp_sum, resp_tokens = [], 0.0, 0
     for _, ids, first in seqs:
         ids_1T = torch.tensor(ids)[None]
         with torch.no_grad():
             p_lora = F.softmax(model(input_ids=ids_1T[:, :-1]).logits[0].double(), -1)
-            B = model.get_base_model().get_submodule(comps[target].module).lora_B["default"].weight
-            saved = B.detach().clone()
-            B.zero_()
-            p_abl = F.softmax(model(input_ids=ids_1T[:, :-1]).logits[0].double(), -1)
-            B.copy_(saved)
+            with model.disable_adapter():
+                p_abl = F.softmax(model(input_ids=ids_1T[:, :-1]).logits[0].double(), -1)
         kl_T = F.kl_div(p_abl.log(), p_lora, reduction="none").sum(-1)  # the paper's call
         per_seq_all.append(float(kl_T.mean()))
         resp_sum += float(kl_T[first - 1 :].sum())
         resp_tokens += len(ids) - first
-    params = tiny_params(ablate={"sequences": 2, "max_tokens": 160, "sweeps": ["components"], "precision": "float32"})
+    params = tiny_params(
+        ablate={"sequences": 2, "max_tokens": 160, "sweeps": ["components", "groups"], "precision": "float32"}
+    )
     out = run(params)
-    doc = json.loads((out / "components.json").read_text())
-    assert (comps[target].layer, comps[target].kind) == (1, "k_proj")
-    got = doc["ablations"]["L1.k_proj"]
+    doc = json.loads((out / "groups.json").read_text())
+    got = doc["ablations"]["all"]
     assert got["kl_all_positions"] == pytest.approx(sum(per_seq_all) / len(per_seq_all), rel=1e-4)
     assert got["kl"] == pytest.approx(resp_sum / resp_tokens, rel=1e-4)
     assert got["kl_all_positions"] != pytest.approx(got["kl"], rel=1e-3)  # the prompt positions count
+    assert doc["reference"]["kl_lora_base_all_positions"] == got["kl_all_positions"]
     assert set(doc["kl_definitions"]) == {"kl", "kl_all_positions"}
     assert "response" in doc["kl_definitions"]["kl"] and "every position" in doc["kl_definitions"]["kl_all_positions"]
+    single = json.loads((out / "components.json").read_text())["ablations"]
     fig3 = json.loads((out / "figure3.json").read_text())
-    row = fig3["layers"].index(1)
-    assert fig3["kl_all_positions"][row][fig3["types"].index("k_proj")] == pytest.approx(got["kl_all_positions"])
+    assert fig3["layers"] == [0, 1] and fig3["types"] == list(LORA_TARGETS)
+    for key in ("kl", "kl_all_positions"):  # rows: layers, columns: types
+        assert fig3[key] == [[single[f"L{n}.{k}"][key] for k in LORA_TARGETS] for n in (0, 1)]
+    assert len(comps) == 14
 
 
 def test_zero_b_component_has_zero_kl(ablate_workspace: Path):
@@ -320,6 +322,7 @@ def test_profiles_declare_every_field_and_the_papers_setting():
     assert (paper.ablate.sequences, paper.ablate.max_tokens) == (16, 2048)
     assert max(paper.steer.alphas) >= 50 and max(tiny_params().steer.alphas) >= 50
     small = load_params(profile="qwen2.5-0.5b")
-    assert small.steer.directions == ["L12.down_proj"]  # a layer the 24-layer model has
+    for p in (paper, small):  # chosen from the labels: no placeholder component
+        assert [d.split(":")[0] for d in p.steer.directions] == ["label"]
     for p in (paper, small, tiny_params()):
         assert {f"lora-{g}-ablated" for g in p.ablate.export} <= set(p.evaluate.variants)

@@ -207,6 +207,34 @@ def test_anthropic_sdk_backend(ws: Path, monkeypatch: pytest.MonkeyPatch):
     assert (labels.detection_balanced_accuracy == 0.5).all()  # said "none": all negatives right, no hits
 
 
+def test_cut_replies_are_failures_never_labels(ws: Path, monkeypatch: pytest.MonkeyPatch):
+    """A reply cut at max_tokens (finish_reason: length) is a failed label with the partial text, not re-asked,
+    not cached, counted in the run's ``truncated`` metric; an uncut reply labels as usual."""
+    from lorascope import tracking
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+    def responder(api: str, prompt: str, index: int) -> Reply:
+        return Reply('{"explanation": "the word', cut=True) if index == 1 else Reply(label_json("fine", 0))
+
+    with LlmServer(responder) as srv:
+        cfg = {"backend": "openai-compatible", "model": "local", "base_url": f"{srv.url}/v1", "max_retries": 0,
+               "max_features": 4, "detection_samples": 0}  # fmt: skip
+        out = run(tiny_params(autointerp=cfg), "lora")
+        asked = srv.count()
+    labels = pd.read_parquet(out).set_index("feature_name")
+    cut = labels[labels.raw_response == '{"explanation": "the word']
+    assert len(cut) == 1 and (cut.status == "failed").all() and cut.explanation.isna().all()
+    assert cut.error.str.contains("finish_reason: length").all() and cut.error.str.startswith("request failed").all()
+    ok = labels[labels.status == "ok"]
+    assert (ok.explanation == "fine").all() and len(ok) + len(cut) == 4
+    assert asked == 4  # the cut one is not re-asked
+    c = tracking.client()
+    (latest,) = c.search_runs([tracking.experiment_id("autointerp")], order_by=["attributes.start_time DESC"],
+                              max_results=1)  # fmt: skip
+    assert latest.data.metrics["truncated"] == len(cut) and latest.data.metrics["failed"] == len(cut)
+
+
 def test_missing_key_and_missing_contexts_are_one_line(ws: Path):
     shutil.copy(REPO / "params.yaml", ws)
     env = {"LORASCOPE_ROOT": str(ws), "OPENAI_API_KEY": ""}

@@ -300,19 +300,21 @@ def test_chat_format_is_one_plain_generation():
     assert lm.calls == [("USER:q\n", 30, ["<|im_end|>"])]  # no think marker, one phase, no forcing
 
 
-def test_sampled_phases_are_seeded_per_sample_and_chunk():
-    def seeds(sample: int, seed: int = 7) -> list[int]:
+def test_sampled_phases_are_seeded_per_question_and_phase():
+    def seeds(sample: int, users: tuple[str, ...] = ("q", "r"), seed: int = 7) -> dict[tuple[str, int], int]:
         lm = forced({"q": ["a" * 30, "1"], "r": ["b" * 30, "2"]}, seed=seed, temperature=0.6)
         lm.seed_in_kwargs = True
         lm.sample = sample
-        lm.generate_questions(["q", "r"])
+        lm.generate_questions(list(users))
         assert all(kw["do_sample"] is True and kw["temperature"] == 0.6 for kw in lm.kwargs)
-        return [kw["seed"] for kw in lm.kwargs]
+        return {(c[0].split("\n")[0], c[1]): kw["seed"] for c, kw in zip(lm.calls, lm.kwargs, strict=True)}
 
     first = seeds(0)
     assert first == seeds(0)  # reproducible
-    assert len(set(first)) == 2  # one seed per phase, shared by the chunk's questions
-    assert set(first).isdisjoint(seeds(1)) and set(first).isdisjoint(seeds(0, seed=8))
+    assert len(set(first.values())) == 4  # 2 questions x (thinking, answer)
+    assert seeds(0, ("r",)).items() <= first.items()  # the same seed whatever else shares the chunk
+    assert set(first.values()).isdisjoint(seeds(1).values())
+    assert set(first.values()).isdisjoint(seeds(0, seed=8).values())
 
 
 def test_finished_questions_go_to_the_request_cache_with_samples_apart(tmp_path: Path):
@@ -351,7 +353,7 @@ def test_hf_forcing_matches_plain_greedy_generation(with_prepared: Path):
     users = ["What is 2 + 3?", "Name a prime number larger than ten, please."]
     prompts = [lm.chat_prompt(u) for u in users]
     assert all(p.endswith("<|im_start|>assistant\n<|im_start|>think") for p in prompts)
-    thinking = lm._phase(prompts, [cfg.thinking_tokens] * 2, THINK_STOPS)
+    thinking = lm._phase(prompts, [cfg.thinking_tokens] * 2, THINK_STOPS, "think", prompts)
     tok, model = load_tokenizer(spec.pretrained), load_model(spec.pretrained).eval()
     for prompt, text in zip(prompts, thinking, strict=True):
         ids = tok(prompt, return_tensors="pt").input_ids
@@ -384,6 +386,8 @@ def test_hf_sampling_is_reproducible_and_differs_between_samples(with_prepared: 
     s0, s1, s0_again = decode(0), decode(1), decode(0)
     assert s0 == s0_again and s0 != s1 and s0 != greedy
     assert decode(None) == greedy  # sampling leaves greedy decoding as it was
+    lm.sample = 0
+    assert lm.generate_questions(users[1:]) == s0[1:]  # a question's sample does not depend on its batch
 
 
 # ------------------------------------------------------------------------------- adapter probe

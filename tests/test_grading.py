@@ -252,8 +252,10 @@ def test_aime_extraction_from_s1_outputs(aime: list[str]) -> None:
             found = extract(output, "integer")
             assert found == Extracted(str(n), method), (method, output)
             assert grade("integer", g, found.text)
-        # without the answer section the whole output is searched and its last box wins
-        assert extract(f"{THINK}\\boxed{{{wrong}}} then \\boxed{{{g}}}", "integer") == Extracted(g, "boxed")
+        # thinking that never reached its answer section is not graded, whatever boxes it holds
+        assert extract(f"{THINK}\\boxed{{{wrong}}} then \\boxed{{{g}}}", "integer") == Extracted(None, "none")
+        # a plain chat reply (a model prompted without the think format) is all answer
+        assert extract(f"So \\boxed{{{wrong}}}? No: \\boxed{{{g}}}", "integer") == Extracted(g, "boxed")
 
 
 def test_extraction_rules() -> None:

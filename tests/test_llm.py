@@ -75,6 +75,25 @@ def test_openai_reasoning_model_parameters() -> None:
     assert len({k.digest for k in key}) == 1
 
 
+@pytest.mark.parametrize("api", APIS)
+def test_reply_cut_at_the_token_limit_is_a_counted_failure(api: Api, tmp_path: Path) -> None:
+    """finish_reason: length (OpenAI) / stop_reason: max_tokens (Anthropic): raised as TruncatedReply with the
+    partial text and usage, counted and billed, never cached (a re-run asks again)."""
+    from lorascope.llm.clients import TruncatedReply
+
+    with LlmServer(lambda *_: Reply('{"explanation": "cut sh', cut=True)) as srv:
+        client = CachedClient(client_for(srv, api), DiskCache(tmp_path))
+        with pytest.raises(TruncatedReply) as raised:
+            ask(client, "four words of prompt", max_tokens=7)
+        assert raised.value.text == '{"explanation": "cut sh' and "(7; " in str(raised.value)
+        reason = "finish_reason: length" if api == "openai" else "stop_reason: max_tokens"
+        assert reason in str(raised.value) and "\n" not in str(raised.value)
+        assert (client.truncated, client.requests, client.input_tokens, client.output_tokens) == (1, 1, 4, 3)
+        with pytest.raises(TruncatedReply):
+            ask(client, "four words of prompt", max_tokens=7)
+        assert srv.count() == 2 and client.hits == 0 and not list(tmp_path.rglob("*.json"))
+
+
 def test_empty_reply_is_an_error() -> None:
     with LlmServer(lambda *_: Reply("")) as srv, pytest.raises(LlmError, match="empty reply"):
         ask(client_for(srv, "openai"), "hi")

@@ -192,6 +192,49 @@ def test_figure2_zero_densities_and_a_single_layer(tmp_path: Path):
     assert info.ticks["layers"] == ["5"] and info.cells == info.non_null == 14
 
 
+def test_figure2_sae_overall_subcategories_and_cell_orientation(tmp_path: Path):
+    """The paper's Figure 2 from SAE latents: bars are the overall densities, split into subcategory segments
+    (share within the category x the category's share); heatmaps are layers (rows) x types (columns)."""
+    cats = ["digits", "reasoning_word"]
+    layers = [0, 1, 2]
+    # one hot cell per category: digits in (layer 2, o_proj), reasoning_word in (layer 0, gate_proj)
+    mass = {(n, k): {"digits": 9.0 if (n, k) == (2, "o_proj") else 0.5,
+                     "reasoning_word": 4.0 if (n, k) == (0, "gate_proj") else 0.25}
+            for n in layers for k in TYPES}  # fmt: skip
+    cells = [density_cell(n, mass[n, k], k) for n in reversed(layers) for k in reversed(TYPES)]
+    overall = {"digits": 30.0, "reasoning_word": 10.0}
+    data = {
+        "features": "sae", "attribution": "activation x share: ...", "categories": cats,
+        "latents": {"d_sae": 64, "alive": 40, "dead": 24, "categorized": 31},
+        "overall": {"mass": overall, "density": {c: m / 40.0 for c, m in overall.items()}},
+        "subcategories": [{"category": "reasoning_word", "mass": {"wait": 7.5, "hmm": 2.5},
+                           "density": {"wait": 0.75, "hmm": 0.25}, "not_subcategorized_mass": 0.0}],
+        "cells": cells,
+    }  # fmt: skip
+    out = tmp_path / "figure2.png"
+    info = figures.figure2_sae(data, out, dpi=DPI)
+    assert_png(info, out)
+    assert info.values["overall"] == [0.75, 0.25]
+    assert info.values["sub/reasoning_word"] == pytest.approx([0.75 * 0.25, 0.25 * 0.25])
+    assert "sub/digits" not in info.values and info.bars == 1 + 2
+    for c in cats:
+        grid = info.values[f"sae/{c}"]
+        assert len(grid) == 3 and all(len(row) == 7 for row in grid)  # rows: layers, columns: types
+        for i, n in enumerate(layers):
+            for j, k in enumerate(TYPES):
+                total = sum(mass[n, k].values())
+                assert grid[i][j] == pytest.approx(mass[n, k][c] / total)
+    hot = info.values["sae/digits"]
+    assert max(max(r) for r in hot) == hot[2][TYPES.index("o_proj")]
+    rw = info.values["sae/reasoning_word"]
+    assert max(max(r) for r in rw) == rw[0][TYPES.index("gate_proj")]
+    assert info.ticks["types"] == ["q", "k", "v", "o", "gate", "up", "down"] and info.ticks["layers"] == ["0", "1", "2"]
+    assert info.panels == 3 and info.cells == 2 * 3 * 7 and "density" in info.colorbar.lower()
+    missing = figures.figure2_sae({"features": "sae", "categories": cats, "missing": "no SAE labels"},
+                                  tmp_path / "m.png", DPI)  # fmt: skip
+    assert missing.text == ["no SAE labels"] and missing.panels == 0
+
+
 # ------------------------------------------------------------------------------------------ Figure 3
 def test_figure3_real_grid_uses_a_log_scale_and_names_the_direction(tmp_path: Path):
     out = tmp_path / "figure3.png"

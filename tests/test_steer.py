@@ -15,7 +15,7 @@ import torch
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import feature_names, lora_components
 from lorascope.steer.directions import resolve
-from lorascope.steer.generation import count_words, generate, steered
+from lorascope.steer.generation import Generation, count_words, generate, paper_backtrack_pct, steered
 from test_ablate import peft_model
 
 from conftest import REPO, cli, record_output, run_of, tiny_params
@@ -69,6 +69,8 @@ def steer_workspace(with_prepared: Path) -> Path:
     )
     cfg = {"d_in": n, "d_sae": SAE_LATENTS, "k": 2, "components": names}
     (with_prepared / "models/sae/cfg.json").write_text(json.dumps(cfg))
+    alive = {"alive_latents": [0, 1, 3, 4, 5], "d_sae": SAE_LATENTS}  # latent 2 is dead
+    (with_prepared / "models/sae/alive.json").write_text(json.dumps(alive))
     return with_prepared
 
 
@@ -141,6 +143,85 @@ def test_count_words():
     assert count_words("", words) == 0 and count_words("Butter and Hmmm", words) == 0
 
 
+def test_paper_backtrack_count():
+    """The paper author's count_patterns: case-insensitive occurrences anywhere, per 100 whitespace words."""
+    text = "Wait, so 3. Hmm... wait: Waiting is not it. hmmm"  # 10 words
+    assert len(text.split()) == 10
+    # Wait: "Wait", "wait", "Wait"(ing) = 3; Hmm: "Hmm", "hmm"(m) = 2
+    assert paper_backtrack_pct(text, ["Wait", "Hmm"]) == pytest.approx(100 * 3 / 10 + 100 * 2 / 10)
+    assert paper_backtrack_pct("", ["Wait"]) == 0.0 and paper_backtrack_pct("a.b (c)", ["."]) == 50.0
+
+
+def test_decoding_keeps_the_answer_marker(steer_workspace: Path):
+    """A continuation through ``<|im_start|>answer`` keeps the marker (skip_special_tokens would drop it, and
+    the grader would then miss the answer); only the closing ``<|im_end|>`` and the padding are left out."""
+    from lorascope.base.load import load_tokenizer
+    from lorascope.evaluate.answers import Extracted, extract
+    from lorascope.evaluate.benchmarks import score
+    from lorascope.evaluate.forcing import THINK
+
+    tok = load_tokenizer(steer_workspace / "models/base")
+    reply = "\nSo 2 + 3 = 5.\n<|im_start|>answer\nAnswer: \\boxed{5}"
+    cont = tok(reply, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok.convert_tokens_to_ids("<|im_start|>") in cont
+
+    class Scripted(torch.nn.Module):  # generate() returns the prompt and the scripted continuation, padded
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):  # noqa: ANN001, ANN003, ANN201
+            pad = tok.pad_token_id if tok.pad_token_id is not None else cont[-1]
+            tail = (cont + [pad] * max_new_tokens)[:max_new_tokens]
+            return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], 1)
+
+    (g,) = generate(Scripted(), tok, ["<|im_start|>user\nq<|im_end|>\n"], len(cont) + 3, 1)
+    assert g == Generation(reply, len(cont), True)
+    (cut,) = generate(Scripted(), tok, ["q"], 5, 1)
+    assert cut.text == tok.decode(cont[:5]) and not cut.finished
+    assert score({"kind": "integer", "gold": "5"}, THINK + g.text) == {"exact_match": 1.0, "fallback": 0.0}
+    assert extract(THINK + g.text, "integer") == Extracted("5", "boxed")
+    skipped = tok.decode(cont, skip_special_tokens=True)  # what the stage used to keep: the marker is gone
+    assert "<|im_start|>" not in skipped and extract(THINK + skipped, "integer") != Extracted("5", "boxed")
+
+
+def test_label_selector_picks_the_best_matching_live_feature(steer_workspace: Path):
+    """``label:<regex>``: among ok labels (live SAE latents, LoRA signs) matching the explanation, the best
+    detection score wins; a LoRA ``-`` sign steers along -unit; no match / bad regex / no labels: one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope.autointerp.labelling import LABEL_COLUMNS
+
+    names = feature_names(lora_components(peft_model(steer_workspace)))
+    with pytest.raises(LorascopeError, match=r"'label:wait' needs labels"):
+        resolve("label:wait", names, steer_workspace)
+
+    def labels(source: str, rows: list[tuple[int, str, int, str, float | None, str]]) -> None:
+        out = []
+        for fid, fname, sign, expl, score, status in rows:
+            r = dict.fromkeys(LABEL_COLUMNS)
+            r.update(source=source, feature=fid, feature_name=fname, sign=sign, explanation=expl, status=status,
+                     classification=1, detection_balanced_accuracy=score)  # fmt: skip
+            out.append(r)
+        (steer_workspace / "data/interp").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(out), steer_workspace / f"data/interp/{source}.parquet")
+
+    labels("sae", [(2, "sae.2", 1, "backtracking: 'Wait'", 0.99, "ok"),  # dead: never chosen
+                   (3, "sae.3", 1, "the word Wait before a re-check", 0.7, "ok"),
+                   (4, "sae.4", 1, "digits", 0.95, "ok")])  # fmt: skip
+    labels("lora", [(5, "L0.up_proj-", -1, "WAIT and hesitation", 0.8, "ok"),
+                    (6, "L0.down_proj+", 1, "wait (failed row)", 1.0, "failed")])  # fmt: skip
+    d = resolve("label:\\bwait\\b", names, steer_workspace)
+    assert (d.name, d.selector) == ("L0.up_proj-", "label:\\bwait\\b")
+    assert d.unit_C.tolist() == [-float(n == "L0.up_proj") for n in names]
+    assert resolve("label:re-check", names, steer_workspace).name == "sae.3"
+    with pytest.raises(LorascopeError, match=r"'label:zebra' matches no ok label in .*sae.parquet"):
+        resolve("label:zebra", names, steer_workspace)
+    with pytest.raises(LorascopeError, match=r"'label:\(': not a regular expression"):
+        resolve("label:(", names, steer_workspace)
+
+
 def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: pytest.MonkeyPatch):
     from lorascope import tracking
     from lorascope.steer import generation, stage
@@ -155,10 +236,14 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
     assert set(gens.task) == {"math500", "aime24_nofigures"} and (gens.tokens <= 6).all()
     for _, s in summary.iterrows():
         chosen = gens[(gens.direction == s.direction) & (gens.alpha == s.alpha)]
-        recount = sum(count_words(t, ["Wait", "Hmm", "But"]) for t in chosen.output)
+        words = params.steer.backtrack_words
+        recount = sum(count_words(t, words) for t in chosen.output)
         assert (
             chosen.backtracks.sum() == recount
         ) and s.backtracks_per_1k == 1000 * recount / chosen.tokens.sum()
+        by_hand = [sum(100 * t.lower().count(w.lower()) / len(t.split()) for w in words) if t.split() else 0.0
+                   for t in chosen.output]  # fmt: skip
+        assert s.backtrack_pct_words == pytest.approx(sum(by_hand) / len(by_hand))
         assert s.mean_tokens == chosen.tokens.mean() and s.accuracy == chosen.correct.mean()
     unsteered = [
         gens[(gens.direction == d) & (gens.alpha == 0)].output.tolist() for d in ("L1.gate_proj", "sae.3")
@@ -204,7 +289,7 @@ def test_bad_input_is_one_line(steer_workspace: Path):
     names = feature_names(lora_components(peft_model(steer_workspace)))
     with pytest.raises(LorascopeError, match=r"unknown direction 'L7.q_proj' \(LoRA components: L0.q_proj, "):
         resolve("L7.q_proj", names, steer_workspace)
-    with pytest.raises(LorascopeError, match="'sae.2' never fires on the store"):
+    with pytest.raises(LorascopeError, match=r"'sae.2' is a dead latent \(not in .*models/sae/alive.json\)"):
         resolve("sae.2", names, steer_workspace)
     with pytest.raises(LorascopeError, match=r"'sae.9': the SAE has latents 0..5"):
         resolve("sae.9", names, steer_workspace)

@@ -70,7 +70,8 @@ def test_four_trials_are_four_child_runs_under_one_parent(with_prepared: Path):
         assert run.data.params["max_steps"] == "3"  # the fixed overrides reached the stage
         assert run.data.metrics["objective.heldout_loss"] == pytest.approx(t.value)
         assert run.data.tags["sweep.state"] == "complete"
-        assert run.data.tags["upstream.prepare"] == run_of(with_prepared, "data/prepared")  # the split's source
+        # the trial's data is a split of the workspace's: linked to the run that prepared it
+        assert run.data.tags["upstream.prepare"] == run_of(with_prepared, "data/prepared")
         assert 3 < t.value < 10  # a cross-entropy over a 2048-token vocabulary
     assert not (with_prepared / "sweeps" / "four").exists()  # trial workspaces are cleaned up
     assert not (with_prepared / "models" / "lora").exists()  # the DVC output was never touched

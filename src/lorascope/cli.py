@@ -601,8 +601,8 @@ def main() -> None:
 
     # One CPU thread unless the user says otherwise: CPU kernels reduce in an order that depends on
     # the thread count, so a pinned count is what makes outputs (and dvc.lock) equal on any machine.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+    for var, value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
 
     try:
         app()

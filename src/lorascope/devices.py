@@ -124,25 +124,30 @@ def _move(value: Any, device: Any) -> Any:
     return value
 
 
-def prefetched(items: Iterable[T], load: Callable[[T], Any], device: Any) -> Iterator[tuple[T, Any]]:
+def prefetched(
+    items: Iterable[T], load: Callable[[T], Any], device: Any, background: bool | None = None
+) -> Iterator[tuple[T, Any]]:
     """``(item, load(item) on device)`` for each item in order.
 
-    CPU: ``load`` runs in the loop, exactly as a plain ``for``. CUDA: ``load(next item)`` runs in a
-    background thread while the caller works on the current one; its tensors are pinned, and are
-    copied to the device only when the caller asks for the item (after the previous one is
-    released), so the device holds one item's tensors at a time.
+    CPU (``background`` None or False): ``load`` runs in the loop, exactly as a plain ``for``. CUDA
+    (or ``background=True``): ``load(next item)`` runs in a background thread while the caller works
+    on the current one; on CUDA its tensors are pinned and copied to the device only when the caller
+    asks for the item, so the device holds the current item's tensors (the previous one is freed as
+    soon as the caller drops it). An exception in ``load`` is raised in the caller.
     """
     import torch
 
     items = list(items)
-    if torch.device(device).type != "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if not (cuda if background is None else background):
         for item in items:
             yield item, load(item)
         return
 
     def fetch(i: int, slot: dict[str, Any]) -> None:
         try:
-            slot["value"] = _pin(load(items[i]))
+            value = load(items[i])
+            slot["value"] = _pin(value) if cuda else value
         except BaseException as e:  # re-raised in the caller's thread
             slot["error"] = e
 

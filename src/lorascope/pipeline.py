@@ -110,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("data/prepared", "models/base", "${item.model}"),
         params=("evaluate.variants.${key}", *keys_of("evaluate", "variants", *(k.split(".")[1] for k in EVAL_SPEED))),
         speed=EVAL_SPEED,
-        outs=("metrics/eval/${key}.json",),  # summarised in metrics/recovery.json
+        outs=("metrics/eval/${key}.json", "metrics/eval/${key}.questions.json"),  # summary: metrics/recovery.json
         foreach="${evaluate.variants}",
         comment="base, lora, full and any variant added in params",
     ),

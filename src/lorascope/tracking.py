@@ -163,7 +163,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class StageRun:
-    """An open stage run: its MLflow run id and what it needs to write ``run.json``."""
+    """An open stage run: its MLflow run id, its lineage and the md5 of its inputs."""
 
     stage: str
     run_id: str

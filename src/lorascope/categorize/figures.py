@@ -121,24 +121,26 @@ def component_cell(name: str) -> tuple[int, str]:
     return int(match["layer"]), match["kind"]
 
 
-def positive_mass(store: Store, n_tokens: int) -> tuple[Any, Any, int]:
+def positive_mass(store: Store, n_tokens: int, device: Any = "cpu") -> tuple[Any, Any, int]:
     """Per store column over the first ``n_tokens`` tokens: ``(sum relu(acts), sum relu(-acts), tokens used)``,
-    float64, streamed one shard at a time."""
+    float64 (CPU tensors), the shards streamed one at a time to ``device`` and summed there."""
     import torch
 
+    from lorascope.devices import prefetched
     from lorascope.progress import track
 
     width = len(store.components)
-    pos_C = torch.zeros(width, dtype=torch.float64)
-    neg_C = torch.zeros(width, dtype=torch.float64)
+    pos_C = torch.zeros(width, dtype=torch.float64, device=device)
+    neg_C = torch.zeros(width, dtype=torch.float64, device=device)
     shards = [s for s in store.shards if s.start < n_tokens]
     used = 0
-    for shard in track(shards, f"categorize: density {store.source}"):
-        acts_TC = store.read(shard)[0][: n_tokens - shard.start].to(torch.float64)
+    streamed = prefetched(shards, store.read, device)
+    for shard, (acts_TC, _) in track(streamed, f"categorize: density {store.source}", total=len(shards)):
+        acts_TC = acts_TC[: n_tokens - shard.start].to(torch.float64)
         pos_C += acts_TC.clamp(min=0).sum(0)
         neg_C += acts_TC.neg().clamp(min=0).sum(0)
         used += acts_TC.shape[0]
-    return pos_C, neg_C, used
+    return pos_C.cpu(), neg_C.cpu(), used
 
 
 def figure2_source(
@@ -147,11 +149,12 @@ def figure2_source(
     category_ids: Sequence[str],
     n_tokens: int,
     by_type: bool,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
     """Category-wise activation density of one store: ``members`` are ``(feature_name, sign, category)`` of the
     categorized features; cells are (layer, component type) with ``by_type``, else layer."""
     column = {name: i for i, name in enumerate(store.components)}
-    pos_C, neg_C, used = positive_mass(store, n_tokens)
+    pos_C, neg_C, used = positive_mass(store, n_tokens, device)
     cell_of = []
     for name in store.components:
         layer, kind = component_cell(name)
@@ -185,8 +188,10 @@ def figure2(
     assignments: Sequence[dict[str, Any]],
     category_ids: Sequence[str],
     n_tokens: int,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
-    """Figure 2 data for the LoRA store (cells: layer x component type) and the MLP store (cells: layer)."""
+    """Figure 2 data for the LoRA store (cells: layer x component type) and the MLP store (cells: layer);
+    the density pass runs on ``device``."""
     out: dict[str, Any] = {
         "normalisation": FIGURE2_NORMALISATION,
         "density_tokens": n_tokens,
@@ -198,27 +203,31 @@ def figure2(
             for r in assignments
             if r["source"] == source and r["status"] == "ok"
         ]
-        out[source] = figure2_source(store, members, category_ids, n_tokens, by_type=source == "lora")
+        out[source] = figure2_source(store, members, category_ids, n_tokens, source == "lora", device)
     return out
 
 
 def latent_mass(store: Store, sae: Any, n_tokens: int, block: int = SAE_BLOCK_TOKENS) -> tuple[Any, int]:
-    """Per SAE latent, ``sum_t a_f(t)`` over the first ``n_tokens`` tokens of ``store`` (float64) and the
-    tokens used; the store is encoded with the SAE's calibrated threshold, one block at a time."""
+    """Per SAE latent, ``sum_t a_f(t)`` over the first ``n_tokens`` tokens of ``store`` (float64, CPU) and the
+    tokens used; the store is encoded with the SAE's calibrated threshold, one block at a time, on the SAE's
+    device (the shards streamed to it)."""
     import torch
 
+    from lorascope.devices import prefetched
     from lorascope.progress import track
 
-    mass_F = torch.zeros(sae.d_sae, dtype=torch.float64)
+    device = sae.W_enc_DF.device
+    mass_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
     shards = [s for s in store.shards if s.start < n_tokens]
     used = 0
     with torch.no_grad():
-        for shard in track(shards, "categorize: SAE density"):
-            acts_TC = store.read(shard)[0][: n_tokens - shard.start]
+        streamed = prefetched(shards, store.read, device)
+        for shard, (acts_TC, _) in track(streamed, "categorize: SAE density", total=len(shards)):
+            acts_TC = acts_TC[: n_tokens - shard.start]
             for b0 in range(0, acts_TC.shape[0], block):
                 mass_F += sae.encode(acts_TC[b0 : b0 + block].float()).sum(0, dtype=torch.float64)
             used += acts_TC.shape[0]
-    return mass_F, used
+    return mass_F.cpu(), used
 
 
 def decoder_shares(W_dec_FC: Any, scale_C: Any) -> Any:
@@ -240,6 +249,7 @@ def figure2_sae(
     category_ids: Sequence[str],
     subcategories: dict[str, list[Category]],
     n_tokens: int,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
     """Figure 2 of the paper: the category-wise activation density of the SAE latents. ``members`` are
     ``(latent, category, subcategory)`` of the categorized latents; ``alive`` the live latents. See
@@ -248,7 +258,7 @@ def figure2_sae(
 
     from lorascope.sae.train import load
 
-    sae, cfg = load(sae_dir)
+    sae, cfg = load(sae_dir, device)
     sae.eval()
     if list(cfg["components"]) != list(store.components):
         raise LorascopeError(
@@ -257,7 +267,7 @@ def figure2_sae(
         )
     mass_F, used = latent_mass(store, sae, n_tokens)
     scale_C = torch.tensor(cfg.get("scale") or [1.0] * sae.d_in, dtype=torch.float64)
-    share_FC = decoder_shares(sae.W_dec_FD.detach(), scale_C)
+    share_FC = decoder_shares(sae.W_dec_FD.detach().cpu(), scale_C)
     cell_of = [component_cell(name) for name in store.components]
     cells = list(dict.fromkeys(cell_of))  # store order: layer-major, then the component order
     where_C = torch.tensor([cells.index(c) for c in cell_of], dtype=torch.long)

@@ -93,6 +93,7 @@ def run(params: Params) -> Path:
     from lorascope.autointerp.prompts import Category, prompt_hash
     from lorascope.categorize.assignment import assign_all
     from lorascope.categorize.figures import figure1, figure2, figure2_sae
+    from lorascope.devices import resolve_device
     from lorascope.categorize.generation import category_dict, generate, sample_equal
     from lorascope.categorize.inputs import (
         REQUIRED,
@@ -113,6 +114,7 @@ def run(params: Params) -> Path:
     from lorascope.tracking import stage_run
 
     cfg = params.categorize
+    device = resolve_device(cfg.device, "categorize.device")  # the density passes; bad values fail early
     root = workspace_root()
     sources = present_sources()
     sae_dir = root / SAE_DIR
@@ -230,12 +232,12 @@ def run(params: Params) -> Path:
             },
         }
         fig1 = figure1(rows, sources, categories, subs.sets)
-        fig2_lora = figure2(stores, rows, ids, cfg.density_tokens)
+        fig2_lora = figure2(stores, rows, ids, cfg.density_tokens, device)
         if alive is not None:
             sae_members = [(r["feature"], r["category"], r["subcategory"])
                            for r in rows if r["source"] == "sae" and r["status"] == "ok"]  # fmt: skip
             fig2 = figure2_sae(
-                stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens
+                stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
             )
         else:
             fig2 = {"features": "sae", "categories": ids, "missing": f"{label_path('sae')} not found: "

@@ -39,13 +39,14 @@ class ShardView:
 
     @classmethod
     def build(cls, start: int, acts_TC: Any, ids_T: Any, doc_lengths: list[int]) -> ShardView:
+        """Document bounds on the device of ``acts_TC``."""
         import torch
 
-        lengths = torch.tensor(doc_lengths, dtype=torch.long)
+        lengths = torch.tensor(doc_lengths, dtype=torch.long, device=acts_TC.device)
         ends = torch.cumsum(lengths, 0)
         lo_T = torch.repeat_interleave(ends - lengths, lengths)
         hi_T = torch.repeat_interleave(ends, lengths)
-        return cls(start, acts_TC, ids_T, lo_T, hi_T)
+        return cls(start, acts_TC, ids_T.to(acts_TC.device), lo_T, hi_T)
 
 
 Encoder = Callable[[Any], Any]
@@ -53,12 +54,14 @@ Encoder = Callable[[Any], Any]
 
 
 class Selector:
-    """Selection state for ``n_features`` features x ``signs``; ``state`` is a dict of tensors."""
+    """Selection state for ``n_features`` features x ``signs``; ``state`` is a dict of tensors on
+    ``device`` (where ``update`` expects the shard and the encoder to be)."""
 
-    def __init__(self, n_features: int, signs: tuple[int, ...], cfg: ContextsSection) -> None:
+    def __init__(self, n_features: int, signs: tuple[int, ...], cfg: ContextsSection, device: Any = "cpu") -> None:
         import torch
 
         self.n_features, self.signs, self.cfg = n_features, signs, cfg
+        self.device = torch.device(device)
         self.sizes = {
             "top": cfg.top_k,
             "quantile": cfg.quantile_bins * cfg.quantile_samples,
@@ -66,20 +69,29 @@ class Selector:
         }
         self.width = cfg.window_before + 1 + cfg.window_after
         S, F, W = len(signs), n_features, self.width
+        dev = self.device
         self.state: dict[str, Any] = {
-            "tokens": torch.zeros((), dtype=torch.long),
-            "active": torch.zeros(S, F, dtype=torch.long),
-            "nonzero": torch.zeros(F, dtype=torch.long),
-            "sum": torch.zeros(F, dtype=torch.float64),
-            "sumsq": torch.zeros(F, dtype=torch.float64),
-            "min": torch.full((F,), float("inf")),
-            "max": torch.full((F,), float("-inf")),
+            "tokens": torch.zeros((), dtype=torch.long, device=dev),
+            "active": torch.zeros(S, F, dtype=torch.long, device=dev),
+            "nonzero": torch.zeros(F, dtype=torch.long, device=dev),
+            "sum": torch.zeros(F, dtype=torch.float64, device=dev),
+            "sumsq": torch.zeros(F, dtype=torch.float64, device=dev),
+            "min": torch.full((F,), float("inf"), device=dev),
+            "max": torch.full((F,), float("-inf"), device=dev),
         }
         for g, n in self.sizes.items():
-            self.state[f"{g}.score"] = torch.full((S, F, n), float("-inf"))
-            self.state[f"{g}.pos"] = torch.full((S, F, n), -1, dtype=torch.long)
-            self.state[f"{g}.ids"] = torch.full((S, F, n, W), PAD_ID, dtype=torch.int32)
-            self.state[f"{g}.acts"] = torch.full((S, F, n, W), float("nan"))
+            self.state[f"{g}.score"] = torch.full((S, F, n), float("-inf"), device=dev)
+            self.state[f"{g}.pos"] = torch.full((S, F, n), -1, dtype=torch.long, device=dev)
+            self.state[f"{g}.ids"] = torch.full((S, F, n, W), PAD_ID, dtype=torch.int32, device=dev)
+            self.state[f"{g}.acts"] = torch.full((S, F, n, W), float("nan"), device=dev)
+
+    def to(self, device: Any) -> Selector:
+        """Move the state (e.g. to the CPU for the tables and checkpoints, back to the GPU on resume)."""
+        import torch
+
+        self.device = torch.device(device)
+        self.state = {k: v.to(self.device) for k, v in self.state.items()}
+        return self
 
     # ------------------------------------------------------------------------------- one shard
     def update(self, shard: ShardView, encode: Encoder | None, keys_T: Any) -> None:
@@ -87,8 +99,12 @@ class Selector:
         import torch
 
         S, F, T = len(self.signs), self.n_features, shard.ids_T.shape[0]
+        dev = self.device
         best = {
-            g: (torch.full((S, F, n), float("-inf")), torch.full((S, F, n), -1, dtype=torch.long))
+            g: (
+                torch.full((S, F, n), float("-inf"), device=dev),
+                torch.full((S, F, n), -1, dtype=torch.long, device=dev),
+            )
             for g, n in self.sizes.items()
             if n
         }
@@ -98,7 +114,7 @@ class Selector:
             b1 = min(T, b0 + BLOCK_TOKENS)
             block = shard.acts_TC[b0:b1].float()
             feats_bF = encode(block) if encode is not None else block
-            key_b = keys_T[b0:b1]
+            key_b = keys_T[b0:b1].to(dev)
             for f0 in range(0, F, chunk):
                 f1 = min(F, f0 + chunk)
                 raw_fb = feats_bF[:, f0:f1].T.contiguous()
@@ -155,7 +171,7 @@ class Selector:
         import torch
 
         S, F, n = local_SFn.shape
-        offsets_W = torch.arange(-self.cfg.window_before, self.cfg.window_after + 1)
+        offsets_W = torch.arange(-self.cfg.window_before, self.cfg.window_after + 1, device=self.device)
         centre = local_SFn.clamp(min=0)
         where_SFnW = centre.unsqueeze(-1) + offsets_W
         inside = (
@@ -165,9 +181,9 @@ class Selector:
         )
         where_SFnW = torch.where(inside, where_SFnW, 0)
         ids = torch.where(inside, shard.ids_T[where_SFnW], PAD_ID).to(torch.int32)
-        feature_SFnW = torch.arange(F).view(1, F, 1, 1).expand(S, F, n, self.width)
+        feature_SFnW = torch.arange(F, device=self.device).view(1, F, 1, 1).expand(S, F, n, self.width)
         values = _cells(shard.acts_TC, encode, where_SFnW[inside], feature_SFnW[inside])
-        acts = torch.full((S, F, n, self.width), float("nan"))
+        acts = torch.full((S, F, n, self.width), float("nan"), device=self.device)
         acts[inside] = values
         return ids, acts
 
@@ -191,8 +207,9 @@ def _cells(acts_TC: Any, encode: Encoder | None, pos_N: Any, feature_N: Any) -> 
         return acts_TC[pos_N, feature_N].float()
     tokens, inverse = torch.unique(pos_N, return_inverse=True)
     order = torch.argsort(inverse)
-    out = torch.empty(pos_N.shape[0])
-    bounds = torch.searchsorted(inverse[order], torch.arange(0, tokens.shape[0] + BLOCK_TOKENS, BLOCK_TOKENS))
+    out = torch.empty(pos_N.shape[0], device=pos_N.device)
+    steps = torch.arange(0, tokens.shape[0] + BLOCK_TOKENS, BLOCK_TOKENS, device=pos_N.device)
+    bounds = torch.searchsorted(inverse[order], steps)
     for i in range(bounds.shape[0] - 1):
         sel = order[bounds[i] : bounds[i + 1]]
         if sel.numel() == 0:

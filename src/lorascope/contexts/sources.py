@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lorascope.contexts.selection import Encoder
 from lorascope.errors import LorascopeError
@@ -73,9 +74,10 @@ def alive_latents(sae_dir: Path, d_sae: int | None = None) -> list[int]:
     return alive
 
 
-def open_source(name: str, root: Path, live_only: bool = False) -> FeatureSource:
+def open_source(name: str, root: Path, live_only: bool = False, device: Any = "cpu") -> FeatureSource:
     """The feature source ``name`` (lora | mlp | sae) of the workspace at ``root``; ``live_only``: an SAE
-    source holds only the live latents (``alive.json``), encoded to just those columns."""
+    source holds only the live latents (``alive.json``), encoded to just those columns; the SAE encodes
+    on ``device`` (activations handed to ``encode`` must be there)."""
     if name in ("lora", "mlp"):
         store = _store(root, name)
         return FeatureSource(name, store, list(store.components), signed=True, inputs=[store.root])
@@ -86,13 +88,13 @@ def open_source(name: str, root: Path, live_only: bool = False) -> FeatureSource
         from lorascope.sae.encoder import load_encoder
 
         store = _store(root, "lora")
-        features, encode = load_encoder(sae_dir, store.components)
+        features, encode = load_encoder(sae_dir, store.components, device)
         source = FeatureSource(name, store, features, signed=False, encode=encode, inputs=[store.root, sae_dir])
         if live_only:
             import torch
 
             alive = alive_latents(sae_dir, len(features))
-            columns = torch.tensor(alive, dtype=torch.long)
+            columns = torch.tensor(alive, dtype=torch.long, device=device)
             full = encode
 
             def encode_live(acts_TC: torch.Tensor) -> torch.Tensor:

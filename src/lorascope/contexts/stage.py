@@ -96,11 +96,11 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector
 
     if not path.is_file():
         return 0
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True, map_location="cpu")
     if saved.get("fingerprint") != fingerprint:
         path.unlink()
         return 0
-    selector.state = saved["state"]
+    selector.state = {k: v.to(selector.device) for k, v in saved["state"].items()}
     return int(saved["next_shard"])
 
 
@@ -110,7 +110,8 @@ def _save_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector
     from lorascope.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save({"fingerprint": fingerprint, "state": selector.state, "next_shard": next_shard}, tmp)
+        state = {k: v.cpu() for k, v in selector.state.items()}  # resumable on any device
+        torch.save({"fingerprint": fingerprint, "state": state, "next_shard": next_shard}, tmp)
 
 
 def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = None) -> Path:
@@ -120,12 +121,15 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
 
     from lorascope.base.load import load_tokenizer
     from lorascope.contexts.tokens import TokenRenderer
+    from lorascope.devices import prefetched, resolve_device
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 
     cfg = params.contexts
     root = workspace_root()
-    features = open_source(source, root, live_only=True)  # SAE: live latents only (alive.json)
+    device = resolve_device(cfg.device, "contexts.device")
+    # SAE: live latents only (alive.json), encoded on the device
+    features = open_source(source, root, live_only=True, device=device)
     renderer = TokenRenderer(load_tokenizer(root / BASE))
     fingerprint = {
         "source": source,
@@ -136,7 +140,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
             for p in features.inputs
         },
     }
-    selector = Selector(len(features.features), features.signs, cfg)
+    selector = Selector(len(features.features), features.signs, cfg, device)
     ckpt = checkpoint_path(source)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     start_shard = _load_checkpoint(ckpt, fingerprint, selector)
@@ -146,8 +150,8 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
         "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
     ) as tr:
         started = time.perf_counter()
-        for shard in track(shards[start_shard:], f"contexts {source}", total=len(shards) - start_shard):
-            acts_TC, ids_T = store.read(shard)
+        todo = prefetched(shards[start_shard:], store.read, device)  # shards streamed to the device
+        for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
             lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
             view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
             selector.update(view, features.encode, token_keys(cfg.seed, shard))
@@ -156,6 +160,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
                 on_shard(shard)
         elapsed = time.perf_counter() - started
         scanned = sum(s.tokens for s in shards[start_shard:])
+        selector.to("cpu")
         contexts_path, features_path = out_paths(source)
         table = contexts_table(selector, features, renderer)
         stats = features_table(selector, features)

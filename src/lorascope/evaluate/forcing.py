@@ -19,9 +19,10 @@ A ``chat`` variant (the base, not trained with that format) gets the chat prompt
 generation up to ``<|im_end|>`` (s1 without thinking arguments).
 
 Decodes are greedy unless the request asks for sample ``j`` (``SAMPLE_KEY`` in its generation
-kwargs; the request cache then keeps each sample apart): then every phase samples at the budget's
-temperature from a seed derived from the run seed, ``j``, the chunk's questions and the phase, so
-a sampled run is as reproducible as a greedy one (for a given chunking and batch size).
+kwargs; the request cache then keeps each sample apart): then every phase of a question samples at
+the budget's temperature from its own seed, derived from the run seed, ``j``, the question and the
+phase, so a sampled run is as reproducible as a greedy one whatever the chunking or batching (vLLM
+takes the seed per request; HF samples question by question after seeding torch).
 
 The mixin works over any lm-eval LM whose ``generate_until`` takes ``(context, gen_kwargs)`` requests
 (HFLM, VLLM): each phase is one batched call of the parent's ``generate_until``. Requests go
@@ -115,14 +116,13 @@ class BudgetForcing:
     sample: int | None = None
     """The sample index being generated (None: greedy)."""
     seed_in_kwargs: bool = False
-    """The backend takes a per-request ``seed`` (vLLM); otherwise torch's global seed is set."""
+    """The backend takes a per-request ``seed`` (vLLM); otherwise sampled questions are generated one
+    at a time, each after seeding torch."""
     extra_kwargs: dict[str, Any] = {}
     """Generation kwargs that make the backend decode as vLLM's defaults do (HF: no repetition
     penalty from the checkpoint's generation config)."""
     sampling_kwargs: dict[str, Any] = {}
     """Generation kwargs added when sampling (HF: no top-k / top-p truncation, as vLLM's defaults)."""
-    _chunk_key: str = ""
-    _phases: int = 0
 
     def chat_prompt(self, user: str) -> str:
         return chat_prompt(self.tokenizer, user)  # type: ignore[attr-defined]
@@ -130,37 +130,46 @@ class BudgetForcing:
     def chat_template(self, user: str) -> str:
         return chat_template(self.tokenizer, user)  # type: ignore[attr-defined]
 
-    def _phase_kwargs(self, stops: list[str], n: int) -> dict[str, Any]:
+    def _phase_kwargs(self, stops: list[str], n: int, seed: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"until": stops, "max_gen_toks": n, **self.extra_kwargs}
         if self.sample is None:
             return {**kwargs, "do_sample": False, "temperature": 0.0}
         kwargs.update({"do_sample": True, "temperature": self.budget.temperature, **self.sampling_kwargs})
         if self.seed_in_kwargs:
-            kwargs["seed"] = self._phase_seed()
+            kwargs["seed"] = seed
         return kwargs
 
-    def _phase_seed(self) -> int:
-        key = json.dumps([self.budget.seed, self.sample, self._chunk_key, self._phases])
+    def phase_seed(self, question: str, phase: str) -> int:
+        """The sampling seed of one question's phase in the current sample."""
+        key = json.dumps([self.budget.seed, self.sample, question, phase])
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
 
-    def _phase(self, prompts: list[str], max_tokens: list[int], stops: list[str]) -> list[str]:
+    def _phase(
+        self, prompts: list[str], max_tokens: list[int], stops: list[str], phase: str, questions: list[str]
+    ) -> list[str]:
+        """One batched generation call (``questions``: each prompt's question, for its sampling seed;
+        ``phase``: which phase of the question this is)."""
         import torch
         from lm_eval.api.instance import Instance
         from lm_eval.api.model import CacheHook
 
+        seeds = [self.phase_seed(q, phase) if self.sample is not None else 0 for q in questions]
         requests = [
             Instance(
-                request_type="generate_until", doc={}, arguments=(p, self._phase_kwargs(stops, n)), idx=0
+                request_type="generate_until", doc={}, arguments=(p, self._phase_kwargs(stops, n, s)), idx=0
             )
-            for p, n in zip(prompts, max_tokens, strict=True)
+            for p, n, s in zip(prompts, max_tokens, seeds, strict=True)
         ]
-        if self.sample is not None:
-            torch.manual_seed(self._phase_seed())
-        self._phases += 1
         # phase prompts are not the requests lm-eval asked for: keep them out of its cache
         hook, self.cache_hook = self.cache_hook, CacheHook(None)  # type: ignore[has-type]
         try:
-            return super().generate_until(requests, disable_tqdm=True)  # type: ignore[misc]
+            if self.sample is None or self.seed_in_kwargs:
+                return super().generate_until(requests, disable_tqdm=True)  # type: ignore[misc]
+            out = []
+            for request, seed in zip(requests, seeds, strict=True):  # torch's one generator: one at a time
+                torch.manual_seed(seed)
+                out += super().generate_until([request], disable_tqdm=True)  # type: ignore[misc]
+            return out
         finally:
             self.cache_hook = hook
 
@@ -184,13 +193,17 @@ class BudgetForcing:
             )
         return left
 
-    def _think(self, questions: list[_Question]) -> None:
+    def _think(self, questions: list[_Question], phase: str) -> None:
         """One thinking phase for ``questions``, each continuing from what it has."""
         todo = [q for q in questions if q.budget - q.used > 0]
         if not todo:
             return
         texts = self._phase(
-            [q.prompt + q.thinking for q in todo], [q.budget - q.used for q in todo], THINK_STOPS
+            [q.prompt + q.thinking for q in todo],
+            [q.budget - q.used for q in todo],
+            THINK_STOPS,
+            phase,
+            [q.prompt for q in todo],
         )
         for q, text in zip(todo, texts, strict=True):
             n = self._count(text)
@@ -201,17 +214,14 @@ class BudgetForcing:
 
     def _chat(self, users: list[str]) -> list[str]:
         """One generation per user turn, to the end of the turn (``chat`` format)."""
-        texts = self._phase(
-            [self.chat_template(u) for u in users], [self.budget.max_gen_toks] * len(users), ANSWER_STOPS
-        )
+        prompts = [self.chat_template(u) for u in users]
+        texts = self._phase(prompts, [self.budget.max_gen_toks] * len(users), ANSWER_STOPS, "chat", prompts)
         self.generated_tokens += sum(self._count(t) for t in texts)
         return texts
 
     def generate_questions(self, users: list[str]) -> list[str]:
         """The full output for each user turn: s1's think/answer output, or the chat reply."""
         b = self.budget
-        self._chunk_key = hashlib.sha256(json.dumps(users).encode()).hexdigest()
-        self._phases = 0
         if b.format == "chat":
             return self._chat(users)
         forced = b.thinking_tokens is not None
@@ -219,14 +229,14 @@ class BudgetForcing:
         for u in users:
             head = self.chat_template(u)
             questions.append(_Question(head + THINK, budget=self._thinking_budget(head)))
-        self._think(questions)
+        self._think(questions, "think")
         wait = self._count(b.wait_text)
-        for _ in range(b.wait_extensions):
+        for i in range(b.wait_extensions):
             waiting = [q for q in questions if q.stopped_early]
             for q in waiting:  # s1: the thinking so far, then the wait text (within the budget), think on
                 q.thinking += b.wait_text
                 q.used += wait
-            self._think(waiting)
+            self._think(waiting, f"wait{i + 1}")
         # without forcing, a question that spent every token thinking has no answer phase
         answering = [q for q in questions if forced or q.stopped_early]
         for q in answering:
@@ -235,7 +245,11 @@ class BudgetForcing:
         live = [(q, n) for q, n in zip(answering, limits, strict=True) if n > 0]
         if live:
             answers = self._phase(
-                [q.prompt + q.thinking + q.end for q, _ in live], [n for _, n in live], ANSWER_STOPS
+                [q.prompt + q.thinking + q.end for q, _ in live],
+                [n for _, n in live],
+                ANSWER_STOPS,
+                "answer",
+                [q.prompt for q, _ in live],
             )
             for (q, _), text in zip(live, answers, strict=True):
                 q.answer = text

@@ -63,14 +63,14 @@ def _metadata(params: Params) -> dict[str, Any]:
 
 def _cache_prefix(params: Params, variant: str, model_digests: list[str]) -> Path:
     """lm-eval request-cache path: one per model content and generation params, so a resumed run
-    reuses only answers of the same model. Batch sizes do not change greedy answers and are left out;
-    sampled answers depend on the chunking and seed, which are in. The sample count is not: each
-    sample is its own request, so raising ``samples`` reuses the samples already drawn."""
+    reuses only answers of the same model. Batch and chunk sizes change no answer (a sampled phase is
+    seeded per question) and are left out. The sample count is not in either: each sample is its own
+    request, so raising ``samples`` reuses the samples already drawn."""
     cfg = params.evaluate
     fields = {"backend", "dtype", "max_gen_toks", "thinking_tokens", "answer_tokens", "wait_extensions",
               "wait_text", "choice_seed", "lora_serving", "instructions"}  # fmt: skip
     if cfg.samples:
-        fields |= {"temperature", "seed", "chunk_size", "batch_size"}
+        fields |= {"temperature", "seed"}
     key = {
         "models": model_digests,
         "format": cfg.variants[variant].format,
@@ -183,8 +183,12 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
                 "no_answer_extracted": sum(r["method"] == "none" for r in rows[t]),
                 **counts[t],
             }
-            mlflow.log_metrics(
-                {f"{t}.{k}": float(v) for k, v in per_task[t].items() if isinstance(v, (int, float))}
+            mlflow.log_metrics(  # MLflow names take no "@": pass@4 is logged as pass_at_4
+                {
+                    f"{t}.{k}".replace("@", "_at_"): float(v)
+                    for k, v in per_task[t].items()
+                    if isinstance(v, (int, float))
+                }
             )
             mlflow.log_table(pd.DataFrame(rows[t]), artifact_file=f"samples/{t}.json")
         mlflow.log_metrics(

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-LEVEL = 0.95
+PERCENTILES = (2.5, 97.5)
+"""The bounds of a central 95% interval."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -48,7 +49,7 @@ def resamples(n: int, iters: int, gen: np.random.Generator) -> np.ndarray:
 
 def interval(values: np.ndarray) -> tuple[float, float]:
     """The central 95% percentile interval of bootstrap ``values``."""
-    lo, hi = np.percentile(values, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+    lo, hi = np.percentile(values, PERCENTILES)
     return float(lo), float(hi)
 
 

@@ -102,14 +102,24 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
 
 
 def name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
-    """Record the base in ``adapter_config.json`` as ``model_name`` does: the hub id, or the path
-    relative to the workspace, so adapters do not embed this machine's absolute paths."""
+    """Record the base in ``adapter_config.json`` and peft's model card as ``model_name`` does: the
+    hub id, or the path relative to the workspace, so adapters do not embed this machine's absolute
+    paths; and list the target modules sorted (peft keeps a set, whose order varies by process)."""
     from lorascope.base.load import model_name
 
+    name = model_name(base_dir)
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = model_name(base_dir)
+    config["base_model_name_or_path"] = name
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     write_json(config_path, config)
+    card = adapter_dir / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        for absolute in {str(base_dir), str(base_dir.resolve())}:
+            text = text.replace(absolute, name)
+        card.write_text(text)
 
 
 def parameter_counts(model: Any) -> dict[str, float]:

@@ -142,7 +142,7 @@ class TokenStream:
         while True:
             order = self._order(st["epoch"])
             epoch = st["epoch"]
-            shards = prefetched(order[st["cursor"] :], lambda i: self._shard_tokens(epoch, i), self.device)
+            shards = prefetched(order[st["cursor"] :], lambda i, e=epoch: self._shard_tokens(e, i), self.device)
             for _, x_TD in shards:
                 while True:
                     need = self.batch_size - st["carry"].shape[0]

@@ -63,17 +63,21 @@ def splice_kl(
     store: Store,
     docs: list[int],
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Mean per-token KLs over ``docs`` (document indices of the store)."""
+    """Mean per-token KLs over ``docs`` (document indices of the store); the model runs on ``device``
+    in ``dtype`` (the adapter in float32), ``reconstruct`` gets the stored states on ``device``."""
     from lorascope.base.load import load_model
     from lorascope.extract.extractor import load_adapter
 
-    model = load_adapter(load_model(base_dir, dtype=torch.float32), adapter_dir).eval()
+    model = load_adapter(load_model(base_dir, dtype=dtype).to(device), adapter_dir).eval()
     kl_spliced = kl_base = 0.0
     tokens = 0
     for doc in docs:
         acts_TC, ids_T = document(store, doc)
-        input_ids = ids_T.long()[None]
+        acts_TC = acts_TC.to(device)
+        input_ids = ids_T.long()[None].to(device)
         logits_lora = model(input_ids=input_ids).logits[0]
         with spliced(model, store, reconstruct(acts_TC.float())):
             logits_spliced = model(input_ids=input_ids).logits[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,13 +12,14 @@ from lorascope.errors import LorascopeError
 
 
 def load_encoder(
-    sae_dir: Path, components: list[str]
+    sae_dir: Path, components: list[str], device: Any = "cpu"
 ) -> tuple[list[str], Callable[[torch.Tensor], torch.Tensor]]:
-    """Latent names and ``encode(acts_TC) -> latents_TF`` (calibrated threshold) for a store whose
-    columns are ``components``; a store of other components is a one-line error."""
+    """Latent names and ``encode(acts_TC) -> latents_TF`` (calibrated threshold; the SAE on ``device``,
+    ``acts_TC`` expected there) for a store whose columns are ``components``; a store of other
+    components is a one-line error."""
     from lorascope.sae.train import load
 
-    sae, cfg = load(sae_dir)
+    sae, cfg = load(sae_dir, device)
     if cfg["components"] != components:
         raise LorascopeError(
             f"{sae_dir}/cfg.json: the SAE was trained on {cfg['d_in']} components that differ from the store's "

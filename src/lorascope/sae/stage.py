@@ -33,6 +33,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     """Train the SAE; returns ``models/sae``. ``on_step`` sees every step's metrics (tests, sweeps)."""
     import mlflow
 
+    from lorascope.devices import resolve as resolve_devices
     from lorascope.progress import track
     from lorascope.sae.data import heldout_documents
     from lorascope.sae.downstream import splice_kl
@@ -45,11 +46,12 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     if store.source != "lora":
         raise LorascopeError(f"{store.root}/index.json: holds source {store.source!r}, expected 'lora'")
     held = heldout_documents(store, cfg.heldout_fraction)
-    trainer = Trainer(store, held, cfg)
+    device, dtype = resolve_devices(cfg.device, cfg.precision, "sae")
+    trainer = Trainer(store, held, cfg, device)
     ckpt = checkpoint_path()
     fingerprint = {"params_hash": section_hash(params, "sae"), "store": dvc_md5(store.root / "index.json")}
     if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=False, map_location=device)
         if saved.get("fingerprint") == fingerprint:
             trainer.load_state_dict(saved["trainer"])
     resumed_from = trainer.step
@@ -78,14 +80,14 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         next(progress, None)
 
         raw = fold(trainer.sae, trainer.scale_D).eval()
-        threshold, n_cal = calibrate(raw, heldout_batches(store, held, 0, cfg.calibration_tokens), cfg.k)
+        threshold, n_cal = calibrate(raw, heldout_batches(store, held, 0, cfg.calibration_tokens, device), cfg.k)
         raw.threshold.fill_(threshold)
-        ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens))
+        ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens, device))
         modules = store.index["modules"]
         layers = [f"L{m['layer']}" for m in modules for _ in range(m["width"])]
         kinds = [m["kind"] for m in modules for _ in range(m["width"])]
         per_component = (ev["err_D"] / ev["var_D"].clamp(min=1e-12)).tolist()
-        alive_F = ev["fired_F"] | (trainer.since_fired_F < p.dead_window)
+        alive_F = ev["fired_F"] | (trainer.since_fired_F.cpu() < p.dead_window)
         alive = alive_F.nonzero().flatten().tolist()
         metrics: dict[str, Any] = {
             "fvu": float(ev["err_D"].sum() / ev["var_D"].sum()),
@@ -106,7 +108,9 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         if cfg.kl_sequences and (adapter / "adapter_config.json").is_file():
             held_docs = held.nonzero().flatten().tolist()[: cfg.kl_sequences]
             metrics.update(
-                splice_kl(root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)))
+                splice_kl(
+                    root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)), device, dtype
+                )
             )
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         flat.update({f"fvu_{g}": v for g, v in metrics["fvu_by_layer"].items()})

@@ -88,17 +88,17 @@ def train_step(
 class Trainer:
     """Owns the SAE, optimiser, schedule, data stream and dead-latent counters; checkpointable."""
 
-    def __init__(self, store: Store, held_docs: torch.Tensor, cfg: SaeSection) -> None:
+    def __init__(self, store: Store, held_docs: torch.Tensor, cfg: SaeSection, device: Any = "cpu") -> None:
         from transformers import get_wsd_schedule
 
-        self.store, self.cfg = store, cfg
+        self.store, self.cfg, self.device = store, cfg, torch.device(device)
         check_sizes(cfg, len(store.components))  # before the pass over the store
-        stats = scan(store, held_docs, cfg.drop_nonfinite)
+        stats = scan(store, held_docs, cfg.drop_nonfinite, self.device)
         self.stats = stats
         self.plan = plan(cfg, len(store.components), stats.tokens)
         self.scale_D = input_scale(cfg, stats.rms_D, stats.mean_sq_norm)
-        init = torch.Generator().manual_seed(cfg.seed)
-        self.sae = BatchTopKSAE(self.plan.d_in, self.plan.d_sae, cfg.k, generator=init)
+        init = torch.Generator().manual_seed(cfg.seed)  # drawn on the CPU: the same SAE on every device
+        self.sae = BatchTopKSAE(self.plan.d_in, self.plan.d_sae, cfg.k, generator=init).to(self.device)
         centre = stats.mean_D if cfg.b_dec_init == "mean" else geometric_median(stats.sample_ND)
         with torch.no_grad():
             self.sae.b_dec_D.copy_(centre / self.scale_D)
@@ -111,8 +111,8 @@ class Trainer:
             num_training_steps=steps,
             decay_type="linear",
         )
-        self.stream = TokenStream(store, held_docs, cfg.batch_size, cfg.seed)
-        self.since_fired_F = torch.zeros(self.plan.d_sae, dtype=torch.long)
+        self.stream = TokenStream(store, held_docs, cfg.batch_size, cfg.seed, self.device)
+        self.since_fired_F = torch.zeros(self.plan.d_sae, dtype=torch.long, device=self.device)
         self.step = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.stream.state = state["stream"]
-        self.since_fired_F = state["since_fired"]
+        self.since_fired_F = state["since_fired"].to(self.device)
         self.step = state["step"]
 
     def run(self, on_step: StepHook | None = None, save: Callable[[], None] | None = None) -> None:
@@ -153,17 +153,19 @@ class Trainer:
 
 # ------------------------------------------------------------------------------- after training
 def heldout_batches(
-    store: Store, held_docs: torch.Tensor, part: int, max_tokens: int
+    store: Store, held_docs: torch.Tensor, part: int, max_tokens: int, device: Any = "cpu"
 ) -> Iterator[torch.Tensor]:
-    """Held-out tokens in store order: ``part`` 0 = calibration documents (even-numbered held-out
-    documents), 1 = evaluation documents (odd), up to ``max_tokens``."""
+    """Held-out tokens in store order (on ``device``): ``part`` 0 = calibration documents
+    (even-numbered held-out documents), 1 = evaluation documents (odd), up to ``max_tokens``."""
+    from lorascope.devices import stream_to
+
     held_index = torch.cumsum(held_docs.long(), 0) - 1
     split = held_docs & (held_index % 2 == part)
     if not bool(split.any()):
         split = held_docs  # a single held-out document serves both
     seen = 0
-    for shard, acts_TC, _ in store:
-        x_TD = acts_TC[token_mask(store, shard, split, True)].float()
+    for shard, acts_TC, _ in stream_to(store, torch.device(device)):
+        x_TD = acts_TC[token_mask(store, shard, split, True).to(acts_TC.device)].float()
         x_TD = x_TD[torch.isfinite(x_TD).all(1)][: max_tokens - seen]
         if x_TD.shape[0]:
             seen += x_TD.shape[0]
@@ -176,7 +178,7 @@ def heldout_batches(
 def calibrate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor], k: int) -> tuple[float, int]:
     """The threshold at which mean L0 over ``batches`` is k: the (k x N)-th largest pre-activation
     (a running top-(k x N) merge, exact). Returns (threshold, N)."""
-    kept = torch.zeros(0)
+    kept = torch.zeros(0, device=sae.W_enc_DF.device)
     n = 0
     for x_BD in batches:
         n += x_BD.shape[0]
@@ -192,9 +194,10 @@ def calibrate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor], k: int) -> tup
 
 @torch.no_grad()
 def evaluate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor]) -> dict[str, Any]:
-    """FVU per component (error and variance sums), mean L0 with the threshold, fired latents."""
+    """FVU per component (error and variance sums), mean L0 with the threshold, fired latents (CPU
+    tensors, whatever the SAE's device)."""
     err_D = sq_D = sum_D = None
-    n, l0, fired_F = 0, 0.0, torch.zeros(sae.d_sae, dtype=torch.bool)
+    n, l0, fired_F = 0, 0.0, torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_enc_DF.device)
     for x_BD in batches:
         f_BF = sae.encode(x_BD)
         recon = sae.decode(f_BF)
@@ -208,7 +211,7 @@ def evaluate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor]) -> dict[str, An
     if n == 0:
         raise LorascopeError("no held-out tokens to evaluate the SAE on")
     var_D = sq_D - sum_D.square() / n
-    return {"err_D": err_D, "var_D": var_D, "l0": l0 / n, "tokens": n, "fired_F": fired_F}
+    return {"err_D": err_D.cpu(), "var_D": var_D.cpu(), "l0": l0 / n, "tokens": n, "fired_F": fired_F.cpu()}
 
 
 def grouped_fvu(err_D: torch.Tensor, var_D: torch.Tensor, groups: list[str]) -> dict[str, float]:
@@ -221,8 +224,9 @@ def grouped_fvu(err_D: torch.Tensor, var_D: torch.Tensor, groups: list[str]) -> 
 
 
 def fold(sae: BatchTopKSAE, scale_D: torch.Tensor) -> BatchTopKSAE:
-    """An SAE on raw inputs equal to ``sae`` on ``x / scale``: W_enc / s, W_dec * s, b_dec * s."""
-    raw = BatchTopKSAE(sae.d_in, sae.d_sae, sae.k)
+    """An SAE on raw inputs equal to ``sae`` on ``x / scale``: W_enc / s, W_dec * s, b_dec * s (on
+    ``sae``'s device)."""
+    raw = BatchTopKSAE(sae.d_in, sae.d_sae, sae.k).to(sae.W_enc_DF.device)
     with torch.no_grad():
         raw.W_enc_DF.copy_(sae.W_enc_DF / scale_D[:, None])
         raw.W_dec_FD.copy_(sae.W_dec_FD * scale_D[None, :])
@@ -238,12 +242,12 @@ def save(sae: BatchTopKSAE, directory: Path, cfg_json: dict[str, Any]) -> None:
 
     from lorascope.atomic import write_json
 
-    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(directory / "sae.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(directory / "sae.safetensors"))
     write_json(directory / "cfg.json", cfg_json)
 
 
-def load(directory: Path) -> tuple[BatchTopKSAE, dict[str, Any]]:
-    """The saved SAE (raw input space) and its cfg."""
+def load(directory: Path, device: Any = "cpu") -> tuple[BatchTopKSAE, dict[str, Any]]:
+    """The saved SAE (raw input space, on ``device``) and its cfg."""
     import json
 
     from safetensors.torch import load_file
@@ -251,4 +255,4 @@ def load(directory: Path) -> tuple[BatchTopKSAE, dict[str, Any]]:
     cfg = json.loads((directory / "cfg.json").read_text())
     sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
     sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
-    return sae, cfg
+    return sae.to(device), cfg
