@@ -122,7 +122,10 @@ def test_kl_over_all_positions_and_response_tokens_by_hand(ablate_workspace: Pat
     assert got["kl_all_positions"] != pytest.approx(got["kl"], rel=1e-3)  # the prompt positions count
     assert doc["reference"]["kl_lora_base_all_positions"] == got["kl_all_positions"]
     assert set(doc["kl_definitions"]) == {"kl", "kl_all_positions"}
-    assert "response" in doc["kl_definitions"]["kl"] and "every position" in doc["kl_definitions"]["kl_all_positions"]
+    assert (
+        "response" in doc["kl_definitions"]["kl"]
+        and "every position" in doc["kl_definitions"]["kl_all_positions"]
+    )
     single = json.loads((out / "components.json").read_text())["ablations"]
     fig3 = json.loads((out / "figure3.json").read_text())
     assert fig3["layers"] == [0, 1] and fig3["types"] == list(LORA_TARGETS)
@@ -171,7 +174,7 @@ def test_all_components_ablated_is_exactly_the_base_model(ablate_workspace: Path
 
 @pytest.mark.parametrize("group", ["attn", "mlp", "L0", "L1.up_proj"])
 def test_exported_adapter_reproduces_the_hook_ablation(ablate_workspace: Path, group: str):
-    from lorascope.ablate.stage import run_export
+    from lorascope.ablate.export import run_export
 
     out = run_export(tiny_params(), group)
     assert out == ablate_workspace / f"models/lora-{group}-ablated"

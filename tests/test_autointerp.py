@@ -225,7 +225,10 @@ def test_cut_replies_are_failures_never_labels(ws: Path, monkeypatch: pytest.Mon
     labels = pd.read_parquet(out).set_index("feature_name")
     cut = labels[labels.raw_response == '{"explanation": "the word']
     assert len(cut) == 1 and (cut.status == "failed").all() and cut.explanation.isna().all()
-    assert cut.error.str.contains("finish_reason: length").all() and cut.error.str.startswith("request failed").all()
+    assert (
+        cut.error.str.contains("finish_reason: length").all()
+        and cut.error.str.startswith("request failed").all()
+    )
     ok = labels[labels.status == "ok"]
     assert (ok.explanation == "fine").all() and len(ok) + len(cut) == 4
     assert asked == 4  # the cut one is not re-asked

@@ -25,8 +25,8 @@ BF16 = {
 def test_every_stage_runs_in_bfloat16(with_prepared: Path):
     from safetensors import safe_open
 
+    from lorascope.ablate.export import run_export
     from lorascope.ablate.stage import run as ablate
-    from lorascope.ablate.stage import run_export
     from lorascope.autointerp.stage import run as autointerp
     from lorascope.categorize.stage import run as categorize
     from lorascope.contexts.stage import run as contexts

@@ -89,7 +89,9 @@ def write_sae(root: Path, components: list[str]) -> None:
     scale = [0.5 + 0.25 * (i % 5) for i in range(len(components))]
     cfg = {"d_in": len(components), "d_sae": SAE_LATENTS, "k": 2, "components": components, "scale": scale}
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    (folder / "alive.json").write_text(json.dumps({"alive_latents": list(range(SAE_ALIVE)), "d_sae": SAE_LATENTS}))
+    (folder / "alive.json").write_text(
+        json.dumps({"alive_latents": list(range(SAE_ALIVE)), "d_sae": SAE_LATENTS})
+    )
 
 
 def numpy_sae_figure2(root: Path, members: dict[int, str], ids: list[str], n_tokens: int) -> dict:
@@ -269,12 +271,19 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     assert max(members) < SAE_ALIVE
     want = numpy_sae_figure2(ws, members, ids, DENSITY_TOKENS)
     assert sae2["tokens"] == DENSITY_TOKENS and sae2["latents"] == {
-        "d_sae": SAE_LATENTS, "alive": SAE_ALIVE, "dead": SAE_LATENTS - SAE_ALIVE, "categorized": len(members)}
+        "d_sae": SAE_LATENTS,
+        "alive": SAE_ALIVE,
+        "dead": SAE_LATENTS - SAE_ALIVE,
+        "categorized": len(members),
+    }
     assert sae2["dead_mass"] == pytest.approx(want["mass_F"][SAE_ALIVE:].sum(), rel=1e-5, abs=1e-6)
     assert sae2["dead_mass"] > 0  # the dead latents do fire here: left out all the same
     got_cells = {(c["layer"], c["component_type"]): c for c in sae2["cells"]}
-    assert list(got_cells) == [(n, k) for n in (0, 1) for k in
-                               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    assert list(got_cells) == [
+        (n, k)
+        for n in (0, 1)
+        for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ]
     for key, mass in want["cells"].items():
         total = sum(mass.values())
         for category in ids:
@@ -284,7 +293,9 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     total = sum(want["overall"].values())
     for category in ids:
         assert sae2["overall"]["mass"][category] == pytest.approx(want["overall"][category], rel=1e-5)
-        assert sae2["overall"]["density"][category] == pytest.approx(want["overall"][category] / total, rel=1e-5)
+        assert sae2["overall"]["density"][category] == pytest.approx(
+            want["overall"][category] / total, rel=1e-5
+        )
     # orientation: latent 0 decodes to L1.k_proj only, so layer 1 / k_proj holds its whole mass
     cat0 = members[0]
     k_cell = got_cells[(1, "k_proj")]["mass"][cat0]
@@ -501,7 +512,9 @@ def test_failed_requests_and_failed_subcategories_are_recorded(ws: Path):
 def latest_run(stage: str):
     """The newest MLflow run of ``stage`` (found by experiment, not by any file the stage writes)."""
     c = tracking.client()
-    (found,) = c.search_runs([tracking.experiment_id(stage)], order_by=["attributes.start_time DESC"], max_results=1)
+    (found,) = c.search_runs(
+        [tracking.experiment_id(stage)], order_by=["attributes.start_time DESC"], max_results=1
+    )
     return found
 
 
@@ -549,3 +562,19 @@ def test_category_sample_has_equal_numbers_per_source():
     assert shown == sample_equal(pools, 31, seed=1)[0] != sample_equal(pools, 31, seed=2)[0]
     kinds = [s.split()[0] for s in shown]
     assert kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)  # mixed, not source by source
+
+
+def test_mlp_neurons_are_features_per_sign_like_lora_directions(built: Path):
+    """A SiLU-gated neuron takes both signs, so the MLP baseline is read as the LoRA directions are: each
+    neuron is two features (``L0.mlp.3+`` / ``L0.mlp.3-``), each sign's max from the store itself."""
+    stats = pq.read_table(built / "data/contexts/mlp.features.parquet").to_pylist()
+    acts_TC, components = numpy_mass(built, "mlp", 10**9)
+    assert len(stats) == 2 * len(components)
+    for r in stats:
+        name = components[r["feature"]]
+        assert r["feature_name"] == name + ("+" if r["sign"] > 0 else "-")
+        assert r["max"] == pytest.approx(float((r["sign"] * acts_TC[:, r["feature"]]).max()), rel=1e-6)
+    assert (acts_TC < 0).mean() > 0.05 and (acts_TC > 0).mean() > 0.05  # both signs are common
+    assert {
+        r["sign"] for r in pq.read_table(built / "data/contexts/mlp.parquet", columns=["sign"]).to_pylist()
+    } == {1, -1}

@@ -105,7 +105,7 @@ def test_unknown_section_names_the_sections():
     )
     assert error_of(extract={"batch": 1}) == (
         "params.yaml: extract.batch: unknown key (expected one of: dtype, shard_tokens, batch_tokens, precision, "
-        "method, merge_check_tokens, merge_max_relative_error, merge_max_kl, mlp_neurons, launcher)"
+        "method, merge_check_tokens, merge_max_relative_error, merge_max_kl_fraction, mlp_neurons, launcher)"
     )
 
 

@@ -566,7 +566,7 @@ def test_table1_recovery_values_and_reasons():
     assert explicit["m"]["recovery.lora-x"] == pytest.approx(0.25)
 
 
-def test_reference_must_be_another_variant():
+def test_bad_evaluate_params_are_one_line_errors():
     variants = {"base": {"model": "models/base"}, "lora": {"model": "models/lora"}}
     for ref in ("nope", "base", "lora"):
         with pytest.raises(
@@ -575,6 +575,14 @@ def test_reference_must_be_another_variant():
             tiny_params(
                 evaluate={"variants": {**variants, "lora": {"model": "models/lora", "reference": ref}}}
             )
+    for bad in ("soon", 0):
+        with pytest.raises(LorascopeError) as err:
+            tiny_params(evaluate={"thinking_tokens": bad})
+        assert (
+            str(err.value)
+            == f"params: evaluate.thinking_tokens: must be a positive integer, auto or null, got {bad!r}"
+        )
+    assert tiny_params(evaluate={"thinking_tokens": "auto"}).evaluate.thinking_tokens == "auto"
 
 
 def write_variant(root: Path, variant: str, correct: dict[str, list[list[int]]]) -> None:

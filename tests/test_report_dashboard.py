@@ -519,7 +519,11 @@ def test_dead_latents_appear_nowhere(dashboard: tuple[Path, Any]):
     alive, d_sae = set(doc["alive_latents"]), doc["d_sae"]
     dead = set(range(d_sae)) - alive
     assert len(dead) >= KILLED
-    for table in ("data/contexts/sae.parquet", "data/contexts/sae.features.parquet", "data/interp/sae.parquet"):
+    for table in (
+        "data/contexts/sae.parquet",
+        "data/contexts/sae.features.parquet",
+        "data/interp/sae.parquet",
+    ):
         rows = pq.read_table(root / table, columns=["feature", "feature_name"]).to_pylist()
         assert rows and not {r["feature"] for r in rows} & dead, table
         assert all(r["feature_name"] == f"sae.{r['feature']}" for r in rows)
@@ -535,7 +539,12 @@ def test_dead_latents_appear_nowhere(dashboard: tuple[Path, Any]):
     meta, _ = decode(info.path)
     shown = {f["id"] for f in meta["features"] if f["source"] == "sae"}
     assert shown and not shown & dead
-    assert meta["sae_latents"] == {"d_sae": d_sae, "alive": len(alive), "dead": len(dead), "dead_labels_dropped": 0}
+    assert meta["sae_latents"] == {
+        "d_sae": d_sae,
+        "alive": len(alive),
+        "dead": len(dead),
+        "dead_labels_dropped": 0,
+    }
     c = tracking.client()
     runs = {
         stage: c.search_runs([tracking.experiment_id(stage)], order_by=["attributes.start_time DESC"])
@@ -544,5 +553,7 @@ def test_dead_latents_appear_nowhere(dashboard: tuple[Path, Any]):
     ctx_run = next(r for r in runs["contexts"] if r.data.tags.get("contexts.source") == "sae")
     ai_run = next(r for r in runs["autointerp"] if r.data.tags.get("autointerp.source") == "sae")
     assert ctx_run.data.metrics["dead_latents_skipped"] == len(dead)
-    assert ai_run.data.metrics["sae_dead_latents"] == len(dead) and ai_run.data.metrics["sae_live_latents"] == len(alive)
+    assert ai_run.data.metrics["sae_dead_latents"] == len(dead) and ai_run.data.metrics[
+        "sae_live_latents"
+    ] == len(alive)
     assert runs["categorize"][0].data.metrics["sae_dead_latents"] == len(dead)

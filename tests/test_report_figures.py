@@ -228,7 +228,11 @@ def test_figure2_sae_overall_subcategories_and_cell_orientation(tmp_path: Path):
     assert max(max(r) for r in hot) == hot[2][TYPES.index("o_proj")]
     rw = info.values["sae/reasoning_word"]
     assert max(max(r) for r in rw) == rw[0][TYPES.index("gate_proj")]
-    assert info.ticks["types"] == ["q", "k", "v", "o", "gate", "up", "down"] and info.ticks["layers"] == ["0", "1", "2"]
+    assert info.ticks["types"] == ["q", "k", "v", "o", "gate", "up", "down"] and info.ticks["layers"] == [
+        "0",
+        "1",
+        "2",
+    ]
     assert info.panels == 3 and info.cells == 2 * 3 * 7 and "density" in info.colorbar.lower()
     missing = figures.figure2_sae({"features": "sae", "categories": cats, "missing": "no SAE labels"},
                                   tmp_path / "m.png", DPI)  # fmt: skip

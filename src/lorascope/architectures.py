@@ -38,10 +38,10 @@ class Architecture:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """``(in_features, out_features)`` of each adapted projection of one layer, in component order."""
-        H, I, K = self.hidden, self.intermediate, self.kv_dim
+        H, M, K = self.hidden, self.intermediate, self.kv_dim
         return {
             "q_proj": (H, H), "k_proj": (H, K), "v_proj": (H, K), "o_proj": (H, H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H),
+            "gate_proj": (H, M), "up_proj": (H, M), "down_proj": (M, H),
         }  # fmt: skip
 
     @property

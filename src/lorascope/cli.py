@@ -180,7 +180,7 @@ def ablate_export(
     profile: ProfileOpt = None,
 ) -> None:
     """Write models/lora-<group>-ablated: a peft adapter without the group's components (Table 2)."""
-    from lorascope.ablate.stage import run_export
+    from lorascope.ablate.export import run_export
 
     out = run_export(_load(params, profile), group)
     typer.echo(f"ablate export: wrote {out}")
@@ -506,6 +506,35 @@ def pipeline_check() -> None:
     if not target.is_file() or target.read_text() != render():
         raise LorascopeError(f"{target}: out of date with src/lorascope/pipeline.py; run `lorascope pipeline write`")
     typer.echo(f"pipeline: {target} is up to date")
+
+
+# ------------------------------------------------------------------------------------------ plan
+@app.command()
+def plan(
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Device kind in pipelines/throughput.yaml (cpu, h100, h200; default: its default_device).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Per stage: GPU memory per device (weights, gradients, optimiser state, activations under the
+    launcher's sharding), disk written and estimated time; flags what does not fit. Runs nothing."""
+    import json
+
+    from lorascope import plan as planner
+    from lorascope.project import workspace_root
+
+    root = workspace_root()
+    # the measured token statistics belong to the active params' prepared data, not to another profile
+    prepared = None if profile else root / "metrics" / "prepare.json"
+    result = planner.run(_load(params, profile), root, device, prepared)
+    typer.echo(json.dumps(result, indent=2) if as_json else planner.render(result), nl=as_json)
 
 
 # ------------------------------------------------------------------------------------ tracking

@@ -477,6 +477,13 @@ class EvaluateSection(Section):
     def _known_tasks(cls, v: list[str]) -> list[str]:
         return known_tasks(v)
 
+    @field_validator("thinking_tokens", mode="before")
+    @classmethod
+    def _thinking_budget(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (type(v) is int and v > 0):
+            return v
+        raise ValueError(f"must be a positive integer, auto or null, got {v!r}")
+
     @field_validator("data", "instructions")
     @classmethod
     def _known_data(cls, v: dict[str, str]) -> dict[str, str]:

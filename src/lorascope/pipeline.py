@@ -119,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
         "lorascope evaluate recovery",
         ("lorascope.evaluate.stage",),
         deps=("metrics/eval",),
-        params=("evaluate.tasks", "evaluate.variants"),
+        params=("evaluate.tasks", "evaluate.variants", "evaluate.bootstrap_iters", "evaluate.seed"),
         outs=("metrics/recovery.md",),
         metrics=("metrics/recovery.json",),
         comment="Tables 1 and 2: `lorascope evaluate recovery`",
@@ -176,7 +176,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(
             "data/interp/lora.parquet", "data/interp/mlp.parquet", "data/interp/sae.parquet",
             "data/contexts/lora.parquet", "data/contexts/mlp.parquet", "data/contexts/sae.parquet",
-            "data/activations/lora", "data/activations/mlp",
+            "data/activations/lora", "data/activations/mlp", "models/sae",
         ),  # fmt: skip
         params=(*keys_of("categorize", "generate", "assign"), *LLM_CALLS),
         speed=("categorize.generate.concurrency", "categorize.assign.concurrency"),
@@ -214,6 +214,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(
             "data/prepared", "models/base", "models/lora", "models/sae",
             "data/contexts/lora.features.parquet", "data/contexts/sae.features.parquet",
+            "data/interp/lora.parquet", "data/interp/sae.parquet",
         ),  # fmt: skip
         params=("steer", "evaluate.data", "evaluate.choice_seed"),
         outs=("data/steer", "metrics/steer.json"),  # a curve per direction: the report's steering table

@@ -15,14 +15,16 @@ from typing import Any
 
 from lorascope.ablate.targets import select_all
 from lorascope.atomic import atomic_path, write_json
-from lorascope.config import LORA_TARGETS
+from lorascope.config import LORA_TARGETS, Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, layer_of
+from lorascope.project import workspace_root
 
 _PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+ADAPTER = Path("models/lora")
 REMOVED = "ablation.json"
 """What was removed: the selectors and the component names."""
 
@@ -87,3 +89,30 @@ def export(
         write_json(tmp / CONFIG, config)
         write_json(tmp / REMOVED, {"selectors": selectors, "removed": names})
     return names
+
+
+def export_dir(group: str) -> Path:
+    """Where ``ablate export --group <group>`` writes: ``models/lora-<group>-ablated``."""
+    return workspace_root() / "models" / f"lora-{group}-ablated"
+
+
+def run_export(params: Params, group: str) -> Path:
+    """``models/lora-<group>-ablated``: the adapter without the components ``group`` selects."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    from lorascope.tracking import stage_run
+
+    root = workspace_root()
+    adapter_dir = root / ADAPTER
+    if (adapter_dir / WEIGHTS).is_file():  # bad selectors fail before a run is opened
+        select_all([group], saved_components(load_file(str(adapter_dir / WEIGHTS))), "--group")
+    out = export_dir(group)
+    with stage_run(
+        "ablate", params, [adapter_dir], run_name=f"export-{group}", tags={"ablate.export": group}
+    ) as sr:
+        removed = export(adapter_dir, out, [group], "--group")
+        mlflow.log_params({"export.group": group, "export.removed": len(removed)})
+        mlflow.log_dict({"group": group, "removed": removed}, "export.json")
+        sr.log_outputs(out)
+    return out

@@ -94,7 +94,9 @@ class Ablator:
                 hidden_1TD = self.base.get_decoder()(input_ids=ids_1T, use_cache=False).last_hidden_state
             logp_lora_RV = self.lm_head(hidden_1TD[0, positions]).float().log_softmax(-1)
             ce_lora = -logp_lora_RV[response:].gather(-1, labels_R[response:, None])[:, 0]
-            lora = Stats(len(positions) - response, 0.0, 0.0, float(ce_lora.double().sum()), len(positions), 0.0)
+            lora = Stats(
+                len(positions) - response, 0.0, 0.0, float(ce_lora.double().sum()), len(positions), 0.0
+            )
             for batch in self._batches(ablations):
                 keep_BK = self.masks.rows([ablations[i].components for i in batch], self.device)
                 with self.masks.ablating(keep_BK):

@@ -52,11 +52,6 @@ def out_dir() -> Path:
     return workspace_root() / "metrics" / "ablation"
 
 
-def export_dir(group: str) -> Path:
-    """Where ``ablate export --group <group>`` writes: ``models/lora-<group>-ablated``."""
-    return workspace_root() / "models" / f"lora-{group}-ablated"
-
-
 def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list[tuple[str, list[int], int]]:
     """``(row id, token ids cut to max_tokens, first response token)`` of ``n`` training rows drawn
     with ``seed`` among those with a response token inside the cut, in data order."""
@@ -193,28 +188,4 @@ def run(params: Params) -> Path:
         mlflow.log_params({"direction": DIRECTION, "ablations": len(ablations), "components": len(comps)})
         for f in files:
             mlflow.log_artifact(str(f), "ablation")
-    return out
-
-
-def run_export(params: Params, group: str) -> Path:
-    """``models/lora-<group>-ablated``: the adapter without the components ``group`` selects."""
-    import mlflow
-    from safetensors.torch import load_file
-
-    from lorascope.ablate.export import WEIGHTS, export, saved_components
-    from lorascope.ablate.targets import select_all
-    from lorascope.tracking import stage_run
-
-    root = workspace_root()
-    adapter_dir = root / ADAPTER
-    if (adapter_dir / WEIGHTS).is_file():  # bad selectors fail before a run is opened
-        select_all([group], saved_components(load_file(str(adapter_dir / WEIGHTS))), "--group")
-    out = export_dir(group)
-    with stage_run(
-        "ablate", params, [adapter_dir], run_name=f"export-{group}", tags={"ablate.export": group}
-    ) as sr:
-        removed = export(adapter_dir, out, [group], "--group")
-        mlflow.log_params({"export.group": group, "export.removed": len(removed)})
-        mlflow.log_dict({"group": group, "removed": removed}, "export.json")
-        sr.log_outputs(out)
     return out

@@ -118,7 +118,11 @@ def latent_counts(features_path: Path) -> dict[str, float]:
     if raw is None:
         return {}
     counts = json.loads(raw)
-    return {"sae_latents": counts["d_sae"], "sae_live_latents": counts["alive"], "sae_dead_latents": counts["dead"]}
+    return {
+        "sae_latents": counts["d_sae"],
+        "sae_live_latents": counts["alive"],
+        "sae_dead_latents": counts["dead"],
+    }
 
 
 def balanced_accuracy(said: list[bool], truth: list[bool]) -> float:

@@ -278,7 +278,9 @@ def figure2_sae(
     cat_of: dict[int, tuple[str, str | None]] = {}
     for latent, category, sub in members:
         if not live[latent]:
-            raise LorascopeError(f"sae.{latent} is a dead latent (not in {sae_dir}/alive.json) but categorized")
+            raise LorascopeError(
+                f"sae.{latent} is a dead latent (not in {sae_dir}/alive.json) but categorized"
+            )
         cat_of[latent] = (category, sub)
     overall = dict.fromkeys(category_ids, 0.0)
     cell_mass = {c: torch.zeros(len(cells), dtype=torch.float64) for c in category_ids}
@@ -312,16 +314,24 @@ def figure2_sae(
         "density_tokens": n_tokens,
         "tokens": used,
         "categories": list(category_ids),
-        "latents": {"d_sae": sae.d_sae, "alive": int(live.sum()), "dead": sae.d_sae - int(live.sum()),
-                    "categorized": len(cat_of)},  # fmt: skip
+        "latents": {
+            "d_sae": sae.d_sae,
+            "alive": int(live.sum()),
+            "dead": sae.d_sae - int(live.sum()),
+            "categorized": len(cat_of),
+        },
         "mass_total": float(mass_F[live].sum()),
         "unassigned_mass": float(mass_F[live & ~categorized].sum()),
         "dead_mass": float(mass_F[~live].sum()),
         "overall": {"mass": overall, "density": density(overall)},
         "subcategories": [
-            {"category": c, "mass": sub_mass[c], "density": density(sub_mass[c]),
-             "not_subcategorized_mass": sub_missing[c]}
+            {
+                "category": c,
+                "mass": sub_mass[c],
+                "density": density(sub_mass[c]),
+                "not_subcategorized_mass": sub_missing[c],
+            }
             for c in subcategories
-        ],  # fmt: skip
+        ],
         "cells": out_cells,
     }

@@ -93,7 +93,6 @@ def run(params: Params) -> Path:
     from lorascope.autointerp.prompts import Category, prompt_hash
     from lorascope.categorize.assignment import assign_all
     from lorascope.categorize.figures import figure1, figure2, figure2_sae
-    from lorascope.devices import resolve_device
     from lorascope.categorize.generation import category_dict, generate, sample_equal
     from lorascope.categorize.inputs import (
         REQUIRED,
@@ -110,6 +109,7 @@ def run(params: Params) -> Path:
         subcategory_range,
     )
     from lorascope.contexts.sources import SAE_DIR, alive_latents
+    from lorascope.devices import resolve_device
     from lorascope.extract.store import Store
     from lorascope.tracking import stage_run
 
@@ -190,6 +190,14 @@ def run(params: Params) -> Path:
                 "subcategory_error": sub.error if sub else None,
                 "subcategory_raw_response": sub.raw_response if sub else None,
             })  # fmt: skip
+        sae_latents = None
+        if alive is not None:
+            sae_latents = {
+                "d_sae": figure_sae_width(sae_dir),
+                "alive": len(alive),
+                "dead_labels_dropped": dead_labels,
+                "rule": "only live latents (models/sae/alive.json) are categorized; labels of others are dropped",
+            }
         doc = {
             "format": FORMAT,
             "categories": [
@@ -218,12 +226,7 @@ def run(params: Params) -> Path:
                 "n_examples": cfg.n_examples,
                 "sources": sources,
             },
-            "sae_latents": None if alive is None else {
-                "d_sae": figure_sae_width(sae_dir),
-                "alive": len(alive),
-                "dead_labels_dropped": dead_labels,
-                "rule": "only live latents (models/sae/alive.json) are categorized; labels of others are dropped",
-            },
+            "sae_latents": sae_latents,
             "sae_subcategories": {
                 "enabled": cfg.sae_subcategories and "sae" in sources,
                 "rule": SUBCATEGORY_RULE,

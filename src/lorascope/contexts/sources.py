@@ -68,7 +68,9 @@ def alive_latents(sae_dir: Path, d_sae: int | None = None) -> list[int]:
         alive = sorted({int(i) for i in doc["alive_latents"]})
         width = int(doc["d_sae"])
     except (ValueError, KeyError, TypeError) as err:
-        raise LorascopeError(f"{path}: unreadable ({type(err).__name__}: {err}); re-run `lorascope sae`") from None
+        raise LorascopeError(
+            f"{path}: unreadable ({type(err).__name__}: {err}); re-run `lorascope sae`"
+        ) from None
     if (d_sae is not None and width != d_sae) or any(not 0 <= i < width for i in alive):
         raise LorascopeError(f"{path}: does not match the SAE's {d_sae} latents; re-run `lorascope sae`")
     return alive
@@ -89,7 +91,9 @@ def open_source(name: str, root: Path, live_only: bool = False, device: Any = "c
 
         store = _store(root, "lora")
         features, encode = load_encoder(sae_dir, store.components, device)
-        source = FeatureSource(name, store, features, signed=False, encode=encode, inputs=[store.root, sae_dir])
+        source = FeatureSource(
+            name, store, features, signed=False, encode=encode, inputs=[store.root, sae_dir]
+        )
         if live_only:
             import torch
 

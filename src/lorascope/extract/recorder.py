@@ -19,6 +19,9 @@ from typing import Any
 
 from lorascope.extract.components import Component
 
+SHARED_INPUT = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
+"""Projections of a Qwen2 / Llama layer that read the very same input tensor, led by the first."""
+
 Reader = Callable[[Any, tuple[Any, ...], Any], Any]
 """(module, inputs, output or None) -> values ``[batch, seq, width]``."""
 
@@ -32,12 +35,15 @@ class Recorder:
         """``merged`` only: module path -> its ``lora_A`` weight ``[r, in_features]``."""
         self.width = sum(c.width for c in components)
         self.buffer_BSC: Any = None
+        self._shared: tuple[Any, list[str]] | None = None
+        """The input the last group leader projected and the modules it covered."""
 
     def begin(self, batch: int, seq: int, device: Any) -> None:
         """Allocate the buffer for the next forward pass (fp32: the store casts afterwards)."""
         import torch
 
         self.buffer_BSC = torch.empty(batch, seq, self.width, dtype=torch.float32, device=device)
+        self._shared = None
 
     def _write(self, start: int, width: int, values_BSW: Any) -> None:
         self.buffer_BSC[..., start : start + width] = values_BSW
@@ -49,23 +55,50 @@ class Recorder:
         handles = []
         start = 0
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        starts = {}
+        for comp in self.components:
+            starts[comp.module] = (start, comp.width)
+            start += comp.width
         for comp in self.components:
             module = base.get_submodule(comp.module)
-            handles.append(self._hook(module, comp.module, method, start, comp.width))
-            start += comp.width
+            handles.append(self._hook(module, comp.module, method, *starts[comp.module], starts))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+            self._shared = None
 
-    def _hook(self, module: Any, name: str, method: str, start: int, width: int) -> Any:
+    def _hook(
+        self, module: Any, name: str, method: str, start: int, width: int, starts: dict[str, tuple[int, int]]
+    ) -> Any:
         if method == "merged":
+            import torch
+
             A_rI = self.projections[name]
+            # Projections in float32 (A's dtype) whatever the model's dtype: a bf16 product would round
+            # x . A. In reduced precision the projections that read the same tensor (q/k/v, gate/up:
+            # SHARED_INPUT) are done by the first one as one stacked product (the input is read and cast
+            # once); the others find their input already projected and skip (and project it themselves
+            # if it differs).
+            prefix, _, kind = name.rpartition(".")
+            group = [f"{prefix}.{k}" for k in SHARED_INPUT.get(kind, ()) if f"{prefix}.{k}" in starts]
+            stacked = torch.cat([self.projections[m] for m in group]) if len(group) > 1 else A_rI
+            spans = [starts[m] for m in group] if len(group) > 1 else [(start, width)]
 
             def project(_m: Any, args: tuple[Any, ...]) -> None:
-                # in float32 (A's dtype) whatever the model's dtype: a bf16 product would round x . A
-                self._write(start, width, args[0].to(A_rI.dtype) @ A_rI.T)
+                x = args[0]
+                if x.dtype == A_rI.dtype:  # float32: no cast to share; the product lora_A itself computes
+                    self._write(start, width, x @ A_rI.T)
+                    return
+                if self._shared is not None and self._shared[0] is x and name in self._shared[1]:
+                    return  # projected with the group's first module
+                out = x.to(stacked.dtype) @ stacked.T
+                col = 0
+                for s, w in spans:
+                    self._write(s, w, out[..., col : col + w])
+                    col += w
+                self._shared = (x, group) if len(group) > 1 else None
 
             return module.register_forward_pre_hook(project)
         if method == "lora_a":

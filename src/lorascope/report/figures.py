@@ -307,7 +307,9 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     panel_h = min(7.0, 1.6 + 0.12 * n_rows_max)
     # at least wide enough for the title and tall enough for the colorbar's label
     fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), max(4.5, 1.0 + panel_h * nrows))
-    title = "Figure 2, LoRA-direction version: category activation density\n(LoRA directions by layer and type"
+    title = (
+        "Figure 2, LoRA-direction version: category activation density\n(LoRA directions by layer and type"
+    )
     title += "; MLP neurons by layer)" if panels[-1:] and panels[-1][0] == "mlp" else ")"
     if any(v is None for _, _, grid, *_ in panels for row in grid for v in row):
         title += "\ngrey: no categorized feature fired in the cell"
@@ -377,7 +379,9 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
     title = "Figure 2: Category activation density of the SAE latents"
     latents = data.get("latents") or {}
     if latents:
-        title += f"\n({latents.get('categorized', '?')} categorized of {latents.get('alive', '?')} live latents; "
+        title += (
+            f"\n({latents.get('categorized', '?')} categorized of {latents.get('alive', '?')} live latents; "
+        )
         title += f"{latents.get('dead', '?')} dead latents left out)"
     fig.suptitle(title, fontsize=11)
     text: list[str] = []

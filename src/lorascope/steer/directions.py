@@ -110,7 +110,9 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
     stats = _stats(stats_path)
     rows = stats[stats.feature == latent]
     if rows.empty:
-        raise LorascopeError(f"{stats_path}: no statistics for {name!r}; re-run `lorascope contexts --source sae`")
+        raise LorascopeError(
+            f"{stats_path}: no statistics for {name!r}; re-run `lorascope contexts --source sae`"
+        )
     row = rows.iloc[0]
     if row["nonzero_density"] == 0:
         raise LorascopeError(
@@ -143,7 +145,14 @@ def select_by_label(selector: str, root: Path) -> str:
         from lorascope.contexts.sources import alive_latents
 
         alive = set(alive_latents(root / "models" / "sae"))
-    cols = ["feature", "feature_name", "explanation", "status", "classification", "detection_balanced_accuracy"]
+    cols = [
+        "feature",
+        "feature_name",
+        "explanation",
+        "status",
+        "classification",
+        "detection_balanced_accuracy",
+    ]
     found = []
     for order, path in enumerate(paths):  # sae first, then lora
         for r in pq.read_table(path, columns=cols).to_pylist():
@@ -153,7 +162,12 @@ def select_by_label(selector: str, root: Path) -> str:
                 continue
             score = r["detection_balanced_accuracy"]
             cls = r["classification"]
-            rank = (-(score if score is not None else -1.0), cls if cls is not None else 3, order, int(r["feature"]))
+            rank = (
+                -(score if score is not None else -1.0),
+                cls if cls is not None else 3,
+                order,
+                int(r["feature"]),
+            )
             found.append((rank, r["feature_name"]))
     if not found:
         raise LorascopeError(

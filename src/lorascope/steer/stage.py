@@ -104,7 +104,9 @@ def run(params: Params) -> Path:
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
         chosen = [c for c, d in zip(cfg.directions, directions, strict=True) if d.name == dup]
-        raise LorascopeError(f"steer.directions: {' and '.join(map(repr, chosen))} are both {dup}; list it once")
+        raise LorascopeError(
+            f"steer.directions: {' and '.join(map(repr, chosen))} are both {dup}; list it once"
+        )
     rows = prompt_rows(params)
     prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
     contexts = root / "data" / "contexts"
