@@ -51,7 +51,9 @@ def configs(small: bool) -> dict[str, dict[str, Any]]:
     if small:
         return {
             "0.5B-shaped (small)": dict(hidden=128, inter=512, layers=4, heads=4, kv=2, vocab=4096, tie=True),
-            "32B-slice-shaped (small)": dict(hidden=320, inter=1728, layers=2, heads=5, kv=1, vocab=8192, tie=False),
+            "32B-slice-shaped (small)": dict(
+                hidden=320, inter=1728, layers=2, heads=5, kv=1, vocab=8192, tie=False
+            ),
         }
     return {
         "Qwen2.5-0.5B": dict(hidden=896, inter=4864, layers=24, heads=14, kv=2, vocab=151936, tie=True),
@@ -128,12 +130,16 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 
 def row(what: str, model: str, figure: str, versus: str, memory: str, goal: str = "") -> None:
-    ROWS.append({"what": what, "model": model, "figure": figure, "versus": versus, "peak": memory, "goal": goal})
+    ROWS.append(
+        {"what": what, "model": model, "figure": figure, "versus": versus, "peak": memory, "goal": goal}
+    )
     print(f"  {what} [{model}]: {figure}; {versus}; peak {memory} {goal}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------- training
-def bench_train(spec: dict[str, Any], name: str, variant: str, args: argparse.Namespace, device: torch.device) -> None:
+def bench_train(
+    spec: dict[str, Any], name: str, variant: str, args: argparse.Namespace, device: torch.device
+) -> None:
     reset_peak(device)
     model = build(spec, device, lora=variant == "lora")
     model.train()
@@ -163,8 +169,6 @@ def bench_train(spec: dict[str, Any], name: str, variant: str, args: argparse.Na
     mfu_text = f"MFU {mfu:.1%}" if args.peak_tflops else "MFU - (give --peak-tflops)"
     row(f"{variant} finetune step", name, f"{tps:,.0f} tokens/s", f"{mfu_text} (seq {seq} x batch {batch})",
         peak(device), goal)  # fmt: skip
-    del model, opt
-    reset_peak(device)
 
 
 # -------------------------------------------------------------------------------------- extraction
@@ -177,7 +181,10 @@ def bench_extract(spec: dict[str, Any], name: str, args: argparse.Namespace, dev
     peft_model = build(spec, device, lora=True).eval()
     comps = lora_components(peft_model)
     base = peft_model.get_base_model()
-    projections = {c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone() for c in comps}
+    projections = {
+        c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone()
+        for c in comps
+    }
     merged = peft_model.merge_and_unload()
     extractor = Extractor(merged, Recorder(comps, projections), "merged", device)
     rng = random.Random(0)
@@ -204,8 +211,6 @@ def bench_extract(spec: dict[str, Any], name: str, args: argparse.Namespace, dev
     goal = ("(goal >= 0.95x: " + ("met)" if ratio >= 0.95 else "NOT met)")) if device.type == "cuda" else ""
     row("extraction (merged, + store buffers)", name, f"{tokens / t_ours:,.0f} tokens/s",
         f"{ratio:.2f}x a plain bf16 forward ({tokens / t_plain:,.0f} tokens/s)", peak(device), goal)  # fmt: skip
-    del merged, extractor, peft_model
-    reset_peak(device)
 
 
 # ------------------------------------------------------------------------------------- SAE, contexts
@@ -217,7 +222,9 @@ def synthetic_states(tokens: int, d_in: int, device: torch.device, seed: int = 0
     out = torch.empty(tokens, d_in)
     for lo in range(0, tokens, 65536):
         n = min(65536, tokens - lo)
-        coef = torch.rand(n, dirs.shape[0], generator=g) * (torch.rand(n, dirs.shape[0], generator=g) < 8 / dirs.shape[0])
+        coef = torch.rand(n, dirs.shape[0], generator=g) * (
+            torch.rand(n, dirs.shape[0], generator=g) < 8 / dirs.shape[0]
+        )
         out[lo : lo + n] = coef @ dirs + 0.05 * torch.randn(n, d_in, generator=g)
     return out.to(device)
 
@@ -242,8 +249,17 @@ def bench_sae(args: argparse.Namespace, device: torch.device) -> None:
 
     seconds = timed(steps, device, 2, warmup=1)
     tps = args.sae_steps * batch / seconds
-    goal = ("(goal >= 1M tokens/s: " + ("met)" if tps >= 1e6 else "NOT met)")) if device.type == "cuda" else ""
-    row("SAE training step", f"{d_in} -> {d_sae}, k {k}", f"{tps:,.0f} tokens/s", f"batch {batch}", peak(device), goal)
+    goal = (
+        ("(goal >= 1M tokens/s: " + ("met)" if tps >= 1e6 else "NOT met)")) if device.type == "cuda" else ""
+    )
+    row(
+        "SAE training step",
+        f"{d_in} -> {d_sae}, k {k}",
+        f"{tps:,.0f} tokens/s",
+        f"batch {batch}",
+        peak(device),
+        goal,
+    )
     reset_peak(device)
 
 
@@ -296,8 +312,6 @@ def bench_ablate(spec: dict[str, Any], name: str, args: argparse.Namespace, devi
     row("ablation sweep (prefix reuse, batch 8)", name, f"{len(ablations) / t_fast:,.1f} ablations/s",
         f"{t_naive / t_fast:.2f}x a full forward per ablation ({len(ablations)} ablations, {args.ablate_tokens} tokens)",
         peak(device))  # fmt: skip
-    del model, fast, naive
-    reset_peak(device)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -305,7 +319,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="cut-down sizes: about a minute on a CPU")
     p.add_argument(
-        "--peak-tflops", type=float, default=None, help="dense bf16 peak for the MFU (default on CUDA: 989, H100/H200 SXM)"
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak for the MFU (default on CUDA: 989, H100/H200 SXM)",
     )
     p.add_argument("--only", default="lora,full,extract,sae,contexts,ablate")
     args = p.parse_args()
@@ -337,7 +354,7 @@ def main() -> None:
         bench_contexts(args, device)
     if "ablate" in only:
         bench_ablate(cfgs[names[0]], names[0], args, device)
-    print(f"\n| row | model | figure | versus | peak memory |\n|---|---|---|---|---|")
+    print("\n| row | model | figure | versus | peak memory |\n|---|---|---|---|---|")
     for r in ROWS:
         print(f"| {r['what']} | {r['model']} | {r['figure']} {r['goal']} | {r['versus']} | {r['peak']} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {gpu}")

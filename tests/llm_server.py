@@ -4,6 +4,13 @@ Tests and benchmarks point the official SDKs at it, so retries, timeouts, header
 exercised over real sockets. A responder ``(api, prompt, request_index) -> Reply`` scripts each answer
 (text, an HTTP error, a delay); every request is recorded, and the peak number of requests in flight
 is tracked, so tests can count and inspect what the clients actually sent.
+
+Structured output is honoured as the real APIs do: an OpenAI request's ``response_format`` is recorded
+and its reply is the scripted text (the test scripts schema-valid JSON, as a constrained decoder would
+give); an Anthropic request that forces a tool (``tool_choice: {"type": "tool"}``) gets a ``tool_use``
+block whose ``input`` is the scripted JSON object (scripted text that is no JSON object comes back as a
+text block). ``LlmServer(structured_output=False)`` stands for a server without ``json_schema`` support:
+it refuses a request carrying ``response_format`` or ``tools`` with HTTP 400.
 """
 
 from __future__ import annotations
@@ -60,6 +67,24 @@ class Recorded:
     def prompt(self) -> str:
         return self.body["messages"][-1]["content"]
 
+    @property
+    def forced_tool(self) -> str | None:
+        """The tool an Anthropic request forces (``tool_choice: {"type": "tool", "name": ...}``)."""
+        choice = self.body.get("tool_choice")
+        return choice["name"] if isinstance(choice, dict) and choice.get("type") == "tool" else None
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema the request asks the reply to follow: OpenAI ``response_format`` ``json_schema``
+        or the input schema of the tool an Anthropic request forces; None for a free-text request."""
+        fmt = self.body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            return fmt["json_schema"]["schema"]
+        for tool in self.body.get("tools", []):
+            if tool.get("name") == self.forced_tool:
+                return tool["input_schema"]
+        return None
+
 
 Responder = Callable[[Api, str, int], Reply]
 
@@ -76,9 +101,12 @@ class LlmServer:
     for a real API's response time in benchmarks.
     """
 
-    def __init__(self, responder: Responder = echo, *, latency_s: float = 0.0) -> None:
+    def __init__(
+        self, responder: Responder = echo, *, latency_s: float = 0.0, structured_output: bool = True
+    ) -> None:
         self.responder = responder
         self.latency_s = latency_s
+        self.structured_output = structured_output
         self.requests: list[Recorded] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -150,9 +178,13 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
             headers = {k.lower(): v for k, v in self.headers.items()}
             record = server._begin(api, self.path, headers, body)
             try:
-                reply = server.responder(api, record.prompt, record.index)
+                if not server.structured_output and ("response_format" in body or "tools" in body):
+                    unsupported = "response_format" if "response_format" in body else "tools"
+                    reply = Reply(f"this server does not support {unsupported}", status=400)
+                else:
+                    reply = server.responder(api, record.prompt, record.index)
                 server._stop.wait(server.latency_s + reply.delay_s)
-                payload = _payload(api, body, record.prompt, reply)
+                payload = _payload(api, body, record, reply)
             finally:
                 server._end()  # before answering, so the client's next request never overlaps this one
             self._send(reply.status, payload, reply.headers)
@@ -173,10 +205,10 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _payload(api: Api, body: dict[str, Any], prompt: str, reply: Reply) -> dict[str, Any]:
+def _payload(api: Api, body: dict[str, Any], record: Recorded, reply: Reply) -> dict[str, Any]:
     """The API's JSON for ``reply``; usage counts words (prompt in, reply out)."""
     model = body.get("model", "unknown")
-    n_in, n_out = len(prompt.split()), len(reply.text.split())
+    n_in, n_out = len(record.prompt.split()), len(reply.text.split())
     if api == "openai":
         if reply.status != 200:
             return {"error": {"message": reply.text, "type": "server_error", "param": None, "code": None}}
@@ -196,13 +228,23 @@ def _payload(api: Api, body: dict[str, Any], prompt: str, reply: Reply) -> dict[
         }
     if reply.status != 200:
         return {"type": "error", "error": {"type": "api_error", "message": reply.text}}
+    content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}]
+    stop = "end_turn"
+    if record.forced_tool is not None:
+        try:
+            tool_input = json.loads(reply.text)
+        except ValueError:
+            tool_input = None
+        if isinstance(tool_input, dict):
+            block = {"type": "tool_use", "id": f"toolu_{record.index}", "name": record.forced_tool}
+            content, stop = [{**block, "input": tool_input}], "tool_use"
     return {
         "id": f"msg_{time.monotonic_ns()}",
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": reply.text}],
-        "stop_reason": "max_tokens" if reply.cut else "end_turn",
+        "content": content,
+        "stop_reason": "max_tokens" if reply.cut else stop,
         "stop_sequence": None,
         "usage": {"input_tokens": n_in, "output_tokens": n_out},
     }

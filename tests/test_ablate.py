@@ -329,3 +329,75 @@ def test_profiles_declare_every_field_and_the_papers_setting():
         assert [d.split(":")[0] for d in p.steer.directions] == ["label"]
     for p in (paper, small, tiny_params()):
         assert {f"lora-{g}-ablated" for g in p.ablate.export} <= set(p.evaluate.variants)
+
+
+# ------------------------------------------------------------------- summaries against hand numbers
+def test_summary_against_a_hand_computed_case():
+    """Three sequences of per-token sums, summarised by hand: the KL is token-weighted, its standard
+    error is the sample standard deviation of the per-sequence means over sqrt(n), the all-position KL is
+    the mean of per-sequence means, delta CE is against the adapter's own CE over the same tokens."""
+    import math
+
+    import numpy as np
+
+    from lorascope.ablate.runner import Stats
+    from lorascope.ablate.stage import summarize
+
+    ablated = [  # tokens, kl_sum, kl_max, ce_sum, all_tokens, all_kl_sum
+        Stats(2, 0.2, 0.15, 4.0, 4, 0.8),  # KL mean 0.1, all-position mean 0.2
+        Stats(3, 0.9, 0.5, 9.0, 6, 3.0),  # 0.3, 0.5
+        Stats(5, 2.5, 0.9, 12.5, 10, 1.0),  # 0.5, 0.1
+    ]
+    lora = [
+        Stats(2, 0.0, 0.0, 3.0, 4, 0.0),
+        Stats(3, 0.0, 0.0, 7.5, 6, 0.0),
+        Stats(5, 0.0, 0.0, 10.0, 10, 0.0),
+    ]
+    got = summarize(ablated, lora)
+    # means 0.1, 0.3, 0.5: sample variance ((0.2)^2 + 0 + 0.2^2) / 2 = 0.04, sd 0.2, se 0.2 / sqrt(3)
+    assert got["kl"] == pytest.approx(3.6 / 10)
+    assert got["kl_stderr"] == pytest.approx(0.2 / math.sqrt(3))
+    assert got["kl_stderr"] == pytest.approx(np.std([0.1, 0.3, 0.5], ddof=1) / np.sqrt(3))
+    assert got["kl_all_positions"] == pytest.approx((0.2 + 0.5 + 0.1) / 3)
+    assert got["kl_max"] == 0.9
+    assert got["ce"] == pytest.approx(25.5 / 10)
+    assert got["delta_ce"] == pytest.approx(25.5 / 10 - 20.5 / 10)
+    one = summarize(ablated[:1], lora[:1])
+    assert one["kl_stderr"] is None and one["kl"] == pytest.approx(0.1)
+    # two sequences with equal means have no spread; the pooled KL is token-weighted, not the mean of means
+    two = summarize([Stats(1, 0.4, 0.4, 1.0, 2, 0.4), Stats(3, 1.2, 0.6, 3.0, 4, 0.4)], lora[:2])
+    assert two["kl_stderr"] == pytest.approx(0.0, abs=1e-15) and two["kl"] == pytest.approx(0.4)
+    skew = summarize([Stats(1, 1.0, 1.0, 1.0, 1, 1.0), Stats(3, 0.0, 0.0, 3.0, 3, 0.0)], lora[:2])
+    assert skew["kl"] == pytest.approx(0.25) and skew["kl_all_positions"] == pytest.approx(0.5)
+    assert skew["kl_stderr"] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+
+
+def test_figure3_orientation_cell_by_cell():
+    """Rows are layers in ascending order, columns the component types in the fixed order that the adapter
+    has; a missing result or component is null. Three layers by four types: a transpose cannot pass."""
+    from lorascope.ablate.stage import KL_DEFINITIONS, figure3
+    from lorascope.extract.components import Component
+
+    kinds = ["v_proj", "q_proj", "down_proj", "gate_proj"]  # out of the canonical order on purpose
+    comps = [Component(n, k, f"model.layers.{n}.{k}", 1) for n in (4, 0, 2) for k in kinds]
+    comps = [c for c in comps if (c.layer, c.kind) != (2, "down_proj")]  # one layer lacks one type
+    results = {f"L{c.layer}.{c.kind}": {"kl": 10.0 * c.layer + kinds.index(c.kind),
+                                        "kl_all_positions": -(10.0 * c.layer + kinds.index(c.kind))}
+               for c in comps}  # fmt: skip
+    del results["L4.gate_proj"]  # not measured
+    fig = figure3(comps, results)
+    assert fig["layers"] == [0, 2, 4]
+    assert fig["types"] == ["q_proj", "v_proj", "gate_proj", "down_proj"]  # LORA_TARGETS order
+    assert set(KL_DEFINITIONS) <= set(fig) and fig["direction"] == "KL(P_lora || P_ablated)"
+    code = {"q_proj": 1, "v_proj": 0, "gate_proj": 3, "down_proj": 2}
+    expected = [
+        [0 + 1, 0 + 0, 0 + 3, 0 + 2],
+        [20 + 1, 20 + 0, 20 + 3, None],  # L2.down_proj: no such component
+        [40 + 1, 40 + 0, None, 40 + 2],  # L4.gate_proj: no result
+    ]
+    assert fig["kl"] == expected
+    assert fig["kl_all_positions"] == [[None if v is None else -v for v in row] for row in expected]
+    for i, layer in enumerate(fig["layers"]):
+        for j, kind in enumerate(fig["types"]):
+            if fig["kl"][i][j] is not None:
+                assert fig["kl"][i][j] == 10.0 * layer + code[kind]

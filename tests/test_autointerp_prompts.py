@@ -32,7 +32,9 @@ from lorascope.autointerp.prompts import (
 from lorascope.llm.cache import DiskCache
 from lorascope.llm.clients import CachedClient, Client, LlmError, run_all
 
-PAPER_PROMPTS = Path("/work/shared/data/paper_prompts.md")
+from conftest import SHARED_DATA
+
+PAPER_PROMPTS = SHARED_DATA / "paper_prompts.md"  # ../shared beside the checkout, wherever it is
 SECTIONS = {"## B.1 ": "explain", "## B.2a ": "categories", "## B.2b ": "categorize"}
 
 # The paper's own illustration of the format (B.1): max_act 10 makes the values the raw activations.

@@ -20,7 +20,7 @@ from lorascope.contexts.tokens import TokenRenderer
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 
-from conftest import QWEN_TOKENIZER, run_of, tiny_params
+from conftest import QWEN_TOKENIZER, Prepared, run_of, tiny_params
 
 CFG = {
     "top_k": 5,
@@ -203,10 +203,16 @@ def test_real_lora_store_end_to_end(with_prepared: Path):
 
 
 # ----------------------------------------------------------------------------------- rendering
-def test_windows_render_without_broken_characters():
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+def test_windows_render_without_broken_characters(which: str, prepared: Prepared):
+    """On the tiny pipeline's byte-level BPE (always) and on the real Qwen2.5 tokenizer (when ../shared
+    has it): characters split across byte-level tokens are never shown broken."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+    if which == "qwen" and not (QWEN_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_TOKENIZER}")
+    path = QWEN_TOKENIZER if which == "qwen" else prepared.root / "models/base"
+    tok = AutoTokenizer.from_pretrained(str(path))
     renderer = TokenRenderer(tok)
     text = "<|im_start|>think\n数学 🤔 ≤ ∑ x² — café 😀👍🏽 done"
     ids = tok(text)["input_ids"]

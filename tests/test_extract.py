@@ -426,7 +426,9 @@ def test_merge_check_measures_what_the_two_paths_record(with_prepared: Path):
     _, docs = read_documents(with_prepared / "data/prepared")
     first = check_tokens(docs, 1024)
     base, cpu = with_prepared / "models/base", torch.device("cpu")
-    checked = Extractor.load("lora", "merged", base, adapter, "bfloat16", cpu, 1, MergeCheck(first, 1024, 1, 1))
+    checked = Extractor.load(
+        "lora", "merged", base, adapter, "bfloat16", cpu, 1, MergeCheck(first, 1024, 1, 1)
+    )
     merged = Extractor.load("lora", "merged", base, adapter, "bfloat16", cpu, 1)
     unmerged = Extractor.load("lora", "lora_a", base, adapter, "bfloat16", cpu, 1)
     acts_merged, _ = merged.run(first, 1024, "float32")

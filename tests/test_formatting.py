@@ -1,4 +1,5 @@
-"""s1 formatting on the real Qwen2.5 tokenizer: the rendered text and the loss mask."""
+"""s1 formatting: the rendered text and the loss mask, on the tiny pipeline's tokenizer (always) and on
+the real Qwen2.5 tokenizer (when ../shared has it)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,24 @@ import pytest
 
 from lorascope.prepare.formatting import assistant_content, encode
 
-from conftest import QWEN_TOKENIZER
-
-pytestmark = pytest.mark.skipif(
-    not (QWEN_TOKENIZER / "tokenizer.json").is_file(),
-    reason=f"real Qwen2.5 tokenizer not found at {QWEN_TOKENIZER}",
-)
+from conftest import QWEN_TOKENIZER, Prepared
 
 SYSTEM = (
     "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 )
 
 
-@pytest.fixture(scope="module")
-def qwen():
+@pytest.fixture(params=["tiny", "qwen"])
+def qwen(request: pytest.FixtureRequest):
+    """A tokenizer with Qwen2.5's chat template and special tokens: the tiny base stage's, or the real one."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+    if request.param == "qwen":
+        if not (QWEN_TOKENIZER / "tokenizer.json").is_file():
+            pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_TOKENIZER}")
+        return AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+    prepared: Prepared = request.getfixturevalue("prepared")
+    return AutoTokenizer.from_pretrained(str(prepared.root / "models/base"))
 
 
 def test_text_matches_s1_format_byte_for_byte(qwen):
@@ -52,7 +54,9 @@ def test_existing_answer_marker_is_not_doubled():
 def test_first_trained_token_is_the_first_assistant_token(qwen):
     enc = encode(qwen, "Compute 2+2.", "2+2 is 4.", "\\boxed{4}", 10_000)
     ids = enc.input_ids
-    im_start, im_end = 151644, 151645
+    im_start, im_end = qwen.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    if qwen.name_or_path == str(QWEN_TOKENIZER):
+        assert (im_start, im_end) == (151644, 151645)
     assert qwen.convert_ids_to_tokens(ids[enc.loss_start - 3 : enc.loss_start]) == [
         "<|im_start|>",
         "assistant",

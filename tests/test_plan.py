@@ -56,7 +56,9 @@ def test_fsdp_shards_training_state(workspace: Path):
     shutil.copytree(REPO / "pipelines" / "accelerate", workspace / "pipelines" / "accelerate")
     launcher = "accelerate launch --config_file pipelines/accelerate/fsdp.yaml -m lorascope.cli"
     stages = tiny_plan(
-        workspace, "h200", finetune={"launcher": launcher, "precision": "bfloat16", "gradient_checkpointing": True}
+        workspace,
+        "h200",
+        finetune={"launcher": launcher, "precision": "bfloat16", "gradient_checkpointing": True},
     )
     full = stages["finetune@full"]
     assert full["devices"] == 8  # num_processes of fsdp.yaml
@@ -68,9 +70,9 @@ def test_fsdp_shards_training_state(workspace: Path):
     # + the loss (400 x 2048 x (2 + 8) B), micro-batch 4
     assert m["activations"] == 4 * (2 * 400 * 64 * 2 + 400 * 2 * 896 + 400 * 2048 * 10) == 36_044_800
     assert stages["extract@lora"]["devices"] == 1  # extract.launcher is plain lorascope here
-    assert planner.parse_launcher("accelerate launch --multi_gpu --num_processes=4 -m lorascope.cli", workspace) == (
-        planner.Launch(4, "ddp")
-    )
+    assert planner.parse_launcher(
+        "accelerate launch --multi_gpu --num_processes=4 -m lorascope.cli", workspace
+    ) == (planner.Launch(4, "ddp"))
 
 
 def test_paper_profile_on_an_h100_flags_what_does_not_fit():
@@ -81,9 +83,9 @@ def test_paper_profile_on_an_h100_flags_what_does_not_fit():
     assert arch.layer_params == layer == 487_605_248
     assert arch.params == 2 * 152_064 * 5120 + 64 * layer + 5120 == 32_763_876_352  # untied head
     assert SHIPPED["Qwen/Qwen2.5-0.5B-Instruct"].params == 494_032_768
-    assert arch.lora_params(1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) == (
-        64 * (10240 + 6144 + 6144 + 10240 + 32768 + 32768 + 32768)
-    )
+    assert arch.lora_params(
+        1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ) == (64 * (10240 + 6144 + 6144 + 10240 + 32768 + 32768 + 32768))
     result = planner.run(load_params(profile="qwen2.5-32b-paper"), REPO, "h100")
     stages = {s["stage"]: s for s in result["stages"]}
     assert result["data"]["rows"] == 1000 and "estimated" in result["data"]["source"]
@@ -110,12 +112,18 @@ def test_local_config_json_and_unknown_models(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     arch = json.loads(res.stdout)["architecture"]
     expected = Architecture(128, 256, 3, 4, 4, 1000, False)
-    assert arch["params"] == expected.params == 2 * 1000 * 128 + 3 * (4 * 128 * 128 + 3 * 128 * 256 + 3 * 128 + 256) + 128
+    assert (
+        arch["params"]
+        == expected.params
+        == 2 * 1000 * 128 + 3 * (4 * 128 * 128 + 3 * 128 * 256 + 3 * 128 + 256) + 128
+    )
     raw["base"]["model"] = "org/unknown-model"
     params_file.write_text(yaml.safe_dump(raw))
     res = cli("plan", "--params", str(params_file))
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: base.model: no architecture numbers for 'org/unknown-model' (shipped: ")
+    assert res.stderr.startswith(
+        "error: base.model: no architecture numbers for 'org/unknown-model' (shipped: "
+    )
     assert len(res.stderr.strip().splitlines()) == 1
     res = cli("plan", "--params", str(REPO / "params.yaml"), "--device", "tpu")
     assert res.returncode == 2 and res.stderr.startswith("error: --device: 'tpu' has no coefficients")

@@ -152,6 +152,52 @@ def test_saved_weights_encode_raw_inputs(workspace: Path):
     assert torch.allclose(trainer.scale_D, x[: len(x)].square().mean(0).sqrt(), rtol=0.1)
 
 
+def test_fvu_overall_by_layer_and_type_against_numpy(workspace: Path):
+    """metrics/sae.json against a direct numpy computation from the saved weights on the evaluation
+    documents (the odd-numbered held-out ones, chosen here by the documented hash): FVU = sum of squared
+    errors / sum of squared deviations from the *mean* (the data sit far from zero, so an uncentred
+    variance would be far off), pooled, per component, per layer and per matrix type; L0 at the threshold."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    x, _ = planted(4_000, seed=7)
+    x = x + torch.linspace(-20.0, 30.0, D_IN)  # per-component means much larger than the spread
+    write_store(workspace, x)
+    run(tiny_params(sae={**SAE, "epochs": 1, "heldout_fraction": 0.2}))
+    metrics = json.loads((workspace / "metrics/sae.json").read_text())
+
+    cut = int(0.2 * 2**32)
+    held = [
+        i for i in range(20) if int.from_bytes(hashlib.sha1(f"doc{i}".encode()).digest()[:4], "big") < cut
+    ]
+    assert held == [0, 8, 9, 11, 12, 13, 14]
+    X = np.concatenate([x[i * 200 : (i + 1) * 200].numpy() for i in held[1::2]]).astype(np.float64)
+    w = {k: v.astype(np.float64) for k, v in load_file(str(workspace / "models/sae/sae.safetensors")).items()}
+    pre = np.maximum((X - w["b_dec_D"]) @ w["W_enc_DF"] + w["b_enc_F"], 0.0)
+    f = np.where(pre > float(w["threshold"]), pre, 0.0)
+    err_D = ((f @ w["W_dec_FD"] + w["b_dec_D"] - X) ** 2).sum(0)
+    var_D = ((X - X.mean(0)) ** 2).sum(0)
+    assert metrics["eval_tokens"] == len(X) == 600
+    assert metrics["l0_calibrated"] == pytest.approx((f > 0).sum(1).mean(), abs=0.02)
+    assert metrics["fvu"] == pytest.approx(err_D.sum() / var_D.sum(), rel=1e-3)
+    assert metrics["fvu_mean_component"] == pytest.approx((err_D / var_D).mean(), rel=1e-3)
+    kinds = ["q_proj", "k_proj", "gate_proj", "down_proj"]
+    for n in range(6):
+        cols = [n * 4 + j for j in range(4)]
+        assert metrics["fvu_by_layer"][f"L{n}"] == pytest.approx(
+            err_D[cols].sum() / var_D[cols].sum(), rel=1e-3
+        )
+    for j, kind in enumerate(kinds):
+        cols = [n * 4 + j for n in range(6)]
+        assert metrics["fvu_by_type"][kind] == pytest.approx(err_D[cols].sum() / var_D[cols].sum(), rel=1e-3)
+    assert set(metrics["fvu_by_type"]) == set(kinds) and set(metrics["fvu_by_layer"]) == {
+        f"L{n}" for n in range(6)
+    }
+    assert 0 < metrics["fvu"] < 1  # the SAE explains something; an uncentred variance gives ~1e-3 here
+
+
 def test_geometric_median_ignores_outliers():
     from lorascope.sae.data import geometric_median
 

@@ -282,9 +282,28 @@ class ExtractSection(Section):
     a merge that rounds the update away loses the whole effect (fraction ~1)."""
     mlp_neurons: PositiveInt = 60
     """``--source mlp``: the first N neurons of each layer's MLP hidden activation (the paper: 60)."""
+    outlier_ratio: PositiveFloat = 100.0
+    """Outlier record (``outliers.json`` in the store): per component, the tokens whose |activation|
+    exceeds this many times the component's median |activation| are counted, and by token id
+    (attention sinks and template tokens reach hundreds of times the median)."""
     launcher: str = "lorascope"
     """What ``dvc repro`` runs the stage with: ``lorascope`` or ``accelerate launch -m lorascope.cli``
     (data parallel: each process extracts its own shards)."""
+
+
+# ---------------------------------------------------------------------------- outlier tokens
+class ExclusionSection(Section):
+    """Tokens a stage leaves out of training, statistics and selections: outliers such as attention
+    sinks, whose activations are hundreds of times the median (``outliers.json`` of the store)."""
+
+    first_position: bool = True
+    """The first token of every document (the attention sink of a causal model)."""
+    special_tokens: bool = True
+    """The tokenizer's special tokens (the chat template's ``<|im_start|>``, ``<|im_end|>``, ...), as
+    the store's ``index.json`` records them (``special_token_ids``)."""
+    norm_ratio: PositiveFloat | None = None
+    """Norm cut: tokens whose activation vector's L2 norm exceeds this many times the store's median
+    token norm (``outliers.json``); null: no norm cut."""
 
 
 # ------------------------------------------------------------------------------------- contexts
@@ -314,6 +333,9 @@ class ContextsSection(Section):
     device: Device = "auto"
     """Where the pass runs (SAE encoding included): ``auto`` (a CUDA GPU when present), ``cpu``,
     ``cuda`` or ``cuda:<index>``; shards are streamed to it one at a time."""
+    exclude: ExclusionSection = Field(default_factory=ExclusionSection)
+    """Tokens never selected as contexts nor counted in the feature statistics (they still show
+    inside the windows of their neighbours)."""
 
 
 # ------------------------------------------------------------------------------------------ sae
@@ -366,6 +388,9 @@ class SaeSection(Section):
     """Compute dtype of the base model + adapter in the splice KL (``auto``: bfloat16 on a GPU that
     supports it, float32 otherwise; KL in float32). The SAE's weights, Adam state and matmuls stay
     float32 in every precision (it is small; reduced precision would blur the top-k selection)."""
+    exclude: ExclusionSection = Field(default_factory=ExclusionSection)
+    """Tokens left out of training, calibration and evaluation (the splice KL keeps their recorded
+    values: they are outside what the SAE models)."""
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -538,6 +563,11 @@ class LlmClientSection(Section):
     """Sampling temperature (null: the model's default; OpenAI reasoning models take none)."""
     reasoning_effort: ReasoningEffort | None = None
     """OpenAI reasoning models: ``minimal`` .. ``high`` (null: the model's default)."""
+    structured_output: bool = True
+    """Send each JSON reply's schema so the server constrains its answer (OpenAI ``response_format``
+    ``json_schema``, Anthropic a forced tool call, vLLM's guided decoding through ``response_format``),
+    read without repair. Set false for an ``openai-compatible`` server without ``json_schema`` support:
+    replies are then free text, mended with json-repair. Ignored by the heuristic baseline."""
 
 
 class AutointerpSection(LlmClientSection):

@@ -139,8 +139,8 @@ STAGES: tuple[Stage, ...] = (
         "lorascope sae",
         ("lorascope.sae.stage",),
         deps=("data/activations/lora", "models/base", "models/lora"),
-        params=keys_of("sae", "checkpoint_steps"),
-        speed=("sae.checkpoint_steps",),
+        params=keys_of("sae", "checkpoint_steps", "device"),
+        speed=("sae.checkpoint_steps", "sae.device"),
         outs=("models/sae",),
         metrics=("metrics/sae.json",),
     ),
@@ -149,8 +149,8 @@ STAGES: tuple[Stage, ...] = (
         "lorascope contexts --source ${key}",
         ("lorascope.contexts.stage",),
         deps=("${item.store}", "${item.encoder}", "models/base"),
-        params=keys_of("contexts", "feature_chunk"),
-        speed=("contexts.feature_chunk",),
+        params=keys_of("contexts", "feature_chunk", "device"),
+        speed=("contexts.feature_chunk", "contexts.device"),
         outs=("data/contexts/${key}.parquet", "data/contexts/${key}.features.parquet"),
         foreach={
             "lora": {"store": "data/activations/lora", "encoder": "data/activations/lora"},
@@ -178,8 +178,8 @@ STAGES: tuple[Stage, ...] = (
             "data/contexts/lora.parquet", "data/contexts/mlp.parquet", "data/contexts/sae.parquet",
             "data/activations/lora", "data/activations/mlp", "models/sae",
         ),  # fmt: skip
-        params=(*keys_of("categorize", "generate", "assign"), *LLM_CALLS),
-        speed=("categorize.generate.concurrency", "categorize.assign.concurrency"),
+        params=(*keys_of("categorize", "generate", "assign", "device"), *LLM_CALLS),
+        speed=("categorize.generate.concurrency", "categorize.assign.concurrency", "categorize.device"),
         outs=("data/interp/categories",),
     ),
     Stage(
@@ -191,7 +191,7 @@ STAGES: tuple[Stage, ...] = (
             "ablate.sequences", "ablate.max_tokens", "ablate.seed", "ablate.sweeps", "ablate.custom",
             "ablate.precision",
         ),  # fmt: skip
-        speed=("ablate.batch_size", "ablate.logit_chunk", "ablate.prefix_reuse"),
+        speed=("ablate.batch_size", "ablate.logit_chunk", "ablate.prefix_reuse", "ablate.device"),
         outs=(
             "metrics/ablation/components.json", "metrics/ablation/layers.json",
             "metrics/ablation/types.json", "metrics/ablation/figure3.json",
@@ -216,7 +216,8 @@ STAGES: tuple[Stage, ...] = (
             "data/contexts/lora.features.parquet", "data/contexts/sae.features.parquet",
             "data/interp/lora.parquet", "data/interp/sae.parquet",
         ),  # fmt: skip
-        params=("steer", "evaluate.data", "evaluate.choice_seed"),
+        params=(*keys_of("steer", "device"), "evaluate.data", "evaluate.choice_seed"),
+        speed=("steer.device",),
         outs=("data/steer", "metrics/steer.json"),  # a curve per direction: the report's steering table
     ),
     Stage(

@@ -156,7 +156,9 @@ def data_stats(params: Params, throughput: dict[str, Any], prepared: Path | None
     rows = params.prepare.synthetic.n_train if src == "synthetic" else int(est["rows"])
     mean = min(float(est["mean_tokens"]), block)
     note = "estimated" if est.get("estimated") else "typical"
-    return Data(rows, int(rows * mean), min(int(est["max_tokens"]), block), f"{note} (pipelines/throughput.yaml)")
+    return Data(
+        rows, int(rows * mean), min(int(est["max_tokens"]), block), f"{note} (pipelines/throughput.yaml)"
+    )
 
 
 @dataclass
@@ -245,7 +247,9 @@ def plan(
         steps_tokens = data.tokens * ft.epochs
         if ft.max_steps > 0:
             steps_tokens = min(steps_tokens, ft.max_steps * ft.global_batch_size * mean_seq)
-        flops = steps_tokens * finetune_flops_per_token(arch, variant == "lora", ft.gradient_checkpointing, mean_seq)
+        flops = steps_tokens * finetune_flops_per_token(
+            arch, variant == "lora", ft.gradient_checkpointing, mean_seq
+        )
         e.seconds = flops / (launch.processes * device.flops_per_s(dtype, f"finetune_{variant}"))
         if variant == "lora":
             e.disk = 4 * p_lora + 2 * (4 * p_lora + 8 * p_lora)  # adapter + 2 checkpoints (weights + Adam)
@@ -294,8 +298,13 @@ def plan(
     e.memory["activations"] = max(train, kl)
     ref = 448 * 3584
     e.seconds = s.epochs * data.tokens / (device.sae_tokens_per_s * ref / (d_in * d_sae))
-    e.seconds += s.kl_sequences * 3 * seq * 2 * (P - arch.embedding_params) / device.flops_per_s(
-        _dtype(s.precision, device), "forward"
+    e.seconds += (
+        s.kl_sequences
+        * 3
+        * seq
+        * 2
+        * (P - arch.embedding_params)
+        / device.flops_per_s(_dtype(s.precision, device), "forward")
     )
     e.disk = 4 * sae_params + 16 * sae_params  # weights + the resumable checkpoint
     out.append(e)
@@ -403,11 +412,15 @@ def plan(
 def _decode_tokens_per_s(weight_bytes: float, batch: int, devices: int, dtype: str, device: Device) -> float:
     """Memory-bound decoding: each step reads the weights once for ``batch`` sequences (capped by compute)."""
     step_memory = weight_bytes / (devices * device.hbm_tb_s * 1e12 * device.bandwidth_efficiency)
-    step_compute = batch * weight_bytes / DTYPE_BYTES[dtype] * 2 / (devices * device.flops_per_s(dtype, "forward"))
+    step_compute = (
+        batch * weight_bytes / DTYPE_BYTES[dtype] * 2 / (devices * device.flops_per_s(dtype, "forward"))
+    )
     return batch / max(step_memory, step_compute)
 
 
-def run(params: Params, root: Path, device_name: str | None = None, prepared: Path | None = None) -> dict[str, Any]:
+def run(
+    params: Params, root: Path, device_name: str | None = None, prepared: Path | None = None
+) -> dict[str, Any]:
     """The plan as data: the architecture, data statistics, device and one entry per stage."""
     from lorascope.architectures import resolve
 
@@ -421,9 +434,7 @@ def run(params: Params, root: Path, device_name: str | None = None, prepared: Pa
         "architecture": {**asdict(arch), "params": arch.params, "source": arch_source},
         "data": asdict(data),
         "device": {"name": device.name, "memory_gib": device.memory_gib, "measured": device.measured},
-        "stages": [
-            {**asdict(e), "total_memory": e.total_memory, "gpu_hours": e.gpu_hours} for e in stages
-        ],
+        "stages": [{**asdict(e), "total_memory": e.total_memory, "gpu_hours": e.gpu_hours} for e in stages],
         "total_gpu_hours": sum(e.gpu_hours for e in stages),
     }
 
@@ -463,7 +474,19 @@ def render(result: dict[str, Any]) -> str:
         + ("" if dev["measured"] else " (throughput coefficients not measured yet: times are estimates)"),
         "",
     ]
-    head = ("stage", "devs", "weights", "grads", "optim", "activ.", "other", "total GiB", "disk", "time", "GPU-h")
+    head = (
+        "stage",
+        "devs",
+        "weights",
+        "grads",
+        "optim",
+        "activ.",
+        "other",
+        "total GiB",
+        "disk",
+        "time",
+        "GPU-h",
+    )
     rows = []
     for s in result["stages"]:
         m = dict(s["memory"])

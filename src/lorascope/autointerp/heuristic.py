@@ -118,12 +118,18 @@ class HeuristicClient:
     """A ``Client`` answering from the rules in this module, with zero token usage."""
 
     model = MODEL
+    backend = "heuristic"
 
-    def key_inputs(self, prompt: str, *, max_tokens: int, temperature: float | None) -> dict[str, Any]:
-        """The prompt and the rules' version: sampling parameters do not change a rule's answer."""
+    def key_inputs(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: Any = None
+    ) -> dict[str, Any]:
+        """The prompt and the rules' version: sampling parameters (and a reply schema: the rules
+        answer each prompt in its format anyway) do not change a rule's answer."""
         return {"backend": "heuristic", "model": MODEL, "version": VERSION, "prompt": prompt}
 
-    async def complete(self, prompt: str, *, max_tokens: int, temperature: float | None) -> Completion:
+    async def complete(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: Any = None
+    ) -> Completion:
         return Completion(text=_answer(prompt), input_tokens=0, output_tokens=0, model=MODEL)
 
 

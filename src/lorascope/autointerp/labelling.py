@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from lorascope.config import LlmClientSection
 from lorascope.llm.clients import CachedClient
+from lorascope.llm.structured import JsonSchema
 
 T = TypeVar("T")
 
@@ -50,6 +51,7 @@ def open_client(cfg: LlmClientSection) -> CachedClient:
             timeout_s=cfg.timeout_s,
             api_key_env=cfg.api_key_env,
             reasoning_effort=cfg.reasoning_effort,
+            structured_output=cfg.structured_output,
         )
     return CachedClient(client, DiskCache(cache_dir()))
 
@@ -68,10 +70,19 @@ class Answer:
     """The reply was cut at ``max_tokens`` (a failure: its partial text is in ``raw``, never parsed)."""
 
 
-async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: Callable[[str], T]) -> Answer:
+async def ask(
+    client: CachedClient,
+    cfg: LlmClientSection,
+    prompt: str,
+    parse: Callable[..., T],
+    schema: JsonSchema | None = None,
+) -> Answer:
     """Ask ``prompt`` and parse the reply; a reply that does not parse is re-asked once with the
     reason, and a second failure is returned as an error with the raw text (never raised). A reply cut
-    at ``max_tokens`` is a failed request (``truncated``), not re-asked: the same limit would cut it again."""
+    at ``max_tokens`` is a failed request (``truncated``), not re-asked: the same limit would cut it again.
+
+    With a ``schema`` (a JSON reply) the request asks for structured output and ``parse`` is called with
+    ``repair``: False when the server constrained the reply (strict JSON), True otherwise (json-repair)."""
     from lorascope.llm.completion import LlmError, TruncatedReply
 
     raws: list[str] = []
@@ -79,7 +90,9 @@ async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: C
     for attempt in range(2):
         text = prompt if attempt == 0 else prompt + REASK.format(reason=out.error)
         try:
-            done = await client.complete(text, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+            done = await client.complete(
+                text, max_tokens=cfg.max_tokens, temperature=cfg.temperature, schema=schema
+            )
         except LlmError as e:
             if isinstance(e, TruncatedReply):
                 raws.append(e.text)
@@ -94,9 +107,10 @@ async def ask(client: CachedClient, cfg: LlmClientSection, prompt: str, parse: C
         raws.append(done.text)
         out.raw = "\n---\n".join(raws)  # every reply, so a failure shows what was said
         try:
-            out.value, out.error = parse(done.text), None
+            value = parse(done.text) if schema is None else parse(done.text, repair=not done.structured)
+            out.value, out.error = value, None
             return out
-        except ValueError as e:  # ParseError, JsonRepairError
+        except ValueError as e:  # ParseError, JsonReplyError
             out.error = " ".join(str(e).split())[:200]
     out.error = f"unparseable after a re-ask: {out.error}"
     return out

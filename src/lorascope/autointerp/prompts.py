@@ -2,7 +2,8 @@
 
 The templates are package data under ``prompts/``. They contain literal JSON braces, so they are filled by
 substituting the exact placeholder strings, never with ``str.format``. Each parser raises ``ParseError``
-with a one-line reason, which the stage records beside the raw reply.
+with a one-line reason, which the stage records beside the raw reply. ``SCHEMAS`` holds the JSON schema of
+each JSON reply, sent as structured output where the backend supports it; the B.2b reply is a bare id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from lorascope.llm.repair import JsonRepairError, parse_json
+from lorascope.llm.structured import JsonReplyError, JsonSchema, parse_json
 
 TemplateName = Literal["explain", "categories", "categorize", "detect"]
 
@@ -65,6 +66,61 @@ class Category:
     name: str
     definition: str
     examples: list[str]
+
+
+def _object(properties: dict[str, dict]) -> dict:
+    """A JSON schema object in the subset every structured-output backend accepts: all keys required."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+_TEXT = {"type": "string"}
+LABEL_SCHEMA = JsonSchema(
+    "feature_explanation",
+    _object(
+        {
+            "explanation": _TEXT,
+            "classification": {"type": "integer", "enum": [0, 1, 2]},
+            "classification_reasoning": _TEXT,
+        }
+    ),
+)
+"""The B.1 reply."""
+CATEGORIES_SCHEMA = JsonSchema(
+    "feature_categories",
+    _object(
+        {
+            "categories": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "string_id": _TEXT,
+                        "name": _TEXT,
+                        "definition": _TEXT,
+                        "examples": {"type": "array", "items": _TEXT},
+                    }
+                ),
+            },
+            "summary": _TEXT,
+        }
+    ),
+)
+"""The B.2a reply (how many categories, snake_case ids and unique ids are checked by ``parse_categories``)."""
+DETECTION_SCHEMA = JsonSchema(
+    "snippet_matches", _object({"matches": {"type": "array", "items": {"type": "integer"}}})
+)
+"""The detection reply."""
+SCHEMAS: dict[TemplateName, JsonSchema | None] = {
+    "explain": LABEL_SCHEMA,
+    "categories": CATEGORIES_SCHEMA,
+    "categorize": None,  # "Reply with ONLY the category string_id": text, as the paper asks
+    "detect": DETECTION_SCHEMA,
+}
+"""Each template's reply schema (None: a text reply)."""
 
 
 class ParseError(ValueError):
@@ -152,9 +208,10 @@ def detection_prompt(explanation: str, snippets: list[str]) -> str:
     return _fill("detect", {"{explanation}": explanation, "{snippets}": lines})
 
 
-def parse_label(text: str) -> Label:
-    """The B.1 reply; ``classification`` may come as a number or a digit string."""
-    reply = _json_object(text)
+def parse_label(text: str, *, repair: bool = True) -> Label:
+    """The B.1 reply; ``classification`` may come as a number or a digit string. ``repair``: read free
+    text with json-repair (False for a structured reply: strict JSON)."""
+    reply = _json_object(text, repair)
     classification = _as_int(_get(reply, "classification"))
     if classification not in (0, 1, 2):
         raise ParseError(f"classification must be 0, 1 or 2, got {reply['classification']!r}")
@@ -165,9 +222,9 @@ def parse_label(text: str) -> Label:
     )
 
 
-def parse_categories(text: str, min_n: int, max_n: int) -> list[Category]:
+def parse_categories(text: str, min_n: int, max_n: int, *, repair: bool = True) -> list[Category]:
     """The B.2a reply: between ``min_n`` and ``max_n`` categories with unique snake_case ids."""
-    items = _get(_json_object(text), "categories")
+    items = _get(_json_object(text, repair), "categories")
     if not isinstance(items, list):
         raise ParseError("'categories' must be a list")
     if not min_n <= len(items) <= max_n:
@@ -206,9 +263,9 @@ def parse_category_id(text: str, valid: list[str]) -> str:
     raise ParseError(f"reply {_excerpt(text)} is not one of the categories ({', '.join(valid)})")
 
 
-def parse_detection(text: str, n: int) -> list[bool]:
+def parse_detection(text: str, n: int, *, repair: bool = True) -> list[bool]:
     """The detection reply ``{"matches": [...]}`` as a mask over the ``n`` snippets."""
-    matches = _get(_json_object(text), "matches")
+    matches = _get(_json_object(text, repair), "matches")
     if not isinstance(matches, list):
         raise ParseError("'matches' must be a list of snippet numbers")
     mask = [False] * n
@@ -238,10 +295,10 @@ def _show_token(token: str) -> str:
     return _escape_newlines(stripped) if stripped else repr(token)
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str, repair: bool) -> dict:
     try:
-        value = parse_json(text)
-    except JsonRepairError as err:
+        value = parse_json(text, repair=repair)
+    except JsonReplyError as err:
         raise ParseError(f"no usable JSON: {err.reason}") from err
     if not isinstance(value, dict):
         raise ParseError("expected a JSON object, got an array")

@@ -137,15 +137,21 @@ async def _label_all(
     params: Params, source: str, features: list[Feature], client: Any
 ) -> list[dict[str, Any]]:
     from lorascope.autointerp.labelling import ask
-    from lorascope.autointerp.prompts import detection_prompt, explain_prompt, parse_detection, parse_label
+    from lorascope.autointerp.prompts import (
+        DETECTION_SCHEMA,
+        LABEL_SCHEMA,
+        detection_prompt,
+        explain_prompt,
+        parse_detection,
+        parse_label,
+    )
     from lorascope.llm.clients import run_all
-    from lorascope.llm.pricing import estimate_cost
 
     cfg = params.autointerp
 
     async def label(f: Feature) -> dict[str, Any]:
         layer, component = layer_component(f.name)
-        got = await ask(client, cfg, explain_prompt(f.top, f.max_act), parse_label)
+        got = await ask(client, cfg, explain_prompt(f.top, f.max_act), parse_label, LABEL_SCHEMA)
         row: dict[str, Any] = {
             "source": source, "feature": f.id, "feature_name": f.name, "sign": f.sign, "layer": layer,
             "component": component, "explanation": None, "classification": None, "class_reasoning": None,
@@ -164,7 +170,7 @@ async def _label_all(
                 texts, truth = [s for s, _ in snippets], [t for _, t in snippets]
                 det = await ask(
                     client, cfg, detection_prompt(got.value.explanation, texts),
-                    partial(parse_detection, n=len(texts)),
+                    partial(parse_detection, n=len(texts)), DETECTION_SCHEMA,
                 )  # fmt: skip
                 tokens = [tokens[0] + det.input_tokens, tokens[1] + det.output_tokens]
                 row["cached"] = row["cached"] and det.cached
@@ -175,7 +181,7 @@ async def _label_all(
                 else:
                     row["error"] = f"detection: {det.error}"
         row["input_tokens"], row["output_tokens"] = tokens
-        row["cost_usd"] = estimate_cost(client.model, *tokens)
+        row["cost_usd"] = client.price(*tokens).usd
         return row
 
     results = await run_all(features, label, cfg.concurrency, f"autointerp {source}")
@@ -233,6 +239,8 @@ def run(params: Params, source: str) -> Path:
     }  # fmt: skip
     if cfg.backend == "heuristic":
         tags["autointerp.note"] = "heuristic baseline: labels from token statistics, not an LLM"
+    else:
+        tags["autointerp.structured_output"] = str(cfg.structured_output).lower()
     with stage_run("autointerp", params, inputs=[ctx_path, feat_path], run_name=source, tags=tags) as sr:
         mlflow.set_tag("contexts.digest", sr.inputs_md5[ctx_path])
         rows = asyncio.run(_label_all(params, source, features, client))
@@ -250,9 +258,11 @@ def run(params: Params, source: str) -> Path:
             "label_set_input_tokens": sum(r["input_tokens"] for r in rows),
             "label_set_output_tokens": sum(r["output_tokens"] for r in rows),
         }  # fmt: skip
-        cost = client.cost_usd()
-        if cost is not None:
-            metrics["cost_usd"] = cost
+        cost = client.price(client.input_tokens, client.output_tokens)
+        if cost.usd is not None:
+            metrics["cost_usd"] = cost.usd
+        else:  # unpriced (genai-prices): say why rather than log 0
+            mlflow.set_tag("autointerp.cost_note", cost.reason)
         metrics["truncated"] = sum(r.get("truncated", 0) for r in rows)  # replies cut at max_tokens
         metrics.update(latent_counts(feat_path))
         for c in (0, 1, 2):

@@ -15,7 +15,12 @@ from functools import partial
 from typing import Any
 
 from lorascope.autointerp.labelling import Answer, ask
-from lorascope.autointerp.prompts import Category, category_generation_prompt, parse_categories
+from lorascope.autointerp.prompts import (
+    CATEGORIES_SCHEMA,
+    Category,
+    category_generation_prompt,
+    parse_categories,
+)
 from lorascope.config import LlmClientSection
 from lorascope.llm.clients import CachedClient
 
@@ -46,7 +51,8 @@ async def generate(
 ) -> Answer:
     """Ask the B.2a prompt over ``explanations``; the answer's value is a list of ``Category``."""
     prompt = category_generation_prompt(explanations)
-    return await ask(client, cfg, prompt, partial(parse_categories, min_n=min_n, max_n=max_n))
+    parse = partial(parse_categories, min_n=min_n, max_n=max_n)
+    return await ask(client, cfg, prompt, parse, CATEGORIES_SCHEMA)
 
 
 def category_dict(category: Category) -> dict[str, Any]:

@@ -154,6 +154,9 @@ def run(params: Params) -> Path:
     }
     if "heuristic" in (cfg.generate.backend, cfg.assign.backend):
         tags["categorize.note"] = "heuristic baseline: categories from token classes, not an LLM"
+    for role, section in (("generate", cfg.generate), ("assign", cfg.assign)):
+        if section.backend != "heuristic":
+            tags[f"categorize.{role}.structured_output"] = str(section.structured_output).lower()
     inputs = [label_path(s) for s in sources] + [contexts_path(s) for s in sources]
     inputs += [store.root for store in stores.values()]
     if "sae" in sources:
@@ -284,6 +287,9 @@ def run(params: Params) -> Path:
         costs = [c.cost_usd() if c.requests else 0.0 for c in clients]
         if None not in costs:
             metrics["cost_usd"] = sum(costs)
+        else:  # unpriced (genai-prices): say why rather than log 0
+            notes = {c.cost_note() for c in clients if c.requests and c.cost_usd() is None}
+            mlflow.set_tag("categorize.cost_note", "; ".join(sorted(n for n in notes if n)))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="categories")
     return out

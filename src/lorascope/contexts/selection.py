@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorascope.config import ContextsSection
+from lorascope.extract.exclusion import REASONS
 
 GROUPS = ("top", "quantile", "random")
 BLOCK_TOKENS = 32768
@@ -57,7 +58,9 @@ class Selector:
     """Selection state for ``n_features`` features x ``signs``; ``state`` is a dict of tensors on
     ``device`` (where ``update`` expects the shard and the encoder to be)."""
 
-    def __init__(self, n_features: int, signs: tuple[int, ...], cfg: ContextsSection, device: Any = "cpu") -> None:
+    def __init__(
+        self, n_features: int, signs: tuple[int, ...], cfg: ContextsSection, device: Any = "cpu"
+    ) -> None:
         import torch
 
         self.n_features, self.signs, self.cfg = n_features, signs, cfg
@@ -78,6 +81,9 @@ class Selector:
             "sumsq": torch.zeros(F, dtype=torch.float64, device=dev),
             "min": torch.full((F,), float("inf"), device=dev),
             "max": torch.full((F,), float("-inf"), device=dev),
+            # tokens left out by the exclusion policy: in all, and per reason (reasons may overlap)
+            "excluded": torch.zeros((), dtype=torch.long, device=dev),
+            **{f"excluded.{r}": torch.zeros((), dtype=torch.long, device=dev) for r in REASONS},
         }
         for g, n in self.sizes.items():
             self.state[f"{g}.score"] = torch.full((S, F, n), float("-inf"), device=dev)
@@ -94,12 +100,23 @@ class Selector:
         return self
 
     # ------------------------------------------------------------------------------- one shard
-    def update(self, shard: ShardView, encode: Encoder | None, keys_T: Any) -> None:
-        """Fold one shard into the state."""
+    def update(
+        self, shard: ShardView, encode: Encoder | None, keys_T: Any, excluded: dict[str, Any] | None = None
+    ) -> None:
+        """Fold one shard into the state. ``excluded``: per reason, the tokens the exclusion policy
+        leaves out (bool ``[T]`` on the device): never selected (top, quantile or random) and not in
+        the statistics; they still appear inside their neighbours' windows."""
         import torch
 
         S, F, T = len(self.signs), self.n_features, shard.ids_T.shape[0]
         dev = self.device
+        st = self.state
+        out_T = torch.zeros(T, dtype=torch.bool, device=dev)
+        for reason, mask in (excluded or {}).items():
+            st[f"excluded.{reason}"] += mask.sum()
+            out_T |= mask
+        st["excluded"] += out_T.sum()
+        excluding = bool(out_T.any())
         best = {
             g: (
                 torch.full((S, F, n), float("-inf"), device=dev),
@@ -109,32 +126,41 @@ class Selector:
             if n
         }
         thr, chunk = self.cfg.active_threshold, self.cfg.feature_chunk
-        st = self.state
         for b0 in range(0, T, BLOCK_TOKENS):
             b1 = min(T, b0 + BLOCK_TOKENS)
             block = shard.acts_TC[b0:b1].float()
             feats_bF = encode(block) if encode is not None else block
             key_b = keys_T[b0:b1].to(dev)
+            out_b = out_T[b0:b1]
             for f0 in range(0, F, chunk):
                 f1 = min(F, f0 + chunk)
                 raw_fb = feats_bF[:, f0:f1].T.contiguous()
+                lo_fb = hi_fb = raw_fb
+                if excluding:  # 0 adds nothing to the sums; +-inf never wins a min, max or top-k
+                    raw_fb = raw_fb.masked_fill(out_b, 0.0)
+                    lo_fb = raw_fb.masked_fill(out_b, float("inf"))
+                    hi_fb = raw_fb.masked_fill(out_b, float("-inf"))
+                st["min"][f0:f1] = torch.minimum(st["min"][f0:f1], lo_fb.amin(1))
+                st["max"][f0:f1] = torch.maximum(st["max"][f0:f1], hi_fb.amax(1))
                 st["nonzero"][f0:f1] += (raw_fb != 0).sum(1)
                 st["sum"][f0:f1] += raw_fb.sum(1, dtype=torch.float64)
                 st["sumsq"][f0:f1] += raw_fb.square().sum(1, dtype=torch.float64)
-                st["min"][f0:f1] = torch.minimum(st["min"][f0:f1], raw_fb.amin(1))
-                st["max"][f0:f1] = torch.maximum(st["max"][f0:f1], raw_fb.amax(1))
                 for si, sign in enumerate(self.signs):
-                    active_fb = raw_fb > thr if sign > 0 else raw_fb < -thr
+                    active_fb = raw_fb > thr if sign > 0 else raw_fb < -thr  # excluded: 0, never active
                     st["active"][si, f0:f1] += active_fb.sum(1)
 
                     if "top" in best:  # the most negative values for the negative sign: no negated copy
-                        v, i = raw_fb.topk(min(self.sizes["top"], b1 - b0), dim=1, largest=sign > 0)
+                        ranked = hi_fb if sign > 0 else lo_fb
+                        v, i = ranked.topk(min(self.sizes["top"], b1 - b0), dim=1, largest=sign > 0)
                         _keep_best(*best["top"], (si, slice(f0, f1)), v if sign > 0 else -v, i + b0)
                     if "quantile" in best or "random" in best:
                         # one tensor serves both samples: active tokens score -key in (-1, 0], the others
                         # key - 2 in [-2, -1); the largest are the active tokens with the smallest keys,
-                        # the smallest the inactive tokens with the smallest keys
+                        # the smallest the inactive tokens with the smallest keys; excluded tokens score
+                        # -1, which neither sample keeps
                         s_fb = torch.where(active_fb, -key_b, key_b - 2)
+                        if excluding:
+                            s_fb = s_fb.masked_fill(out_b, -1.0)
                         if "quantile" in best:
                             v, i = s_fb.topk(min(self.sizes["quantile"], b1 - b0), dim=1)
                             quantile = torch.where(v > -1, v, float("-inf"))
@@ -143,7 +169,7 @@ class Selector:
                             v, i = s_fb.topk(min(self.sizes["random"], b1 - b0), dim=1, largest=False)
                             negatives = torch.where(v < -1, -(v + 2), float("-inf"))
                             _keep_best(*best["random"], (si, slice(f0, f1)), negatives, i + b0)
-        st["tokens"] += T
+        st["tokens"] += T - out_T.sum()
         for g, (score, pos) in best.items():
             self._merge(g, shard, encode, score, pos)
 

@@ -13,12 +13,18 @@ table):
 a dead latent has no row in either table, and how many were left out is the run's ``dead_latents_skipped``
 metric and, with the live count, the features table's parquet metadata (``LATENTS_KEY``).
 
+Tokens the ``contexts.exclude`` policy names (first positions, special tokens, a norm cut: outliers such
+as attention sinks) are never selected and not counted in the statistics (``tokens`` is the kept
+count); how many were left out, per reason, is in the run's ``excluded_*`` metrics and the features
+table's metadata (``EXCLUDED_KEY``).
+
 The selection state is saved after every shard to ``checkpoints/contexts/<source>.pt``; a killed run
 resumes there and ends with the same tables.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +76,9 @@ FEATURES_SCHEMA = pa.schema(
 
 LATENTS_KEY = b"lorascope.latents"
 """Features-table metadata of an SAE source: JSON ``{"d_sae", "alive", "dead"}`` (live latents kept)."""
+EXCLUDED_KEY = b"lorascope.excluded"
+"""Features-table metadata: JSON ``{"excluded", "first_position", "special_tokens", "norm"}``, the
+store's tokens the ``contexts.exclude`` policy left out (in all, and per reason; reasons may overlap)."""
 
 
 def out_paths(source: str) -> tuple[Path, Path]:
@@ -122,6 +131,9 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     from lorascope.base.load import load_tokenizer
     from lorascope.contexts.tokens import TokenRenderer
     from lorascope.devices import prefetched, resolve_device
+    from lorascope.errors import LorascopeError
+    from lorascope.extract.exclusion import REASONS, Exclusion
+    from lorascope.extract.outliers import document_starts
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 
@@ -146,6 +158,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     start_shard = _load_checkpoint(ckpt, fingerprint, selector)
     store = features.store
     shards = store.shards
+    exclusion = Exclusion.of(store, cfg.exclude, "contexts.exclude")
     with stage_run(
         "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
     ) as tr:
@@ -154,22 +167,31 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
         for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
             lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
             view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
-            selector.update(view, features.encode, token_keys(cfg.seed, shard))
+            excluded = exclusion.reasons(acts_TC, view.ids_T, document_starts(store, shard))
+            selector.update(view, features.encode, token_keys(cfg.seed, shard), excluded)
             _save_checkpoint(ckpt, fingerprint, selector, shard.index + 1)
             if on_shard is not None:
                 on_shard(shard)
         elapsed = time.perf_counter() - started
         scanned = sum(s.tokens for s in shards[start_shard:])
         selector.to("cpu")
+        excluded = {"excluded": int(selector.state["excluded"])}
+        excluded |= {r: int(selector.state[f"excluded.{r}"]) for r in REASONS}
+        if int(selector.state["tokens"]) == 0 and excluded["excluded"]:
+            by = ", ".join(f"{r} {excluded[r]}" for r in REASONS)
+            raise LorascopeError(
+                f"contexts.exclude: leaves no tokens in {store.root} ({excluded['excluded']} of {store.tokens} "
+                f"excluded: {by})"
+            )
         contexts_path, features_path = out_paths(source)
         table = contexts_table(selector, features, renderer)
         stats = features_table(selector, features)
+        meta = {EXCLUDED_KEY: json.dumps(excluded, sort_keys=True).encode()}
         if source == "sae":
-            import json
-
             counts = {"d_sae": len(features.features) + features.dead, "alive": len(features.features),
                       "dead": features.dead}  # fmt: skip
-            stats = stats.replace_schema_metadata({LATENTS_KEY: json.dumps(counts).encode()})
+            meta[LATENTS_KEY] = json.dumps(counts).encode()
+        stats = stats.replace_schema_metadata(meta)
         _write_parquet(contexts_path, table)
         _write_parquet(features_path, stats)
         metrics = {
@@ -178,6 +200,8 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
             "rows": float(table.num_rows),
             "dead_features": float(sum(1 for d in stats.column("density").to_pylist() if d == 0)),
             "dead_latents_skipped": float(features.dead),
+            "excluded_tokens": float(excluded["excluded"]),
+            **{f"excluded_{r}": float(excluded[r]) for r in REASONS},
             "resumed_from_shard": float(start_shard),
         }
         if scanned and elapsed > 0:

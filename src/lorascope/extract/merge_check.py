@@ -68,7 +68,11 @@ class MergeReport:
     @property
     def kl_fraction(self) -> float:
         """KL(P_lora || P_merged) / KL(P_lora || P_base): the share of the adapter's effect merging lost."""
-        return self.kl_merged / self.kl_base if self.kl_base > 0 else (0.0 if self.kl_merged <= 0 else float("inf"))
+        return (
+            self.kl_merged / self.kl_base
+            if self.kl_base > 0
+            else (0.0 if self.kl_merged <= 0 else float("inf"))
+        )
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics (``merge_check.*``)."""
@@ -149,7 +153,9 @@ def _pass(
     return (torch.cat(acts) if acts else None), logits_list, kl
 
 
-def measure(peft_model: Any, recorder_lora: Recorder, check: MergeCheck, device: Any) -> tuple[Any, MergeReport, Any]:
+def measure(
+    peft_model: Any, recorder_lora: Recorder, check: MergeCheck, device: Any
+) -> tuple[Any, MergeReport, Any]:
     """Run the check on ``peft_model`` (unmerged, then merged in place). Returns ``(merged model,
     report, its pre-hook Recorder)``; the caller reloads the unmerged model when the check fails."""
     import torch

@@ -3,8 +3,10 @@
 The shard plan is fixed by the document lengths, so work is split by shard: under ``accelerate
 launch`` process r extracts shards r, r + world, ... Shards are written into
 ``checkpoints/extract/<source>/`` (atomically); a re-run with the same inputs and params skips the
-complete ones. When every shard is there, rank 0 writes ``index.json`` and moves the directory into
-place.
+complete ones. When every shard is there, rank 0 writes the outlier record (``outliers.json``: per
+component the max / median |activation| and the tokens over ``extract.outlier_ratio`` x median, see
+``lorascope.extract.outliers``), then ``index.json`` (with the tokenizer's special token ids, which the
+``exclude`` policies of later stages read), and moves the directory into place.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def read_documents(prepared: Path) -> tuple[list[str], list[list[int]]]:
     return ids, docs
 
 
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's special tokens (the chat template's ``<|im_start|>``, ``<|im_end|>``, ...):
+    what ``exclude.special_tokens`` leaves out downstream."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted(set(tokenizer.all_special_ids) | {int(i) for i, t in added.items() if t.special})
+
+
 def _prepare_work(work: Path, fingerprint: dict[str, Any]) -> None:
     """Keep complete shards of the same run; start over when params or inputs changed."""
     marker = work.with_name(f"{work.name}.fingerprint.json")
@@ -76,7 +85,9 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     import torch
     from accelerate import PartialState
 
-    from lorascope.base.load import model_name
+    from lorascope.base.load import load_tokenizer, model_name
+    from lorascope.extract import outliers
+    from lorascope.extract.store import FORMAT, Store
     from lorascope.extract.extractor import Extractor, compute_dtype
     from lorascope.extract.merge_check import MergeCheck, check_tokens
     from lorascope.progress import track
@@ -162,7 +173,13 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
                 "tokens": starts[-1],
                 "documents": [[d, s, len(t)] for d, s, t in zip(doc_ids, starts[:-1], docs, strict=True)],
                 "shards": [s.to_json() for s in plan],
+                "special_token_ids": special_token_ids(tokenizer := load_tokenizer(base_dir)),
             }
+            record = outliers.record(  # before the index, whose presence marks a finished store
+                Store(work, {"format": FORMAT, **index}), cfg.outlier_ratio, tokenizer.convert_ids_to_tokens,
+                state.device,
+            )
+            write_json(work / outliers.FILE, record)
             write_index(work, index)
             metrics = {
                 "tokens": float(starts[-1]),
@@ -175,9 +192,12 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
             }
             if extracted:
                 metrics["tokens_per_second_rank0"] = extracted / elapsed
-            mlflow.log_params({"source": source, "compute_dtype": index["precision"], "method_used": extractor.method})
+            mlflow.log_params(
+                {"source": source, "compute_dtype": index["precision"], "method_used": extractor.method}
+            )
             if extractor.merge_report is not None:
                 metrics |= extractor.merge_report.metrics()
+            metrics |= outliers.metrics(record)
             mlflow.log_metrics(metrics)
             if out.exists():
                 shutil.rmtree(out)

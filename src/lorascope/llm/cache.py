@@ -58,6 +58,7 @@ class DiskCache:
                 output_tokens=answer["output_tokens"],
                 model=answer["model"],
                 cached=True,
+                structured=answer.get("structured", False),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -73,6 +74,7 @@ class DiskCache:
                 "input_tokens": completion.input_tokens,
                 "output_tokens": completion.output_tokens,
                 "model": completion.model,
+                "structured": completion.structured,
             },
         }
         write_text(self.path(key), json.dumps(entry, indent=1, sort_keys=True) + "\n")

@@ -8,11 +8,19 @@ less up to 25 % jitter, unless the server says how long to wait: a positive ``re
 not retried). Each attempt carries an ``x-stainless-retry-count`` header, and the raw response's
 ``retries_taken`` becomes ``Completion.retries``. ``timeout_s`` is httpx's per-attempt limit on each
 phase (connect, write, and each read, in practice the wait for the answer), not on the whole call.
+
+Structured output: a request with a ``JsonSchema`` carries it where the backend can constrain its reply
+(OpenAI and compatible servers: ``response_format`` ``json_schema``, which vLLM serves by guided decoding;
+Anthropic: the schema as the one tool, forced with ``tool_choice``, whose ``input`` becomes the reply's
+text), and the ``Completion`` says so (``structured``), so the caller reads it without repair. With
+``structured_output=False`` (an ``openai-compatible`` server without ``json_schema`` support) the schema
+is not sent and the reply is free text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +40,8 @@ from rich.progress import (
 
 from lorascope.llm.cache import CacheKey, DiskCache
 from lorascope.llm.completion import Completion, LlmError, TruncatedReply
-from lorascope.llm.pricing import estimate_cost
+from lorascope.llm.pricing import Price, price
+from lorascope.llm.structured import JsonSchema
 
 __all__ = [
     "Backend", "CachedClient", "Client", "Completion", "LlmError", "TruncatedReply", "make_client", "run_all",
@@ -57,12 +66,17 @@ class Client(Protocol):
 
     model: str
 
-    def key_inputs(self, prompt: str, *, max_tokens: int, temperature: float | None) -> dict[str, Any]:
+    def key_inputs(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> dict[str, Any]:
         """Everything that determines the answer (never credentials): what ``CachedClient`` keys on."""
         ...
 
-    async def complete(self, prompt: str, *, max_tokens: int, temperature: float | None) -> Completion:
-        """The answer; raises ``LlmError`` when the request fails after retries."""
+    async def complete(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> Completion:
+        """The answer (constrained to ``schema`` where the backend can); raises ``LlmError`` when the
+        request fails after retries."""
         ...
 
 
@@ -75,13 +89,15 @@ def make_client(
     timeout_s: float = 120,
     api_key_env: str | None = None,
     reasoning_effort: str | None = None,
+    structured_output: bool = True,
 ) -> Client:
     """A client for ``backend``; the API key comes only from the environment (``api_key_env``).
 
     Default variables: ``OPENAI_API_KEY`` (both OpenAI backends) and ``ANTHROPIC_API_KEY``. The
     ``openai-compatible`` backend needs ``base_url`` and, when the default variable is unset, sends
     ``EMPTY`` (what ``vllm serve`` without ``--api-key`` accepts). ``reasoning_effort`` is the OpenAI
-    chat parameter (e.g. ``minimal`` for gpt-5 models).
+    chat parameter (e.g. ``minimal`` for gpt-5 models). ``structured_output``: send a request's JSON
+    schema (false for a server that does not support ``response_format`` ``json_schema``).
     """
     if backend not in _KEY_ENV:
         raise LlmError(f"unknown LLM backend {backend!r}; expected one of {', '.join(_KEY_ENV)}")
@@ -96,8 +112,10 @@ def make_client(
     if api_key is None:
         raise LlmError(f"{env} is not set (needed by the {backend} backend)")
     if backend == "anthropic":
-        return AnthropicClient(model, base_url, api_key, max_retries, timeout_s)
-    return OpenAIClient(backend, model, base_url, api_key, max_retries, timeout_s, reasoning_effort)
+        return AnthropicClient(model, base_url, api_key, max_retries, timeout_s, structured_output)
+    return OpenAIClient(
+        backend, model, base_url, api_key, max_retries, timeout_s, structured_output, reasoning_effort
+    )
 
 
 class _SdkClient(ABC, Generic[S]):
@@ -107,12 +125,19 @@ class _SdkClient(ABC, Generic[S]):
     backend: Backend
 
     def __init__(
-        self, model: str, base_url: str | None, api_key: str, max_retries: int, timeout_s: float
+        self,
+        model: str,
+        base_url: str | None,
+        api_key: str,
+        max_retries: int,
+        timeout_s: float,
+        structured_output: bool = True,
     ) -> None:
         self.model = model
         self.base_url = base_url
         self.max_retries = max_retries
         self.timeout_s = timeout_s
+        self.structured_output = structured_output
         self._api_key = api_key
         self._sdk_by_loop: dict[asyncio.AbstractEventLoop, S] = {}
 
@@ -134,24 +159,30 @@ class _SdkClient(ABC, Generic[S]):
         """An SDK client with this client's key, base URL, retries and timeout."""
 
     @abstractmethod
-    def _params(self, prompt: str, max_tokens: int, temperature: float | None) -> dict[str, Any]:
-        """The SDK call's keyword arguments."""
+    def _params(
+        self, prompt: str, max_tokens: int, temperature: float | None, schema: JsonSchema | None
+    ) -> dict[str, Any]:
+        """The SDK call's keyword arguments (the schema among them when ``structured_output``)."""
 
     @abstractmethod
     async def _send(self, params: dict[str, Any]) -> Completion:
         """Make the call; SDK exceptions propagate (``complete`` words them)."""
 
-    def key_inputs(self, prompt: str, *, max_tokens: int, temperature: float | None) -> dict[str, Any]:
-        """Backend, base URL and the exact request parameters (model, messages, sampling)."""
+    def key_inputs(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> dict[str, Any]:
+        """Backend, base URL and the exact request parameters (model, messages, sampling, schema)."""
         return {
             "backend": self.backend,
             "base_url": self.base_url,
-            "params": self._params(prompt, max_tokens, temperature),
+            "params": self._params(prompt, max_tokens, temperature, schema),
         }
 
-    async def complete(self, prompt: str, *, max_tokens: int, temperature: float | None) -> Completion:
+    async def complete(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> Completion:
         try:
-            return await self._send(self._params(prompt, max_tokens, temperature))
+            return await self._send(self._params(prompt, max_tokens, temperature, schema))
         except (openai.OpenAIError, anthropic.AnthropicError) as err:
             raise LlmError(self._describe(err)) from err
 
@@ -181,9 +212,10 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
         api_key: str,
         max_retries: int,
         timeout_s: float,
+        structured_output: bool,
         reasoning_effort: str | None,
     ) -> None:
-        super().__init__(model, base_url, api_key, max_retries, timeout_s)
+        super().__init__(model, base_url, api_key, max_retries, timeout_s, structured_output)
         self.backend = backend
         self.reasoning_effort = reasoning_effort
 
@@ -195,7 +227,9 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
             timeout=self.timeout_s,
         )
 
-    def _params(self, prompt: str, max_tokens: int, temperature: float | None) -> dict[str, Any]:
+    def _params(
+        self, prompt: str, max_tokens: int, temperature: float | None, schema: JsonSchema | None
+    ) -> dict[str, Any]:
         """Reasoning models (gpt-5*, o-series) take ``max_completion_tokens`` and only the default
         temperature, so a requested one is dropped for them (and so is not part of the cache key)."""
         params: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
@@ -207,6 +241,8 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
                 params["temperature"] = temperature
         if self.reasoning_effort is not None:
             params["reasoning_effort"] = self.reasoning_effort
+        if schema is not None and self.structured_output:
+            params["response_format"] = schema.openai_response_format()
         return params
 
     async def _send(self, params: dict[str, Any]) -> Completion:
@@ -223,6 +259,9 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
                 usage.prompt_tokens if usage else 0,
                 usage.completion_tokens if usage else 0,
             )
+        refusal = getattr(choice.message, "refusal", None) if choice is not None else None
+        if refusal:  # structured outputs: the model declined, with a reason instead of content
+            raise LlmError(_one_line(f"{self.backend} {self.model}: refused: {refusal}"))
         if choice is None or not choice.message.content:
             reason = choice.finish_reason if choice else "no choices"
             raise LlmError(f"{self.backend} {self.model}: empty reply (finish_reason: {reason})")
@@ -232,6 +271,7 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
             output_tokens=usage.completion_tokens if usage else 0,
             model=response.model,
             retries=raw.retries_taken,
+            structured="response_format" in params,
         )
 
 
@@ -248,9 +288,12 @@ class AnthropicClient(_SdkClient[anthropic.AsyncAnthropic]):
             timeout=self.timeout_s,
         )
 
-    def _params(self, prompt: str, max_tokens: int, temperature: float | None) -> dict[str, Any]:
+    def _params(
+        self, prompt: str, max_tokens: int, temperature: float | None, schema: JsonSchema | None
+    ) -> dict[str, Any]:
         """``temperature`` travels in ``extra_body``: anthropic 1.0 dropped the sampling keywords (the API
-        deprecates them; newer models accept only the default) while older models still honour it."""
+        deprecates them; newer models accept only the default) while older models still honour it. A
+        schema becomes the request's one tool, forced with ``tool_choice`` (Anthropic's structured output)."""
         params: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens,
@@ -258,12 +301,20 @@ class AnthropicClient(_SdkClient[anthropic.AsyncAnthropic]):
         }
         if temperature is not None:
             params["extra_body"] = {"temperature": temperature}
+        if schema is not None and self.structured_output:
+            params["tools"] = [schema.anthropic_tool()]
+            params["tool_choice"] = {"type": "tool", "name": schema.name}
         return params
 
     async def _send(self, params: dict[str, Any]) -> Completion:
         raw = await self._sdk().messages.with_raw_response.create(**params)
         message = await raw.parse()
-        text = "".join(block.text for block in message.content if block.type == "text")
+        tool = params["tool_choice"]["name"] if "tool_choice" in params else None
+        calls = [b for b in message.content if b.type == "tool_use" and b.name == tool]
+        if calls:  # the forced tool call: its input is the answer, serialised as the reply's text
+            text = json.dumps(calls[0].input, ensure_ascii=False)
+        else:  # no tool requested, or a server that ignored it: free text (read with repair)
+            text = "".join(block.text for block in message.content if block.type == "text")
         if message.stop_reason == "max_tokens":
             raise TruncatedReply(
                 f"anthropic {self.model}: reply cut at the completion-token limit ({params['max_tokens']}; "
@@ -280,6 +331,7 @@ class AnthropicClient(_SdkClient[anthropic.AsyncAnthropic]):
             output_tokens=message.usage.output_tokens,
             model=message.model,
             retries=raw.retries_taken,
+            structured=bool(calls),
         )
 
 
@@ -303,18 +355,26 @@ class CachedClient:
         self.output_tokens = 0
         self.truncated = 0
 
-    def key_inputs(self, prompt: str, *, max_tokens: int, temperature: float | None) -> dict[str, Any]:
-        return self.client.key_inputs(prompt, max_tokens=max_tokens, temperature=temperature)
+    def key_inputs(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> dict[str, Any]:
+        return self.client.key_inputs(prompt, max_tokens=max_tokens, temperature=temperature, schema=schema)
 
-    async def complete(self, prompt: str, *, max_tokens: int, temperature: float | None) -> Completion:
-        key = CacheKey.of(self.key_inputs(prompt, max_tokens=max_tokens, temperature=temperature))
+    async def complete(
+        self, prompt: str, *, max_tokens: int, temperature: float | None, schema: JsonSchema | None = None
+    ) -> Completion:
+        key = CacheKey.of(
+            self.key_inputs(prompt, max_tokens=max_tokens, temperature=temperature, schema=schema)
+        )
         hit = self.cache.get(key)
         if hit is not None:
             self.hits += 1
             return hit
         self.requests += 1
         try:
-            completion = await self.client.complete(prompt, max_tokens=max_tokens, temperature=temperature)
+            completion = await self.client.complete(
+                prompt, max_tokens=max_tokens, temperature=temperature, schema=schema
+            )
         except TruncatedReply as cut:
             self.truncated += 1
             self.input_tokens += cut.input_tokens
@@ -326,9 +386,25 @@ class CachedClient:
         self.cache.put(key, completion)
         return completion
 
+    def price(self, input_tokens: int, output_tokens: int) -> Price:
+        """The list price of these tokens on this client's backend (genai-prices), or why there is none."""
+        backend = getattr(self.client, "backend", None)
+        return price(
+            self.model,
+            input_tokens,
+            output_tokens,
+            backend=backend,
+            base_url=getattr(self.client, "base_url", None),
+        )
+
     def cost_usd(self) -> float | None:
-        """List-price cost of the requests made (cache hits are free); None for an unpriced model."""
-        return estimate_cost(self.model, self.input_tokens, self.output_tokens)
+        """List-price cost of the requests made (cache hits are free); None for an unpriced model
+        (``cost_note`` says why)."""
+        return self.price(self.input_tokens, self.output_tokens).usd
+
+    def cost_note(self) -> str | None:
+        """Why ``cost_usd`` is None; None when it is a number."""
+        return self.price(self.input_tokens, self.output_tokens).reason
 
 
 async def run_all(

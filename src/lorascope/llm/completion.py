@@ -19,6 +19,9 @@ class Completion:
     """True when read from the disk cache (no request was made)."""
     retries: int = 0
     """Retries the SDK took before this answer (0 for a cached answer)."""
+    structured: bool = False
+    """The server was asked to constrain the reply to a JSON schema (structured output), so it is read
+    without repair."""
 
 
 class LlmError(LorascopeError):

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from lorascope.errors import LorascopeError
+from lorascope.extract.exclusion import Exclusion, count
+from lorascope.extract.outliers import document_starts
 from lorascope.extract.store import Shard, Store
 
 
@@ -43,6 +45,22 @@ def token_mask(store: Store, shard: Shard, held_docs: torch.Tensor, want_heldout
     return held_T if want_heldout else ~held_T
 
 
+def kept(
+    store: Store,
+    shard: Shard,
+    acts_TC: torch.Tensor,
+    ids_T: torch.Tensor,
+    held_docs: torch.Tensor,
+    want_heldout: bool,
+    exclusion: Exclusion | None,
+) -> torch.Tensor:
+    """Per token of ``shard``: in the wanted split and not excluded by the policy (on ``acts_TC``'s device)."""
+    mask = token_mask(store, shard, held_docs, want_heldout).to(acts_TC.device)
+    if exclusion is not None:
+        mask &= ~exclusion.excluded(acts_TC, ids_T, document_starts(store, shard))
+    return mask
+
+
 @dataclass
 class Stats:
     """Training-split statistics from one pass: per-component mean and RMS, token counts."""
@@ -54,11 +72,21 @@ class Stats:
     nonfinite_tokens: int
     sample_ND: torch.Tensor
     """Up to 4096 training tokens (for the geometric-median initialisation)."""
+    excluded: dict[str, int]
+    """Tokens of the whole store (both splits) the exclusion policy leaves out: ``excluded`` and
+    one count per reason (reasons may overlap)."""
 
 
-def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool, device: Any = "cpu") -> Stats:
-    """Statistics of the training tokens (on ``device``); non-finite rows are an error naming where
-    they are, or dropped and counted with ``drop_nonfinite``."""
+def scan(
+    store: Store,
+    held_docs: torch.Tensor,
+    drop_nonfinite: bool,
+    device: Any = "cpu",
+    exclusion: Exclusion | None = None,
+) -> Stats:
+    """Statistics of the training tokens the exclusion policy keeps (on ``device``); non-finite rows
+    are an error naming where they are, or dropped and counted with ``drop_nonfinite``. A policy that
+    leaves no training tokens is a one-line error."""
     from lorascope.devices import stream_to
 
     D = len(store.components)
@@ -66,8 +94,14 @@ def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool, device: An
     sq = torch.zeros(D, dtype=torch.float64, device=device)
     tokens = bad = 0
     sample: list[torch.Tensor] = []
-    for shard, acts_TC, _ in stream_to(store, torch.device(device)):
+    excluded: dict[str, int] = {}
+    for shard, acts_TC, ids_T in stream_to(store, torch.device(device)):
         train_T = token_mask(store, shard, held_docs, False).to(acts_TC.device)
+        if exclusion is not None:
+            reasons = exclusion.reasons(acts_TC, ids_T, document_starts(store, shard))
+            count(reasons, excluded)
+            for mask in reasons.values():
+                train_T &= ~mask
         x_TD = acts_TC[train_T].double()
         finite_T = torch.isfinite(x_TD).all(1)
         n_bad = int((~finite_T).sum())
@@ -86,6 +120,12 @@ def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool, device: An
         tokens += x_TD.shape[0]
         if sum(s.shape[0] for s in sample) < 4096:
             sample.append(x_TD[:4096].float())
+    if tokens == 0 and excluded.get("excluded"):
+        by = ", ".join(f"{r} {n}" for r, n in excluded.items() if r != "excluded")
+        raise LorascopeError(
+            f"sae.exclude: leaves no training tokens in {store.root} ({excluded['excluded']} of {store.tokens} "
+            f"excluded: {by})"
+        )
     if tokens == 0:
         raise LorascopeError(f"{store.root}: no finite training tokens")
     return Stats(
@@ -95,6 +135,7 @@ def scan(store: Store, held_docs: torch.Tensor, drop_nonfinite: bool, device: An
         tokens=tokens,
         nonfinite_tokens=bad,
         sample_ND=torch.cat(sample)[:4096],
+        excluded=excluded,
     )
 
 
@@ -111,9 +152,16 @@ class TokenStream:
     """Endless shuffled batches of training tokens (float32, unscaled, on ``device``)."""
 
     def __init__(
-        self, store: Store, held_docs: torch.Tensor, batch_size: int, seed: int, device: Any = "cpu"
+        self,
+        store: Store,
+        held_docs: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: Any = "cpu",
+        exclusion: Exclusion | None = None,
     ) -> None:
         self.store, self.held_docs, self.batch_size, self.seed = store, held_docs, batch_size, seed
+        self.exclusion = exclusion
         self.device = torch.device(device)
         self.state: dict[str, Any] = {
             "epoch": 0,
@@ -128,8 +176,8 @@ class TokenStream:
 
     def _shard_tokens(self, epoch: int, shard_index: int) -> torch.Tensor:
         shard = self.store.shards[shard_index]
-        acts_TC, _ = self.store.read(shard)
-        x_TD = acts_TC[token_mask(self.store, shard, self.held_docs, False)].float()
+        acts_TC, ids_T = self.store.read(shard)
+        x_TD = acts_TC[kept(self.store, shard, acts_TC, ids_T, self.held_docs, False, self.exclusion)].float()
         x_TD = x_TD[torch.isfinite(x_TD).all(1)]
         g = torch.Generator().manual_seed((self.seed * 7919 + epoch) * 100_003 + shard_index)
         return x_TD[torch.randperm(x_TD.shape[0], generator=g)]
@@ -142,7 +190,9 @@ class TokenStream:
         while True:
             order = self._order(st["epoch"])
             epoch = st["epoch"]
-            shards = prefetched(order[st["cursor"] :], lambda i, e=epoch: self._shard_tokens(e, i), self.device)
+            shards = prefetched(
+                order[st["cursor"] :], lambda i, e=epoch: self._shard_tokens(e, i), self.device
+            )
             for _, x_TD in shards:
                 while True:
                     need = self.batch_size - st["carry"].shape[0]

@@ -65,9 +65,12 @@ def splice_kl(
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
     device: Any = "cpu",
     dtype: torch.dtype = torch.float32,
+    recorded: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean per-token KLs over ``docs`` (document indices of the store); the model runs on ``device``
-    in ``dtype`` (the adapter in float32), ``reconstruct`` gets the stored states on ``device``."""
+    in ``dtype`` (the adapter in float32), ``reconstruct`` gets the stored states on ``device``.
+    ``recorded(acts_TC, ids_T)`` names tokens that keep their recorded state (those the SAE does not
+    model: the exclusion policy's)."""
     from lorascope.base.load import load_model
     from lorascope.extract.extractor import load_adapter
 
@@ -79,7 +82,10 @@ def splice_kl(
         acts_TC = acts_TC.to(device)
         input_ids = ids_T.long()[None].to(device)
         logits_lora = model(input_ids=input_ids).logits[0]
-        with spliced(model, store, reconstruct(acts_TC.float())):
+        values_TC = reconstruct(acts_TC.float())
+        if recorded is not None:
+            values_TC = torch.where(recorded(acts_TC, ids_T.to(device))[:, None], acts_TC.float(), values_TC)
+        with spliced(model, store, values_TC):
             logits_spliced = model(input_ids=input_ids).logits[0]
         with model.disable_adapter():
             logits_base = model(input_ids=input_ids).logits[0]

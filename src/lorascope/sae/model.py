@@ -146,7 +146,9 @@ class _SelectedEncode(torch.autograd.Function):
             torch.stack([latents_N, rows_N]), grad_N, (d_sae, B), check_invariants=False
         )
         grad_W_enc_DF = torch.sparse.mm(G_FB, x_BD - b_dec_D).T
-        grad_b_enc_F = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, latents_N, grad_N)
+        grad_b_enc_F = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(
+            0, latents_N, grad_N
+        )
         grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
         return None, grad_W_enc_DF, grad_b_enc_F, grad_b_dec_D, None, None, None
 

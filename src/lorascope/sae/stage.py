@@ -80,20 +80,29 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         next(progress, None)
 
         raw = fold(trainer.sae, trainer.scale_D).eval()
-        threshold, n_cal = calibrate(raw, heldout_batches(store, held, 0, cfg.calibration_tokens, device), cfg.k)
+        excl = trainer.exclusion
+        threshold, n_cal = calibrate(
+            raw, heldout_batches(store, held, 0, cfg.calibration_tokens, device, excl), cfg.k
+        )
         raw.threshold.fill_(threshold)
-        ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens, device))
+        ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens, device, excl))
         modules = store.index["modules"]
         layers = [f"L{m['layer']}" for m in modules for _ in range(m["width"])]
         kinds = [m["kind"] for m in modules for _ in range(m["width"])]
         per_component = (ev["err_D"] / ev["var_D"].clamp(min=1e-12)).tolist()
+        # per-component RMS units (what `scaling: per_component` trains in), whichever scaling trained
+        unit_D = trainer.stats.rms_D.double().cpu().clamp(min=1e-6).square()
+        err_n_D, var_n_D = ev["err_D"] / unit_D, ev["var_D"] / unit_D
         alive_F = ev["fired_F"] | (trainer.since_fired_F.cpu() < p.dead_window)
         alive = alive_F.nonzero().flatten().tolist()
         metrics: dict[str, Any] = {
             "fvu": float(ev["err_D"].sum() / ev["var_D"].sum()),
+            "fvu_normalised": float(err_n_D.sum() / var_n_D.sum()),
             "fvu_mean_component": sum(per_component) / len(per_component),
             "fvu_by_layer": grouped_fvu(ev["err_D"], ev["var_D"], layers),
             "fvu_by_type": grouped_fvu(ev["err_D"], ev["var_D"], kinds),
+            "fvu_normalised_by_layer": grouped_fvu(err_n_D, var_n_D, layers),
+            "fvu_normalised_by_type": grouped_fvu(err_n_D, var_n_D, kinds),
             "l0_train": float(cfg.k),
             "l0_calibrated": ev["l0"],
             "threshold": threshold,
@@ -102,6 +111,8 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
             "alive_latents": len(alive),
             "dead_latents": p.d_sae - len(alive),
             "nonfinite_tokens_dropped": trainer.stats.nonfinite_tokens,
+            "excluded_tokens": trainer.stats.excluded.get("excluded", 0),
+            **{f"excluded_{r}": n for r, n in trainer.stats.excluded.items() if r != "excluded"},
             "train_tokens": trainer.step * cfg.batch_size,
         }
         adapter = root / ADAPTER
@@ -109,12 +120,15 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
             held_docs = held.nonzero().flatten().tolist()[: cfg.kl_sequences]
             metrics.update(
                 splice_kl(
-                    root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)), device, dtype
+                    root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)), device, dtype,
+                    recorded=lambda acts, ids: excl.excluded(acts, ids, torch.zeros(1, dtype=torch.long)),
                 )
             )
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         flat.update({f"fvu_{g}": v for g, v in metrics["fvu_by_layer"].items()})
         flat.update({f"fvu_{g}": v for g, v in metrics["fvu_by_type"].items()})
+        for group in ("layer", "type"):
+            flat.update({f"fvu_normalised_{g}": v for g, v in metrics[f"fvu_normalised_by_{group}"].items()})
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
 
         out = root / OUT

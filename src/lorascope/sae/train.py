@@ -15,8 +15,9 @@ import torch
 
 from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
+from lorascope.extract.exclusion import Exclusion
 from lorascope.extract.store import Store
-from lorascope.sae.data import TokenStream, geometric_median, scan, token_mask
+from lorascope.sae.data import TokenStream, geometric_median, kept, scan
 from lorascope.sae.model import BatchTopKSAE, training_loss
 
 StepHook = Callable[[int, dict[str, float]], None]
@@ -93,7 +94,8 @@ class Trainer:
 
         self.store, self.cfg, self.device = store, cfg, torch.device(device)
         check_sizes(cfg, len(store.components))  # before the pass over the store
-        stats = scan(store, held_docs, cfg.drop_nonfinite, self.device)
+        self.exclusion = Exclusion.of(store, cfg.exclude, "sae.exclude")
+        stats = scan(store, held_docs, cfg.drop_nonfinite, self.device, self.exclusion)
         self.stats = stats
         self.plan = plan(cfg, len(store.components), stats.tokens)
         self.scale_D = input_scale(cfg, stats.rms_D, stats.mean_sq_norm)
@@ -111,7 +113,7 @@ class Trainer:
             num_training_steps=steps,
             decay_type="linear",
         )
-        self.stream = TokenStream(store, held_docs, cfg.batch_size, cfg.seed, self.device)
+        self.stream = TokenStream(store, held_docs, cfg.batch_size, cfg.seed, self.device, self.exclusion)
         self.since_fired_F = torch.zeros(self.plan.d_sae, dtype=torch.long, device=self.device)
         self.step = 0
 
@@ -153,10 +155,16 @@ class Trainer:
 
 # ------------------------------------------------------------------------------- after training
 def heldout_batches(
-    store: Store, held_docs: torch.Tensor, part: int, max_tokens: int, device: Any = "cpu"
+    store: Store,
+    held_docs: torch.Tensor,
+    part: int,
+    max_tokens: int,
+    device: Any = "cpu",
+    exclusion: Exclusion | None = None,
 ) -> Iterator[torch.Tensor]:
     """Held-out tokens in store order (on ``device``): ``part`` 0 = calibration documents
-    (even-numbered held-out documents), 1 = evaluation documents (odd), up to ``max_tokens``."""
+    (even-numbered held-out documents), 1 = evaluation documents (odd), up to ``max_tokens``; tokens
+    the exclusion policy names are left out."""
     from lorascope.devices import stream_to
 
     held_index = torch.cumsum(held_docs.long(), 0) - 1
@@ -164,8 +172,8 @@ def heldout_batches(
     if not bool(split.any()):
         split = held_docs  # a single held-out document serves both
     seen = 0
-    for shard, acts_TC, _ in stream_to(store, torch.device(device)):
-        x_TD = acts_TC[token_mask(store, shard, split, True).to(acts_TC.device)].float()
+    for shard, acts_TC, ids_T in stream_to(store, torch.device(device)):
+        x_TD = acts_TC[kept(store, shard, acts_TC, ids_T, split, True, exclusion)].float()
         x_TD = x_TD[torch.isfinite(x_TD).all(1)][: max_tokens - seen]
         if x_TD.shape[0]:
             seen += x_TD.shape[0]
@@ -242,7 +250,10 @@ def save(sae: BatchTopKSAE, directory: Path, cfg_json: dict[str, Any]) -> None:
 
     from lorascope.atomic import write_json
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(directory / "sae.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
+        str(directory / "sae.safetensors"),
+    )
     write_json(directory / "cfg.json", cfg_json)
 
 
