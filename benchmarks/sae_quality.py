@@ -317,7 +317,8 @@ def main() -> None:
     rows = []
     for mode in modes:
         cfg = SaeSection(**{"k": args.k, "expansion": args.expansion, "batch_size": args.batch, "epochs": args.epochs,
-                            "scaling": mode, "kl_sequences": 0, "device": "cpu", **parse_set(args.set)})  # fmt: skip
+                            "scaling": mode, "kl_sequences": 0, "device": "cpu",
+                            "exclude": {"first_position": False, "special_tokens": False}, **parse_set(args.set)})  # fmt: skip
         scale_D = input_scale(cfg, stats.rms_D, stats.mean_sq_norm)
         steps = int(cfg.epochs * stats.tokens) // cfg.batch_size
         d_sae = cfg.expansion * args.d_in

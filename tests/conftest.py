@@ -70,11 +70,22 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     )
 
 
+def free_port() -> int:
+    """A TCP port free right now (for a process group's rendezvous: not the fixed default 29500, which two
+    tests running at once under pytest-xdist would both take)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_two_processes(root: Path, *args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``lorascope <args>`` as two gloo processes on the CPU, in ``root``."""
     accelerate = Path(sys.executable).parent / "accelerate"
     return subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", str(free_port()),
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorascope.cli", *args],
         cwd=root, capture_output=True, text=True, timeout=600,
         env={**os.environ, "LORASCOPE_ROOT": str(root)},

@@ -125,8 +125,9 @@ def label_json(explanation: str, cls: int) -> str:
 
 
 def test_real_sdks_against_a_local_server(ws: Path, monkeypatch: pytest.MonkeyPatch):
-    """openai SDK: 429 and 500 retried, a timeout retried, malformed JSON repaired, garbage re-asked
-    then recorded as failed with its raw text; the key appears nowhere in the run or the outputs."""
+    """openai SDK against a server without structured output (``structured_output: false``): 429 and 500
+    retried, a timeout retried, malformed JSON repaired (json-repair), garbage re-asked then recorded as
+    failed with its raw text; the key appears nowhere in the run or the outputs."""
     import mlflow
 
     params = tiny_params(autointerp={"max_features": 6, "detection_samples": 1})
@@ -160,8 +161,10 @@ def test_real_sdks_against_a_local_server(ws: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with LlmServer(responder) as srv:
         cfg = {"backend": "openai-compatible", "model": "gpt-5-mini", "base_url": f"{srv.url}/v1",
-               "api_key_env": "OPENAI_API_KEY", "timeout_s": 1.0, "concurrency": 3}  # fmt: skip
+               "api_key_env": "OPENAI_API_KEY", "timeout_s": 1.0, "concurrency": 3,
+               "structured_output": False}  # fmt: skip
         out = run(tiny_params(autointerp={**params.autointerp.model_dump(), **cfg}), "lora")
+        assert not any(r.schema or "response_format" in r.body for r in srv.requests)  # free text asked
         labels = pd.read_parquet(out).set_index("feature_name")
         assert seen[features[0].name] == seen[features[1].name] == seen[features[2].name] == 2  # retried
         assert seen[features[4].name] == 2  # re-asked once
@@ -180,7 +183,10 @@ def test_real_sdks_against_a_local_server(ws: Path, monkeypatch: pytest.MonkeyPa
     assert (labels.drop(index=features[4].name).detection_n == 2).all()
     metrics = metrics_of(out)
     assert metrics["failed"] == 1 and metrics["retries"] == 3 and metrics["requests"] == n_requests - 3
-    assert metrics["cost_usd"] > 0  # gpt-5-mini is priced
+    # a self-hosted server has no list price (genai-prices knows no provider there): null, with the reason
+    tags = mlflow_client().get_run(run_id_of(out)).data.tags
+    assert "cost_usd" not in metrics and f"{srv.url}/v1" in tags["autointerp.cost_note"]
+    assert labels.cost_usd.isna().all() and tags["autointerp.structured_output"] == "false"
 
     # the key is in no param, tag, metric name, artifact, output file or cache entry
     run_id = run_id_of(out)
@@ -191,8 +197,23 @@ def test_real_sdks_against_a_local_server(ws: Path, monkeypatch: pytest.MonkeyPa
     assert not [p for p in files if p.is_file() and SECRET.encode() in p.read_bytes()]
 
 
+def no_json_repair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any reply goes through json-repair."""
+    import json_repair
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a structured reply went through json-repair")
+
+    monkeypatch.setattr(json_repair, "loads", refuse)
+
+
 def test_anthropic_sdk_backend(ws: Path, monkeypatch: pytest.MonkeyPatch):
+    """Anthropic structured output: each request forces the prompt's schema as its one tool, the tool
+    call's input is the answer, read without repair; claude-opus-4-1 is priced (genai-prices)."""
+    from lorascope.autointerp.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
+
     monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    no_json_repair(monkeypatch)
 
     def responder(api: str, prompt: str, index: int) -> Reply:
         assert api == "anthropic"
@@ -202,9 +223,42 @@ def test_anthropic_sdk_backend(ws: Path, monkeypatch: pytest.MonkeyPatch):
         cfg = {"backend": "anthropic", "model": "claude-opus-4-1", "base_url": srv.url, "max_features": 2}
         out = run(tiny_params(autointerp=cfg), "lora")
         assert all(r.path == "/v1/messages" for r in srv.requests) and srv.count() == 4
+        schemas = [r.schema for r in srv.requests]
+        assert [r.forced_tool for r in srv.requests].count(LABEL_SCHEMA.name) == 2
+    assert schemas.count(LABEL_SCHEMA.schema) == schemas.count(DETECTION_SCHEMA.schema) == 2
     labels = pd.read_parquet(out)
     assert (labels.explanation == "claude label").all() and (labels.classification == 2).all()
     assert (labels.detection_balanced_accuracy == 0.5).all()  # said "none": all negatives right, no hits
+    assert (labels.raw_response == label_json("claude label", 2)).all()  # the tool input, as JSON text
+    assert metrics_of(out)["cost_usd"] > 0 and (labels.cost_usd > 0).all()  # claude-opus-4-1 is priced
+
+
+def test_structured_output_of_an_openai_compatible_server(ws: Path, monkeypatch: pytest.MonkeyPatch):
+    """vLLM's guided decoding through ``response_format``: every JSON request carries its schema, replies
+    are read without repair, and one that is not strict JSON is refused (re-asked), never mended."""
+    from lorascope.autointerp.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
+
+    no_json_repair(monkeypatch)
+    fenced = "```json\n" + label_json("fenced", 0) + "\n```"
+
+    def responder(api: str, prompt: str, index: int) -> Reply:
+        if not prompt.startswith("We're studying neurons"):
+            return Reply('{"matches": [1, 2]}')
+        return Reply(fenced if index == 0 else label_json("strict", 1))
+
+    with LlmServer(responder) as srv:
+        cfg = {"backend": "openai-compatible", "model": "Qwen/Qwen2.5-7B-Instruct", "base_url": f"{srv.url}/v1",
+               "max_features": 2, "concurrency": 1}  # fmt: skip
+        out = run(tiny_params(autointerp=cfg), "lora")
+        formats = [r.body["response_format"] for r in srv.requests]
+    assert {f["json_schema"]["name"] for f in formats} == {LABEL_SCHEMA.name, DETECTION_SCHEMA.name}
+    assert all(f["type"] == "json_schema" and f["json_schema"]["strict"] for f in formats)
+    assert [f["json_schema"]["schema"] for f in formats].count(DETECTION_SCHEMA.schema) == 2
+    labels = pd.read_parquet(out)
+    assert (labels.status == "ok").all() and (labels.explanation == "strict").all()
+    assert (labels.detection_n == 4).all()
+    first = labels[labels.raw_response.str.contains("fenced")]
+    assert len(first) == 1 and first.raw_response.iloc[0].startswith(fenced + "\n---\n")  # re-asked once
 
 
 def test_cut_replies_are_failures_never_labels(ws: Path, monkeypatch: pytest.MonkeyPatch):

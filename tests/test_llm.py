@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from llm_server import Api, LlmServer, Reply
 from lorascope.llm.cache import CacheKey, DiskCache
 from lorascope.llm.clients import CachedClient, Client, LlmError, make_client, run_all
-from lorascope.llm.pricing import estimate_cost
-from lorascope.llm.repair import JsonRepairError, parse_json
+from lorascope.llm.pricing import estimate_cost, price
+from lorascope.llm.structured import JsonReplyError, JsonSchema, parse_json
 
 OPENAI_KEY = "test-openai-" + secrets.token_hex(8)  # made per run: no key-like literal
 ANTHROPIC_KEY = "test-anthropic-" + secrets.token_hex(8)
@@ -191,9 +191,11 @@ def test_cached_rerun_makes_no_requests(api: Api, tmp_path: Path) -> None:
 
 
 def test_cache_key_covers_what_determines_the_answer() -> None:
-    def digest(backend="openai", model="gpt-4o-mini", base_url=None, prompt="p", max_tokens=10, temp=0.0):
-        client = make_client(backend, model, base_url=base_url)
-        return CacheKey.of(client.key_inputs(prompt, max_tokens=max_tokens, temperature=temp)).digest
+    def digest(backend="openai", model="gpt-4o-mini", base_url=None, prompt="p", max_tokens=10, temp=0.0,
+               schema=None, structured=True):  # fmt: skip
+        client = make_client(backend, model, base_url=base_url, structured_output=structured)
+        inputs = client.key_inputs(prompt, max_tokens=max_tokens, temperature=temp, schema=schema)
+        return CacheKey.of(inputs).digest
 
     base = digest()
     assert digest() == base
@@ -206,8 +208,12 @@ def test_cache_key_covers_what_determines_the_answer() -> None:
         digest(base_url="http://localhost:8000/v1"),
         digest(backend="openai-compatible", base_url="http://localhost:8000/v1"),
         digest(backend="anthropic"),
+        digest(schema=SCHEMA),
+        digest(schema=JsonSchema("answer", {**SCHEMA.schema, "required": []})),
+        digest(backend="anthropic", schema=SCHEMA),
     ]
     assert len({base, *variants}) == len(variants) + 1
+    assert digest(schema=SCHEMA, structured=False) == base  # the schema is not sent, so not in the key
 
 
 def test_api_keys_never_reach_the_cache(tmp_path: Path) -> None:
@@ -245,9 +251,43 @@ def test_concurrent_writers_of_one_key_leave_one_whole_entry(tmp_path: Path) -> 
 
 
 def test_cost_estimate() -> None:
+    """List prices from genai-prices, snapshot names included, for the models the profiles use."""
     assert estimate_cost("gpt-5-mini-2025-08-07", 1_000_000, 1_000_000) == pytest.approx(2.25)
     assert estimate_cost("claude-opus-4-1-20250805", 2_000, 1_000) == pytest.approx(0.105)
+    assert estimate_cost("gpt-5-mini", 1_000_000, 1_000_000, backend="openai") == pytest.approx(2.25)
+    assert estimate_cost("claude-opus-4-1", 2_000, 1_000, backend="anthropic") == pytest.approx(0.105)
     assert estimate_cost("Qwen/Qwen2.5-7B-Instruct", 10, 10) is None
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "base_url", "reason"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", None, None, "genai-prices has no price for 'Qwen/Qwen2.5-7B-Instruct'"),
+        ("claude-opus-4-1", "openai", None, "genai-prices has no price for 'claude-opus-4-1'"),
+        ("gpt-5-mini", "openai-compatible", "http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("m", "openai-compatible", None, "without a base_url"),
+        ("heuristic-baseline", "heuristic", None, "backend heuristic is not a priced API"),
+    ],
+)
+def test_unpriced_is_null_with_a_reason(model: str, backend, base_url, reason: str) -> None:
+    got = price(model, 10, 10, backend=backend, base_url=base_url)
+    assert got.usd is None and reason in got.reason and "\n" not in got.reason
+
+
+def test_cached_client_prices_its_backend(tmp_path: Path) -> None:
+    """gpt-5-mini through the OpenAI backend is billed at OpenAI's price (a proxy base URL bills the same);
+    the same name served by a self-hosted openai-compatible server has no list price, and says so."""
+    with LlmServer() as srv:
+        vendor = CachedClient(client_for(srv, "openai", model="gpt-5-mini"), DiskCache(tmp_path))
+        local = CachedClient(
+            make_client("openai-compatible", "gpt-5-mini", base_url=f"{srv.url}/v1"), DiskCache(tmp_path)
+        )
+        for client in (vendor, local):
+            answer_all(client, ["four words of prompt"])
+    assert (vendor.input_tokens, vendor.output_tokens) == (4, 5)  # "echo: four words of prompt"
+    assert vendor.cost_usd() == pytest.approx(estimate_cost("gpt-5-mini", 4, 5, backend="openai"))
+    assert vendor.cost_usd() > 0 and vendor.cost_note() is None
+    assert local.cost_usd() is None and f"{srv.url}/v1" in local.cost_note()
 
 
 # ----------------------------------------------------------------------------------- configuration
@@ -295,6 +335,87 @@ def test_run_all_keeps_order_and_records_each_failure() -> None:
     assert asyncio.run(run_all([], fn, 3, "empty")) == []
 
 
+# ------------------------------------------------------------------------------- structured output
+SCHEMA = JsonSchema(
+    "answer",
+    {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+     "additionalProperties": False},
+)  # fmt: skip
+
+
+def ask_for(client: Client, prompt: str, schema: JsonSchema | None = SCHEMA):
+    return asyncio.run(client.complete(prompt, max_tokens=32, temperature=None, schema=schema))
+
+
+@pytest.fixture
+def no_repair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything goes through json-repair."""
+    import json_repair
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a reply went through json-repair")
+
+    monkeypatch.setattr(json_repair, "loads", refuse)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_structured_output_is_requested_and_read_without_repair(api: Api, no_repair: None) -> None:
+    """OpenAI: ``response_format`` json_schema (strict); Anthropic: the schema as the one tool, forced. The
+    reply is marked structured and read with json.loads alone."""
+    with LlmServer(lambda *_: Reply('{"label": "a \\"quoted\\" label"}')) as srv:
+        completion = ask_for(client_for(srv, api), "label this")
+    (request,) = srv.requests
+    assert request.schema == SCHEMA.schema
+    if api == "openai":
+        assert request.body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": SCHEMA.schema, "strict": True},
+        }
+    else:
+        assert request.body["tool_choice"] == {"type": "tool", "name": "answer"}
+        assert [t["name"] for t in request.body["tools"]] == ["answer"]
+    assert completion.structured
+    assert parse_json(completion.text, repair=False) == {"label": 'a "quoted" label'}
+
+
+def test_request_without_a_schema_is_free_text() -> None:
+    with LlmServer() as srv:
+        for api in APIS:
+            assert not ask_for(client_for(srv, api), "hi", schema=None).structured
+    assert all(r.schema is None and "tools" not in r.body for r in srv.requests)
+
+
+def test_server_without_structured_output_goes_through_json_repair() -> None:
+    """An openai-compatible server flagged ``structured_output=False`` is sent no schema; its free-text reply
+    is mended by json-repair. Flagged True, the same server refuses the request (HTTP 400)."""
+    reply = "Sure! ```json\n{'label': 'x',}\n```"
+    with LlmServer(lambda *_: Reply(reply), structured_output=False) as srv:
+        url = f"{srv.url}/v1"
+        plain = ask_for(
+            make_client("openai-compatible", "local", base_url=url, structured_output=False), "hi"
+        )
+        assert srv.requests[0].schema is None and "response_format" not in srv.requests[0].body
+        assert not plain.structured and parse_json(plain.text, repair=True) == {"label": "x"}
+        with pytest.raises(LlmError, match="HTTP 400: this server does not support response_format"):
+            ask_for(make_client("openai-compatible", "local", base_url=url, max_retries=0), "hi")
+
+
+def test_anthropic_reply_without_the_tool_call_is_free_text() -> None:
+    """A server that ignores the forced tool answers in text: not structured, so it is read with repair."""
+    with LlmServer(lambda *_: Reply("no tool here")) as srv:
+        completion = ask_for(client_for(srv, "anthropic"), "hi")
+    assert srv.requests[0].schema == SCHEMA.schema
+    assert completion.text == "no tool here" and not completion.structured
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_structured_flag_survives_the_cache(api: Api, tmp_path: Path) -> None:
+    with LlmServer(lambda *_: Reply('{"label": "x"}')) as srv:
+        first = ask_for(CachedClient(client_for(srv, api), DiskCache(tmp_path)), "hi")
+        again = ask_for(CachedClient(client_for(srv, api), DiskCache(tmp_path)), "hi")
+    assert srv.count() == 1 and again.cached and again.structured and first.text == again.text
+
+
 # ------------------------------------------------------------------------------------- JSON repair
 @pytest.mark.parametrize(
     ("text", "expected"),
@@ -304,10 +425,12 @@ def test_run_all_keeps_order_and_records_each_failure() -> None:
         ("```\n[1, 2]\n```", [1, 2]),
         ('Here\'s the answer:\n\n{"label": "it\'s [x]"}\n\nLet me know [if needed].', {"label": "it's [x]"}),
         ("Sure. ```json\n{'label': 'a \"b\"', 'n': 3}\n``` Done.", {"label": 'a "b"', "n": 3}),
+        ("Here: {'label': 'x'} Let me know [if needed].", {"label": "x"}),
+        ("See [note] and {'a': 1}", {"a": 1}),
         ("{'a': True, 'b': None, 'c': False}", {"a": True, "b": None, "c": False}),
         ('{"a": [1, 2,], "b": {"c": 1,},}', {"a": [1, 2], "b": {"c": 1}}),
         ("{\u201clabel\u201d: \u201csmart\u201d}", {"label": "smart"}),
-        ("{'a': '\\x41\\u00e9\\U0001F600\\n'}", {"a": "A\u00e9\U0001f600\n"}),
+        ('{"a": {"b": 1}', {"a": {"b": 1}}),  # json-repair closes what is open
     ],
 )
 def test_parse_json_repairs(text: str, expected: object) -> None:
@@ -319,23 +442,28 @@ def test_parse_json_repairs(text: str, expected: object) -> None:
     [
         ('{"a": 1} or maybe {"a": 2}', "2 JSON values"),
         ('```json\n{"a": 1}\n```\n```json\n[2]\n```', "2 JSON values"),
-        ('{"label": "truncat', "unterminated"),
-        ('{"a": {"b": 1}', "unterminated"),
-        ('{"a": [1}', "mismatched"),
-        ('{"a": 1 "b": 2}', "no unambiguous repair"),
-        ("{'a': 'it's'}", "no unambiguous repair"),
+        ("{'a': 1} or maybe {'a': 2}", "several JSON objects"),  # json-repair alone would keep the last
+        ("{\"a\": 1} or maybe {'a': 2}", "several JSON objects"),
+        ("{'a': 1}\n{'b': 2}", "several JSON"),
         ("no JSON at all", "no JSON object or array"),
         ('"just a string"', "got a JSON str"),
     ],
 )
 def test_parse_json_refuses_to_guess(text: str, reason: str) -> None:
-    with pytest.raises(JsonRepairError, match=reason):
+    with pytest.raises(JsonReplyError, match=reason):
         parse_json(text)
+
+
+def test_structured_reply_is_never_repaired(no_repair: None) -> None:
+    assert parse_json('{"a": [1]}', repair=False) == {"a": [1]}
+    with pytest.raises(JsonReplyError, match=r"^structured reply is not valid JSON \(Expecting"):
+        parse_json('```json\n{"a": 1}\n```', repair=False)
 
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_dicts = st.dictionaries(st.text(), scalars | st.lists(scalars, max_size=4), max_size=6)
 prose = st.text(st.characters(blacklist_characters="{}[]"), max_size=40)
+plain_text = st.text(st.characters(categories=("L", "N", "Zs"), exclude_characters="\x85\xa0"), max_size=20)
 
 
 @settings(max_examples=200, deadline=None)
@@ -344,6 +472,7 @@ prose = st.text(st.characters(blacklist_characters="{}[]"), max_size=40)
 )
 def test_valid_json_round_trips(value: object, indent: int | None, ascii: bool) -> None:
     assert parse_json(json.dumps(value, indent=indent, ensure_ascii=ascii)) == value
+    assert parse_json(json.dumps(value, indent=indent, ensure_ascii=ascii), repair=False) == value
 
 
 @settings(max_examples=200, deadline=None)
@@ -356,6 +485,8 @@ def test_json_in_fences_and_prose(value: dict, before: str, after: str, fence: b
 
 
 @settings(max_examples=200, deadline=None)
-@given(value=st.dictionaries(st.text(), st.text() | st.integers(), max_size=6))
+@given(value=st.dictionaries(plain_text, plain_text | st.integers(), max_size=6))
 def test_python_repr_parses(value: dict) -> None:
+    """Python literals of plain text (json-repair's reading of reprs holding quotes, brackets or escapes
+    inside their strings is best effort)."""
     assert parse_json(repr(value)) == value

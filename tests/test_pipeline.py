@@ -77,6 +77,16 @@ def test_every_declared_params_key_exists_in_every_profile(profile, monkeypatch)
         assert not set(stage.params) & set(stage.speed), stage.name
 
 
+def test_every_declared_params_key_is_in_params_yaml_itself():
+    """DVC reads params.yaml as written (no defaults filled in): every key a stage declares is there."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage in pipeline.STAGES:
+        for key in [*stage.params, *(k for v in stage.item_params.values() for k in v)]:
+            for variant in raw["evaluate"]["variants"] if "${key}" in key else [None]:
+                concrete = key.replace("${key}", variant) if variant else key
+                assert _has(raw, concrete), f"{stage.name}: {concrete} missing from params.yaml"
+
+
 def test_item_params_pad_with_a_repeated_key():
     rendered = yaml.safe_load(pipeline.render())["stages"]["finetune"]
     assert rendered["foreach"]["full"] == {"param0": "finetune.full_lr", "param1": "finetune.full_lr"}

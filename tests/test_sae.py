@@ -37,15 +37,18 @@ def planted(tokens: int, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
     return x * scale_D, dirs_TD * scale_D
 
 
-def write_store(root: Path, x_TD: torch.Tensor, doc_len: int = 200) -> Store:
+def write_store(
+    root: Path, x_TD: torch.Tensor, doc_len: int = 200, ids_T: torch.Tensor | None = None, special: list[int] | None = None
+) -> Store:
+    """A LoRA store of ``x_TD`` in documents of ``doc_len`` tokens (token ids ``ids_T``, zeros by default;
+    ``special``: the special token ids its index records, none by default)."""
     folder = root / "data" / "activations" / "lora"
     folder.mkdir(parents=True)
     lengths = [doc_len] * (x_TD.shape[0] // doc_len)
     shards = plan_shards(lengths, 4000)
+    ids_T = torch.zeros(x_TD.shape[0], dtype=torch.int32) if ids_T is None else ids_T
     for s in shards:
-        write_shard(
-            folder / s.file, x_TD[s.start : s.start + s.tokens], torch.zeros(s.tokens, dtype=torch.int32)
-        )
+        write_shard(folder / s.file, x_TD[s.start : s.start + s.tokens], ids_T[s.start : s.start + s.tokens])
     write_index(
         folder,
         {
@@ -67,13 +70,15 @@ def write_store(root: Path, x_TD: torch.Tensor, doc_len: int = 200) -> Store:
             "tokens": sum(lengths),
             "documents": [[f"doc{i}", i * doc_len, doc_len] for i in range(len(lengths))],
             "shards": [s.to_json() for s in shards],
+            "special_token_ids": special or [],
         },
     )
     return Store.open(folder)
 
 
 SAE = {"k": 3, "expansion": 4, "lr": 3e-3, "batch_size": 256, "epochs": 6, "aux_k": 32, "checkpoint_steps": 100,
-       "heldout_fraction": 0.1, "kl_sequences": 0}  # fmt: skip
+       "heldout_fraction": 0.1, "kl_sequences": 0, "exclude": {"first_position": False}}  # fmt: skip
+"""Training tests: no token is excluded (the outlier policy has its own tests below)."""
 
 
 def test_sparse_backward_equals_the_dense_gradient():

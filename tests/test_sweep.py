@@ -190,3 +190,116 @@ def test_space_errors(tmp_path: Path):
         load_space(bad, base)
     for name in ("lora", "sae"):  # the shipped spaces are valid
         assert load_space(REPO / "pipelines" / "sweeps" / f"{name}.yaml", base).target == name
+
+
+# ------------------------------------------------------------------------ trial isolation, parent run
+def test_trial_workspaces_are_per_thread_and_leave_the_environment_alone(workspace: Path, tmp_path: Path):
+    """Two trial contexts open at once in two threads: each sees its own workspace root, both the real
+    store and the explicit tracking URI; the main thread and ``os.environ`` see nothing of it."""
+    import threading
+
+    from lorascope.project import store_root, workspace_root
+    from lorascope.sweep.trial import trial_workspace
+
+    (workspace / "models" / "base").mkdir(parents=True)
+    environ = dict(os.environ)
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    both_inside = threading.Barrier(2, timeout=30)
+    seen: dict[int, tuple] = {}
+
+    def trial(n: int) -> None:
+        with trial_workspace(workspace, "iso", n, ("models/base",), store=workspace, tracking_uri=uri) as ws:
+            both_inside.wait()
+            seen[n] = (ws, workspace_root(), store_root(), tracking.tracking_uri(), dict(os.environ))
+            (workspace_root() / "models" / "mine.txt").write_text(str(n))
+            both_inside.wait()
+            assert (ws / "models" / "mine.txt").read_text() == str(n)
+
+    threads = [threading.Thread(target=trial, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in (0, 1):
+        ws, root, store, seen_uri, env = seen[n]
+        assert ws == workspace / "sweeps" / "iso" / f"trial-{n}" and root == ws
+        assert store == workspace and seen_uri == uri and env == environ
+    assert workspace_root() == workspace and tracking.tracking_uri() != uri and dict(os.environ) == environ
+    assert not (workspace / "sweeps" / "iso").exists()
+
+
+def test_parallel_trials_nest_under_one_parent_in_their_own_workspaces(
+    with_base: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``n_jobs=2``: trials run two at a time in threads, each stage run in its own workspace and nested
+    under the study's one parent run (MLflow's nested runs); ``os.environ`` is never touched."""
+    import threading
+
+    from lorascope.project import workspace_root
+    from lorascope.sweep import trial as trial_module
+
+    together = threading.Barrier(2, timeout=60)
+    roots: dict[int, Path] = {}
+    environ = dict(os.environ)
+
+    def fake_lora(trial, params, space, root, ws):  # noqa: ANN001, ANN202
+        together.wait()  # two trials are inside their workspaces at once
+        assert workspace_root() == ws and root == with_base and dict(os.environ) == environ
+        with tracking.stage_run("finetune", params, run_name=f"fake-{trial.number}"):
+            (ws / "models" / "lora").mkdir(parents=True)
+            roots[trial.number] = workspace_root()
+        together.wait()
+        return [float(trial.number)]
+
+    monkeypatch.setattr(trial_module, "run_lora", fake_lora)
+    study = optimize(
+        "parallel", space(), tiny_params(), f"sqlite:///{with_base}/optuna.db", n_trials=4, n_jobs=2
+    )
+    assert sorted(t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    assert roots == {n: with_base / "sweeps" / "parallel" / f"trial-{n}" for n in range(4)}
+    runs = child_runs("parallel")
+    assert sorted(r.info.run_name for r in runs) == [f"fake-{n}" for n in range(4)]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {study.user_attrs["mlflow_parent_run_id"]}
+    assert dict(os.environ) == environ and not (with_base / "models" / "lora").exists()
+
+
+def test_processes_racing_to_create_a_study_share_one_parent(workspace: Path):
+    """Whoever's ``create_study`` wins keeps its parent run; the other deletes its own and joins: one
+    parent, no sleep, no last-write-wins."""
+    import threading
+
+    from lorascope.sweep.study import open_study, parent_run, storage
+
+    url = f"sqlite:///{workspace}/optuna.db"
+    storage(url), tracking.experiment_id("finetune")  # the empty stores, made once (not what is raced)
+    start = threading.Barrier(4, timeout=30)
+    parents: list[str] = []
+
+    def join() -> None:
+        start.wait()
+        parents.append(parent_run(open_study("race", space(), url)))
+
+    threads = [threading.Thread(target=join) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = tracking.client()
+    exp = c.get_experiment_by_name("lorascope-finetune")
+    alive = c.search_runs([exp.experiment_id], "tags.`sweep.study` = 'race'")
+    assert len(parents) == 4 and len(set(parents)) == 1 and [r.info.run_id for r in alive] == parents[:1]
+
+
+def test_a_study_made_elsewhere_has_no_parent_to_guess(workspace: Path, monkeypatch: pytest.MonkeyPatch):
+    from lorascope.sweep import study as study_module
+
+    monkeypatch.setattr(study_module, "PARENT_WAIT_S", 0.1)
+    url = f"sqlite:///{workspace}/optuna.db"
+    optuna.create_study(study_name="foreign", storage=url)
+    with pytest.raises(LorascopeError, match=r"study 'foreign' has no MLflow parent run .* not created by"):
+        study_module.parent_run(study_module.open_study("foreign", space(), url))

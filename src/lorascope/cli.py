@@ -139,7 +139,8 @@ def evaluate(
 
 @evaluate_app.command("recovery")
 def evaluate_recovery(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
-    """Table 1: per task base / lora / full scores and recovery = (lora - base) / (full - base)."""
+    """Tables 1 and 2: per task every variant's score and its recovery (variant - base) / (reference - base):
+    the LoRA against the full finetune, an ablated adapter against the LoRA."""
     from lorascope.evaluate.stage import run_recovery
 
     out = run_recovery(_load(params, profile))
@@ -335,7 +336,7 @@ StorageOpt = Annotated[
 
 
 def _sweep(target: str, study: str | None, storage: str | None, n_trials: int | None, space: Path | None,
-           params: Path | None, profile: str | None) -> None:  # fmt: skip
+           params: Path | None, profile: str | None, jobs: int = 1) -> None:  # fmt: skip
     from lorascope.project import workspace_root
     from lorascope.sweep.space import load_space
     from lorascope.sweep.study import optimize
@@ -348,13 +349,22 @@ def _sweep(target: str, study: str | None, storage: str | None, n_trials: int | 
 
         raise LorascopeError(f"{path}: target is {spec.target!r}, but `sweep {target}` was asked")
     name = study or f"{target}-sweep"
-    result = optimize(name, spec, base, storage, n_trials)
+    result = optimize(name, spec, base, storage, n_trials, n_jobs=jobs)
     states: dict[str, int] = {}
     for t in result.trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     typer.echo(f"sweep: study {name}: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())))
 
 
+JobsOpt = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        min=1,
+        help="Trials this process runs at once, in threads (each in its own workspace; several processes "
+        "on one journal or RDB study scale further).",
+    ),
+]
 NTrialsOpt = Annotated[
     int | None,
     typer.Option(
@@ -371,16 +381,18 @@ SpaceOpt = Annotated[
 
 @sweep_app.command("lora")
 def sweep_lora(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
-               space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:  # fmt: skip
+               space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None,
+               jobs: JobsOpt = 1) -> None:  # fmt: skip
     """Sweep LoRA rank x learning rate (x alpha); objective: held-out loss on prepared rows."""
-    _sweep("lora", study, storage, n_trials, space, params, profile)
+    _sweep("lora", study, storage, n_trials, space, params, profile, jobs)
 
 
 @sweep_app.command("sae")
 def sweep_sae(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
-              space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:  # fmt: skip
+              space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None,
+              jobs: JobsOpt = 1) -> None:  # fmt: skip
     """Sweep SAE k, expansion, lr; objectives: FVU at the calibrated L0 and/or the splice KL."""
-    _sweep("sae", study, storage, n_trials, space, params, profile)
+    _sweep("sae", study, storage, n_trials, space, params, profile, jobs)
 
 
 @sweep_app.command("best")

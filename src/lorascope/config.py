@@ -282,13 +282,13 @@ class ExtractSection(Section):
     a merge that rounds the update away loses the whole effect (fraction ~1)."""
     mlp_neurons: PositiveInt = 60
     """``--source mlp``: the first N neurons of each layer's MLP hidden activation (the paper: 60)."""
+    launcher: str = "lorascope"
+    """What ``dvc repro`` runs the stage with: ``lorascope`` or ``accelerate launch -m lorascope.cli``
+    (data parallel: each process extracts its own shards)."""
     outlier_ratio: PositiveFloat = 100.0
     """Outlier record (``outliers.json`` in the store): per component, the tokens whose |activation|
     exceeds this many times the component's median |activation| are counted, and by token id
     (attention sinks and template tokens reach hundreds of times the median)."""
-    launcher: str = "lorascope"
-    """What ``dvc repro`` runs the stage with: ``lorascope`` or ``accelerate launch -m lorascope.cli``
-    (data parallel: each process extracts its own shards)."""
 
 
 # ---------------------------------------------------------------------------- outlier tokens

@@ -6,7 +6,9 @@ DVC md5 of each input (``dvc.md5.<path>``) and of each output it wrote (``dvc.ou
 store only: DVC outputs hold nothing run-specific, so a re-run with the same inputs and params writes
 the same bytes and leaves every later stage cached. The store defaults to ``sqlite:///<repo>/mlflow.db``
 with artifacts in ``<repo>/mlruns/``, absolute so ``dvc exp run --temp`` workspaces log to the same
-store; ``MLFLOW_TRACKING_URI`` overrides it (a real ``mlflow server`` works unchanged).
+store; ``MLFLOW_TRACKING_URI`` overrides it (a real ``mlflow server`` works unchanged), and
+``use_tracking_uri`` overrides both for one context (a sweep's trial). ``nested_under`` makes every run
+opened in a context a child of one parent run (MLflow's nested runs: ``start_run(parent_run_id=...)``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ INPUT_TAG = "dvc.md5."
 OUTPUT_TAG = "dvc.out."
 EXPERIMENT_PREFIX = "lorascope-"
 _EXTRA_TAGS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("lorascope_extra_tags", default=())
+_TRACKING_URI: ContextVar[str | None] = ContextVar("lorascope_tracking_uri", default=None)
+_PARENT_RUN: ContextVar[str | None] = ContextVar("lorascope_parent_run", default=None)
 
 
 @contextmanager
@@ -42,9 +46,34 @@ def extra_tags(tags: dict[str, str]) -> Iterator[None]:
         _EXTRA_TAGS.reset(token)
 
 
+@contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Log to ``uri`` from the code in this context (passed explicitly: no environment variable is set)."""
+    token = _TRACKING_URI.set(uri)
+    try:
+        yield
+    finally:
+        _TRACKING_URI.reset(token)
+
+
+@contextmanager
+def nested_under(parent_run_id: str) -> Iterator[None]:
+    """Open every stage run (and ``create_run``) in this context as a child of ``parent_run_id``."""
+    token = _PARENT_RUN.set(parent_run_id)
+    try:
+        yield
+    finally:
+        _PARENT_RUN.reset(token)
+
+
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the sqlite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+    """``use_tracking_uri``'s, else ``MLFLOW_TRACKING_URI`` if set, else the sqlite store at the
+    repository root."""
+    return (
+        _TRACKING_URI.get()
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{store_root() / 'mlflow.db'}"
+    )
 
 
 def artifact_root() -> Path | None:
@@ -237,7 +266,10 @@ def stage_run(
     run_tags.update(tags or {})
     run_tags.update(dict(_EXTRA_TAGS.get()))
 
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as active:
+    parent = _PARENT_RUN.get()
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=run_name, tags=run_tags, parent_run_id=parent
+    ) as active:
         flat = _flatten("", section_dict(params, section), {})
         for i in range(0, len(flat), 100):
             mlflow.log_params(dict(list(flat.items())[i : i + 100]))
@@ -253,13 +285,16 @@ def stage_run(
 
 def create_run(stage: str, name: str, tags: dict[str, str]) -> str:
     """A bare run in ``lorascope-<stage>`` (a sweep's parent run, or the record of a trial that
-    failed before its stage opened a run); returns its id."""
+    failed before its stage opened a run), nested under ``nested_under``'s parent; returns its id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     c = client()
     commit, dirty = git_state()
+    parent = {MLFLOW_PARENT_RUN_ID: p} if (p := _PARENT_RUN.get()) else {}
     run = c.create_run(
         experiment_id(stage),
         run_name=name,
-        tags={"lorascope.stage": stage, "git.commit": commit, "git.dirty": dirty, **tags},
+        tags={"lorascope.stage": stage, "git.commit": commit, "git.dirty": dirty, **tags, **parent},
     )
     return run.info.run_id
 

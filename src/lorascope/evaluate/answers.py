@@ -10,9 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from lorascope.evaluate.grading import normalize
+from lorascope.evaluate.grading import Kind, normalize
 
-Kind = Literal["integer", "latex", "choice"]
 ANSWER_MARKER = "<|im_start|>answer"
 THINK_MARKER = "<|im_start|>think"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import LorascopeError
-from lorascope.evaluate.answers import Kind
+from lorascope.evaluate.grading import Kind
 
 LETTERS = "ABCD"
 DATA_KEY = "lorascope_data"

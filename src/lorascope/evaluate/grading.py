@@ -10,10 +10,10 @@ import math
 import re
 import threading
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import Literal
 
-if TYPE_CHECKING:
-    from lorascope.evaluate.answers import Kind
+Kind = Literal["integer", "latex", "choice"]
+"""How a benchmark's answers are compared: as integers, as LaTeX math, or as a choice letter."""
 
 _INT = re.compile(r"[+-]?\d+(?:\.0*)?")
 _DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")

@@ -3,6 +3,12 @@
 Storage: ``sqlite:///<repo>/optuna.db`` by default; ``journal:<file>`` (Optuna's file journal, for
 several processes on one machine); any RDB URL (``postgresql://...``) for a cluster. Several
 ``lorascope sweep`` processes join one study by name; the study's ``n_trials`` caps the total.
+
+MLflow: one parent run per study, made by the process whose ``create_study`` created the study (the
+storage lets exactly one succeed) and recorded in the study (``mlflow_parent_run_id``) before any trial
+can run; a joining process reads it. Each trial's stage run is nested under it with MLflow's own API
+(``start_run(parent_run_id=...)``). optuna-integration's ``MLflowCallback`` is not used: it would log a
+second, thinner run per trial beside the stage run that holds the trial's metrics and lineage.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from lorascope.project import store_root
 from lorascope.sweep.space import Space, dump_overrides, overrides, suggest
 
 PARENT_ATTR = "mlflow_parent_run_id"
+PARENT_WAIT_S = 10.0
+"""How long a joining process waits for the creator of a study to record its parent run (the creator
+writes it right after creating the study: milliseconds)."""
 STAGE = {"lora": "finetune", "sae": "sae"}
 
 
@@ -55,43 +64,59 @@ def _pruner(space: Space) -> Any:
 
 
 def open_study(name: str, space: Space, url: str | None) -> Any:
-    """Create or join the study ``name``."""
+    """Create or join the study ``name``. Creating it also creates its parent MLflow run: made first,
+    kept by the one process whose ``create_study`` succeeds (recorded as ``mlflow_parent_run_id``),
+    deleted by any other (which joins the study instead)."""
     import optuna
+    from optuna.exceptions import DuplicatedStudyError
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
-        study_name=name,
-        storage=storage(url),
-        directions=["minimize"] * len(space.objectives),
-        sampler=optuna.samplers.TPESampler(seed=space.seed),
-        pruner=_pruner(space),
-        load_if_exists=True,
-    )
-
-
-def _parent_run(study: Any, space: Space) -> str:
-    """The study's parent MLflow run, created once even when processes start together."""
     from lorascope.tracking import client, create_run
 
-    existing = study.user_attrs.get(PARENT_ATTR)
-    if existing:
-        return existing
-    mine = create_run(
-        STAGE[space.target],
-        f"sweep:{study.study_name}",
-        {"sweep.study": study.study_name, "sweep.target": space.target},
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = {
+        "study_name": name,
+        "storage": storage(url),
+        "sampler": optuna.samplers.TPESampler(seed=space.seed),
+        "pruner": _pruner(space),
+    }
+    try:
+        return optuna.load_study(**options)
+    except KeyError:  # no such study yet
+        pass
+    parent = create_run(
+        STAGE[space.target], f"sweep:{name}", {"sweep.study": name, "sweep.target": space.target}
     )
-    study.set_user_attr(PARENT_ATTR, mine)
-    time.sleep(0.5)  # a racing process may have written its own: the last write wins for everyone
-    winner = study.user_attrs[PARENT_ATTR]
-    if winner != mine:
-        client().delete_run(mine)
-    return winner
+    try:
+        study = optuna.create_study(directions=["minimize"] * len(space.objectives), **options)
+    except DuplicatedStudyError:  # another process created it first: its parent run stands
+        client().delete_run(parent)
+        return optuna.load_study(**options)
+    study.set_user_attr(PARENT_ATTR, parent)
+    return study
 
 
-def optimize(name: str, space: Space, base: Params, url: str | None, n_trials: int | None = None) -> Any:
+def parent_run(study: Any) -> str:
+    """The study's parent MLflow run, as its creator recorded it. A process joining within the instant
+    between the study's creation and that record waits for it (up to ``PARENT_WAIT_S``); a study that
+    never gets one (made outside ``lorascope sweep``) is an error rather than a guess."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while not (parent := study.user_attrs.get(PARENT_ATTR)):
+        if time.monotonic() > deadline:
+            raise LorascopeError(
+                f"study {study.study_name!r} has no MLflow parent run ({PARENT_ATTR}): it was not created "
+                "by `lorascope sweep`; delete it (`optuna delete-study`) or pick another --study name"
+            )
+        time.sleep(0.05)
+    return parent
+
+
+def optimize(
+    name: str, space: Space, base: Params, url: str | None, n_trials: int | None = None, n_jobs: int = 1
+) -> Any:
     """Run trials of ``name`` until the study holds ``space.n_trials`` (or this process ran
-    ``n_trials``). Failed trials are recorded as failed with their error; the study goes on."""
+    ``n_trials``), ``n_jobs`` at a time in threads. Failed trials are recorded as failed with their error;
+    the study goes on. Each trial runs in its own workspace, given to it (with the store and the tracking
+    URI) through context variables, so parallel trials never share a root and ``os.environ`` is untouched."""
     import mlflow
     import optuna
     from optuna.study import MaxTrialsCallback
@@ -99,11 +124,11 @@ def optimize(name: str, space: Space, base: Params, url: str | None, n_trials: i
 
     from lorascope.project import workspace_root
     from lorascope.sweep.trial import LORA_INPUTS, SAE_INPUTS, run_lora, run_sae, trial_workspace
-    from lorascope.tracking import client, create_run, extra_tags
+    from lorascope.tracking import client, create_run, extra_tags, nested_under, tracking_uri
 
     study = open_study(name, space, url)
-    parent = _parent_run(study, space)
-    root = workspace_root()
+    parent = parent_run(study)
+    root, store, uri = workspace_root(), store_root(), tracking_uri()
     c = client()
 
     def objective(trial: optuna.Trial) -> Any:
@@ -114,10 +139,14 @@ def optimize(name: str, space: Space, base: Params, url: str | None, n_trials: i
         values = suggest(trial, space)
         params = overrides(base, values, space.fixed, f"study {name} trial {trial.number}")
         links = LORA_INPUTS if space.target == "lora" else SAE_INPUTS
-        tags = {"mlflow.parentRunId": parent, "sweep.study": name, "sweep.trial": str(trial.number)}
+        tags = {"sweep.study": name, "sweep.trial": str(trial.number)}
         state, error = "complete", None
         try:
-            with trial_workspace(root, name, trial.number, links) as ws, extra_tags(tags):
+            with (
+                trial_workspace(root, name, trial.number, links, store=store, tracking_uri=uri) as ws,
+                nested_under(parent),
+                extra_tags(tags),
+            ):
                 result = (run_lora if space.target == "lora" else run_sae)(trial, params, space, root, ws)
         except optuna.TrialPruned:
             state = "pruned"
@@ -131,7 +160,8 @@ def optimize(name: str, space: Space, base: Params, url: str | None, n_trials: i
             query = f"tags.`sweep.study` = '{name}' and tags.`sweep.trial` = '{trial.number}'"
             run_ids = [r.info.run_id for r in c.search_runs([c.get_run(parent).info.experiment_id], query)]
             if not run_ids:  # it failed before the stage opened its run: record the trial anyway
-                run_ids = [create_run(STAGE[space.target], f"trial-{trial.number}", tags)]
+                with nested_under(parent):
+                    run_ids = [create_run(STAGE[space.target], f"trial-{trial.number}", tags)]
                 c.set_terminated(run_ids[0], "FAILED" if state == "failed" else "KILLED")
             for run_id in run_ids:
                 c.set_tag(run_id, "sweep.state", state)
@@ -148,7 +178,7 @@ def optimize(name: str, space: Space, base: Params, url: str | None, n_trials: i
 
     cap = MaxTrialsCallback(space.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     mlflow.set_tracking_uri(c.tracking_uri)
-    study.optimize(objective, n_trials=n_trials, callbacks=[cap], catch=(Exception,))
+    study.optimize(objective, n_trials=n_trials, n_jobs=n_jobs, callbacks=[cap], catch=(Exception,))
     counts: dict[str, float] = {}
     for t in study.trials:
         counts[f"trials_{t.state.name.lower()}"] = counts.get(f"trials_{t.state.name.lower()}", 0) + 1

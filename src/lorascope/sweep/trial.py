@@ -2,8 +2,10 @@
 
 A trial runs in ``sweeps/<study>/trial-<n>/``: the inputs it reads (``models/base``, prepared data,
 the adapter or the activation store) are linked from the real workspace, its outputs and checkpoints
-stay inside it and are removed afterwards. MLflow logs to the real workspace's store, the stage's
-run nested under the study's parent run.
+stay inside it and are removed afterwards. The trial's code sees that folder as its workspace root
+through a context variable (``project.use_workspace``), with the real store root and tracking URI passed
+explicitly: nothing in ``os.environ`` changes, so trials in parallel threads never cross roots. MLflow
+logs to the real workspace's store, the stage's run nested under the study's parent run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +28,14 @@ SAE_INPUTS = ("models/base", "models/lora", "data/activations/lora")
 
 
 @contextlib.contextmanager
-def trial_workspace(root: Path, study: str, number: int, links: tuple[str, ...]) -> Iterator[Path]:
-    """A fresh workspace whose ``links`` point at the real workspace's paths; removed at the end."""
-    from lorascope.tracking import tracking_uri
+def trial_workspace(
+    root: Path, study: str, number: int, links: tuple[str, ...], *, store: Path, tracking_uri: str
+) -> Iterator[Path]:
+    """A fresh workspace whose ``links`` point at the real workspace's paths, the workspace root of the
+    code inside the block (which logs to ``tracking_uri``, with ``store`` as its store root); removed
+    at the end."""
+    from lorascope.project import use_workspace
+    from lorascope.tracking import use_tracking_uri
 
     ws = root / "sweeps" / study / f"trial-{number}"
     shutil.rmtree(ws, ignore_errors=True)
@@ -40,17 +46,10 @@ def trial_workspace(root: Path, study: str, number: int, links: tuple[str, ...])
             raise LorascopeError(f"{root / rel}: missing; run `dvc repro` up to the stage being swept first")
         (ws / rel).parent.mkdir(parents=True, exist_ok=True)
         (ws / rel).symlink_to(root / rel, target_is_directory=True)
-    saved = {k: os.environ.get(k) for k in ("LORASCOPE_ROOT", "MLFLOW_TRACKING_URI")}
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the real store, resolved before the switch
-    os.environ["LORASCOPE_ROOT"] = str(ws)
     try:
-        yield ws
+        with use_workspace(ws, store), use_tracking_uri(tracking_uri):
+            yield ws
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(ws, ignore_errors=True)
         with contextlib.suppress(OSError):  # the study's folder, once no trial of it runs here
             ws.parent.rmdir()

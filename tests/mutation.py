@@ -1,0 +1,131 @@
+"""Mutation testing of the modules behind the paper's numbers, with mutmut, one module at a time.
+
+    python tests/mutation.py                      # every module below (slow: not part of CI)
+    python tests/mutation.py evaluate/answers.py  # one module, against its own tests only
+    python tests/mutation.py --list               # the modules and the tests that guard them
+
+Each module is mutated in a private copy of the repository (a temporary directory holding ``src/``,
+``tests/``, the params and the pipelines, with ``../shared`` linked beside it when there is one), so the
+working tree is never touched and several people can work while it runs. mutmut runs only the module's own
+tests (``TESTS``) and, for each mutant, only those of them that reach the mutated function. A mutant is
+*killed* when a test fails (or times out) and *survived* when every test passes. The script prints, per
+module, killed / survived / no tests / other and the score (killed / (killed + survived)), and the
+survivors' names with ``--survivors``; ``mutmut show NAME`` in the printed work directory (kept with
+``--keep``) shows a survivor's diff. Equivalent mutants (no test could tell them apart) are listed in
+README "Testing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TESTS: dict[str, list[str]] = {
+    "evaluate/answers.py": ["tests/test_answers.py", "tests/test_grading.py"],
+    "evaluate/grading.py": ["tests/test_grading.py", "tests/test_answers.py"],
+    "evaluate/recovery.py": ["tests/test_properties.py", "tests/test_evaluate.py::test_table2_reproduces_the_papers_percentages",
+                             "tests/test_evaluate.py::test_table1_recovery_values_and_reasons",
+                             "tests/test_evaluate.py::test_recovery_stage_names_references_and_gives_paired_cis"],
+    "extract/recorder.py": ["tests/test_extract.py::test_recorded_value_is_x_dot_A",
+                            "tests/test_extract.py::test_fast_path_matches_lora_a_hooks",
+                            "tests/test_extract.py::test_mlp_baseline_is_the_swiglu_product"],
+    "sae/model.py": ["tests/test_properties.py", "tests/test_sae.py"],
+    "sae/train.py": ["tests/test_sae.py"],
+    "ablate/runner.py": ["tests/test_ablate.py"],
+    "ablate/stage.py": ["tests/test_ablate.py"],
+    "contexts/selection.py": ["tests/test_properties.py", "tests/test_contexts.py"],
+    "categorize/figures.py": ["tests/test_categorize.py"],
+}  # fmt: skip
+"""Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
+
+COPY = ["src", "tests", "params.yaml", "pipelines", "dvc.yaml", "pyproject.toml"]
+
+
+def mutmut_config(module: str, tests: list[str]) -> str:
+    quoted = ", ".join(f'"{t}"' for t in tests)
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["src"]\n'
+        f'only_mutate = ["src/lorascope/{module}"]\n'
+        f"pytest_add_cli_args_test_selection = [{quoted}]\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]\n'
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+    )
+
+
+def run_module(module: str, work: Path, children: int, survivors: bool) -> Counter:
+    """Mutate one module in ``work`` (a fresh copy of the repository) and return its status counts."""
+    root = work / "main"
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+    existing = [t for t in TESTS[module] if (root / t.split("::")[0]).is_file()]
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + mutmut_config(module, existing))
+    shared = REPO.parent / "shared"
+    if shared.is_dir():  # tests find ../shared beside the repository they run from (mutants/)
+        (root / "shared").symlink_to(shared)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "GX_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    mutmut = [sys.executable, "-m", "mutmut"]
+    subprocess.run([*mutmut, "run", "--max-children", str(children)], cwd=root, env=env, check=False)
+    out = subprocess.run([*mutmut, "results", "--all", "true"], cwd=root, env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    statuses = re.findall(r"^\s+(\S+): (.+)$", out, re.MULTILINE)
+    counts = Counter(status for _, status in statuses)
+    if survivors:
+        for name, status in statuses:
+            if status == "survived":
+                print(f"  survived: {name}")
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help="modules under src/lorascope/ (default: all in TESTS)")
+    ap.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
+    ap.add_argument("--survivors", action="store_true", help="print every surviving mutant's name")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories (for `mutmut show`)")
+    ap.add_argument("--list", action="store_true", help="print the modules and their tests, run nothing")
+    args = ap.parse_args()
+    modules = args.modules or list(TESTS)
+    unknown = [m for m in modules if m not in TESTS]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; known: {', '.join(TESTS)}")
+    if args.list:
+        for m in modules:
+            print(f"{m}: {' '.join(TESTS[m])}")
+        return
+    rows = []
+    for module in modules:
+        work = Path(tempfile.mkdtemp(prefix="lorascope-mutation-"))
+        print(f"== {module} (in {work / 'main'})", flush=True)
+        counts = run_module(module, work, args.children, args.survivors)
+        killed = counts["killed"] + counts["timeout"]
+        tested = killed + counts["survived"]
+        score = killed / tested if tested else float("nan")
+        rows.append((module, killed, counts["survived"], counts["no tests"], sum(counts.values()), score))
+        print(f"   {dict(counts)}", flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n| module | killed | survived | no tests | mutants | score |\n|---|---|---|---|---|---|")
+    for module, killed, survived, untested, total, score in rows:
+        print(f"| {module} | {killed} | {survived} | {untested} | {total} | {score:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
