@@ -86,7 +86,9 @@ def planted(tokens: int, d_in: int, n_true: int, active: float, spread: float, s
     for i, lo in enumerate(range(0, tokens, 32768)):
         n = min(32768, tokens - lo)
         e = slice(int(bounds[i]), int(bounds[i + 1]))
-        code = torch.sparse_coo_tensor(torch.stack([rows[e] - lo, feats[e]]), coef[e], (n, n_true))
+        code = torch.sparse_coo_tensor(
+            torch.stack([rows[e] - lo, feats[e]]), coef[e], (n, n_true), check_invariants=False
+        )
         x = torch.sparse.mm(code, dirs_ND) + offset_D + 0.05 * torch.randn(n, d_in, generator=g)
         acts[lo : lo + n] = (x * scale_D).half()
     return Planted(acts, torch.nn.functional.normalize(dirs_ND * scale_D, dim=1), freq_N)
@@ -191,13 +193,17 @@ def saelens_trainer(store: Store, held: torch.Tensor, cfg: SaeSection, scale_D: 
 
     @torch.no_grad()
     def encode(x_BD: torch.Tensor) -> torch.Tensor:  # its inference JumpReLU (threshold on acts x ||W_dec||)
-        pre = ((x_BD / scale_D) @ sae.W_enc + sae.b_enc) * norm_F
+        pre = ((x_BD / scale_D - sae.b_dec) @ sae.W_enc + sae.b_enc) * norm_F
         return pre * (pre > threshold)
+
+    @torch.no_grad()
+    def batch_topk(x_BD: torch.Tensor) -> torch.Tensor:  # its training encoding, batches of the training size
+        return torch.cat([sae.encode(x / scale_D) for x in x_BD.split(cfg.batch_size)])
 
     def decode(f_BF: torch.Tensor) -> torch.Tensor:
         return ((f_BF @ (W_dec / norm_F[:, None])) + sae.b_dec.detach()) * scale_D
 
-    return Trained(encode, decode, W_dec * scale_D, steps * cfg.batch_size / seconds)
+    return Trained(encode, decode, W_dec * scale_D, steps * cfg.batch_size / seconds, {"batch_topk": batch_topk})
 
 
 def sparsify_trainer(store: Store, held: torch.Tensor, cfg: SaeSection, scale_D: torch.Tensor, mean_D: torch.Tensor,
@@ -329,7 +335,8 @@ def main() -> None:
                 variants = [("lorascope (threshold)", trained.encode), ("lorascope (BatchTopK at eval)", trained.extra["batch_topk"])]  # fmt: skip
             elif name == "saelens":
                 trained = saelens_trainer(store, held, cfg, scale_D, stats.mean_D, steps)
-                variants = [("SAELens BatchTopK", trained.encode)]
+                variants = [("SAELens (threshold)", trained.encode),
+                            ("SAELens (BatchTopK at eval)", trained.extra["batch_topk"])]  # fmt: skip
             elif name == "sparsify":
                 trained = sparsify_trainer(store, held, cfg, scale_D, stats.mean_D, steps)
                 variants = [("sparsify TopK", trained.encode)]
@@ -346,7 +353,7 @@ def main() -> None:
             print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     by = {(r[0], r[1]): r for r in rows}
     for mode in modes:
-        ours, lens = by.get((mode, "lorascope (threshold)")), by.get((mode, "SAELens BatchTopK"))
+        ours, lens = by.get((mode, "lorascope (threshold)")), by.get((mode, "SAELens (threshold)"))
         if ours and lens:
             key = "fvu_raw" if mode == "global" else "fvu_normalised"
             print(f"{mode}: lorascope / SAELens FVU ({key}) {ours[2][key] / lens[2][key]:.2f}x (goal <= 1), "

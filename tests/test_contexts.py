@@ -31,16 +31,28 @@ CFG = {
     "random_samples": 3,
     "active_threshold": 0.5,
     "feature_chunk": 2,
+    "exclude": {"first_position": False, "special_tokens": False},  # the outlier policy: tested on its own
 }
 
 
-def synthetic_store(root: Path, source: str = "lora", n_components: int = 5, seed: int = 0):
-    """A store of random float32 values over documents of mixed lengths (some shorter than a window)."""
+def synthetic_store(
+    root: Path, source: str = "lora", n_components: int = 5, seed: int = 0, outliers: bool = False
+):
+    """A store of random float32 values over documents of mixed lengths (some shorter than a window).
+    ``outliers``: every document opens with an attention sink (x 100) and 7 other tokens are the special
+    token id 1 (x 50), which the index records."""
     gen = torch.Generator().manual_seed(seed)
     lengths = [2, 40, 1, 7, 130, 3, 60, 25, 90, 4, 55]
     tokens = sum(lengths)
     acts_TC = torch.randn(tokens, n_components, generator=gen)
-    ids_T = torch.randint(0, 2000, (tokens,), generator=gen, dtype=torch.int32)
+    ids_T = torch.randint(2, 2000, (tokens,), generator=gen, dtype=torch.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    if outliers:
+        acts_TC[starts] *= 100
+        inner = [5, 17, 60, 150, 200, 301, 400]
+        assert not set(inner) & set(starts)
+        acts_TC[inner] *= 50
+        ids_T[inner] = 1
     folder = root / "data" / "activations" / source
     folder.mkdir(parents=True)
     shards = plan_shards(lengths, 100)
@@ -48,7 +60,6 @@ def synthetic_store(root: Path, source: str = "lora", n_components: int = 5, see
         write_shard(
             folder / s.file, acts_TC[s.start : s.start + s.tokens], ids_T[s.start : s.start + s.tokens]
         )
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     write_index(
         folder,
         {
@@ -59,6 +70,7 @@ def synthetic_store(root: Path, source: str = "lora", n_components: int = 5, see
             "tokens": tokens,
             "documents": [[f"doc{i}", s, n] for i, (s, n) in enumerate(zip(starts, lengths, strict=True))],
             "shards": [s.to_json() for s in shards],
+            **({"special_token_ids": [1]} if outliers else {}),
         },
     )
     return acts_TC, ids_T, lengths, starts, shards
@@ -191,8 +203,22 @@ def test_real_lora_store_end_to_end(with_prepared: Path):
     from test_extract import make_adapter
 
     make_adapter(with_prepared)
-    extract(tiny_params(), "lora")
+    store = Store.open(extract(tiny_params(), "lora"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(with_prepared / "models/base"))
+    special = store.index["special_token_ids"]
+    assert special == sorted(tok.all_special_ids) and tok.convert_ids_to_tokens(special) == [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # fmt: skip
+    import json
+
+    record = json.loads((store.root / "outliers.json").read_text())
+    assert [c["name"] for c in record["components"]] == store.components and record["tokens"] == store.tokens
     table = pq.read_table(run(tiny_params(), "lora")).to_pandas()
+    assert (table.position > 0).all()  # the default policy: no context at a first position ...
+    centre = [w[p - s] for w, p, s in zip(table.window_ids, table.position, table.window_start, strict=True)]
+    assert not set(centre) & set(special)  # ... nor at a special token, though the windows hold them
+    assert set(np.concatenate(table.window_ids.to_list()).tolist()) & set(special)
     assert set(table.kind) == {"top", "quantile", "random"}
     assert table.feature.nunique() == 14
     assert all("".join(t) == text for t, text in zip(table.tokens, table.text, strict=True))
@@ -200,6 +226,62 @@ def test_real_lora_store_end_to_end(with_prepared: Path):
         len(t) == len(w) == len(a)
         for t, w, a in zip(table.tokens, table.window_ids, table.window_acts, strict=True)
     )
+
+
+def test_outlier_tokens_are_never_contexts_and_are_counted(with_base: Path):
+    """The default policy (first position + special tokens) on planted sinks: they are never a top,
+    quantile or random context, the statistics and the top-k are those of the kept tokens, and the
+    counts are reported; with the policy off the sinks are every feature's top context."""
+    import json
+
+    from lorascope.contexts.stage import EXCLUDED_KEY
+
+    acts_TC, ids_T, lengths, starts, shards = synthetic_store(with_base, outliers=True)
+    out_T = torch.zeros(len(ids_T), dtype=torch.bool)
+    out_T[starts] = True
+    out_T |= ids_T == 1
+    run(tiny_params(contexts={**CFG, "exclude": {}}), "lora")
+    table = pq.read_table(with_base / "data/contexts/lora.parquet").to_pandas()
+    where = table.position.to_numpy() + np.array(starts)[table.doc_index.to_numpy()]
+    assert len(table) and not out_T[where].any()
+    kept = acts_TC[~out_T].double()
+    for f in range(acts_TC.shape[1]):
+        for sign in (1, -1):
+            top = table[(table.feature == f) & (table.sign == sign) & (table.kind == "top")].sort_values("rank")
+            assert np.allclose(top.activation, sign * torch.topk(sign * kept[:, f], 5).values.numpy())
+    features = pq.read_table(with_base / "data/contexts/lora.features.parquet")
+    stats = features.to_pandas()
+    for row in stats.itertuples():
+        col = kept[:, row.feature].numpy() * row.sign
+        assert row.max == pytest.approx(col.max(), rel=1e-6) and row.min == pytest.approx(col.min(), rel=1e-6)
+        assert row.mean == pytest.approx(kept[:, row.feature].mean().item(), abs=1e-9)
+        assert row.density == pytest.approx((col > 0.5).mean()) and row.tokens == len(kept)
+    counts = json.loads(features.schema.metadata[EXCLUDED_KEY])
+    assert counts == {"excluded": 18, "first_position": 11, "special_tokens": 7, "norm": 0}
+    logged = tracking.client().get_run(run_of(with_base, "data/contexts/lora.parquet")).data.metrics
+    assert (logged["excluded_tokens"], logged["excluded_first_position"], logged["excluded_special_tokens"]) == (
+        18, 11, 7)  # fmt: skip
+    run(tiny_params(contexts={**CFG, "exclude": {"first_position": False, "special_tokens": False}}), "lora")
+    table = pq.read_table(with_base / "data/contexts/lora.parquet").to_pandas()
+    first = table[(table.kind == "top") & (table["rank"] == 0)]
+    assert out_T[first.position.to_numpy() + np.array(starts)[first.doc_index.to_numpy()]].all()
+
+
+def test_a_policy_that_leaves_no_tokens(with_base: Path):
+    synthetic_store(with_base, outliers=True)
+    index_path = with_base / "data/activations/lora/index.json"
+    import json
+
+    index = json.loads(index_path.read_text())
+    index["special_token_ids"] = list(range(2000))  # every token is special
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LorascopeError) as e:
+        run(tiny_params(contexts={**CFG, "exclude": {}}), "lora")
+    assert str(e.value) == (
+        f"contexts.exclude: leaves no tokens in {with_base}/data/activations/lora (417 of 417 excluded: "
+        "first_position 11, special_tokens 417, norm 0)"
+    )
+    assert not (with_base / "data/contexts/lora.parquet").exists()
 
 
 # ----------------------------------------------------------------------------------- rendering

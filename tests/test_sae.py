@@ -342,3 +342,97 @@ def test_bad_input(workspace: Path):
 
     with pytest.raises(LorascopeError, match="sae.expansion: must be > 0, got 0"):
         validate_params({"sae": {"expansion": 0}}, "params.yaml")
+
+
+# -------------------------------------------------------------------------------- outlier tokens
+def sinks_and_specials(tokens: int = 6_000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planted data whose documents open with an attention sink (x 1000) and hold 40 special tokens
+    (id 3, x 300) elsewhere: ``(x, ids, first_T, special_T)``."""
+    x, _ = planted(tokens)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(10, 50, (tokens,), generator=g, dtype=torch.int32)
+    first_T = torch.arange(tokens) % 200 == 0
+    special_T = torch.zeros(tokens, dtype=torch.bool)
+    special_T[torch.tensor([t for t in range(tokens) if t % 200])[torch.randperm(tokens - tokens // 200, generator=g)[:40]]] = True
+    x[first_T] *= 1000
+    x[special_T] *= 300
+    ids[special_T] = 3
+    return x, ids, first_T, special_T
+
+
+def held_out_docs(n_docs: int, fraction: float) -> list[int]:
+    """The documented split: a document is held out when the first 4 bytes of sha1(doc id) < fraction x 2^32."""
+    import hashlib
+
+    cut = int(fraction * 2**32)
+    return [i for i in range(n_docs) if int.from_bytes(hashlib.sha1(f"doc{i}".encode()).digest()[:4], "big") < cut]
+
+
+def test_outlier_tokens_are_left_out_of_training_and_evaluation_and_counted(workspace: Path):
+    x, ids, first_T, special_T = sinks_and_specials()
+    write_store(workspace, x, ids_T=ids, special=[3])
+    held = held_out_docs(30, 0.1)
+    doc_T = torch.arange(6_000) // 200
+    train_T = ~torch.isin(doc_T, torch.tensor(held))
+    out_T = first_T | special_T
+    params = tiny_params(sae={**SAE, "epochs": 1, "exclude": {}})  # the default policy
+    out = run(params)
+    metrics = json.loads((workspace / "metrics/sae.json").read_text())
+    assert (metrics["excluded_tokens"], metrics["excluded_first_position"], metrics["excluded_special_tokens"],
+            metrics["excluded_norm"]) == (70, 30, 40, 0)  # fmt: skip
+    # the scale is the RMS of the kept training tokens: one outlier left in would multiply it
+    kept = x[train_T & ~out_T].double()
+    scale = torch.tensor(json.loads((out / "cfg.json").read_text())["scale"], dtype=torch.float64)
+    assert torch.allclose(scale, kept.square().mean(0).sqrt(), rtol=1e-5)
+    assert (x[train_T].double().square().mean(0).sqrt() > 10 * scale).all()
+    eval_docs = torch.tensor(held[1::2])
+    assert metrics["eval_tokens"] == int((torch.isin(doc_T, eval_docs) & ~out_T).sum())
+    # every training batch of an epoch: kept tokens only
+    store = Store.open(workspace / "data/activations/lora")
+    trainer = Trainer(store, heldout_documents(store, 0.1), params.sae)
+    assert trainer.stats.tokens == int((train_T & ~out_T).sum())
+    batches = iter(trainer.stream)
+    seen = torch.cat([next(batches) for _ in range(trainer.stats.tokens // params.sae.batch_size)])
+    assert seen.abs().max() < x[~out_T].abs().max() * 1.0001
+    # the policy turned off: nothing excluded, and the outliers dominate the scale
+    run(tiny_params(sae={**SAE, "epochs": 1, "exclude": {"first_position": False, "special_tokens": False}}))
+    off = json.loads((workspace / "metrics/sae.json").read_text())
+    assert off["excluded_tokens"] == 0 and off["eval_tokens"] == int(torch.isin(doc_T, eval_docs).sum())
+    assert (torch.tensor(json.loads((out / "cfg.json").read_text())["scale"]) > 10 * scale).all()
+
+
+def test_norm_cut_and_policies_that_leave_nothing(workspace: Path):
+    from lorascope.atomic import write_json
+    from lorascope.extract import outliers
+
+    x, ids, first_T, special_T = sinks_and_specials()
+    store = write_store(workspace, x, ids_T=ids, special=[3])
+    rec = outliers.record(store, 100.0, lambda i: [str(t) for t in i])
+    write_json(store.root / outliers.FILE, rec)
+    norm_T = x.double().norm(dim=1) > 20 * rec["token_norm_median"]
+    assert torch.equal(norm_T, first_T | special_T)  # the planted outliers, and only they
+    run(tiny_params(sae={**SAE, "epochs": 1, "exclude": {"first_position": False, "special_tokens": False,
+                                                          "norm_ratio": 20}}))  # fmt: skip
+    metrics = json.loads((workspace / "metrics/sae.json").read_text())
+    assert (metrics["excluded_tokens"], metrics["excluded_norm"], metrics["excluded_first_position"]) == (70, 70, 0)
+    write_json(store.root / outliers.FILE, {**rec, "token_norm_median": 1e-9})  # every token over the cut
+    with pytest.raises(LorascopeError) as e:
+        run(tiny_params(sae={**SAE, "exclude": {"norm_ratio": 20}}))
+    assert str(e.value) == (
+        f"sae.exclude: leaves no training tokens in {store.root} (6000 of 6000 excluded: first_position 30, "
+        "special_tokens 40, norm 6000)"
+    )
+
+
+def test_a_store_without_special_token_ids_is_a_one_line_error(workspace: Path):
+    x, _ = planted(2_000)
+    store = write_store(workspace, x)
+    index = json.loads((store.root / "index.json").read_text())
+    del index["special_token_ids"]
+    (store.root / "index.json").write_text(json.dumps(index))
+    shutil.copy(REPO / "params.yaml", workspace)
+    res = cli("sae", cwd=workspace)
+    assert res.returncode == 2 and res.stderr == (
+        f"error: sae.exclude.special_tokens: {store.root}/index.json records no special token ids (re-run "
+        "`lorascope extract --source lora`, or set sae.exclude.special_tokens: false)\n"
+    )

@@ -37,8 +37,8 @@ _PARENT_RUN: ContextVar[str | None] = ContextVar("lorascope_parent_run", default
 
 @contextmanager
 def extra_tags(tags: dict[str, str]) -> Iterator[None]:
-    """Add ``tags`` to every stage run opened inside the block (a sweep nests its trials this way:
-    ``mlflow.parentRunId`` plus the study and trial)."""
+    """Add ``tags`` to every stage run opened inside the block (a sweep tags its trials' runs with the
+    study and the trial; ``nested_under`` nests them)."""
     token = _EXTRA_TAGS.set((*_EXTRA_TAGS.get(), *tags.items()))
     try:
         yield

@@ -246,7 +246,7 @@ def run(params: Params) -> Path:
                 stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
             )
         else:
-            fig2 = {"features": "sae", "categories": ids, "missing": f"{label_path('sae')} not found: "
+            fig2 = {"features": "sae", "categories": ids, "missing": "data/interp/sae.parquet not found: "
                     "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
         out = out_dir()
         with atomic_path(out) as tmp:
