@@ -113,7 +113,9 @@ def test_fresh_repro_writes_the_committed_lock_and_a_rerun_runs_nothing(repro, e
         "dvc.lock differs from the committed one: run `dvc repro` and commit the lock it writes\n" + diff.stdout[:4000]
     )
     # nothing run-specific in any output
-    for path in [*root.glob("metrics/**/*.json"), *root.glob("models/**/*.json"), root / "reports/index.html"]:
+    texts = [*root.glob("metrics/**/*.json"), *root.glob("models/**/*.json"), *root.glob("data/**/*.json"),
+             *root.glob("models/**/*.md"), *root.glob("reports/*.md"), root / "reports/index.html"]  # fmt: skip
+    for path in texts:
         text = path.read_text()
         assert "run_id" not in text and str(root) not in text, path
     assert not list(root.glob("**/run.json")) and not list(root.glob("**/*.run.json"))

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import Component
+from lorascope.extract.components import Component, parse_name
 
 GROUPS = {"attn": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
 _LAYER = re.compile(r"L(\d+)")
-_COMPONENT = re.compile(r"L(\d+)\.([a-z_]+)")
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,9 @@ def describe(comps: Sequence[Component]) -> str:
 
 def select(selector: str, comps: Sequence[Component]) -> tuple[int, ...]:
     """Component indices named by ``selector``; an unknown name or an empty match is an error."""
-    if (m := _COMPONENT.fullmatch(selector)) and m.group(2) in LORA_TARGETS:
-        match = [i for i, c in enumerate(comps) if c.layer == int(m.group(1)) and c.kind == m.group(2)]
+    name = parse_name(selector)
+    if name and name.index is None and name.sign is None and name.kind in LORA_TARGETS:
+        match = [i for i, c in enumerate(comps) if c.layer == name.layer and c.kind == name.kind]
     elif m := _LAYER.fullmatch(selector):
         match = [i for i, c in enumerate(comps) if c.layer == int(m.group(1))]
     elif selector in LORA_TARGETS:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,9 +24,8 @@ from typing import Any
 
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
+from lorascope.extract.components import parse_name
 from lorascope.project import workspace_root
-
-_NAME = re.compile(r"^L(?P<layer>\d+)\.(?P<component>[a-z_]+?)(?:\.\d+)?[+-]?$")
 
 
 def interp_path(source: str) -> Path:
@@ -42,8 +40,8 @@ def contexts_paths(source: str) -> tuple[Path, Path]:
 def layer_component(name: str) -> tuple[int | None, str | None]:
     """``L3.q_proj+`` -> (3, q_proj); ``L3.q_proj.0-`` -> (3, q_proj); ``L3.mlp.17`` -> (3, mlp);
     an SAE latent spans every layer -> (None, None)."""
-    m = _NAME.match(name)
-    return (int(m["layer"]), m["component"]) if m else (None, None)
+    parsed = parse_name(name)
+    return (parsed.layer, parsed.kind) if parsed else (None, None)
 
 
 @dataclass

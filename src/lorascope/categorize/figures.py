@@ -7,13 +7,13 @@ All are plain JSON, so the report stage (or a notebook) plots them without re-re
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lorascope.autointerp.prompts import Category
 from lorascope.errors import LorascopeError
+from lorascope.extract.components import parse_name
 from lorascope.extract.store import Store
 
 FIGURE1_SHARES = (
@@ -45,7 +45,6 @@ FIGURE2_SAE_NORMALISATION = (
 )
 SAE_BLOCK_TOKENS = 4096
 """Tokens encoded at once for Figure 2 (bounds the dense block, tokens x d_sae floats)."""
-_COMPONENT = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[a-z_]+?)(?:\.\d+)?$")
 
 
 def figure1(
@@ -115,10 +114,10 @@ def figure1(
 
 def component_cell(name: str) -> tuple[int, str]:
     """``L3.q_proj`` / ``L3.q_proj.0`` -> (3, "q_proj"); ``L3.mlp.17`` -> (3, "mlp")."""
-    match = _COMPONENT.match(name)
-    if match is None:
+    parsed = parse_name(name)
+    if parsed is None or parsed.sign is not None:
         raise LorascopeError(f"store component {name!r} is not named L<layer>.<type>[.<index>]")
-    return int(match["layer"]), match["kind"]
+    return parsed.layer, parsed.kind
 
 
 def positive_mass(store: Store, n_tokens: int, device: Any = "cpu") -> tuple[Any, Any, int]:

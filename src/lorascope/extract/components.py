@@ -16,6 +16,27 @@ from lorascope.errors import LorascopeError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."
+_NAME = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[A-Za-z_]+?)(?:\.(?P<index>\d+))?(?P<sign>[+-])?$")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A parsed feature name ``L{layer}.{kind}[.{index}][{sign}]``: ``L3.q_proj``, ``L3.q_proj.0``
+    (rank > 1), ``L3.mlp.17`` (an MLP neuron), ``L3.q_proj+`` (one sign of a direction)."""
+
+    layer: int
+    kind: str
+    index: int | None = None
+    sign: str | None = None
+
+
+def parse_name(name: str) -> Name | None:
+    """The parts of a component or feature name; None when ``name`` is not one (an SAE latent)."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    index = None if m["index"] is None else int(m["index"])
+    return Name(int(m["layer"]), m["kind"], index, m["sign"])
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from lorascope.atomic import atomic_path
 from lorascope.config import LORA_TARGETS, ReportSection
 from lorascope.errors import LorascopeError
+from lorascope.extract.components import parse_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +52,6 @@ TOP_TOKENS = 8
 """Distinct selected tokens of the top contexts kept per feature (shown and searched)."""
 BLOCK_ELEMENTS = 1 << 22
 """Store values (tokens x feature columns) scanned at once for the histograms."""
-_COMPONENT = re.compile(r"^L(\d+)\.([A-Za-z_]+)$")
 
 
 # ------------------------------------------------------------------------------------------ render
@@ -574,10 +574,10 @@ def _heatmap(root: Path, ids: list[int]) -> tuple[dict[str, Any], list[list[floa
     W = sae.W_dec_FD.detach().float().numpy()
     cells = []
     for name in cfg["components"]:
-        m = _COMPONENT.match(name)
-        if not m:
+        parsed = parse_name(name)
+        if parsed is None or parsed.index is not None or parsed.sign is not None:
             raise LorascopeError(f"models/sae/cfg.json: component {name!r} is not L<layer>.<kind>")
-        cells.append((int(m[1]), m[2]))
+        cells.append((parsed.layer, parsed.kind))
     layers = sorted({layer for layer, _ in cells})
     kinds = [k for k in LORA_TARGETS if any(k == c for _, c in cells)]
     kinds += sorted({c for _, c in cells} - set(kinds))
