@@ -1,6 +1,6 @@
 """Feature dashboard at the budget size: file size (goal <= 25 MB) and open time (goal < 3 s).
 
-Builds synthetic dashboard data of the paper's scale with ``lorascope.report.dashboard.render`` (the
+Builds synthetic dashboard data of the paper's scale with ``lorascope.report.rendering.render`` (the
 same packing as ``lorascope report``, without running the pipeline): 2000 features (896 LoRA direction
 signs = 64 layers x 7 components x 2 signs, 384 MLP neurons, 720 SAE latents) x 64 top contexts of 41
 tokens, token ids drawn Zipf-like (rank^-1.1, as text is) from a Qwen-sized vocabulary (151,665 random
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from lorascope.config import LORA_TARGETS
-from lorascope.report.dashboard import Bulk, render
+from lorascope.report.packing import Bulk
+from lorascope.report.rendering import render
 
 VOCAB = 151_665
 LAYERS = 64

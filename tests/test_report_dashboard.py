@@ -22,7 +22,9 @@ import pytest
 
 from lorascope.config import ReportSection
 from lorascope.extract.store import Store
-from lorascope.report.dashboard import Bulk, build, render, rows_of
+from lorascope.report.dashboard import build
+from lorascope.report.packing import Bulk, rows_of
+from lorascope.report.rendering import render
 
 from conftest import Prepared, make_workspace, tiny_params
 
