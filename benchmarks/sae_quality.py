@@ -141,7 +141,8 @@ def lorascope_trainer(store: Store, held: torch.Tensor, cfg: SaeSection) -> Trai
     trainer.run()
     seconds = time.perf_counter() - t0
     raw = fold(trainer.sae, trainer.scale_D).eval()
-    threshold, _ = calibrate(raw, heldout_batches(store, held, 0, cfg.calibration_tokens), cfg.k)
+    calib = heldout_batches(store, held, 0, cfg.calibration_tokens)
+    threshold, _ = calibrate(raw, calib, cfg.k, cfg.calibration_tokens)
     raw.threshold.fill_(threshold)
 
     def batch_topk(x_BD: torch.Tensor) -> torch.Tensor:  # BatchTopK at evaluation, training batch size

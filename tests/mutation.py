@@ -35,14 +35,15 @@ TESTS: dict[str, list[str]] = {
     "evaluate/recovery.py": ["tests/test_properties.py", "tests/test_evaluate.py::test_table2_reproduces_the_papers_percentages",
                              "tests/test_evaluate.py::test_table1_recovery_values_and_reasons",
                              "tests/test_evaluate.py::test_recovery_stage_names_references_and_gives_paired_cis"],
-    "extract/recorder.py": ["tests/test_extract.py::test_recorded_value_is_x_dot_A",
-                            "tests/test_extract.py::test_fast_path_matches_lora_a_hooks",
-                            "tests/test_extract.py::test_mlp_baseline_is_the_swiglu_product"],
-    "sae/model.py": ["tests/test_properties.py", "tests/test_sae.py"],
-    "sae/train.py": ["tests/test_sae.py"],
-    "ablate/runner.py": ["tests/test_ablate.py"],
-    "ablate/stage.py": ["tests/test_ablate.py"],
-    "contexts/selection.py": ["tests/test_properties.py", "tests/test_contexts.py"],
+    "extract/recorder.py": ["tests/test_recorder.py"],
+    "sae/model.py": ["tests/test_properties.py", "tests/test_sae_units.py",
+                     "tests/test_sae.py::test_sparse_backward_equals_the_dense_gradient"],
+    "sae/train.py": ["tests/test_sae_units.py", "tests/test_properties.py"],
+    "ablate/runner.py": ["tests/test_ablate.py::test_ablator_against_zeroed_lora_b_on_a_small_model"],
+    "ablate/stage.py": ["tests/test_ablate.py::test_summary_against_a_hand_computed_case",
+                        "tests/test_ablate.py::test_figure3_orientation_cell_by_cell",
+                        "tests/test_ablate.py::test_sequences_are_sampled_with_response_tokens"],
+    "contexts/selection.py": ["tests/test_properties.py"],
     "categorize/figures.py": ["tests/test_categorize.py"],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
@@ -59,6 +60,7 @@ def mutmut_config(module: str, tests: list[str]) -> str:
         f"pytest_add_cli_args_test_selection = [{quoted}]\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]\n'
         'process_isolation = "forkserver"\n'
+        'also_copy = ["params.yaml", "pipelines", "dvc.yaml"]\n'
         "use_git_change_detection = false\n"
     )
 

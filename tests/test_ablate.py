@@ -401,3 +401,43 @@ def test_figure3_orientation_cell_by_cell():
         for j, kind in enumerate(fig["types"]):
             if fig["kl"][i][j] is not None:
                 assert fig["kl"][i][j] == 10.0 * layer + code[kind]
+
+
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_ablator_against_zeroed_lora_b_on_a_small_model(prefix_reuse: bool):
+    """On a small random Qwen2 made here (no pipeline): every ablation's per-token KL(P_lora || P_ablated)
+    sums, maximum and CE over the response, and the KL summed over all positions, against a copy of the
+    model with the ablated components' lora_B zeroed; batches of 3 ablations, logits in chunks of 4."""
+    import copy
+
+    from test_recorder import IDS, tiny_lora
+
+    model = tiny_lora(1, list(LORA_TARGETS), seed=5, b_std=4.0)  # effects far above float32 noise
+    comps = lora_components(model)
+    ablations = sweeps(comps, ALL_SWEEPS, {"mixed": ["L1.v_proj", "L0.down_proj"]})
+    ids_T, first = IDS[0], 6
+    lora, stats = Ablator(model, comps, batch_size=3, logit_chunk=4, prefix_reuse=prefix_reuse).measure(
+        ids_T, first, ablations
+    )
+    with torch.no_grad():
+        logp = model(input_ids=ids_T[None]).logits[0, :-1].double().log_softmax(-1)
+    labels = ids_T[1:]
+    T = len(ids_T)
+    assert (lora.tokens, lora.all_tokens, lora.kl_sum, lora.all_kl_sum) == (T - first, T - 1, 0.0, 0.0)
+    assert lora.ce_sum == pytest.approx(float(-logp[first - 1 :].gather(-1, labels[first - 1 :, None]).sum()))
+    assert len(stats) == len(ablations)
+    for ablation, got in zip(ablations, stats, strict=True):
+        ablated = copy.deepcopy(model)
+        with torch.no_grad():
+            for i in ablation.components:
+                ablated.get_base_model().get_submodule(comps[i].module).lora_B["default"].weight.zero_()
+            logq = ablated(input_ids=ids_T[None]).logits[0, :-1].double().log_softmax(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        assert (got.tokens, got.all_tokens) == (T - first, T - 1), ablation.name
+        assert got.kl_sum == pytest.approx(float(kl[first - 1 :].sum()), rel=1e-3, abs=1e-6), ablation.name
+        assert got.kl_max == pytest.approx(float(kl[first - 1 :].max()), rel=1e-3, abs=1e-6), ablation.name
+        assert got.all_kl_sum == pytest.approx(float(kl.sum()), rel=1e-3, abs=1e-6), ablation.name
+        ce = -logq[first - 1 :].gather(-1, labels[first - 1 :, None]).sum()
+        assert got.ce_sum == pytest.approx(float(ce), rel=1e-5), ablation.name
+    by_name = {a.name: s for a, s in zip(ablations, stats, strict=True)}
+    assert by_name["all"].kl_sum > by_name["L1.up_proj"].kl_sum > 0  # the ablations differ

@@ -60,6 +60,15 @@ HAND_WRITTEN: list[tuple[str, str, Extracted]] = [
     (s1("\\boxed{3}\nWait, ", "So 7."), "integer", Extracted("7", "fallback")),
     (s1("Answer: (A)\n", "I pick (C)"), "choice", Extracted("C", "fallback")),
     (s1("\\boxed{\\frac12}", "\\boxed{\\frac34}"), "latex", Extracted("\\frac34", "boxed")),
+    # what a model wraps an answer in is removed, and nothing more
+    ("Answer: \\(x+1\\)", "latex", Extracted("x+1", "answer")),
+    ("Answer: \\[x+1\\]", "latex", Extracted("x+1", "answer")),
+    ("Answer: **$\\pi$**.", "latex", Extracted("\\pi", "answer")),
+    ("\\boxed{X}", "latex", Extracted("X", "boxed")),  # a letter "X" is not wrapping
+    ("\\boxed{3X}", "latex", Extracted("3X", "boxed")),
+    ("\\boxed{\\text{B}}", "choice", Extracted("B", "boxed")),
+    ("\\boxed{\\textbf{C}}", "choice", Extracted("C", "boxed")),
+    ("The correct answer is option (D).", "choice", Extracted("D", "answer")),
     # no answer
     ("I could not finish.", "integer", Extracted(None, "none")),
     ("no numbers here", "latex", Extracted(None, "none")),

@@ -151,3 +151,63 @@ def test_a_window_never_crosses_a_document_boundary(
             want = [p if doc_lo <= p < doc_hi else PAD_ID for p in range(centre - before, centre + after + 1)]
             assert window == want, (group, centre, (doc_lo, doc_hi))
         assert bool((ids[pos < 0] == PAD_ID).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    cut=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    chunk=st.integers(1, 3),
+)
+def test_streaming_selection_equals_brute_force_however_the_store_is_cut(
+    lengths: list[int], cut: int, seed: int, chunk: int
+) -> None:
+    """Top-k per feature sign, the quantile sample (active tokens with the smallest keys), the random
+    negatives (inactive tokens with the smallest keys) and the running statistics, against torch over the
+    whole store at once, for any cut of the store into shards and of the features into chunks."""
+    from lorascope.config import ContextsSection
+    from lorascope.contexts.selection import Selector, ShardView
+
+    cfg = ContextsSection(top_k=3, window_before=1, window_after=1, quantile_bins=2, quantile_samples=2,
+                          random_samples=2, active_threshold=0.5, feature_chunk=chunk)  # fmt: skip
+    T, F = sum(lengths), 3
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(T, F, generator=g)
+    keys = torch.rand(T, generator=g)
+    selector = Selector(F, (1, -1), cfg)
+    split = min(cut, len(lengths))
+    for lo, docs in ((0, lengths[:split]), (sum(lengths[:split]), lengths[split:])):
+        if docs:
+            n = sum(docs)
+            view = ShardView.build(lo, acts[lo : lo + n], torch.arange(lo, lo + n, dtype=torch.int32), docs)
+            selector.update(view, None, keys[lo : lo + n])
+    s = selector.state
+    assert int(s["tokens"]) == T
+    assert torch.allclose(s["sum"], acts.double().sum(0)) and torch.allclose(
+        s["sumsq"], acts.double().square().sum(0)
+    )
+    assert torch.equal(s["min"], acts.amin(0)) and torch.equal(s["max"], acts.amax(0))
+    assert torch.equal(s["nonzero"], (acts != 0).sum(0))
+    for si, sign in enumerate((1, -1)):
+        signed = sign * acts
+        active = signed > 0.5
+        assert torch.equal(s["active"][si], active.sum(0))
+        for f in range(F):
+            want_top = torch.topk(signed[:, f], min(3, T)).indices
+            got_top = s["top.pos"][si, f][s["top.pos"][si, f] >= 0]
+            assert torch.equal(got_top, want_top), ("top", sign, f)
+            assert torch.allclose(s["top.score"][si, f][: len(got_top)], signed[want_top, f])
+            act_idx = active[:, f].nonzero().flatten()
+            want_q = act_idx[torch.argsort(keys[act_idx])][:4]
+            got_q = s["quantile.pos"][si, f][s["quantile.pos"][si, f] >= 0]
+            assert sorted(got_q.tolist()) == sorted(want_q.tolist()), ("quantile", sign, f)
+            inact = (~active[:, f]).nonzero().flatten()
+            want_r = inact[torch.argsort(keys[inact])][:2]
+            got_r = s["random.pos"][si, f][s["random.pos"][si, f] >= 0]
+            assert sorted(got_r.tolist()) == sorted(want_r.tolist()), ("random", sign, f)
+            # each kept entry's window activations are the feature's values around it
+            for group in ("top", "quantile", "random"):
+                for slot, p in enumerate(s[f"{group}.pos"][si, f].tolist()):
+                    if p >= 0:
+                        assert float(s[f"{group}.acts"][si, f, slot, 1]) == float(acts[p, f])

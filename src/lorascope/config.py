@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,8 +65,21 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- base
+class TinyPretrain(Section):
+    """Pretraining of the tiny model on the organism's base corpus (``lorascope.prepare.organism``):
+    direct answers under the default system prompt, worked solutions (confident, or careful with
+    "Wait," checks under a careful system prompt), loss on the assistant turn."""
+
+    steps: Annotated[int, Field(ge=0)] = 600
+    """Optimizer steps; 0 keeps the random initialisation (no organism: every score near zero)."""
+    batch_size: PositiveInt = 32
+    """Chats per step (right-padded)."""
+    lr: PositiveFloat = 5.0e-3
+    """Peak AdamW learning rate (5% linear warmup, cosine decay to zero, gradient norm clipped at 1)."""
+
+
 class TinyModel(Section):
-    """Architecture of the randomly initialised Qwen2 built by the ``base`` stage (tiny profile)."""
+    """Architecture of the Qwen2 built by the ``base`` stage (tiny profile), and its pretraining."""
 
     hidden_size: PositiveInt = 64
     """Width of the residual stream."""
@@ -83,9 +97,11 @@ class TinyModel(Section):
     """Target vocabulary of the byte-level BPE tokenizer trained on the synthetic corpus (>= 300:
     256 byte symbols plus the special tokens)."""
     tokenizer_corpus_rows: PositiveInt = 400
-    """Synthetic s1K-schema rows the tokenizer is trained on."""
+    """Chats of the organism's base corpus the tokenizer is trained on."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the LM head (as the small Qwen2.5 models do)."""
+    pretrain: TinyPretrain = Field(default_factory=TinyPretrain)
+    """Pretraining on the organism's base corpus (seeded by ``base.seed``)."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:
@@ -125,9 +141,14 @@ class BaseSection(Section):
 class SyntheticData(Section):
     """The offline generator of s1K-1.1-schema reasoning traces and benchmark-shaped eval rows."""
 
-    n_train: PositiveInt = 64
-    """Training rows (multi-step word problems with R1-style reasoning traces)."""
-    n_eval: PositiveInt = 8
+    family: Literal["organism", "word_problems"] = "organism"
+    """``organism``: the model organism's digit-sum problems with worked, partly careful ("Wait,")
+    traces, for the base the tiny profile pretrains (``lorascope.prepare.organism``);
+    ``word_problems``: multi-step word problems with R1-style traces (format only: no model learns
+    them)."""
+    n_train: PositiveInt = 256
+    """Training rows (distinct questions, none of them an evaluation question)."""
+    n_eval: PositiveInt = 64
     """Held-out eval rows per benchmark shape (integer answer, LaTeX answer, 4-way choice)."""
     seed: int = 0
     """Generator seed: the same seed gives byte-identical rows."""
@@ -627,6 +648,7 @@ class CategorizeSection(Section):
 
 # --------------------------------------------------------------------------------- ablate / steer
 AblationSweep = Literal["components", "layers", "types", "groups"]
+_ALL_SWEEPS: tuple[AblationSweep, ...] = ("components", "layers", "types", "groups")
 
 
 class AblateSection(Section):
@@ -639,7 +661,7 @@ class AblateSection(Section):
     """Each sequence is cut to its first N tokens (the paper: up to 2048)."""
     seed: int = 0
     """Seed of the sequence sample."""
-    sweeps: list[AblationSweep] = Field(default_factory=lambda: ["components", "layers", "types", "groups"])
+    sweeps: list[AblationSweep] = Field(default_factory=lambda: list(_ALL_SWEEPS))
     """Sweeps to run: every single component, every layer (all its components), every component type
     (e.g. all gate_proj), and the groups (all attention, all MLP, all components)."""
     custom: dict[str, list[str]] = Field(default_factory=dict)
@@ -728,6 +750,7 @@ class SteerSection(Section):
 
 # ---------------------------------------------------------------------------------------- report
 DashboardSource = Literal["lora", "mlp", "sae"]
+_ALL_DASHBOARD_SOURCES: tuple[DashboardSource, ...] = ("lora", "mlp", "sae")
 
 
 class ReportSection(Section):
@@ -735,7 +758,7 @@ class ReportSection(Section):
 
     dpi: PositiveInt = 150
     """Resolution of the PNG figures."""
-    dashboard_sources: list[DashboardSource] = Field(default_factory=lambda: ["lora", "mlp", "sae"])
+    dashboard_sources: list[DashboardSource] = Field(default_factory=lambda: list(_ALL_DASHBOARD_SOURCES))
     """Feature sources shown in the dashboard (those with labels and contexts on disk)."""
     max_features: PositiveInt | None = None
     """Features per source in the dashboard (the first N by feature id); null for all."""
@@ -1033,7 +1056,7 @@ _EXPECTED = {
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def describe_error(err: dict[str, Any]) -> str:
+def describe_error(err: Mapping[str, Any]) -> str:
     """One pydantic error as ``dotted.key: what was expected, got <value>``."""
     loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
     key = _dotted(loc) or "params"

@@ -377,7 +377,7 @@ def plan(
     e = Estimate("steer", 1)
     e.memory["weights"] = P * b + 4 * p_lora
     e.memory["kv cache"] = st.batch_size * (STEER_PROMPT_TOKENS + st.max_new_tokens) * L * 2 * K * b
-    generated = len(st.directions) * len(st.alphas) * len(st.tasks) * st.limit * st.max_new_tokens
+    generated: float = len(st.directions) * len(st.alphas) * len(st.tasks) * st.limit * st.max_new_tokens
     e.seconds = generated / _decode_tokens_per_s(P * b, st.batch_size, 1, dtype, device)
     out.append(e)
 

@@ -133,6 +133,7 @@ def dvc_md5(path: str | Path) -> str:
         return file_md5(path, fs)
     odb = HashFileDB(MemoryFileSystem(), "/lorascope-staging")
     _, _, obj = build(odb, path, fs, "md5")
+    assert obj.hash_info.value is not None, f"dvc built no md5 for {path}"
     return obj.hash_info.value
 
 

@@ -144,7 +144,7 @@ def run(params: Params) -> Path:
         results = {a.name: summarize([s[k] for _, s in per_seq], loras) for k, a in enumerate(measured)}
         base = results[reference.name] if reference in ablations else results.pop(reference.name)
         tokens = sum(s.tokens for s in loras)
-        header = {
+        header: dict[str, Any] = {
             "direction": DIRECTION,
             "unit": UNIT,
             "delta_ce_definition": DELTA_CE,

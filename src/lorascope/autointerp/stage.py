@@ -88,6 +88,7 @@ def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
         if not max_act > 0:
             dead += 1
             continue
+        assert rows is not None and top is not None  # max_act > 0: the feature has contexts
         examples = [Example(*_window(r, cfg.window_before, cfg.window_after)) for r in top.itertuples()]
         feature = Feature(int(fid), str(name), int(sign), max_act, examples)
         rng = random.Random(f"{cfg.seed}:{source}:{name}")

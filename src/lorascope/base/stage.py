@@ -1,4 +1,5 @@
-"""Run the ``base`` stage: build the tiny model (tokenizer + random Qwen2) or pin a real one."""
+"""Run the ``base`` stage: build the tiny model (tokenizer + Qwen2 pretrained on the organism's base
+corpus, ``base.pretrain``) or pin a real one."""
 
 from __future__ import annotations
 
@@ -12,28 +13,20 @@ from lorascope.tracking import stage_run
 OUT = Path("models/base")
 
 
-def _build_tiny(params: Params, out: Path) -> dict[str, int]:
+def _build_tiny(params: Params, out: Path) -> dict[str, float]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from itertools import islice
+
     from lorascope.base.tokenizer import CHAT_SCAFFOLD, train_tokenizer
-    from lorascope.prepare.synthetic import train_rows
+    from lorascope.prepare.organism import base_documents
 
     cfg = params.base.tiny
-    rows = train_rows(cfg.tokenizer_corpus_rows, params.base.seed)
-    # Each row with the chat scaffolding around it (role names, s1's think/answer markers, the
-    # default system prompt); the special tokens themselves are added, not learned.
-    corpus = [
-        "\n".join(
-            (
-                CHAT_SCAFFOLD,
-                r["question"],
-                r["deepseek_thinking_trajectory"],
-                "Answer: " + r["deepseek_attempt"],
-            )
-        )
-        for r in rows
-    ]
+    chats = islice(base_documents(params.base.seed), cfg.tokenizer_corpus_rows)
+    # Each chat of the organism's base corpus with the chat scaffolding around it (role names, s1's
+    # think/answer markers, the default system prompt); the special tokens are added, not learned.
+    corpus = ["\n".join((CHAT_SCAFFOLD, *(m["content"] for m in chat))) for chat in chats]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -50,11 +43,16 @@ def _build_tiny(params: Params, out: Path) -> dict[str, int]:
     )
     torch.manual_seed(params.base.seed)
     model = Qwen2ForCausalLM(model_cfg)
+    stats: dict[str, float] = {}
+    if cfg.pretrain.steps:
+        from lorascope.base.pretrain import pretrain
+
+        stats = pretrain(model, tokenizer, cfg.pretrain, params.base.seed)
     model.generation_config.eos_token_id = model_cfg.eos_token_id
     model.generation_config.pad_token_id = model_cfg.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer), **stats}
 
 
 def _pin_real(params: Params, out: Path) -> dict[str, int]:

@@ -154,7 +154,7 @@ def figure2_source(
     categorized features; cells are (layer, component type) with ``by_type``, else layer."""
     column = {name: i for i, name in enumerate(store.components)}
     pos_C, neg_C, used = positive_mass(store, n_tokens, device)
-    cell_of = []
+    cell_of: list[tuple[Any, ...]] = []
     for name in store.components:
         layer, kind = component_cell(name)
         cell_of.append((layer, kind) if by_type else (layer,))

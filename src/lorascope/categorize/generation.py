@@ -9,7 +9,7 @@ a second failure differs: fatal for the shared categories, recorded for a subcat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -34,7 +34,9 @@ def sample_explanations(explanations: Sequence[str], size: int, seed: int) -> li
     return [explanations[int(i)] for i in order]
 
 
-def sample_equal(pools: dict[str, Sequence[str]], size: int, seed: int) -> tuple[list[str], dict[str, int]]:
+def sample_equal(
+    pools: Mapping[str, Sequence[str]], size: int, seed: int
+) -> tuple[list[str], dict[str, int]]:
     """An equal number of explanations from each pool: ``n = min(size // len(pools), smallest pool)`` drawn
     without replacement from each (seeded, pools in the given order), then mixed in one seeded order.
     Returns the sample and ``n`` per pool."""

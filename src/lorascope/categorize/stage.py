@@ -183,7 +183,7 @@ def run(params: Params) -> Path:
             subs = asyncio.run(sae_subcategories(generator, assigner, cfg, categories, everyone, assigned))
 
         # ---- outputs
-        rows = []
+        rows: list[dict[str, Any]] = []
         for f, a in zip(everyone, assigned, strict=True):
             sub = subs.assigned.get(f.feature_name) if f.source == "sae" else None
             rows.append({
@@ -286,7 +286,7 @@ def run(params: Params) -> Path:
             metrics["sae_subcategorized"] = sum(r["subcategory"] is not None for r in rows)
         costs = [c.cost_usd() if c.requests else 0.0 for c in clients]
         if None not in costs:
-            metrics["cost_usd"] = sum(costs)
+            metrics["cost_usd"] = sum(c for c in costs if c is not None)  # every client is priced
         else:  # unpriced (genai-prices): say why rather than log 0
             notes = {c.cost_note() for c in clients if c.requests and c.cost_usd() is None}
             mlflow.set_tag("categorize.cost_note", "; ".join(sorted(n for n in notes if n)))

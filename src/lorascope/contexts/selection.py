@@ -177,8 +177,11 @@ class Selector:
         """Cut windows for the shard's survivors and merge them into the running selection."""
         import torch
 
+        # a slot is a sample only with a finite score: a block with fewer active (or inactive) tokens than
+        # the group's size fills the rest with -inf-scored positions, which must never enter the state
+        valid = (local >= 0) & (score > float("-inf"))
+        local = torch.where(valid, local, -1)
         ids, acts = self._windows(shard, encode, local)
-        valid = local >= 0
         st, n = self.state, score.shape[-1]
         all_score = torch.cat([st[f"{group}.score"], torch.where(valid, score, float("-inf"))], 2)
         all_pos = torch.cat([st[f"{group}.pos"], torch.where(valid, local + shard.start, -1)], 2)

@@ -167,8 +167,8 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
         for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
             lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
             view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
-            excluded = exclusion.reasons(acts_TC, view.ids_T, document_starts(store, shard))
-            selector.update(view, features.encode, token_keys(cfg.seed, shard), excluded)
+            reasons = exclusion.reasons(acts_TC, view.ids_T, document_starts(store, shard))
+            selector.update(view, features.encode, token_keys(cfg.seed, shard), reasons)
             _save_checkpoint(ckpt, fingerprint, selector, shard.index + 1)
             if on_shard is not None:
                 on_shard(shard)

@@ -113,6 +113,13 @@ def vllm_args(cfg: EvaluateSection, spec: ModelSpec, merged: Path | None = None)
     return args
 
 
+def _decode_with_specials(self: Any, tokens: Any, skip_special_tokens: bool = False) -> str:
+    """HFLM's ``tok_decode`` keeping special tokens by default, as lm-eval's vLLM model decodes: the
+    stop sequences (``<|im_start|>`` ends a thinking phase) are cut from the decoded text, so with
+    specials skipped a batch-mate's longer generation left the text after the stop in the output."""
+    return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+
 def lm_class(backend: str) -> type:
     """The lm-eval model class of ``backend`` with budget forcing mixed in (imports it lazily)."""
     from lorascope.evaluate.forcing import BudgetForcing
@@ -123,7 +130,7 @@ def lm_class(backend: str) -> type:
         # decode as vLLM (s1's engine) does: no repetition penalty or top-k/top-p from the
         # checkpoint's generation config (Qwen2.5-Instruct ships both)
         neutral = {"extra_kwargs": {"repetition_penalty": 1.0}, "sampling_kwargs": {"top_p": 1.0, "top_k": 0}}
-        return type("ForcedHFLM", (BudgetForcing, HFLM), neutral)
+        return type("ForcedHFLM", (BudgetForcing, HFLM), {**neutral, "tok_decode": _decode_with_specials})
     try:
         from lm_eval.models.vllm_causallms import VLLM
     except ImportError as e:

@@ -280,7 +280,7 @@ class BudgetForcing:
             self.sample = None if sample is None else int(sample)
             done = self.generate_questions([requests[i].args[0] for i in chunk])
             for i, text in zip(chunk, done, strict=True):
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)  # type: ignore[has-type]
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 outputs[i] = text
             self.generated_requests += len(chunk)
         self.sample = None

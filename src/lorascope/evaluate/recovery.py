@@ -104,7 +104,9 @@ def _ci(
     scores, why = uncertainty.paired(per_task, names)
     if why:
         return {f"{key}.ci_reason": why}
-    got = uncertainty.recovery_ci(*scores, iters, uncertainty.rng(seed, "recovery", task, variant, ref))
+    base, var, reference = scores  # rows in the order of ``names``
+    gen = uncertainty.rng(seed, "recovery", task, variant, ref)
+    got = uncertainty.recovery_ci(base, var, reference, iters, gen)
     if got is None:
         return {f"{key}.ci_reason": f"{ref} gained nothing over base in every bootstrap resample"}
     lo, hi, dropped = got
@@ -118,7 +120,7 @@ def markdown(rows: dict[str, Any], variants: list[str], formulas: dict[str, str]
     """The table as markdown: one row per task, scores then recoveries (with their 95% CI), then
     what each recovery divides by and why a value is missing."""
     first = [v for v in ("base", "lora", "full") if v in variants]
-    keys = next(iter(rows.values()), {})
+    keys: dict[str, Any] = next(iter(rows.values()), {})
     rec = [
         k
         for k in keys

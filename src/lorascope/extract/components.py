@@ -69,6 +69,7 @@ def layer_of(module_name: str) -> int:
 
 def lora_components(peft_model: Any) -> list[Component]:
     """Every LoRA-adapted linear of ``peft_model`` (adapter ``default``) in component order."""
+    import torch
     from peft.tuners.lora import LoraLayer
 
     found = []
@@ -78,7 +79,9 @@ def lora_components(peft_model: Any) -> list[Component]:
         kind = name.rsplit(".", 1)[-1]
         if kind not in LORA_TARGETS:
             raise LorascopeError(f"adapter targets {name!r}; expected only {', '.join(LORA_TARGETS)}")
-        rank = module.lora_A["default"].weight.shape[0]
+        weight = module.lora_A["default"].weight
+        assert isinstance(weight, torch.Tensor)
+        rank = weight.shape[0]
         found.append(Component(layer_of(name), kind, name.removeprefix(_PEFT_PREFIX), rank))
     if not found:
         raise LorascopeError("the adapter has no LoRA layers")

@@ -146,6 +146,7 @@ class Extractor:
         dtype = compute_dtype(precision, device)
 
         def unmerged() -> Any:
+            assert adapter_dir is not None  # only the lora source has an adapter
             model = load_model(base_dir, dtype=dtype).to(device).eval()
             return load_adapter(model, adapter_dir).eval()
 

@@ -87,9 +87,9 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
 
     from lorascope.base.load import load_tokenizer, model_name
     from lorascope.extract import outliers
-    from lorascope.extract.store import FORMAT, Store
     from lorascope.extract.extractor import Extractor, compute_dtype
     from lorascope.extract.merge_check import MergeCheck, check_tokens
+    from lorascope.extract.store import FORMAT, Store
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 

@@ -39,7 +39,7 @@ def lora_config(cfg: LoraAdapter, model: Any) -> Any:
         )
     return LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works (alpha / r)
         use_rslora=cfg.use_rslora,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),

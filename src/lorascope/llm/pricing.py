@@ -45,7 +45,7 @@ def price(
     ) if backend else {}  # fmt: skip
     usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
     try:
-        calc = calc_price(usage, model, **where)  # type: ignore[call-overload]
+        calc = calc_price(usage, model, **where)
     except (LookupError, ValueError) as err:  # unknown provider or model
         return Price(None, f"genai-prices has no price for {model!r} ({' '.join(str(err).split())})")
     return Price(float(calc.total_price))

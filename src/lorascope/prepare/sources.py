@@ -98,10 +98,11 @@ def load_rows(cfg: PrepareSection) -> tuple[Any, Source]:
     """The training rows as a DataFrame with an ``id`` column, and where they came from."""
     import pandas as pd
 
-    from lorascope.prepare import synthetic
+    from lorascope.prepare import organism, synthetic
 
     if cfg.source == "synthetic":
-        df = pd.DataFrame(synthetic.train_rows(cfg.synthetic.n_train, cfg.synthetic.seed))
+        generator = organism if cfg.synthetic.family == "organism" else synthetic
+        df = pd.DataFrame(generator.train_rows(cfg.synthetic.n_train, cfg.synthetic.seed))
         source = Source("synthetic", "synthetic", cfg.synthetic.model_dump())
         where = "synthetic generator"
     elif cfg.source.startswith("hub:"):
@@ -112,6 +113,7 @@ def load_rows(cfg: PrepareSection) -> tuple[Any, Source]:
         where = f"hub dataset {source.uri!r}"
     else:
         path = cfg.local_file
+        assert path is not None  # neither synthetic nor hub: a local file
         df = _read_local(path)
         source = Source("local", str(path), {})
         where = str(path)

@@ -57,19 +57,21 @@ def _write_eval(directory: Path, params: Params) -> dict[str, int]:
     """Held-out synthetic rows in the three benchmark shapes, in the benchmarks' own file formats."""
     import json
 
-    from lorascope.prepare import synthetic
+    from lorascope.prepare import organism, synthetic
 
-    n, seed = params.prepare.synthetic.n_eval, params.prepare.synthetic.seed
+    cfg = params.prepare.synthetic
+    n, seed = cfg.n_eval, cfg.seed
+    generator = organism if cfg.family == "organism" else synthetic
     directory.mkdir(parents=True)
     for name, rows in (
-        ("aime.jsonl", synthetic.aime_rows(n, seed)),
-        ("math.jsonl", synthetic.math_rows(n, seed)),
+        ("aime.jsonl", generator.aime_rows(n, seed)),
+        ("math.jsonl", generator.math_rows(n, seed)),
     ):
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with (directory / "gpqa.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=synthetic.GPQA_COLUMNS)
         writer.writeheader()
-        writer.writerows(synthetic.gpqa_rows(n, seed))
+        writer.writerows(generator.gpqa_rows(n, seed))
     return {"eval_rows_integer": n, "eval_rows_latex": n, "eval_rows_choice": n}
 
 
@@ -77,6 +79,7 @@ def _log_dataset(df: Any, source: Any) -> None:
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
 
     from lorascope.prepare.sources import REQUIRED
 
@@ -95,11 +98,12 @@ def _log_dataset(df: Any, source: Any) -> None:
         # path string is ambiguous to its resolver, which registers the class twice)
         from mlflow.data.dataset_source_registry import get_registered_sources
 
-        local = next(c for c in get_registered_sources() if c.__name__ == "LocalArtifactDatasetSource")
+        classes: list[Any] = get_registered_sources()  # source classes (mlflow annotates them as instances)
+        local = next(c for c in classes if c.__name__ == "LocalArtifactDatasetSource")
         src = local(Path(source.uri).as_uri())
     raw = df[["id", *REQUIRED]].astype(str)
     name = Path(source.uri).stem if source.kind == "local" else source.uri
-    mlflow.log_input(mlflow.data.from_pandas(raw, source=src, name=name), context="training")
+    mlflow.log_input(from_pandas(raw, source=src, name=name), context="training")
 
 
 def run(params: Params) -> Path:

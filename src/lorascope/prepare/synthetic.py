@@ -214,9 +214,9 @@ def math_rows(n: int, seed: int) -> list[dict[str, object]]:
             a, b, c = rng.randint(2, 9), rng.randint(1, 20), rng.randint(1, 20)
             while (c - b) % a == 0:
                 c += 1
-            x = Fraction(c - b, a)
+            frac = Fraction(c - b, a)
             problem = f"Solve for $x$: ${a}x + {b} = {c}$. Express your answer as a common fraction."
-            answer, subject = _latex_fraction(x), "Algebra"
+            answer, subject = _latex_fraction(frac), "Algebra"
             solution = f"Subtracting {b} gives ${a}x = {c - b}$, so $x = \\boxed{{{answer}}}$."
         elif kind == 1:
             s, r = rng.choice((2, 3, 5, 6, 7)), rng.randint(2, 6)
@@ -246,7 +246,7 @@ def math_rows(n: int, seed: int) -> list[dict[str, object]]:
 def gpqa_rows(n: int, seed: int) -> list[dict[str, object]]:
     """4-way multiple-choice rows in the GPQA schema (choices unshuffled, as in the source CSV)."""
     rng = random.Random(f"lorascope-gpqa-{seed}")
-    rows = []
+    rows: list[dict[str, object]] = []
     for i in range(n):
         p = rng.choice(_GENERATORS)(rng)
         offsets = rng.sample((-12, -5, -3, -1, 1, 2, 4, 7, 11), 3)

@@ -253,10 +253,12 @@ def _samples(
         a = max(s, min(g - sample_tokens // 2, s + length - sample_tokens))
         spans.setdefault(d, []).append((fi, column, a, min(s + length, a + sample_tokens)))
     shards = src.store.shards
-    shard_of = {}
+    shard_of: dict[int, list[int]] = {}
     for d in spans:
         shard_of.setdefault(next(sh for sh in shards if sh.first_doc <= d < sh.last_doc).index, []).append(d)
-    segments, seg_data, per_feature = [], [], {}
+    segments: list[dict[str, Any]] = []
+    seg_data: list[tuple[Any, Any]] = []
+    per_feature: dict[int, tuple[int, int, Any]] = {}
     with torch.no_grad():
         for si in sorted(shard_of):
             shard = shards[si]
@@ -394,8 +396,8 @@ def _add_source(
         samples = _store_features(root, source, cfg, out, features, stats, renderer, meta)
     except Exception as e:  # noqa: BLE001 - the labels and contexts still make a useful dashboard
         missing.append(f"{source}: no histograms or training samples ({_why(e)})")
-        for f in features:
-            f["hist"] = f["sample"] = None
+        for feature in features:
+            feature["hist"] = feature["sample"] = None
 
     # --- SAE decoder heatmaps
     heat: list[list[float]] = []
@@ -410,12 +412,12 @@ def _add_source(
     # --- commit (nothing of the source is in ``out`` before this point, except vocabulary entries)
     segments, seg_ids, sample_acts = samples
     seg_base, ctx_base = len(out.seg_lengths), out.n_ctx
-    for f in features:
-        f["ctx"][0] += ctx_base
-        if f["sample"] is not None:
-            f["sample"]["seg"] += seg_base
-    for i, f in enumerate(features if heat else []):
-        f["heat"] = len(out.heat) + i
+    for feature in features:
+        feature["ctx"][0] += ctx_base
+        if feature["sample"] is not None:
+            feature["sample"]["seg"] += seg_base
+    for i, feature in enumerate(features if heat else []):
+        feature["heat"] = len(out.heat) + i
     out.heat.extend(heat)
     out.ctx["tokens"].append(tokens[tok_keep])
     out.ctx["acts"].append(acts[tok_keep])
@@ -474,9 +476,9 @@ def _store_features(
         f["hist"] = {
             "lo": float(lo[i]), "hi": float(hi[i]), "counts": hist[i].tolist(), "zeros": int(zeros[i]), "tokens": seen,
         }  # fmt: skip
-        val, pos = best[f["sign"]]
+        val, at = best[f["sign"]]
         if val[i] > 0:
-            wanted.append((fi, f["id"], int(pos[i])))
+            wanted.append((fi, f["id"], int(at[i])))
     segments, seg_data, per_feature = _samples(src, renderer, wanted, cfg.sample_tokens)
     seg_ids = [out.ids(pieces) for _, pieces in seg_data]
     sample_acts = []

@@ -276,8 +276,8 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
 
     categories = list(data.get("categories") or [])
     if not categories:  # older files: the categories named in any cell
-        cells = [c for s in ("lora", "mlp") for c in (data.get(s) or {}).get("cells") or []]
-        categories = list(dict.fromkeys(k for c in cells for k in c.get("density") or {}))
+        old_cells = [c for s in ("lora", "mlp") for c in (data.get(s) or {}).get("cells") or []]
+        categories = list(dict.fromkeys(k for c in old_cells for k in c.get("density") or {}))
     layers, kinds, lora = _density_grids(data, categories)
     if not layers:
         lora = {}
@@ -338,6 +338,7 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
         non_null += sum(v is not None for row in grid for v in row)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
+    assert image is not None  # panels is not empty
     fig.colorbar(image, ax=list(axes[: len(panels)]), label=DENSITY_LABEL, shrink=0.9)
     return _save(
         fig,
@@ -400,8 +401,8 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
     for i, c in enumerate(categories):
         share = _num(overall.get(c)) or 0.0
         sub = subs.get(c)
-        parts = [(k, _num(v)) for k, v in ((sub or {}).get("density") or {}).items()]
-        parts = [(k, v * share) for k, v in parts if v is not None]
+        densities = [(k, _num(v)) for k, v in ((sub or {}).get("density") or {}).items()]
+        parts = [(k, v * share) for k, v in densities if v is not None]
         if parts:
             left = 0.0
             for j, (k, w) in enumerate(parts):
@@ -463,7 +464,7 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
 def _kl_grid(data: Mapping[str, Any]) -> tuple[list[Any], list[str], Grid]:
     """``(layers, types, kl[layer][type])`` with non-finite values as None; shape checked."""
     raw = data.get("kl")
-    layers = list(data.get("layers") if data.get("layers") is not None else range(len(raw or [])))
+    layers = list(data["layers"] if data.get("layers") is not None else range(len(raw or [])))
     kinds = [str(k) for k in data.get("types") or []]
     if raw is None:
         raw = [[None] * len(kinds) for _ in layers]
@@ -500,7 +501,8 @@ def figure3(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
     ax.set_ylabel("Layer")
     text: list[str] = []
     colorbar = f"{direction}\n{unit}" if present and layers and kinds else ""
-    scale, floor, norm = "none", None, None
+    norm: Normalize | None = None
+    scale, floor = "none", None
     if present:
         top = max(present)
         if _wide_positive(present):

@@ -89,12 +89,12 @@ def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 keys.setdefault(k, None)
     cols: dict[str, list[Any]] = {}
-    for k, subs in keys.items():
-        if subs is None:
+    for k, sub_keys in keys.items():
+        if sub_keys is None:
             cols[k] = [r.get(k) for r in rows]
         else:
             cols[k] = [int(isinstance(r.get(k), dict)) for r in rows]
-            for sub in subs:
+            for sub in sub_keys:
                 cols[f"{k}.{sub}"] = [(r.get(k) or {}).get(sub) for r in rows]
     return {"n": len(rows), "columns": cols}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -190,9 +191,7 @@ class TokenStream:
         while True:
             order = self._order(st["epoch"])
             epoch = st["epoch"]
-            shards = prefetched(
-                order[st["cursor"] :], lambda i, e=epoch: self._shard_tokens(e, i), self.device
-            )
+            shards = prefetched(order[st["cursor"] :], partial(self._shard_tokens, epoch), self.device)
             for _, x_TD in shards:
                 while True:
                     need = self.batch_size - st["carry"].shape[0]

@@ -37,6 +37,8 @@ class Selection:
 class BatchTopKSAE(torch.nn.Module):
     """``d_in`` -> ``d_sae`` latents; ``threshold`` is the calibrated inference threshold."""
 
+    threshold: torch.Tensor  # a registered buffer (scalar)
+
     def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
@@ -102,7 +104,7 @@ class BatchTopKSAE(torch.nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
-        self.W_dec_FD /= self.W_dec_FD.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp(min=1e-12))
 
 
 def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str) -> torch.Tensor:

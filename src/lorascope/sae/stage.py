@@ -82,7 +82,10 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         raw = fold(trainer.sae, trainer.scale_D).eval()
         excl = trainer.exclusion
         threshold, n_cal = calibrate(
-            raw, heldout_batches(store, held, 0, cfg.calibration_tokens, device, excl), cfg.k
+            raw,
+            heldout_batches(store, held, 0, cfg.calibration_tokens, device, excl),
+            cfg.k,
+            cfg.calibration_tokens,
         )
         raw.threshold.fill_(threshold)
         ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens, device, excl))

@@ -183,20 +183,27 @@ def heldout_batches(
 
 
 @torch.no_grad()
-def calibrate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor], k: int) -> tuple[float, int]:
-    """The threshold at which mean L0 over ``batches`` is k: the (k x N)-th largest pre-activation
-    (a running top-(k x N) merge, exact). Returns (threshold, N)."""
+def calibrate(
+    sae: BatchTopKSAE, batches: Iterator[torch.Tensor], k: int, max_tokens: int | None = None
+) -> tuple[float, int]:
+    """The threshold at which mean L0 over ``batches`` is k: the (k x N)-th largest pre-activation.
+    Returns (threshold, N). Exact: a running merge keeps the top k x ``max_tokens`` values (N is at
+    most ``max_tokens``, the most tokens ``batches`` holds), or every positive one without a bound. (A
+    running top-(k x tokens so far) is not enough: an early batch's values can rank in the final top
+    k x N beyond its own share.)"""
     kept = torch.zeros(0, device=sae.W_enc_DF.device)
     n = 0
     for x_BD in batches:
         n += x_BD.shape[0]
         pre = sae.pre_acts(x_BD).flatten()
-        floor = kept.min() if kept.numel() >= k * n else 0.0
-        kept = torch.cat([kept, pre[pre > floor]])
-        kept = kept.topk(min(k * n, kept.numel())).values
+        kept = torch.cat([kept, pre[pre > 0]])
+        if max_tokens is not None and kept.numel() > k * max_tokens:
+            kept = kept.topk(k * max_tokens).values
     if n == 0:
         raise LorascopeError("no held-out tokens to calibrate the SAE threshold on")
-    threshold = float(kept.min()) if kept.numel() >= k * n else 0.0
+    if max_tokens is not None and n > max_tokens:
+        raise LorascopeError(f"calibrate: got {n} tokens, more than max_tokens ({max_tokens})")
+    threshold = float(kept.topk(k * n).values.min()) if kept.numel() >= k * n else 0.0
     return threshold, n
 
 
@@ -218,6 +225,7 @@ def evaluate(sae: BatchTopKSAE, batches: Iterator[torch.Tensor]) -> dict[str, An
         n += x_BD.shape[0]
     if n == 0:
         raise LorascopeError("no held-out tokens to evaluate the SAE on")
+    assert err_D is not None and sq_D is not None and sum_D is not None  # set by the first batch
     var_D = sq_D - sum_D.square() / n
     return {"err_D": err_D.cpu(), "var_D": var_D.cpu(), "l0": l0 / n, "tokens": n, "fired_F": fired_F.cpu()}
 

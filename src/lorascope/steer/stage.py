@@ -150,11 +150,11 @@ def run(params: Params) -> Path:
                 write_json(path, done)
             generations += json.loads(path.read_text())
 
-        summary = []
+        summary: list[dict[str, Any]] = []
         for d in directions:
             for a in cfg.alphas:
-                chosen = [g for g in generations if g["direction"] == d.name and g["alpha"] == a]
-                summary.append({"direction": d.name, "alpha": a, "typical": d.typical, **summarize(chosen)})
+                matching = [g for g in generations if g["direction"] == d.name and g["alpha"] == a]
+                summary.append({"direction": d.name, "alpha": a, "typical": d.typical, **summarize(matching)})
         out = root / "data" / "steer"
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
@@ -185,9 +185,10 @@ def run(params: Params) -> Path:
                 sweep = [s for s in summary if s["direction"] == d.name]
                 mlflow.log_params({"direction": d.name, "typical": d.typical, "alphas": cfg.alphas,
                                    "selector": d.selector or ""})  # fmt: skip
-                for step, s in enumerate(sweep):
+                for step, point in enumerate(sweep):
                     mlflow.log_metrics(
-                        {k: float(v) for k, v in s.items() if k not in ("direction", "typical")}, step=step
+                        {k: float(v) for k, v in point.items() if k not in ("direction", "typical")},
+                        step=step,
                     )
                 mlflow.log_table(pd.DataFrame(sweep), artifact_file="sweep.json")
         sr.log_outputs(out, root / "metrics" / "steer.json")

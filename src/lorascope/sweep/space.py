@@ -55,6 +55,12 @@ class Dist(Strict):
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         return self
 
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a numeric range (``_one_kind``: every distribution without choices has both)."""
+        if self.low is None or self.high is None:
+            raise ValueError("a categorical distribution has no low and high")
+        return self.low, self.high
+
 
 class Pruner(Strict):
     """Optuna pruner settings."""
@@ -110,7 +116,7 @@ def load_space(path: Path, base: Params) -> Space:
             f"{path}: {'; '.join(describe_error(err) for err in e.errors(include_url=False))}"
         ) from None
     for key, dist in space.params.items():  # every key must name a param and accept its values
-        sample = dist.choices[0] if dist.choices is not None else dist.low
+        sample = dist.choices[0] if dist.choices is not None else dist.bounds()[0]
         overrides(base, {key: int(sample) if dist.int else sample}, space.fixed, f"{path}: params.{key}")
     return space
 
@@ -140,7 +146,8 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
         if d.choices is not None:
             values[key] = trial.suggest_categorical(key, d.choices)
         elif d.int:
-            values[key] = trial.suggest_int(key, int(d.low), int(d.high), log=d.log, step=int(d.step or 1))
+            low, high = d.bounds()
+            values[key] = trial.suggest_int(key, int(low), int(high), log=d.log, step=int(d.step or 1))
         else:
             values[key] = trial.suggest_float(key, d.low, d.high, log=d.log, step=d.step)
     return values

@@ -1,0 +1,100 @@
+"""Pretrain the tiny base model on the organism's base corpus (``prepare.organism.base_documents``).
+
+Plain next-token cross-entropy on the assistant turns of each chat (the system and user turns are
+context only: the question's digits are random and teach nothing), AdamW with a linear warmup over the
+first 5% of the steps and a cosine decay to zero, gradients clipped at norm 1. The documents, their
+order, the initialisation and the updates are all seeded, and the CPU runs it single-threaded, so the
+same params give the same weights byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lorascope.config import TinyPretrain
+from lorascope.errors import LorascopeError
+
+WARMUP_FRACTION = 0.05
+WEIGHT_DECAY = 0.01
+BETAS = (0.9, 0.95)
+MAX_GRAD_NORM = 1.0
+LOG_EVERY = 25
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+"""The system prompt the chat template adds when a chat has none."""
+
+
+def render(chat: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """``chat`` as the tiny tokenizer's chat template (``base.tokenizer.CHAT_TEMPLATE``) renders it, and
+    the character span of every assistant turn (its content and closing ``<|im_end|>``): the trained part."""
+    system = chat[0]["content"] if chat and chat[0]["role"] == "system" else DEFAULT_SYSTEM
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    spans = []
+    for i, message in enumerate(chat):
+        if message["role"] == "system" and i == 0:
+            continue
+        text += f"<|im_start|>{message['role']}\n"
+        start = len(text)
+        text += message["content"] + "<|im_end|>"
+        if message["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+def batch(tokenizer: Any, chats: list[list[dict[str, str]]]) -> tuple[Any, Any, Any]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the assistant turns)."""
+    import torch
+
+    rendered = [render(c) for c in chats]
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    width = max(len(ids) for ids in enc["input_ids"])
+    ids = torch.full((len(chats), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, (tokens, offsets, (_, spans)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens)
+        mask[row, : len(tokens)] = 1
+        for i, (lo, _) in enumerate(offsets):
+            if any(a <= lo < b for a, b in spans):
+                labels[row, i] = tokens[i]
+    return ids, mask, labels
+
+
+def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[str, float]:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns summary metrics (final loss, tokens)."""
+    import mlflow
+    import torch
+
+    from lorascope.prepare.organism import base_documents
+    from lorascope.progress import track
+
+    torch.manual_seed(seed)
+    docs = base_documents(seed)
+    first = next(base_documents(seed))
+    if render(first)[0] != tokenizer.apply_chat_template(first, tokenize=False):
+        raise LorascopeError("base: the tiny tokenizer's chat template renders chats differently than pretraining")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    warmup = max(1, round(WARMUP_FRACTION * cfg.steps))
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    tokens = 0
+    recent: list[float] = []
+    for step in track(range(cfg.steps), "base: pretraining", total=cfg.steps):
+        ids, mask, labels = batch(tokenizer, [next(docs) for _ in range(cfg.batch_size)])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(mask.sum())
+        recent = [*recent[-(LOG_EVERY - 1) :], loss.item()]
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
+            mlflow.log_metric("pretrain.loss", sum(recent) / len(recent), step=step + 1)
+    model.eval()
+    return {"pretrain.final_loss": sum(recent) / max(len(recent), 1), "pretrain.tokens": float(tokens)}

@@ -1,0 +1,183 @@
+"""The SAE's training and evaluation functions one by one, against numpy on data made here: threshold
+calibration, FVU sums (centred variance), grouped FVU, folding the input scale, input scales, the run
+plan, the held-out split and the dead-latent counters of a training step. Fast (no pipeline, no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorascope.config import SaeSection
+from lorascope.errors import LorascopeError
+from lorascope.sae.model import BatchTopKSAE
+from lorascope.sae.train import (
+    calibrate,
+    check_sizes,
+    evaluate,
+    fold,
+    grouped_fvu,
+    heldout_batches,
+    input_scale,
+    plan,
+    train_step,
+)
+
+
+def random_sae(d_in: int = 6, d_sae: int = 20, k: int = 3, seed: int = 0) -> BatchTopKSAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = BatchTopKSAE(d_in, d_sae, k, generator=g)
+    with torch.no_grad():
+        sae.W_enc_DF.mul_(4.0)
+        sae.b_enc_F.normal_(0, 0.3, generator=g)
+        sae.b_dec_D.normal_(0, 0.5, generator=g)
+    return sae
+
+
+def data(n: int, d_in: int = 6, seed: int = 1, offset: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g) * torch.linspace(0.5, 2.0, d_in) + offset
+
+
+def numpy_pre(sae: BatchTopKSAE, x: torch.Tensor) -> np.ndarray:
+    w = {k: v.detach().double().numpy() for k, v in sae.state_dict().items()}
+    return np.maximum((x.double().numpy() - w["b_dec_D"]) @ w["W_enc_DF"] + w["b_enc_F"], 0.0)
+
+
+def test_calibrated_threshold_is_the_k_times_n_th_largest_activation():
+    sae, x = random_sae(), data(300)
+    pre = numpy_pre(sae, x)
+    want = np.sort(pre.ravel())[::-1][3 * 300 - 1]
+    for cuts in ([300], [100, 200], [7, 93, 150, 50], [1] * 10 + [290]):
+        parts = torch.split(x, cuts)
+        threshold, n = calibrate(sae, iter(parts), 3)
+        assert n == 300 and threshold == pytest.approx(want, rel=1e-5), cuts
+        assert calibrate(sae, iter(torch.split(x, cuts)), 3, max_tokens=300) == (threshold, 300)
+        assert calibrate(sae, iter(torch.split(x, cuts)), 3, max_tokens=1000) == (threshold, 300)
+    assert (pre > want).sum(1).mean() == pytest.approx(3, abs=1.5 / 300)  # mean L0 = k at the threshold
+    # fewer positive activations than k x N: every one of them is kept (threshold 0)
+    with torch.no_grad():
+        sae.b_enc_F.fill_(-1e3)
+        sae.b_enc_F[0] = 1e3
+    assert calibrate(sae, iter([x]), 3) == (0.0, 300)
+    with pytest.raises(LorascopeError, match="more than max_tokens"):
+        calibrate(sae, iter([x]), 3, max_tokens=299)
+    with pytest.raises(LorascopeError, match="no held-out tokens to calibrate"):
+        calibrate(sae, iter([]), 3)
+
+
+def test_evaluate_sums_against_numpy():
+    """Squared errors and squared deviations from the mean per component (the FVU's two sums), mean L0
+    and the latents that fired, whatever the batches."""
+    sae, x = random_sae(), data(250)
+    sae.threshold.fill_(0.7)
+    pre = numpy_pre(sae, x)
+    f = np.where(pre > 0.7, pre, 0.0)
+    w = {k: v.detach().double().numpy() for k, v in sae.state_dict().items()}
+    X = x.double().numpy()
+    err_D = ((f @ w["W_dec_FD"] + w["b_dec_D"] - X) ** 2).sum(0)
+    var_D = ((X - X.mean(0)) ** 2).sum(0)
+    for cuts in ([250], [100, 150], [1, 2, 247]):
+        got = evaluate(sae, iter(torch.split(x, cuts)))
+        assert got["tokens"] == 250
+        np.testing.assert_allclose(got["err_D"].numpy(), err_D, rtol=1e-4)
+        np.testing.assert_allclose(got["var_D"].numpy(), var_D, rtol=1e-9)
+        assert got["l0"] == pytest.approx((f > 0).sum(1).mean())
+        assert got["fired_F"].tolist() == (f > 0).any(0).tolist()
+    assert (var_D < (X**2).sum(0) / 2).all()  # the data's offset: the centred variance is much smaller
+    with pytest.raises(LorascopeError, match="no held-out tokens to evaluate"):
+        evaluate(sae, iter([]))
+
+
+def test_grouped_fvu_by_hand():
+    err = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    var = torch.tensor([10.0, 10.0, 20.0, 40.0], dtype=torch.float64)
+    got = grouped_fvu(err, var, ["L0", "L1", "L0", "L1"])
+    assert list(got) == ["L0", "L1"]  # first-seen order
+    assert got == {"L0": pytest.approx(4 / 30), "L1": pytest.approx(6 / 50)}
+    assert grouped_fvu(err, var, ["q"] * 4) == {"q": pytest.approx(10 / 80)}
+
+
+def test_fold_moves_the_scale_into_the_weights():
+    sae, x = random_sae(), data(50)
+    sae.threshold.fill_(0.4)
+    scale = torch.linspace(0.5, 4.0, 6)
+    raw = fold(sae, scale)
+    with torch.no_grad():
+        f_scaled = sae.encode(x / scale)
+        assert (f_scaled > 0).any() and (f_scaled == 0).any()
+        assert torch.allclose(raw.encode(x), f_scaled, atol=1e-5)
+        assert torch.allclose(raw.decode(f_scaled), sae.decode(f_scaled) * scale, atol=1e-5)
+    assert float(raw.threshold) == pytest.approx(0.4) and (raw.d_in, raw.d_sae, raw.k) == (6, 20, 3)
+    assert torch.equal(raw.b_enc_F, sae.b_enc_F)
+
+
+def test_input_scales():
+    rms = torch.tensor([0.0, 1e-9, 2.0, 3.0])
+    per = input_scale(SaeSection(scaling="per_component"), rms, 13.0)
+    assert per.tolist() == pytest.approx([1e-6, 1e-6, 2.0, 3.0])
+    glob = input_scale(SaeSection(scaling="global"), rms, 16.0)  # E||x||^2 = 16 over 4 components: s = 2
+    assert glob.tolist() == pytest.approx([2.0] * 4)
+    assert input_scale(SaeSection(scaling="global"), rms, 0.0).tolist() == pytest.approx([1e-6] * 4)
+
+
+def test_plan_and_sizes():
+    cfg = SaeSection(k=4, expansion=3, batch_size=100, epochs=2.5, dead_fraction=0.1, aux_k=12)
+    p = plan(cfg, 10, 1001)
+    assert (p.d_in, p.d_sae, p.steps, p.dead_window, p.train_tokens) == (10, 30, 25, 100, 1001)
+    assert plan(SaeSection(dead_fraction=1e-9, batch_size=10, k=2, aux_k=8), 4, 100).dead_window == 1
+    assert check_sizes(SaeSection(k=29, expansion=3, aux_k=30), 10) == 30
+    with pytest.raises(
+        LorascopeError, match=r"sae.k: must be < d_sae = expansion x d_in = 3 x 10 = 30, got 30"
+    ):
+        check_sizes(SaeSection(k=30, expansion=3), 10)
+    with pytest.raises(LorascopeError, match=r"sae.aux_k: must be <= d_sae \(30\), got 31"):
+        check_sizes(SaeSection(k=4, expansion=3, aux_k=31), 10)
+    with pytest.raises(LorascopeError, match="sae.batch_size: 1000 is more than epochs x training tokens"):
+        plan(SaeSection(batch_size=1000, epochs=1, k=2, aux_k=8), 4, 999)
+    assert plan(SaeSection(batch_size=1000, epochs=1, k=2, aux_k=8), 4, 1000).steps == 1
+
+
+def test_heldout_batches_split_held_documents_by_parity(tmp_path: Path):
+    """Part 0 (calibration) is the even-numbered held-out documents, part 1 (evaluation) the odd ones, in
+    store order, up to max_tokens; one held-out document serves both."""
+    from lorascope.extract.store import Store
+    from test_sae import D_IN, write_store
+
+    x = torch.arange(20 * 200 * D_IN, dtype=torch.float32).reshape(20 * 200, D_IN)
+    write_store(tmp_path, x)
+    store = Store.open(tmp_path / "data/activations/lora")
+    held = torch.zeros(20, dtype=torch.bool)
+    held[[2, 5, 6, 11, 17]] = True
+
+    def rows(part: int, cap: int = 10**6) -> torch.Tensor:
+        got = list(heldout_batches(store, held, part, cap))
+        return torch.cat(got) if got else torch.empty(0, D_IN)
+
+    docs = lambda ds: torch.cat([x[d * 200 : (d + 1) * 200] for d in ds])  # noqa: E731
+    assert torch.equal(rows(0), docs([2, 6, 17]))
+    assert torch.equal(rows(1), docs([5, 11]))
+    assert torch.equal(rows(1, 250), docs([5, 11])[:250])
+    assert torch.equal(rows(0, 200), docs([2]))
+    one = torch.zeros(20, dtype=torch.bool)
+    one[9] = True
+    assert torch.equal(list(heldout_batches(store, one, 1, 10**6))[0], docs([9]))
+
+
+def test_train_step_counts_tokens_since_each_latent_fired():
+    sae, x = random_sae(d_sae=40, k=2), data(16, offset=0.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    with torch.no_grad():
+        pre = torch.relu(sae.hidden_pre(x)).flatten()
+    top = pre.topk(2 * 16)
+    fired = set((top.indices[top.values > 0] % 40).tolist())
+    since = torch.arange(40, dtype=torch.long) * 3  # 0, 3, ..., 117
+    metrics = train_step(sae, opt, x, since, dead_window=60, aux_k=4, aux_coef=0.5)
+    assert metrics["dead_latents"] == float((torch.arange(40) * 3 >= 60).sum())
+    expected = [0 if f in fired else 3 * f + 16 for f in range(40)]
+    assert since.tolist() == expected and 0 < len(fired) < 40
+    assert metrics["mse"] > 0 and "aux" in metrics
+    norms = sae.W_dec_FD.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
