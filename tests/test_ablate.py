@@ -375,7 +375,7 @@ def test_summary_against_a_hand_computed_case():
 def test_figure3_orientation_cell_by_cell():
     """Rows are layers in ascending order, columns the component types in the fixed order that the adapter
     has; a missing result or component is null. Three layers by four types: a transpose cannot pass."""
-    from lorascope.ablate.stage import KL_DEFINITIONS, figure3
+    from lorascope.ablate.stage import KL_DEFINITIONS, UNIT, figure3
     from lorascope.extract.components import Component
 
     kinds = ["v_proj", "q_proj", "down_proj", "gate_proj"]  # out of the canonical order on purpose
@@ -389,6 +389,7 @@ def test_figure3_orientation_cell_by_cell():
     assert fig["layers"] == [0, 2, 4]
     assert fig["types"] == ["q_proj", "v_proj", "gate_proj", "down_proj"]  # LORA_TARGETS order
     assert set(KL_DEFINITIONS) <= set(fig) and fig["direction"] == "KL(P_lora || P_ablated)"
+    assert fig["unit"] == UNIT and fig["kl_definitions"] == KL_DEFINITIONS  # the report reads these keys
     code = {"q_proj": 1, "v_proj": 0, "gate_proj": 3, "down_proj": 2}
     expected = [
         [0 + 1, 0 + 0, 0 + 3, 0 + 2],

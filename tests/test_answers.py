@@ -250,3 +250,50 @@ def test_score_is_extract_then_grade(tmp_path: Path) -> None:
     assert score(doc, "x = 3, so x+9 = 12") == {"exact_match": 1.0, "fallback": 1.0}
     assert score(doc, "x = 12, so x-9 = 3") == {"exact_match": 0.0, "fallback": 1.0}
     assert score({"kind": "choice", "gold": "B"}, "Answer: B") == {"exact_match": 1.0, "fallback": 0.0}
+
+
+# ------------------------------------------------------------------------------- grading by hand
+NORMAL_FORMS = {
+    "\\cot x": "\\cot x",  # a space that separates a command from a letter stays
+    "2 x": "2x",  # any other space goes
+    "50\\%": "50",
+    "50%": "50",
+    "2X": "2X",  # only trailing periods are stripped
+    "7.": "7",
+    "(C)": "C",
+    "x = 5": "5",  # a value assignment is its value
+    "x = \\frac{1}{2}": "\\frac{1}{2}",
+    "k = \\Omega": "\\Omega",
+    "y = 2x + 3": "y=2x+3",  # an equation is not
+    "y = 2X": "y=2X",
+    "y = 3Z": "y=3Z",
+}
+
+
+@pytest.mark.parametrize(("latex", "normal"), list(NORMAL_FORMS.items()))
+def test_normal_forms_by_hand(latex: str, normal: str) -> None:
+    from lorascope.evaluate.grading import normalize
+
+    assert normalize(latex) == normal
+
+
+def test_each_kind_has_its_own_grader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorascope.evaluate import grading
+
+    # integers are compared as integers: an equal fraction is not an AIME answer
+    assert grading.grade("latex", "25", "\\frac{50}{2}") and not grading.grade(
+        "integer", "25", "\\frac{50}{2}"
+    )
+    # a choice is one letter: two letters never match, even spelled alike
+    assert grading.grade("latex", "AB", "AB") and not grading.grade("choice", "AB", "AB")
+    assert grading.choice_equal("b", "B") and grading.choice_equal("(d)", "D")
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("sympy gave up")
+
+    import math_verify
+
+    monkeypatch.setattr(math_verify, "parse", broken)
+    assert (
+        grading.math_equal("x^2+1", "1+x^2") is False
+    )  # a failing symbolic check grades wrong, never raises

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -39,9 +38,10 @@ def sh(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> subpro
 
 
 def copy_tree(dest: Path) -> None:
-    """This repository's files (tracked, and untracked but not ignored) as a fresh clone has them."""
+    """This repository's tracked files, as a fresh clone has them (with their working-tree content,
+    so an uncommitted edit is tested; an untracked stray file is not copied: `git add` a new file)."""
     files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        ["git", "ls-files", "--cached", "-z"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split("\0")  # fmt: skip
     for rel in filter(None, files):
