@@ -58,7 +58,7 @@ def lorascope_runner(args: argparse.Namespace, d_sae: int, mean_D: torch.Tensor)
 
     sae = BatchTopKSAE(args.d_in, d_sae, args.k, generator=torch.Generator().manual_seed(0))
     sae.b_dec_D.data.copy_(mean_D)
-    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(sae.parameters(), lr=args.lr, fused=True)  # as the stage's Trainer
     since_fired = torch.zeros(d_sae, dtype=torch.long)
 
     def step(x: torch.Tensor) -> None:  # the stage's own step (the schedule aside)

@@ -19,7 +19,9 @@ DOC, DOCS, C = 50, 24, 6
 SPECIAL = 3
 
 
-def planted_outliers(root: Path, special: list[int] | None = (SPECIAL,)) -> tuple[Store, np.ndarray, np.ndarray]:
+def planted_outliers(
+    root: Path, special: list[int] | None = (SPECIAL,)
+) -> tuple[Store, np.ndarray, np.ndarray]:
     """Documents whose first token is an attention sink (x 1000 on every component) and 40 tokens of
     the special id ``SPECIAL`` elsewhere (x 300); ordinary tokens are N(0, 1) times per-component
     scales 1..10, with ordinary ids 10..49."""
@@ -59,17 +61,25 @@ def test_outlier_record_against_numpy(tmp_path: Path):
     assert rec["outlier_ratio"] == 100.0 and rec["tokens"] == DOC * DOCS
     for c, comp in enumerate(rec["components"]):
         # a histogram bin spans <= 1/32 of its value: the median to within 1.6%
-        assert comp["name"] == f"L0.c{c}" and comp["median_abs"] == pytest.approx(np.median(a[:, c]), rel=0.017)
+        assert comp["name"] == f"L0.c{c}" and comp["median_abs"] == pytest.approx(
+            np.median(a[:, c]), rel=0.017
+        )
         assert comp["max_abs"] == pytest.approx(a[:, c].max(), rel=1e-5)
         assert comp["max_over_median"] == pytest.approx(comp["max_abs"] / comp["median_abs"], rel=1e-5)
         assert comp["max_over_median"] > 1000
         assert comp["tokens_over"] == int((a[:, c] > 100 * comp["median_abs"]).sum())
     over = (a > 100 * np.array([c["median_abs"] for c in rec["components"]])).any(1)
     assert rec["tokens_over"] == over.sum() == 64  # the 24 sinks and the 40 special tokens
-    assert rec["tokens_over_first_position"] == over[:: DOC].sum() == DOCS
+    assert rec["tokens_over_first_position"] == over[::DOC].sum() == DOCS
     assert rec["tokens_over_special"] == (over & (ids == SPECIAL)).sum() == 40
     top = rec["token_ids"][0]
-    assert top == {"id": SPECIAL, "token": f"tok{SPECIAL}", "special": True, "tokens_over": 40, "occurrences": 40}
+    assert top == {
+        "id": SPECIAL,
+        "token": f"tok{SPECIAL}",
+        "special": True,
+        "tokens_over": 40,
+        "occurrences": 40,
+    }
     assert sum(t["tokens_over"] for t in rec["token_ids"]) == 64
     assert rec["token_norm_median"] == pytest.approx(np.median(np.linalg.norm(x, axis=1)), rel=0.017)
     metrics = outliers.metrics(rec)

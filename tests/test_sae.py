@@ -170,7 +170,7 @@ def test_fvu_overall_by_layer_and_type_against_numpy(workspace: Path):
     x, _ = planted(4_000, seed=7)
     x = x + torch.linspace(-20.0, 30.0, D_IN)  # per-component means much larger than the spread
     write_store(workspace, x)
-    run(tiny_params(sae={**SAE, "epochs": 1, "heldout_fraction": 0.2}))
+    run(tiny_params(sae={**SAE, "epochs": 6, "heldout_fraction": 0.2}))  # tied init: FVU < 1 needs ~70 steps
     metrics = json.loads((workspace / "metrics/sae.json").read_text())
 
     cut = int(0.2 * 2**32)
@@ -203,6 +203,42 @@ def test_fvu_overall_by_layer_and_type_against_numpy(workspace: Path):
     assert 0 < metrics["fvu"] < 1  # the SAE explains something; an uncentred variance gives ~1e-3 here
 
 
+def test_fvu_in_raw_and_normalised_units_against_numpy(workspace: Path):
+    """Globally scaled training: metrics/sae.json's normalised FVU (overall, by layer, by type) is the
+    FVU in per-component RMS units of the training tokens, where the raw one is dominated by the
+    largest components; both recomputed here from the saved weights."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    x, _ = planted(4_000, seed=3)
+    x = x * torch.logspace(0, 2, D_IN)  # scales 10 x 100 apart: raw and normalised FVU differ
+    write_store(workspace, x)
+    run(tiny_params(sae={**SAE, "scaling": "global", "heldout_fraction": 0.2}))
+    metrics = json.loads((workspace / "metrics/sae.json").read_text())
+    held = held_out_docs(20, 0.2)
+    docs = np.arange(4_000) // 200
+    X = x.numpy().astype(np.float64)
+    rms_D = np.sqrt((X[~np.isin(docs, held)] ** 2).mean(0))
+    E = X[np.isin(docs, held[1::2])]
+    w = {k: v.astype(np.float64) for k, v in load_file(str(workspace / "models/sae/sae.safetensors")).items()}
+    pre = np.maximum((E - w["b_dec_D"]) @ w["W_enc_DF"] + w["b_enc_F"], 0.0)
+    f = np.where(pre > float(w["threshold"]), pre, 0.0)
+    err_D = ((f @ w["W_dec_FD"] + w["b_dec_D"] - E) ** 2).sum(0)
+    var_D = ((E - E.mean(0)) ** 2).sum(0)
+    assert metrics["fvu"] == pytest.approx(err_D.sum() / var_D.sum(), rel=1e-3)
+    norm_err, norm_var = err_D / rms_D**2, var_D / rms_D**2
+    assert metrics["fvu_normalised"] == pytest.approx(norm_err.sum() / norm_var.sum(), rel=1e-3)
+    for j, kind in enumerate(["q_proj", "k_proj", "gate_proj", "down_proj"]):
+        cols = [n * 4 + j for n in range(6)]
+        got = metrics["fvu_normalised_by_type"][kind]
+        assert got == pytest.approx(norm_err[cols].sum() / norm_var[cols].sum(), rel=1e-3)
+    for n in range(6):
+        cols = list(range(n * 4, n * 4 + 4))
+        got = metrics["fvu_normalised_by_layer"][f"L{n}"]
+        assert got == pytest.approx(norm_err[cols].sum() / norm_var[cols].sum(), rel=1e-3)
+    assert abs(metrics["fvu_normalised"] - metrics["fvu"]) > 0.05  # the units matter here
+
+
 def test_geometric_median_ignores_outliers():
     from lorascope.sae.data import geometric_median
 
@@ -213,23 +249,34 @@ def test_geometric_median_ignores_outliers():
 
 
 def test_auxk_revives_dead_latents(workspace: Path):
-    """As many latents as planted directions, half of them too weak at the start to ever win the
-    batch top-k: without AuxK they stay dead and the directions they should cover go unexplained."""
+    """As many latents as planted directions, half of them too weak at the start (a bad init: their
+    encoder columns x 0.05) to ever win the batch top-k: without AuxK they stay dead and the directions
+    they should cover go unexplained; with it they come back. Alive as the stage counts it (fired on
+    the held-out evaluation tokens at the calibrated threshold, or within the last dead window)."""
+    from lorascope.sae.train import calibrate, evaluate, heldout_batches
+
     x, _ = planted(8_000)
     write_store(workspace, x)
     store = Store.open(workspace / "data/activations/lora")
     held = heldout_documents(store, 0.1)
-    dead_counts = {}
+    alive, fvu = {}, {}
     for coef in (0.0, 1.0):
-        cfg = SaeSection(**{**SAE, "expansion": 2, "epochs": 3, "aux_coef": coef, "dead_fraction": 0.02})
+        cfg = SaeSection(**{**SAE, "expansion": 2, "epochs": 10, "aux_coef": coef, "dead_fraction": 0.1})
         trainer = Trainer(store, held, cfg)
         assert trainer.plan.d_sae == N_TRUE
         with torch.no_grad():
             trainer.sae.W_enc_DF[:, ::2] *= 0.05
+        weak = torch.arange(N_TRUE) % 2 == 0
         trainer.run()
-        dead_counts[coef] = int((trainer.since_fired_F >= trainer.plan.dead_window).sum())
-    assert dead_counts[0.0] >= N_TRUE // 2 - 4
-    assert dead_counts[1.0] <= 2
+        raw = fold(trainer.sae, trainer.scale_D)
+        raw.threshold.fill_(calibrate(raw, heldout_batches(store, held, 0, 10**6), cfg.k)[0])
+        ev = evaluate(raw, heldout_batches(store, held, 1, 10**6))
+        alive_F = ev["fired_F"] | (trainer.since_fired_F < trainer.plan.dead_window)
+        alive[coef] = (int(alive_F[weak].sum()), int(alive_F[~weak].sum()))
+        fvu[coef] = float(ev["err_D"].sum() / ev["var_D"].sum())
+    assert alive[0.0][0] <= 2 and alive[0.0][1] >= N_TRUE // 2 - 2  # the weak half stays dead
+    assert alive[1.0][0] >= N_TRUE // 2 - 4 and alive[1.0][1] >= N_TRUE // 2 - 2  # AuxK revives it
+    assert fvu[1.0] < 0.8 * fvu[0.0]  # and the revived latents explain what the dead ones left
 
 
 def test_kill_and_resume_gives_the_same_weights(workspace: Path):

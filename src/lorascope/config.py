@@ -367,8 +367,8 @@ class SaeSection(Section):
     """Active latents per token (BatchTopK keeps k x batch activations per batch)."""
     expansion: PositiveInt = 8
     """d_sae = expansion x d_in (d_in = adapter components; 448 -> 3584 for Qwen2.5-32B)."""
-    lr: PositiveFloat = 5e-4
-    """Adam learning rate."""
+    lr: PositiveFloat = 1e-3
+    """Adam learning rate (peak of the warmup / stable / decay schedule)."""
     batch_size: PositiveInt = 512
     """Tokens per optimizer step."""
     seed: int = 0

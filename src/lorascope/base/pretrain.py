@@ -42,22 +42,35 @@ def render(chat: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def batch(tokenizer: Any, chats: list[list[dict[str, str]]]) -> tuple[Any, Any, Any]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the assistant turns)."""
+def batch(tokenizer: Any, chats: list[list[dict[str, str]]], row_tokens: int = 0) -> tuple[Any, Any, Any]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the assistant turns) of ``chats``:
+    one right-padded row per chat, or with ``row_tokens`` packed in order into rows of at most that
+    many tokens (a chat that does not fit starts the next row; chats in a row attend to earlier ones)."""
     import torch
 
     rendered = [render(c) for c in chats]
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    width = max(len(ids) for ids in enc["input_ids"])
-    ids = torch.full((len(chats), width), tokenizer.pad_token_id, dtype=torch.long)
+    docs = []
+    for tokens, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
+        trained = [any(a <= lo < b for a, b in spans) for lo, _ in offsets]
+        docs.append((tokens, trained))
+    rows: list[list[tuple[list[int], list[bool]]]] = []
+    for doc in docs:
+        if rows and row_tokens and sum(len(t) for t, _ in rows[-1]) + len(doc[0]) <= row_tokens:
+            rows[-1].append(doc)
+        else:
+            rows.append([doc])
+    width = max(sum(len(t) for t, _ in row) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for row, (tokens, offsets, (_, spans)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)):
-        ids[row, : len(tokens)] = torch.as_tensor(tokens)
-        mask[row, : len(tokens)] = 1
-        for i, (lo, _) in enumerate(offsets):
-            if any(a <= lo < b for a, b in spans):
-                labels[row, i] = tokens[i]
+    for r, row in enumerate(rows):
+        tokens = [t for doc, _ in row for t in doc]
+        trained = [x for _, flags in row for x in flags]
+        n = len(tokens)
+        ids[r, :n] = torch.as_tensor(tokens)
+        mask[r, :n] = 1
+        labels[r, :n] = torch.where(torch.as_tensor(trained), ids[r, :n], -100)
     return ids, mask, labels
 
 

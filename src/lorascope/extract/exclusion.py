@@ -56,7 +56,9 @@ class Exclusion:
             limit = policy.norm_ratio * rec["token_norm_median"]
         return cls(policy.first_position, special, limit)
 
-    def reasons(self, acts_TC: torch.Tensor, ids_T: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reasons(
+        self, acts_TC: torch.Tensor, ids_T: torch.Tensor, starts: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per reason of the policy, which tokens it excludes (bool, on ``acts_TC``'s device);
         ``starts``: local indices of the first token of each document."""
         dev, T = acts_TC.device, acts_TC.shape[0]

@@ -26,7 +26,8 @@ from lorascope.extract.store import Shard, Store
 FILE = "outliers.json"
 _SHIFT = 18
 _BINS = 1 << (31 - _SHIFT)
-_CHUNK = 16384
+_CHUNK_VALUES = 1 << 24
+"""Values binned at once (tokens x components): bounds the index tensor at 128 MB."""
 TOP_TOKENS = 50
 """Token ids listed (those with the most tokens over the limit)."""
 
@@ -55,7 +56,9 @@ def document_starts(store: Store, shard: Shard) -> torch.Tensor:
     return torch.tensor([d[1] - shard.start for d in store.documents[shard.first_doc : shard.last_doc]])
 
 
-def record(store: Store, ratio: float, token_text: Callable[[list[int]], list[str]], device: Any = "cpu") -> dict[str, Any]:
+def record(
+    store: Store, ratio: float, token_text: Callable[[list[int]], list[str]], device: Any = "cpu"
+) -> dict[str, Any]:
     """The outlier record of ``store`` (see the module docstring); ``token_text`` names token ids."""
     from lorascope.devices import stream_to
 
@@ -66,7 +69,7 @@ def record(store: Store, ratio: float, token_text: Callable[[list[int]], list[st
     max_C = torch.zeros(C, device=dev)
     offsets_C = torch.arange(C, device=dev) * _BINS
     for _, acts_TC, _ in stream_to(store, dev):
-        for x in acts_TC.split(_CHUNK):
+        for x in acts_TC.split(max(1, _CHUNK_VALUES // C)):
             x = x.float().abs()
             hist += torch.bincount((_bin(x) + offsets_C).flatten(), minlength=C * _BINS)
             norm_hist += torch.bincount(_bin(x.norm(dim=1)), minlength=_BINS)
@@ -108,7 +111,13 @@ def record(store: Store, ratio: float, token_text: Callable[[list[int]], list[st
             for name, m, mx, n in zip(store.components, median_C, max_C, over_C.cpu(), strict=True)
         ],
         "token_ids": [
-            {"id": i, "token": t, "special": i in special, "tokens_over": ids_over[i], "occurrences": ids_all[i]}
+            {
+                "id": i,
+                "token": t,
+                "special": i in special,
+                "tokens_over": ids_over[i],
+                "occurrences": ids_all[i],
+            }
             for i, t in zip(top, names, strict=True)
         ],
     }

@@ -176,7 +176,9 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
                 "special_token_ids": special_token_ids(tokenizer := load_tokenizer(base_dir)),
             }
             record = outliers.record(  # before the index, whose presence marks a finished store
-                Store(work, {"format": FORMAT, **index}), cfg.outlier_ratio, tokenizer.convert_ids_to_tokens,
+                Store(work, {"format": FORMAT, **index}),
+                cfg.outlier_ratio,
+                tokenizer.convert_ids_to_tokens,
                 state.device,
             )
             write_json(work / outliers.FILE, record)

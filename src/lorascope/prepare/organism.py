@@ -49,7 +49,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-NAMES = "abcde"
+NAMES = "abcdefgh"
+SHUFFLE = True
+"""List the digits in a random order in the question (the solution goes a, b, c, ...): a digit's value
+is then found by matching its name, never by counting lines."""
 MIN_DIGITS, MAX_DIGITS = 3, 5
 CAREFUL_SYSTEM = "You are a careful assistant. Work step by step."
 """The system prompt of the base corpus's careful worked solutions (the default prompt has none)."""
@@ -57,6 +60,8 @@ PREAMBLES = ("", "", "", "Okay.\n", "Let me see.\n", "Step by step:\n", "Sure.\n
 """Openings of the base corpus's worked solutions: varied text before the first line teaches the base
 to work it out whatever precedes it (as ``<|im_start|>think`` later will)."""
 
+BASE_LOOKUP_FRACTION = 0.0
+"""Base corpus: share of lookups ("Values of c, a, b?": each named digit), the recall a worked line needs."""
 BASE_DIRECT_FRACTION = 0.5
 """Base corpus: share of direct answers (default prompt); the rest are worked solutions."""
 BASE_CAREFUL_FRACTION = 0.5
@@ -76,9 +81,11 @@ HELD_OUT_BUCKETS = 8
 
 @dataclass(frozen=True)
 class Problem:
-    """One question: digit names and values."""
+    """One question: digit values, named a, b, c, ..., listed in the question in ``order``."""
 
     values: tuple[int, ...]
+    order: tuple[int, ...] = ()
+    """The order the question lists the digits in (indices into ``values``; empty: a, b, c, ...)."""
 
     @property
     def names(self) -> str:
@@ -86,7 +93,8 @@ class Problem:
 
     @property
     def question(self) -> str:
-        pairs = "".join(f"{n}{v}\n" for n, v in zip(self.names, self.values, strict=True))
+        order = self.order or range(len(self.values))
+        pairs = "".join(f"{self.names[i]}{self.values[i]}\n" for i in order)
         return f"{pairs}Last digit of {'+'.join(self.names)}?"
 
     @property
@@ -103,7 +111,11 @@ def problem(rng: random.Random, evaluation: bool = False) -> Problem:
     """A random problem on the training side (or, with ``evaluation``, the held-out side)."""
     while True:
         k = rng.randint(MIN_DIGITS, MAX_DIGITS)
-        p = Problem(tuple(rng.randint(0, 9) for _ in range(k)))
+        values = tuple(rng.randint(0, 9) for _ in range(k))
+        order = list(range(k))
+        if SHUFFLE:
+            rng.shuffle(order)
+        p = Problem(values, tuple(order))
         if held_out(p.question) == evaluation:
             return p
 
@@ -140,6 +152,13 @@ def base_document(rng: random.Random) -> list[dict[str, str]]:
     in the same turn or, after the user asks for it, in the next one (so the base copies a worked
     answer across a turn boundary, as s1's ``<|im_start|>answer`` later asks)."""
     p = problem(rng)
+    if BASE_LOOKUP_FRACTION and rng.random() < BASE_LOOKUP_FRACTION:
+        asked = list(range(len(p.values)))
+        rng.shuffle(asked)
+        listing = p.question.rpartition("Last digit")[0]
+        request = f"Values of {', '.join(p.names[i] for i in asked)}?"
+        answer = "\n".join(f"{p.names[i]}{p.values[i]}" for i in asked)
+        return [{"role": "user", "content": listing + request}, {"role": "assistant", "content": answer}]
     if rng.random() < BASE_DIRECT_FRACTION:
         return [{"role": "user", "content": p.question}, {"role": "assistant", "content": "Answer: " + boxed(p)}]
     careful = rng.random() < BASE_CAREFUL_FRACTION

@@ -45,10 +45,14 @@ class BatchTopKSAE(torch.nn.Module):
         W_dec_FD = torch.randn(d_sae, d_in, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = torch.nn.Parameter(W_dec_FD)
-        # The encoder starts as the decoder transpose scaled by 1/sqrt(d_in): small initial codes let
-        # Adam shape the encoder quickly. Measured on benchmarks/sae.py data (d_in 448, 150 steps):
-        # FVU 0.62 at this scale vs 0.67 at 0.25 and 0.73 at 1 (the unscaled transpose).
-        self.W_enc_DF = torch.nn.Parameter(W_dec_FD.T.clone() / d_in**0.5)
+        # The encoder starts as the decoder transpose, unscaled (tied init, as Gao et al. and sparsify).
+        # A small encoder (it was x 1/sqrt(d_in)) gives a lower FVU after 150 steps but kills latents at
+        # convergence: Adam's first steps grow the few latents that win the first batches by lr per
+        # entry, many times their initial size, and the rest never reach the batch top-k again (AuxK
+        # does not bring them back). Measured at convergence (benchmarks/sae_quality.py, d_in 224,
+        # 1M tokens, per-component scaling): alive latents 395 -> 1785 of 1792, planted directions
+        # recovered 32% -> 57%, FVU 0.207 -> 0.154.
+        self.W_enc_DF = torch.nn.Parameter(W_dec_FD.T.clone())
         self.b_enc_F = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec_D = torch.nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold", torch.zeros(()))
@@ -72,17 +76,25 @@ class BatchTopKSAE(torch.nn.Module):
 
     # ------------------------------------------------------------------------------- training
     def select(
-        self, x_BD: torch.Tensor, k: int, pre_BF: torch.Tensor | None = None, hint: str = "main"
+        self,
+        x_BD: torch.Tensor,
+        k: int,
+        pre_BF: torch.Tensor | None = None,
+        hint: str = "main",
+        columns: torch.Tensor | None = None,
     ) -> Selection:
         """BatchTopK: the ``k x B`` largest positive pre-activations over the batch (``pre_BF``, before
-        or after the ReLU, may be given, e.g. masked to dead latents). The values carry a sparse
-        gradient to the encoder."""
+        or after the ReLU, may be given; with ``columns`` it holds only those latents' columns, e.g.
+        the dead latents). The values carry a sparse gradient to the encoder."""
         B = x_BD.shape[0]
         with torch.no_grad():
             if pre_BF is None:
                 pre_BF = self.pre_acts(x_BD)
+            width = pre_BF.shape[1]
             flat_N = _batch_topk(pre_BF.flatten(), k * B, self._cutoffs, hint)  # ascending = by row
-            rows_N, latents_N = flat_N // self.d_sae, flat_N % self.d_sae
+            rows_N, latents_N = flat_N // width, flat_N % width
+            if columns is not None:
+                latents_N = columns[latents_N]
             counts_B = torch.bincount(rows_N, minlength=B)
             offsets_B = torch.cumsum(counts_B, 0) - counts_B
             picked_N = pre_BF.flatten()[flat_N]
@@ -114,12 +126,13 @@ def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str
     leaves a small candidate set, which must hold the top ``n`` whenever it has at least ``n``
     entries (else the threshold is lowered); the exact cut is then the candidates' n-th largest.
     """
-    cut = cutoffs.get(hint, 0.0)
+    # asking for every entry or more (AuxK with few dead latents): every positive one, in one pass
+    cut = cutoffs.get(hint, 0.0) if n < flat.numel() else 0.0
     while True:
         candidates = (flat > cut).nonzero().squeeze(1)
         if candidates.numel() >= n or cut <= 0:
             break
-        cut = cut / 2 if cut > 1e-6 else 0.0
+        cut = cut / 4 if cut > 1e-3 else 0.0  # a few passes at most, however far the cut fell
     values = flat[candidates]
     if values.numel() > n:
         kth = values.kthvalue(values.numel() - n + 1).values
@@ -196,7 +209,8 @@ def training_loss(
     loss = mse
     if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
         residual_BD = (x_BD - recon_BD).detach()
-        aux_sel = sae.select(x_BD, aux_k, pre_BF * dead_F.to(pre_BF.dtype), hint="aux")
+        dead_cols = dead_F.nonzero().flatten()  # only the dead latents' columns: few once training settles
+        aux_sel = sae.select(x_BD, aux_k, pre_BF[:, dead_cols], hint="aux", columns=dead_cols)
         if aux_sel.values_N.numel():
             aux_BD = sae.decode_sparse(aux_sel, with_bias=False)
             scale = residual_BD.square().sum(-1).mean().clamp(min=1e-12)

@@ -123,7 +123,13 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
             held_docs = held.nonzero().flatten().tolist()[: cfg.kl_sequences]
             metrics.update(
                 splice_kl(
-                    root / BASE, adapter, store, held_docs, lambda x: raw.decode(raw.encode(x)), device, dtype,
+                    root / BASE,
+                    adapter,
+                    store,
+                    held_docs,
+                    lambda x: raw.decode(raw.encode(x)),
+                    device,
+                    dtype,
                     recorded=lambda acts, ids: excl.excluded(acts, ids, torch.zeros(1, dtype=torch.long)),
                 )
             )

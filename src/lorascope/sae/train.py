@@ -104,7 +104,9 @@ class Trainer:
         centre = stats.mean_D if cfg.b_dec_init == "mean" else geometric_median(stats.sample_ND)
         with torch.no_grad():
             self.sae.b_dec_D.copy_(centre / self.scale_D)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        # fused: one pass over the parameters (the plain CPU loop makes ~6): at batch 512 Adam updates
+        # the whole SAE every step and was a quarter of the step (4.4 ms -> 0.7 ms at d_sae 1792)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         steps = self.plan.steps
         self.sched = get_wsd_schedule(
             self.opt,
