@@ -14,10 +14,10 @@ OUT = Path("models/base")
 
 
 def _build_tiny(params: Params, out: Path) -> dict[str, float]:
+    from itertools import islice
+
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from itertools import islice
 
     from lorascope.base.tokenizer import CHAT_SCAFFOLD, train_tokenizer
     from lorascope.prepare.organism import base_documents
