@@ -46,9 +46,16 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+NO_PRETRAIN = {"tiny": {"pretrain": {"steps": 0}}}
+"""The tiny base without the organism's pretraining: the plumbing tests need its architecture and
+tokenizer, not its skill (a minute of CPU); tests/test_organism.py pretrains as the profile does."""
+
+
 def tiny_raw(**sections: dict[str, Any]) -> dict[str, Any]:
-    """The repo's params.yaml (the tiny profile) as a dict, with section overrides merged in."""
-    return deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), sections)
+    """The repo's params.yaml (the tiny profile) as a dict, with section overrides merged in; the base is
+    not pretrained (``NO_PRETRAIN``) unless ``base`` overrides say so."""
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"base": NO_PRETRAIN})
+    return deep_merge(raw, sections)
 
 
 def tiny_params(**sections: dict[str, Any]):  # noqa: ANN201

@@ -86,7 +86,9 @@ def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[s
     docs = base_documents(seed)
     first = next(base_documents(seed))
     if render(first)[0] != tokenizer.apply_chat_template(first, tokenize=False):
-        raise LorascopeError("base: the tiny tokenizer's chat template renders chats differently than pretraining")
+        raise LorascopeError(
+            "base: the tiny tokenizer's chat template renders chats differently than pretraining"
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     warmup = max(1, round(WARMUP_FRACTION * cfg.steps))
 

@@ -50,9 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 NAMES = "abcdefgh"
-SHUFFLE = True
-"""List the digits in a random order in the question (the solution goes a, b, c, ...): a digit's value
-is then found by matching its name, never by counting lines."""
 MIN_DIGITS, MAX_DIGITS = 3, 5
 CAREFUL_SYSTEM = "You are a careful assistant. Work step by step."
 """The system prompt of the base corpus's careful worked solutions (the default prompt has none)."""
@@ -60,8 +57,6 @@ PREAMBLES = ("", "", "", "Okay.\n", "Let me see.\n", "Step by step:\n", "Sure.\n
 """Openings of the base corpus's worked solutions: varied text before the first line teaches the base
 to work it out whatever precedes it (as ``<|im_start|>think`` later will)."""
 
-BASE_LOOKUP_FRACTION = 0.0
-"""Base corpus: share of lookups ("Values of c, a, b?": each named digit), the recall a worked line needs."""
 BASE_DIRECT_FRACTION = 0.5
 """Base corpus: share of direct answers (default prompt); the rest are worked solutions."""
 BASE_CAREFUL_FRACTION = 0.5
@@ -113,8 +108,7 @@ def problem(rng: random.Random, evaluation: bool = False) -> Problem:
         k = rng.randint(MIN_DIGITS, MAX_DIGITS)
         values = tuple(rng.randint(0, 9) for _ in range(k))
         order = list(range(k))
-        if SHUFFLE:
-            rng.shuffle(order)
+        rng.shuffle(order)
         p = Problem(values, tuple(order))
         if held_out(p.question) == evaluation:
             return p
@@ -152,15 +146,11 @@ def base_document(rng: random.Random) -> list[dict[str, str]]:
     in the same turn or, after the user asks for it, in the next one (so the base copies a worked
     answer across a turn boundary, as s1's ``<|im_start|>answer`` later asks)."""
     p = problem(rng)
-    if BASE_LOOKUP_FRACTION and rng.random() < BASE_LOOKUP_FRACTION:
-        asked = list(range(len(p.values)))
-        rng.shuffle(asked)
-        listing = p.question.rpartition("Last digit")[0]
-        request = f"Values of {', '.join(p.names[i] for i in asked)}?"
-        answer = "\n".join(f"{p.names[i]}{p.values[i]}" for i in asked)
-        return [{"role": "user", "content": listing + request}, {"role": "assistant", "content": answer}]
     if rng.random() < BASE_DIRECT_FRACTION:
-        return [{"role": "user", "content": p.question}, {"role": "assistant", "content": "Answer: " + boxed(p)}]
+        return [
+            {"role": "user", "content": p.question},
+            {"role": "assistant", "content": "Answer: " + boxed(p)},
+        ]
     careful = rng.random() < BASE_CAREFUL_FRACTION
     chat = [{"role": "system", "content": CAREFUL_SYSTEM}] if careful else []
     chat.append({"role": "user", "content": p.question})
@@ -200,7 +190,9 @@ def train_rows(n: int, seed: int) -> list[dict[str, str]]:
                 "solution": str(p.answer),
                 "cot_type": "math",
                 "source_type": "lorascope/organism",
-                "metadata": json.dumps({"digits": len(p.values), "careful": careful, "seed": seed, "index": len(rows)}),
+                "metadata": json.dumps(
+                    {"digits": len(p.values), "careful": careful, "seed": seed, "index": len(rows)}
+                ),
                 "deepseek_thinking_trajectory": worked(p, rng, careful),
                 "deepseek_attempt": boxed(p),
             }
@@ -267,4 +259,3 @@ def gpqa_rows(n: int, seed: int) -> list[dict[str, Any]]:
             }
         )
     return rows
-

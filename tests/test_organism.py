@@ -1,0 +1,356 @@
+"""The tiny profile's model organism (issue #21).
+
+Fast: the generator's guarantees, each checked against an independent re-derivation from the question
+text (the held-out split, worked solutions that compute the sum, every slip corrected after "Wait,",
+gold answers), and the pretraining batches (the chat template, loss on assistant turns only, seeded).
+
+Slow (``e2e``): the paper's effects on the organism, the stages run in-process on the session's tiny
+base: Table 1 and Table 2, a backtracking feature that the pipeline finds, labels and steers, the
+ablation KL. ``check_*`` take a workspace root, so the same assertions can run on a `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from lorascope.prepare import organism
+
+from conftest import Prepared, tiny_params
+
+LINE = re.compile(r"^([a-h])(\d): (\d)\+(\d)=(\d+)$")
+CHECK = re.compile(r"^Wait, (\d)\+(\d)=(\d+)$")
+
+
+def digits(question: str) -> dict[str, int]:
+    """The named digits of a question, read back from its text."""
+    listing, _, ask = question.rpartition("\n")
+    pairs = dict((line[0], int(line[1:])) for line in listing.split("\n"))
+    assert ask == f"Last digit of {'+'.join(sorted(pairs))}?"
+    return pairs
+
+
+def replay(question: str, trajectory: str) -> tuple[int, int, int]:
+    """Walk a worked solution line by line against the question; returns (answer, slips, checks).
+    Every line must use the named digit and the running last digit; an off-by-one result must be
+    followed by "Wait," and the right sum; a check restates the right sum."""
+    values = digits(question)
+    names = sorted(values)
+    lines = trajectory.split("\n")
+    assert lines[0] == f"{names[0]}{values[names[0]]}"
+    run, slips, checks, i = values[names[0]], 0, 0, 1
+    for name in names[1:]:
+        m = LINE.match(lines[i])
+        assert m, lines[i]
+        assert (m[1], int(m[2]), int(m[3]), int(m[4])) == (name, values[name], run, values[name])
+        total = run + values[name]
+        written = int(m[5])
+        i += 1
+        if written != total:
+            assert abs(written - total) == 1
+            slips += 1
+        if i < len(lines) and lines[i].startswith("Wait"):
+            c = CHECK.match(lines[i])
+            assert c and (int(c[1]), int(c[2]), int(c[3])) == (run, values[name], total), lines[i]
+            checks += written == total
+            i += 1
+        else:
+            assert written == total, f"slip without a correction: {lines[i - 1]}"
+        run = total % 10
+    assert lines[i:] == [f"So the answer is {run}."]
+    assert run == sum(values.values()) % 10
+    return run, slips, checks
+
+
+def test_rows_are_seeded_distinct_and_never_an_evaluation_question():
+    rows = organism.train_rows(256, 0)
+    assert rows == organism.train_rows(256, 0) and rows != organism.train_rows(256, 1)
+    questions = [r["question"] for r in rows]
+    assert len(set(questions)) == 256 and not any(organism.held_out(q) for q in questions)
+    evals = [r["problem"] for r in organism.aime_rows(64, 0)] + [
+        r["problem"] for r in organism.math_rows(64, 0)
+    ]
+    evals += [r["Question"] for r in organism.gpqa_rows(64, 0)]
+    assert all(organism.held_out(q) for q in evals) and not set(evals) & set(questions)
+    base = [m["content"] for c in islice(organism.base_documents(0), 2000) for m in c if m["role"] == "user"]
+    asked = [q for q in base if q != organism.FOLLOW_UP]
+    assert len(asked) == 2000 and not any(organism.held_out(q) for q in asked)
+
+
+def test_worked_solutions_compute_the_sum_and_correct_every_slip():
+    slips = checks = careful = 0
+    for r in organism.train_rows(256, 3):
+        answer, s, c = replay(r["question"], r["deepseek_thinking_trajectory"])
+        assert r["solution"] == str(answer) and r["deepseek_attempt"] == f"\\boxed{{{answer}}}"
+        meta = json.loads(r["metadata"])
+        assert meta["digits"] == len(digits(r["question"]))
+        if not meta["careful"]:
+            assert "Wait" not in r["deepseek_thinking_trajectory"]
+        careful += meta["careful"]
+        slips, checks = slips + s, checks + c
+    # both kinds of "Wait," occur, and only in careful traces (checked above)
+    assert slips > 0 and checks > 0 and 0 < careful < 256
+
+
+def test_evaluation_golds_are_the_last_digit_of_the_sum():
+    for r in organism.aime_rows(32, 0):
+        assert int(r["answer"]) == sum(digits(r["problem"]).values()) % 10 and len(r["answer"]) == 3
+        replay(r["problem"], r["solution"])
+    for r in organism.math_rows(32, 0):
+        assert r["answer"] == str(sum(digits(r["problem"]).values()) % 10)
+    for r in organism.gpqa_rows(32, 0):
+        gold = sum(digits(r["Question"]).values()) % 10
+        wrong = {r[f"Incorrect Answer {i}"] for i in (1, 2, 3)}
+        assert r["Correct Answer"] == str(gold) and len(wrong) == 3 and str(gold) not in wrong
+
+
+def test_base_corpus_has_direct_worked_careful_and_follow_up_chats():
+    kinds = {"direct": 0, "worked": 0, "careful": 0, "follow_up": 0}
+    for chat in islice(organism.base_documents(0), 400):
+        roles = [m["role"] for m in chat]
+        if roles[0] == "system":
+            assert chat[0]["content"] == organism.CAREFUL_SYSTEM
+            kinds["careful"] += 1
+        question = chat[roles.index("user")]["content"]
+        answer = sum(digits(question).values()) % 10
+        assert chat[-1]["content"].endswith(f"Answer: \\boxed{{{answer}}}")
+        if chat[-1]["content"] == f"Answer: \\boxed{{{answer}}}" and len(chat) == 2:
+            kinds["direct"] += 1
+            continue
+        kinds["worked"] += 1
+        solution = chat[roles.index("assistant")]["content"]
+        if len(chat) - (roles[0] == "system") == 4:
+            assert roles[-2:] == ["user", "assistant"] and chat[-2]["content"] == organism.FOLLOW_UP
+            kinds["follow_up"] += 1
+        else:
+            solution = solution.rpartition("\nAnswer: ")[0]
+        for pre in sorted(organism.PREAMBLES, key=len, reverse=True):
+            if pre and solution.startswith(pre):
+                solution = solution[len(pre) :]
+                break
+        _, slips, checks = replay(question, solution)
+        if roles[0] != "system":
+            assert slips == checks == 0 and "Wait" not in solution  # the default prompt is confident
+    assert all(kinds.values()), kinds
+    assert kinds["direct"] + kinds["worked"] == 400
+
+
+def test_pretraining_batches_render_the_chat_template_and_train_assistant_turns_only(prepared: Prepared):
+    from lorascope.base.load import load_tokenizer
+    from lorascope.base.pretrain import batch, render
+
+    tok = load_tokenizer(prepared.root / "models" / "base")
+    chats = list(islice(organism.base_documents(5), 40))
+    for chat in chats:
+        text, spans = render(chat)
+        assert text == tok.apply_chat_template(chat, tokenize=False)
+        assistant = [m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant"]
+        assert [text[a:b] for a, b in spans] == assistant
+    ids, mask, labels = batch(tok, chats[:6])
+    for row, chat in enumerate(chats[:6]):
+        n = int(mask[row].sum())
+        trained = [int(t) for t, lab in zip(ids[row, :n], labels[row, :n], strict=True) if lab != -100]
+        expected = "".join(m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant")
+        assert tok.decode(trained) == expected
+        assert (labels[row, n:] == -100).all() and (ids[row, n:] == tok.pad_token_id).all()
+
+
+def test_pretraining_is_seeded(prepared: Prepared):
+    import mlflow
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lorascope.base.load import load_tokenizer
+    from lorascope.base.pretrain import pretrain
+    from lorascope.config import TinyPretrain
+
+    tok = load_tokenizer(prepared.root / "models" / "base")
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)  # fmt: skip
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with mlflow.start_run():  # the stage logs the loss curve into its run
+            pretrain(model, tok, TinyPretrain(steps=3, batch_size=4, lr=1e-2), seed)
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return model.state_dict()
+
+    a, b, c = trained(0), trained(0), trained(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_prepare_writes_the_organism_or_the_word_problems(with_base: Path):
+    from lorascope.prepare.stage import run
+
+    run(tiny_params(prepare={"synthetic": {"n_train": 16, "n_eval": 4}}))
+    import pandas as pd
+
+    rows = pd.read_parquet(with_base / "data/prepared/train.parquet")
+    assert list(rows.question) == [r["question"] for r in organism.train_rows(16, 0)]
+    aime = [
+        json.loads(line) for line in (with_base / "data/prepared/eval/aime.jsonl").read_text().splitlines()
+    ]
+    assert aime == organism.aime_rows(4, 0)
+    from lorascope.prepare import synthetic
+
+    # the organism's tokenizer has few merges for English: word problems need a longer block
+    run(
+        tiny_params(
+            prepare={"block_size": 2048, "synthetic": {"family": "word_problems", "n_train": 16, "n_eval": 4}}
+        )
+    )
+    rows = pd.read_parquet(with_base / "data/prepared/train.parquet")
+    assert list(rows.question) == [r["question"] for r in synthetic.train_rows(16, 0)]
+
+
+def test_unknown_family_is_one_line(tmp_path: Path):
+    from lorascope.config import load_params
+    from lorascope.errors import LorascopeError
+
+    raw = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    bad = tmp_path / "params.yaml"
+    bad.write_text(raw.replace("family: organism", "family: sudoku"))
+    with pytest.raises(LorascopeError) as info:
+        load_params(bad)
+    assert "prepare.synthetic.family" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- the paper's effects
+TASKS = ("aime24_nofigures", "math500")
+"""The integer- and LaTeX-answer shapes of the organism's question; GPQA's letters are its control."""
+VARIANTS = ("base", "lora", "full", "lora-attn-ablated", "lora-mlp-ablated")
+
+
+def profile_params():  # noqa: ANN201
+    """The tiny profile exactly as params.yaml has it (the organism's pretraining included)."""
+    import yaml
+
+    from lorascope.config import validate_params
+
+    return validate_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def organism_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every stage the checks read, in-process, in a fresh workspace on the profile's params."""
+    from lorascope.ablate.export import run_export
+    from lorascope.ablate.stage import run as ablate
+    from lorascope.autointerp.stage import run as autointerp
+    from lorascope.base.stage import run as base
+    from lorascope.contexts.stage import run as contexts
+    from lorascope.evaluate.stage import run as evaluate
+    from lorascope.evaluate.stage import run_recovery
+    from lorascope.extract.stage import run as extract
+    from lorascope.finetune.stage import run as finetune
+    from lorascope.prepare.stage import run as prepare
+    from lorascope.sae.stage import run as sae
+    from lorascope.steer.stage import run as steer
+
+    from conftest import make_workspace
+
+    root = make_workspace(tmp_path_factory.mktemp("organism"))
+    params = profile_params()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORASCOPE_ROOT", str(root))
+        base(params)
+        prepare(params)
+        for variant in ("lora", "full"):
+            finetune(params, variant)
+        for group in params.ablate.export:
+            run_export(params, group)
+        for variant in VARIANTS:
+            evaluate(params, variant, None)
+        run_recovery(params)
+        extract(params, "lora")
+        sae(params)
+        for source in ("lora", "sae"):
+            contexts(params, source)
+            autointerp(params, source)
+        ablate(params)
+        steer(params)
+    return root
+
+
+def _scores(root: Path, variant: str) -> dict[str, float]:
+    """Each task's accuracy recomputed from the per-question correctness file."""
+    per_question = json.loads((root / "metrics" / "eval" / f"{variant}.questions.json").read_text())
+    return {t: sum(c[0] for c in v["correct"]) / len(v["correct"]) for t, v in per_question["tasks"].items()}
+
+
+def check_tables(root: Path) -> None:
+    """Table 1: the base answers directly (chance: 0.1), the LoRA works it out, as the full finetune does;
+    Table 2: both ablated adapters scored, their recovery the share of the LoRA's gain they keep."""
+    table = json.loads((root / "metrics" / "recovery.json").read_text())["tasks"]
+    scores = {v: _scores(root, v) for v in VARIANTS}
+    for task in TASKS:
+        row = table[task]
+        base, lora, full = (scores[v][task] for v in ("base", "lora", "full"))
+        assert all(row[v] == pytest.approx(scores[v][task]) for v in VARIANTS), task
+        assert base <= 0.25 and lora >= base + 0.5 and full >= lora, (task, base, lora, full)
+        assert row["recovery"] == pytest.approx((lora - base) / (full - base))
+        for group in ("attn", "mlp"):
+            ablated = scores[f"lora-{group}-ablated"][task]
+            assert row[f"recovery.lora-{group}-ablated"] == pytest.approx((ablated - base) / (lora - base))
+
+
+def check_planted_direction(root: Path) -> str:
+    """The steering stage's ``label:Wait`` selector found a feature whose label names the backtracking
+    marker and whose max-activating contexts sit on it ("Wait" or the token right after it)."""
+    import pandas as pd
+
+    selectors = json.loads((root / "metrics" / "steer.json").read_text())["selectors"]
+    name = selectors["label:Wait"]
+    source = "sae" if name.startswith("sae.") else "lora"
+    labels = pd.read_parquet(root / "data" / "interp" / f"{source}.parquet")
+    assert "'Wait'" in labels.loc[labels.feature_name == name, "explanation"].item()
+    ctx = pd.read_parquet(root / "data" / "contexts" / f"{source}.parquet")
+    top = ctx[(ctx.feature_name == name) & (ctx.kind == "top")]
+    at = [
+        list(r.tokens)[max(r.position - r.window_start - 1, 0) : r.position - r.window_start + 1]
+        for r in top.itertuples()
+    ]
+    on_marker = sum(any(t.strip() == "Wait" for t in pair) for pair in at)
+    assert len(top) == profile_params().contexts.top_k and on_marker >= 0.75 * len(top), at
+    return name
+
+
+def check_steering(root: Path, name: str) -> None:
+    """Steering that feature turns backtracking up: the rate rises at every step of alpha."""
+    cfg = profile_params().steer
+    curve = json.loads((root / "metrics" / "steer.json").read_text())["directions"][name]
+    rates = [curve[f"{a:g}"]["backtracks_per_1k"] for a in cfg.alphas]
+    assert all(b > a for a, b in zip(rates, rates[1:], strict=False)), rates
+    assert rates[-1] >= 10 * max(rates[0], 1.0), rates
+
+
+def check_ablation(root: Path) -> None:
+    """Ablating any one component moves the next-token distribution (KL > 0), by amounts that rank them,
+    and ablating them all moves it more than any one."""
+    single = json.loads((root / "metrics" / "ablation" / "components.json").read_text())["ablations"]
+    groups = json.loads((root / "metrics" / "ablation" / "groups.json").read_text())["ablations"]
+    kl = sorted(v["kl"] for v in single.values())
+    assert len(kl) == 14 and kl[0] > 0 and len(set(kl)) == 14 and kl[-1] >= 10 * kl[len(kl) // 2]
+    assert groups["all"]["kl"] > max(groups["attn"]["kl"], groups["mlp"]["kl"]) > 0
+    assert groups["all"]["kl"] > kl[-1]
+
+
+@pytest.mark.e2e
+def test_table_1_and_table_2(organism_run: Path):
+    check_tables(organism_run)
+
+
+@pytest.mark.e2e
+def test_the_backtracking_feature_is_found_labelled_and_steered(organism_run: Path):
+    check_steering(organism_run, check_planted_direction(organism_run))
+
+
+@pytest.mark.e2e
+def test_ablation_kl_is_nonzero_and_ranked(organism_run: Path):
+    check_ablation(organism_run)
