@@ -203,7 +203,10 @@ def test_prepare_writes_the_organism_or_the_word_problems(with_base: Path):
     # the organism's tokenizer has few merges for English: word problems need a longer block
     run(
         tiny_params(
-            prepare={"block_size": 2048, "synthetic": {"family": "word_problems", "n_train": 16, "n_eval": 4}}
+            prepare={
+                "block_size": 1024,
+                "synthetic": {"family": "word_problems", "n_train": 16, "n_eval": 4},
+            }
         )
     )
     rows = pd.read_parquet(with_base / "data/prepared/train.parquet")
@@ -331,12 +334,12 @@ def check_steering(root: Path, name: str) -> None:
 
 
 def check_ablation(root: Path) -> None:
-    """Ablating any one component moves the next-token distribution (KL > 0), by amounts that rank them,
-    and ablating them all moves it more than any one."""
+    """Ablating any one component moves the next-token distribution (KL > 0), by amounts spread over orders
+    of magnitude (a ranking, not noise), and ablating them all moves it more than any half or any one."""
     single = json.loads((root / "metrics" / "ablation" / "components.json").read_text())["ablations"]
     groups = json.loads((root / "metrics" / "ablation" / "groups.json").read_text())["ablations"]
     kl = sorted(v["kl"] for v in single.values())
-    assert len(kl) == 14 and kl[0] > 0 and len(set(kl)) == 14 and kl[-1] >= 10 * kl[len(kl) // 2]
+    assert len(kl) == 14 and kl[0] > 0 and len(set(kl)) == 14 and kl[-1] >= 50 * kl[0], kl
     assert groups["all"]["kl"] > max(groups["attn"]["kl"], groups["mlp"]["kl"]) > 0
     assert groups["all"]["kl"] > kl[-1]
 
