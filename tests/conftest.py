@@ -46,15 +46,21 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-NO_PRETRAIN = {"tiny": {"pretrain": {"steps": 0}}}
-"""The tiny base without the organism's pretraining: the plumbing tests need its architecture and
-tokenizer, not its skill (a minute of CPU); tests/test_organism.py pretrains as the profile does."""
+PLUMBING = {
+    "base": {"tiny": {"pretrain": {"steps": 0}}},
+    "prepare": {"synthetic": {"n_train": 64, "n_eval": 8}},
+    "finetune": {"lr": 1e-3, "full_lr": 1e-4, "epochs": 2, "global_batch_size": 8, "micro_batch_size": 4},
+}
+"""The tiny profile for the plumbing tests: the model organism's architecture, tokenizer and data, without
+its pretraining (a minute of CPU), on fewer rows, finetuned gently (the organism's learning rates are for a
+pretrained base: on a random one they blow the adapter state up); tests/test_organism.py runs the profile
+as it is."""
 
 
 def tiny_raw(**sections: dict[str, Any]) -> dict[str, Any]:
-    """The repo's params.yaml (the tiny profile) as a dict, with section overrides merged in; the base is
-    not pretrained (``NO_PRETRAIN``) unless ``base`` overrides say so."""
-    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"base": NO_PRETRAIN})
+    """The repo's params.yaml (the tiny profile) as a dict, with ``PLUMBING`` and then the section
+    overrides merged in."""
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), PLUMBING)
     return deep_merge(raw, sections)
 
 

@@ -323,9 +323,9 @@ def test_profiles_declare_every_field_and_the_papers_setting():
     assert set(raw["report"]) == set(ReportSection.model_fields)
     paper = load_params(profile="qwen2.5-32b-paper")
     assert (paper.ablate.sequences, paper.ablate.max_tokens) == (16, 2048)
-    assert max(paper.steer.alphas) >= 50 and max(tiny_params().steer.alphas) >= 50
+    assert max(paper.steer.alphas) >= 50  # the tiny organism's adapter moves at alpha 0.25 already
     small = load_params(profile="qwen2.5-0.5b")
-    for p in (paper, small):  # chosen from the labels: no placeholder component
+    for p in (paper, small, tiny_params()):  # chosen from the labels: no placeholder component
         assert [d.split(":")[0] for d in p.steer.directions] == ["label"]
     for p in (paper, small, tiny_params()):
         assert {f"lora-{g}-ablated" for g in p.ablate.export} <= set(p.evaluate.variants)

@@ -17,7 +17,8 @@ BF16 = {
     "extract": {"precision": "bfloat16", "dtype": "bfloat16"},
     "sae": {"precision": "bfloat16"},
     "ablate": {"precision": "bfloat16"},
-    "steer": {"precision": "bfloat16"},
+    # the plumbing base is untrained: no label names backtracking, so steer named directions
+    "steer": {"precision": "bfloat16", "directions": ["L1.gate_proj", "sae.0"]},
     "evaluate": {"dtype": "bfloat16"},
 }
 

@@ -567,13 +567,23 @@ def test_category_sample_has_equal_numbers_per_source():
 def test_mlp_neurons_are_features_per_sign_like_lora_directions(built: Path):
     """A SiLU-gated neuron takes both signs, so the MLP baseline is read as the LoRA directions are: each
     neuron is two features (``L0.mlp.3+`` / ``L0.mlp.3-``), each sign's max from the store itself."""
+    from safetensors.numpy import load_file
+
     stats = pq.read_table(built / "data/contexts/mlp.features.parquet").to_pylist()
     acts_TC, components = numpy_mass(built, "mlp", 10**9)
     assert len(stats) == 2 * len(components)
+    # the tokens contexts.exclude keeps: not a document's first token, not a special token
+    folder = built / "data/activations/mlp"
+    index = json.loads((folder / "index.json").read_text())
+    ids_T = np.concatenate([load_file(str(folder / s["file"]))["token_ids_T"] for s in index["shards"]])
+    kept_T = ~np.isin(ids_T, index["special_token_ids"])
+    kept_T[[start for _, start, _ in index["documents"]]] = False
+    assert 0 < kept_T.sum() < len(kept_T)
     for r in stats:
         name = components[r["feature"]]
         assert r["feature_name"] == name + ("+" if r["sign"] > 0 else "-")
-        assert r["max"] == pytest.approx(float((r["sign"] * acts_TC[:, r["feature"]]).max()), rel=1e-6)
+        expected = float((r["sign"] * acts_TC[kept_T, r["feature"]]).max())
+        assert r["max"] == pytest.approx(expected, rel=1e-6)
     assert (acts_TC < 0).mean() > 0.05 and (acts_TC > 0).mean() > 0.05  # both signs are common
     assert {
         r["sign"] for r in pq.read_table(built / "data/contexts/mlp.parquet", columns=["sign"]).to_pylist()

@@ -370,6 +370,34 @@ def test_hf_forcing_matches_plain_greedy_generation(with_prepared: Path):
     assert lm.generated_tokens == sum(len(tok(t).input_ids) for t in phases) > 0
 
 
+def test_hf_thinking_ends_at_its_stop_whatever_its_batch_mate_does(
+    with_prepared: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """lm-eval's HFLM cuts the stop sequences from the decoded text; decoded without special tokens, a
+    thinking phase that stopped at ``<|im_start|>`` while its batch-mate generated on kept what followed."""
+    import torch
+
+    from lorascope.evaluate.backend import build
+    from lorascope.evaluate.forcing import THINK_STOPS
+
+    cfg = tiny_params(evaluate={"batch_size": 2, "wait_extensions": 0}).evaluate
+    spec = resolve(with_prepared / "models/base", with_prepared / "models/base")
+    lm = build(cfg, spec, with_prepared / "merged")
+    tok = lm.tokenizer
+    stopped = tok("So 5.\n<|im_start|>answer\nAnswer: 5", add_special_tokens=False).input_ids
+    going = tok("a line of thinking that goes on and on, " * 3, add_special_tokens=False).input_ids
+    assert len(going) > len(stopped)
+    pad = [tok.pad_token_id] * (len(going) - len(stopped))
+
+    def scripted(context: torch.Tensor, **_: object) -> torch.Tensor:  # one batch, the two rows as generated
+        return torch.cat([context, torch.tensor([stopped + pad, going])], 1)
+
+    monkeypatch.setattr(lm, "_model_generate", scripted)
+    prompts = [lm.chat_prompt("q1"), lm.chat_prompt("q2")]
+    texts = lm._phase(prompts, [64, 64], THINK_STOPS, "think", prompts)
+    assert texts == ["So 5.\n", tok.decode(going)]
+
+
 def test_hf_sampling_is_reproducible_and_differs_between_samples(with_prepared: Path):
     from lorascope.evaluate.backend import build
 
@@ -658,7 +686,7 @@ def test_stage_end_to_end_metrics_samples_recovery_and_resume(eval_workspace: Pa
     assert lora["decoding"] == {"samples": 2, "temperature": 1.0, "format": "think"}
     questions = json.loads(questions_path("lora").read_text())
     for task, res in lora["tasks"].items():
-        assert res["n"] == 3 and res["decodes"] == 2 and res["rows"] == 8
+        assert res["n"] == 3 and res["decodes"] == 2 and res["rows"] == params.prepare.synthetic.n_eval
         correct = questions["tasks"][task]["correct"]
         assert len(correct) == 3 and all(len(c) == 2 for c in correct)
         assert res["score"] == pytest.approx(sum(map(sum, correct)) / 6)  # avg@2

@@ -21,7 +21,7 @@ from lorascope.finetune.stage import name_adapter_base
 
 from conftest import REPO, cli, launch_two_processes, record_output, run_of, tiny_params, tiny_raw
 
-FP32 = {"dtype": "float32", "precision": "float32", "shard_tokens": 3000, "batch_tokens": 2048}
+FP32 = {"dtype": "float32", "precision": "float32", "shard_tokens": 1500, "batch_tokens": 2048}
 
 
 def make_adapter(root: Path, r: int = 1, seed: int = 0, **lora) -> Path:
@@ -154,14 +154,14 @@ def test_mlp_baseline_is_the_swiglu_product(with_prepared: Path):
 def test_store_index_and_lineage(with_prepared: Path):
     make_adapter(with_prepared)
     finetune_run = record_output("finetune", with_prepared, "models/lora")
-    out = run(tiny_params(extract={"shard_tokens": 3000}), "lora")
+    out = run(tiny_params(extract={"shard_tokens": 1500}), "lora")
     index = json.loads((out / INDEX).read_text())
     _, docs = read_documents(with_prepared / "data/prepared")
     lengths = [len(d) for d in docs]
     assert index["dtype"] == "float16" and index["tokens"] == sum(lengths)
     assert [d[2] for d in index["documents"]] == lengths
     assert [d[1] for d in index["documents"]] == [sum(lengths[:i]) for i in range(len(lengths))]
-    assert index["shards"] == [s.to_json() for s in plan_shards(lengths, 3000)]
+    assert index["shards"] == [s.to_json() for s in plan_shards(lengths, 1500)]
     assert len(index["shards"]) > 3
     store = Store.open(out)
     for shard, acts, ids in store:  # shards hold whole documents
@@ -191,7 +191,7 @@ def test_shard_plan_and_batches():
 
 def test_kill_and_resume_gives_the_same_store(with_prepared: Path, tmp_path: Path):
     make_adapter(with_prepared)
-    params = tiny_params(extract={"shard_tokens": 2500})
+    params = tiny_params(extract={"shard_tokens": 1200})
     reference = tmp_path / "reference"
     shutil.copytree(run(params, "lora"), reference)
     reference_run = run_of(with_prepared, "data/activations/lora")
@@ -232,10 +232,10 @@ def test_changed_params_start_over(with_prepared: Path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_params(extract={"shard_tokens": 2500}), "lora", on_shard=stop)
+        run(tiny_params(extract={"shard_tokens": 1200}), "lora", on_shard=stop)
     done = []
     run(
-        tiny_params(extract={"shard_tokens": 2500, "dtype": "bfloat16"}),
+        tiny_params(extract={"shard_tokens": 1200, "dtype": "bfloat16"}),
         "lora",
         on_shard=lambda s: done.append(s),
     )
@@ -247,9 +247,9 @@ def test_two_processes_write_the_same_store(with_prepared: Path, tmp_path: Path)
     import yaml
 
     make_adapter(with_prepared)
-    raw = tiny_raw(extract={"shard_tokens": 2500})
+    raw = tiny_raw(extract={"shard_tokens": 1200})
     single = tmp_path / "single"
-    shutil.copytree(run(tiny_params(extract={"shard_tokens": 2500}), "lora"), single)
+    shutil.copytree(run(tiny_params(extract={"shard_tokens": 1200}), "lora"), single)
     shutil.rmtree(with_prepared / "data/activations")
     (with_prepared / "params.yaml").write_text(yaml.safe_dump(raw))
     res = launch_two_processes(with_prepared, "extract", "--source", "lora")
@@ -331,7 +331,7 @@ def test_too_many_mlp_neurons(with_prepared: Path):
 
 
 def test_store_that_disagrees_with_its_index(with_prepared: Path):
-    out = run(tiny_params(extract={"shard_tokens": 3000}), "mlp")
+    out = run(tiny_params(extract={"shard_tokens": 1500}), "mlp")
     Store.open(out)
     shard = out / "shard-00001.safetensors"
     data = shard.read_bytes()

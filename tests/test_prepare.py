@@ -11,7 +11,7 @@ import pytest
 
 from lorascope import tracking
 from lorascope.errors import LorascopeError
-from lorascope.prepare import synthetic
+from lorascope.prepare import organism, synthetic
 from lorascope.prepare.stage import run
 from lorascope.prepare.validation import validate
 
@@ -19,7 +19,8 @@ from conftest import Prepared, cli, run_of, tiny_params
 
 
 def rows(n: int = 6) -> list[dict]:
-    return synthetic.train_rows(n, 7)
+    """s1K-schema rows the tiny tokenizer (trained on the organism's corpus) keeps within the block."""
+    return organism.train_rows(n, 7)
 
 
 def write_jsonl(path: Path, items: list[dict]) -> Path:
@@ -31,7 +32,8 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 def test_outputs_of_the_session_run(prepared: Prepared):
     out = prepared.root / "data" / "prepared"
     table = pq.read_table(out / "train.parquet").to_pandas()
-    assert len(table) == 64 and table["id"].is_unique
+    n_train = tiny_params().prepare.synthetic.n_train
+    assert len(table) == n_train and table["id"].is_unique
     first = table.iloc[0]
     assert first["text"].startswith("<|im_start|>system\nYou are Qwen")
     from transformers import AutoTokenizer
@@ -43,7 +45,7 @@ def test_outputs_of_the_session_run(prepared: Prepared):
     assert ids == tok(first["text"], add_special_tokens=False)["input_ids"][:512]
 
     stats = json.loads((prepared.root / "metrics" / "prepare.json").read_text())
-    assert stats["rows"] == 64 and stats["tokens_total"] == int(table["n_tokens"].sum())
+    assert stats["rows"] == n_train and stats["tokens_total"] == int(table["n_tokens"].sum())
     assert stats["loss_tokens_total"] == int((table["n_tokens"] - table["loss_start"]).sum())
 
     report = json.loads((out / "validation.json").read_text())
@@ -51,10 +53,11 @@ def test_outputs_of_the_session_run(prepared: Prepared):
         report["success"] is True and len(report["results"]) == 4 * 2 + 3
     )  # null+blank per text column, id, lengths
 
-    for name, n in (("aime.jsonl", 8), ("math.jsonl", 8)):
-        assert len((out / "eval" / name).read_text().splitlines()) == n
+    n_eval = tiny_params().prepare.synthetic.n_eval
+    for name in ("aime.jsonl", "math.jsonl"):
+        assert len((out / "eval" / name).read_text().splitlines()) == n_eval
     gpqa = pd.read_csv(out / "eval" / "gpqa.csv")
-    assert list(gpqa.columns) == list(synthetic.GPQA_COLUMNS) and len(gpqa) == 8
+    assert list(gpqa.columns) == list(synthetic.GPQA_COLUMNS) and len(gpqa) == n_eval
 
     assert run_of(prepared.root, "data/prepared") == prepared.prepare_run
     assert run_of(prepared.root, "metrics/prepare.json") == prepared.prepare_run

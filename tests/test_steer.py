@@ -279,8 +279,9 @@ def test_bad_input_is_one_line(steer_workspace: Path):
     env = {"LORASCOPE_ROOT": str(steer_workspace)}
     raw = (REPO / "params.yaml").read_text()
     bad = steer_workspace / "bad.yaml"
-    assert "  alphas: [0.0, 10.0, 50.0, 100.0]\n" in raw and "  directions: [L1.gate_proj, sae.0]\n" in raw
-    bad.write_text(raw.replace("  alphas: [0.0, 10.0, 50.0, 100.0]\n", "  alphas: []\n", 1))
+    alphas, directions = "  alphas: [0.0, 0.25, 0.5, 1.0, 2.0]\n", "  directions: ['label:Wait']\n"
+    assert alphas in raw and directions in raw
+    bad.write_text(raw.replace(alphas, "  alphas: []\n", 1))
     res = cli("steer", "--params", str(bad), cwd=steer_workspace, env=env)
     assert res.returncode == 2 and res.stderr.strip() == (
         f"error: {bad}: steer.alphas: the alpha list is empty; give at least one multiple (e.g. [0, 50])"
@@ -293,7 +294,7 @@ def test_bad_input_is_one_line(steer_workspace: Path):
         resolve("sae.2", names, steer_workspace)
     with pytest.raises(LorascopeError, match=r"'sae.9': the SAE has latents 0..5"):
         resolve("sae.9", names, steer_workspace)
-    bad.write_text(raw.replace("  directions: [L1.gate_proj, sae.0]\n", "  directions: [L1.nope]\n", 1))
+    bad.write_text(raw.replace(directions, "  directions: [L1.nope]\n", 1))
     res = cli("steer", "--params", str(bad), cwd=steer_workspace, env=env)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: steer.directions: unknown direction 'L1.nope'"

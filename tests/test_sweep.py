@@ -158,7 +158,8 @@ def test_best_params_feed_back_into_a_run(with_prepared: Path):
         params.finetune.lr == best.params["finetune.lr"]
         and params.finetune.lora.r == best.params["finetune.lora.r"]
     )
-    assert params.finetune.epochs == tiny_params().finetune.epochs  # base params, not the sweep's shortcuts
+    # the workspace's params, not the sweep's shortcuts
+    assert params.finetune.epochs == load_params(with_prepared / "params.yaml").finetune.epochs
     run(load_params(out).model_copy(update={}), "lora")
     logged = tracking.client().get_run(run_of(with_prepared, "models/lora")).data.params
     assert float(logged["lr"]) == pytest.approx(best.params["finetune.lr"])
