@@ -112,7 +112,10 @@ class PlantedStore(Store):
         index = {
             "source": "lora",
             "components": [f"L{i // 7}.c{i % 7}" for i in range(acts_TD.shape[1])],
-            "modules": [{"layer": i // 7, "kind": f"c{i % 7}", "module": "m", "width": 1} for i in range(acts_TD.shape[1])],
+            "modules": [
+                {"layer": i // 7, "kind": f"c{i % 7}", "module": "m", "width": 1}
+                for i in range(acts_TD.shape[1])
+            ],
             "dtype": "float16",
             "tokens": sum(lengths),
             "documents": [[f"doc{i}", i * doc_len, doc_len] for i in range(len(lengths))],
@@ -172,7 +175,9 @@ def lorascope_trainer(store: Store, held: torch.Tensor, cfg: SaeSection) -> Trai
                    {"batch_topk": batch_topk, "mse_curve": curve})  # fmt: skip
 
 
-def stream(store: Store, held: torch.Tensor, cfg: SaeSection, scale_D: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+def stream(
+    store: Store, held: torch.Tensor, cfg: SaeSection, scale_D: torch.Tensor, steps: int
+) -> Iterator[torch.Tensor]:
     """The batches lorascope's trainer sees, in the same order, divided by the same scale."""
     from lorascope.sae.data import TokenStream
 
@@ -196,8 +201,13 @@ def saelens_trainer(store: Store, held: torch.Tensor, cfg: SaeSection, scale_D: 
 
     def step(x: torch.Tensor) -> None:  # its trainer's step: forward pass, AuxK on its dead mask, Adam
         out = sae.training_forward_pass(
-            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=since_fired > 1000, n_training_steps=n[0],
-                           is_logging_step=False)  # fmt: skip
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=since_fired > 1000,
+                n_training_steps=n[0],
+                is_logging_step=False,
+            )  # fmt: skip
         )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -327,12 +337,16 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=1_000_000, help="distinct training tokens (5%% more are held out)")
+    p.add_argument(
+        "--tokens", type=int, default=1_000_000, help="distinct training tokens (5%% more are held out)"
+    )
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--d-in", type=int, default=224)
     p.add_argument("--features", type=int, default=600)
     p.add_argument("--active", type=float, default=9.0)
-    p.add_argument("--spread", type=float, default=100.0, help="largest / smallest component scale (1 = equal)")
+    p.add_argument(
+        "--spread", type=float, default=100.0, help="largest / smallest component scale (1 = equal)"
+    )
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--batch", type=int, default=512)
@@ -352,7 +366,9 @@ def main() -> None:
     from lorascope.sae.train import input_scale
 
     t0 = time.perf_counter()
-    data = planted(int(args.tokens / 0.95) // 1000 * 1000 + 1000, args.d_in, args.features, args.active, args.spread)
+    data = planted(
+        int(args.tokens / 0.95) // 1000 * 1000 + 1000, args.d_in, args.features, args.active, args.spread
+    )
     store = PlantedStore.build(data.acts_TD)
     held = heldout_documents(store, 0.05)
     held_T = torch.repeat_interleave(held, 1000)
@@ -397,7 +413,10 @@ def main() -> None:
                 raise SystemExit(f"--trainers: unknown trainer {name!r} (lorascope, saelens, sparsify)")
             print(f"  {name}: trained in {trained[name].seconds:.0f} s ({steps} steps; "
                   f"{time.perf_counter() - t0:.0f} s with calibration)", flush=True)  # fmt: skip
-        measured = [(name, label, measure(trained[name], encode, heldout_TD, stats.rms_D, data)) for name, label, encode in evals]
+        measured = [
+            (name, label, measure(trained[name], encode, heldout_TD, stats.rms_D, data))
+            for name, label, encode in evals
+        ]
         timing = stream(store, held, cfg, scale_D, 30)
         speed = timing_rounds(trained, list(timing), args.rounds)
         print(head)

@@ -33,10 +33,21 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 QWEN_TOKENIZER = SHARED_DATA / "qwen2.5-tokenizer"
 
 
+SUMMARY: list[str] = []
+"""Markdown a test hands to the end of the session's output (the tiny repro's Tables 1 and 2)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if SUMMARY:
+        terminalreporter.section("the tiny profile's dvc repro (tests/test_e2e.py)")
+        for text in SUMMARY:
+            terminalreporter.write_line(text)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

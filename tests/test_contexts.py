@@ -247,7 +247,9 @@ def test_outlier_tokens_are_never_contexts_and_are_counted(with_base: Path):
     kept = acts_TC[~out_T].double()
     for f in range(acts_TC.shape[1]):
         for sign in (1, -1):
-            top = table[(table.feature == f) & (table.sign == sign) & (table.kind == "top")].sort_values("rank")
+            top = table[(table.feature == f) & (table.sign == sign) & (table.kind == "top")].sort_values(
+                "rank"
+            )
             assert np.allclose(top.activation, sign * torch.topk(sign * kept[:, f], 5).values.numpy())
     features = pq.read_table(with_base / "data/contexts/lora.features.parquet")
     stats = features.to_pandas()

@@ -3,7 +3,7 @@
 What DVC promises is checked on it: the committed `dvc.lock` is what a fresh repro writes, a no-op
 re-run, a forced re-run of `base` leaves everything cached, editing a module or a params key makes
 stale exactly the stages that read it, push + pull across two clones runs nothing, experiments; and
-the lineage through MLflow by digest.
+the lineage through MLflow by digest. The model organism's science checks run on the same repro.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, SUMMARY
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +75,19 @@ def repro(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> tupl
     return root, first.stdout, trace
 
 
+def test_the_organism_shows_the_papers_effects(repro):
+    """The science check on the real `dvc repro` of the tiny profile (tests/test_organism.py's checks):
+    Tables 1 and 2, a backtracking feature found, labelled and steered, the ablation KL ranked. Its
+    Tables 1 and 2 are printed at the end of the test session (CI's log shows them)."""
+    from test_organism import check_ablation, check_planted_direction, check_steering, check_tables
+
+    root, _, _ = repro
+    SUMMARY.extend((root / "reports" / f"{t}.md").read_text() for t in ("table1", "table2"))
+    check_tables(root)
+    check_steering(root, check_planted_direction(root))
+    check_ablation(root)
+
+
 def stale(root: Path, env: dict[str, str]) -> set[str]:
     """The stages `dvc status` reports as changed."""
     out = json.loads(sh("dvc", "status", "--json", cwd=root, env=env).stdout or "{}")
@@ -110,7 +123,8 @@ def test_fresh_repro_writes_the_committed_lock_and_a_rerun_runs_nothing(repro, e
     # the lock a fresh repro writes is the committed one, byte for byte (CI enforces it here)
     diff = sh("git", "diff", "--exit-code", "HEAD", "--", "dvc.lock", cwd=root, env=env, check=False)
     assert diff.returncode == 0, (  # (DVC stages the lock it writes: compare with the commit, not the index)
-        "dvc.lock differs from the committed one: run `dvc repro` and commit the lock it writes\n" + diff.stdout[:4000]
+        "dvc.lock differs from the committed one: run `dvc repro` and commit the lock it writes\n"
+        + diff.stdout[:4000]
     )
     # nothing run-specific in any output
     texts = [*root.glob("metrics/**/*.json"), *root.glob("models/**/*.json"), *root.glob("data/**/*.json"),
@@ -203,14 +217,18 @@ def test_push_then_pull_in_another_clone_runs_nothing(repro, env, tmp_path):
     assert stale(other, env) == set()
     again = sh("dvc", "repro", cwd=other, env=env)
     assert "Running stage" not in again.stdout
-    assert (other / "models/sae/sae.safetensors").read_bytes() == (root / "models/sae/sae.safetensors").read_bytes()
+    assert (other / "models/sae/sae.safetensors").read_bytes() == (
+        root / "models/sae/sae.safetensors"
+    ).read_bytes()
 
 
 def test_lineage_through_mlflow_by_digest(repro, env):
     root, _, _ = repro
     db = root / "mlflow.db"
     assert db.is_file() and (root / "mlruns").is_dir()
-    ignored = sh("git", "check-ignore", "mlflow.db", "mlruns", "models/base", "data/prepared", cwd=root, env=env)
+    ignored = sh(
+        "git", "check-ignore", "mlflow.db", "mlruns", "models/base", "data/prepared", cwd=root, env=env
+    )
     assert ignored.stdout.split() == ["mlflow.db", "mlruns", "models/base", "data/prepared"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     [(prep_id, tags)] = runs(db, "prepare")
@@ -283,7 +301,9 @@ def test_experiments_log_to_the_same_store_and_show_a_readable_table(repro, env)
     assert len(after) == len(before) + 1  # the temp workspace logged to the repository's store
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
     with sqlite3.connect(root / "mlflow.db") as con:
-        dpi = con.execute("SELECT value FROM params WHERE run_uuid = ? AND key = 'dpi'", (after[-1][0],)).fetchone()
+        dpi = con.execute(
+            "SELECT value FROM params WHERE run_uuid = ? AND key = 'dpi'", (after[-1][0],)
+        ).fetchone()
     assert dpi == ("60",)
     table = sh("dvc", "exp", "show", "--only-changed", "--no-pager", "--md", cwd=root, env=env).stdout
     header = [c.strip() for c in table.splitlines()[0].split("|") if c.strip()]
@@ -302,4 +322,6 @@ def test_bfloat16_everywhere_through_dvc(repro, env):
     for stage in ("finetune@lora", "finetune@full", "evaluate@lora", "extract@lora", "sae", "contexts@sae",
                   "ablate", "steer", "report"):  # fmt: skip
         assert f"Running stage '{stage}'" in run.stdout, stage
-    assert "base" not in {line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")}
+    assert "base" not in {
+        line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")
+    }

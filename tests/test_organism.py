@@ -4,9 +4,9 @@ Fast: the generator's guarantees, each checked against an independent re-derivat
 text (the held-out split, worked solutions that compute the sum, every slip corrected after "Wait,",
 gold answers), and the pretraining batches (the chat template, loss on assistant turns only, seeded).
 
-Slow (``e2e``): the paper's effects on the organism, the stages run in-process on the session's tiny
-base: Table 1 and Table 2, a backtracking feature that the pipeline finds, labels and steers, the
-ablation KL. ``check_*`` take a workspace root, so the same assertions can run on a `dvc repro`.
+The paper's effects on the organism (``check_*``, each on a workspace root): Table 1 and Table 2, a
+backtracking feature that the pipeline finds, labels and steers, the ablation KL. They run on
+tests/test_e2e.py's `dvc repro` of the tiny profile (the profile exactly as params.yaml has it).
 """
 
 from __future__ import annotations
@@ -240,47 +240,6 @@ def profile_params():  # noqa: ANN201
     return validate_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
 
 
-@pytest.fixture(scope="module")
-def organism_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every stage the checks read, in-process, in a fresh workspace on the profile's params."""
-    from lorascope.ablate.export import run_export
-    from lorascope.ablate.stage import run as ablate
-    from lorascope.autointerp.stage import run as autointerp
-    from lorascope.base.stage import run as base
-    from lorascope.contexts.stage import run as contexts
-    from lorascope.evaluate.stage import run as evaluate
-    from lorascope.evaluate.stage import run_recovery
-    from lorascope.extract.stage import run as extract
-    from lorascope.finetune.stage import run as finetune
-    from lorascope.prepare.stage import run as prepare
-    from lorascope.sae.stage import run as sae
-    from lorascope.steer.stage import run as steer
-
-    from conftest import make_workspace
-
-    root = make_workspace(tmp_path_factory.mktemp("organism"))
-    params = profile_params()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORASCOPE_ROOT", str(root))
-        base(params)
-        prepare(params)
-        for variant in ("lora", "full"):
-            finetune(params, variant)
-        for group in params.ablate.export:
-            run_export(params, group)
-        for variant in VARIANTS:
-            evaluate(params, variant, None)
-        run_recovery(params)
-        extract(params, "lora")
-        sae(params)
-        for source in ("lora", "sae"):
-            contexts(params, source)
-            autointerp(params, source)
-        ablate(params)
-        steer(params)
-    return root
-
-
 def _scores(root: Path, variant: str) -> dict[str, float]:
     """Each task's accuracy recomputed from the per-question correctness file."""
     per_question = json.loads((root / "metrics" / "eval" / f"{variant}.questions.json").read_text())
@@ -342,18 +301,3 @@ def check_ablation(root: Path) -> None:
     assert len(kl) == 14 and kl[0] > 0 and len(set(kl)) == 14 and kl[-1] >= 50 * kl[0], kl
     assert groups["all"]["kl"] > max(groups["attn"]["kl"], groups["mlp"]["kl"]) > 0
     assert groups["all"]["kl"] > kl[-1]
-
-
-@pytest.mark.e2e
-def test_table_1_and_table_2(organism_run: Path):
-    check_tables(organism_run)
-
-
-@pytest.mark.e2e
-def test_the_backtracking_feature_is_found_labelled_and_steered(organism_run: Path):
-    check_steering(organism_run, check_planted_direction(organism_run))
-
-
-@pytest.mark.e2e
-def test_ablation_kl_is_nonzero_and_ranked(organism_run: Path):
-    check_ablation(organism_run)

@@ -91,7 +91,9 @@ def test_item_params_pad_with_a_repeated_key():
     rendered = yaml.safe_load(pipeline.render())["stages"]["finetune"]
     assert rendered["foreach"]["full"] == {"param0": "finetune.full_lr", "param1": "finetune.full_lr"}
     assert rendered["foreach"]["lora"] == {"param0": "finetune.lr", "param1": "finetune.lora"}
-    assert "finetune.full_lr" not in rendered["do"]["params"] and "finetune.lr" not in rendered["do"]["params"]
+    assert (
+        "finetune.full_lr" not in rendered["do"]["params"] and "finetune.lr" not in rendered["do"]["params"]
+    )
 
 
 def test_pipeline_check_and_write(tmp_path):

@@ -38,7 +38,11 @@ def planted(tokens: int, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_store(
-    root: Path, x_TD: torch.Tensor, doc_len: int = 200, ids_T: torch.Tensor | None = None, special: list[int] | None = None
+    root: Path,
+    x_TD: torch.Tensor,
+    doc_len: int = 200,
+    ids_T: torch.Tensor | None = None,
+    special: list[int] | None = None,
 ) -> Store:
     """A LoRA store of ``x_TD`` in documents of ``doc_len`` tokens (token ids ``ids_T``, zeros by default;
     ``special``: the special token ids its index records, none by default)."""
@@ -401,7 +405,11 @@ def sinks_and_specials(tokens: int = 6_000) -> tuple[torch.Tensor, torch.Tensor,
     ids = torch.randint(10, 50, (tokens,), generator=g, dtype=torch.int32)
     first_T = torch.arange(tokens) % 200 == 0
     special_T = torch.zeros(tokens, dtype=torch.bool)
-    special_T[torch.tensor([t for t in range(tokens) if t % 200])[torch.randperm(tokens - tokens // 200, generator=g)[:40]]] = True
+    special_T[
+        torch.tensor([t for t in range(tokens) if t % 200])[
+            torch.randperm(tokens - tokens // 200, generator=g)[:40]
+        ]
+    ] = True
     x[first_T] *= 1000
     x[special_T] *= 300
     ids[special_T] = 3
@@ -413,7 +421,9 @@ def held_out_docs(n_docs: int, fraction: float) -> list[int]:
     import hashlib
 
     cut = int(fraction * 2**32)
-    return [i for i in range(n_docs) if int.from_bytes(hashlib.sha1(f"doc{i}".encode()).digest()[:4], "big") < cut]
+    return [
+        i for i in range(n_docs) if int.from_bytes(hashlib.sha1(f"doc{i}".encode()).digest()[:4], "big") < cut
+    ]
 
 
 def test_outlier_tokens_are_left_out_of_training_and_evaluation_and_counted(workspace: Path):
@@ -462,7 +472,11 @@ def test_norm_cut_and_policies_that_leave_nothing(workspace: Path):
     run(tiny_params(sae={**SAE, "epochs": 1, "exclude": {"first_position": False, "special_tokens": False,
                                                           "norm_ratio": 20}}))  # fmt: skip
     metrics = json.loads((workspace / "metrics/sae.json").read_text())
-    assert (metrics["excluded_tokens"], metrics["excluded_norm"], metrics["excluded_first_position"]) == (70, 70, 0)
+    assert (metrics["excluded_tokens"], metrics["excluded_norm"], metrics["excluded_first_position"]) == (
+        70,
+        70,
+        0,
+    )
     write_json(store.root / outliers.FILE, {**rec, "token_norm_median": 1e-9})  # every token over the cut
     with pytest.raises(LorascopeError) as e:
         run(tiny_params(sae={**SAE, "exclude": {"norm_ratio": 20}}))

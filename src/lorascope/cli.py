@@ -516,7 +516,9 @@ def pipeline_check() -> None:
 
     target = workspace_root() / "dvc.yaml"
     if not target.is_file() or target.read_text() != render():
-        raise LorascopeError(f"{target}: out of date with src/lorascope/pipeline.py; run `lorascope pipeline write`")
+        raise LorascopeError(
+            f"{target}: out of date with src/lorascope/pipeline.py; run `lorascope pipeline write`"
+        )
     typer.echo(f"pipeline: {target} is up to date")
 
 
@@ -642,7 +644,11 @@ def main() -> None:
 
     # One CPU thread unless the user says otherwise: CPU kernels reduce in an order that depends on
     # the thread count, so a pinned count is what makes outputs (and dvc.lock) equal on any machine.
-    for var, value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    for var, value in (
+        ("OMP_NUM_THREADS", "1"),
+        ("MKL_NUM_THREADS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(var, value)
 
     try:

@@ -69,6 +69,7 @@ def keys_of(section: str, *exclude: str) -> tuple[str, ...]:
 EVAL_SPEED = ("evaluate.chunk_size", "evaluate.gpu_memory_utilization")
 """Checkpoint granularity and vLLM's memory share: never a result."""
 
+
 def _llm_calls() -> tuple[str, ...]:
     from lorascope.config import LlmClientSection
 
@@ -97,7 +98,9 @@ STAGES: tuple[Stage, ...] = (
         "${finetune.launcher} finetune --variant ${key}",
         ("lorascope.finetune.stage",),
         deps=("data/prepared", "models/base"),
-        params=keys_of("finetune", "lr", "full_lr", "lora", "launcher", *(k.split(".")[1] for k in FINETUNE_SPEED)),
+        params=keys_of(
+            "finetune", "lr", "full_lr", "lora", "launcher", *(k.split(".")[1] for k in FINETUNE_SPEED)
+        ),
         speed=FINETUNE_SPEED,
         outs=("models/${key}",),
         foreach=["lora", "full"],
@@ -108,9 +111,15 @@ STAGES: tuple[Stage, ...] = (
         "lorascope evaluate --variant ${key}",
         ("lorascope.evaluate.stage",),
         deps=("data/prepared", "models/base", "${item.model}"),
-        params=("evaluate.variants.${key}", *keys_of("evaluate", "variants", *(k.split(".")[1] for k in EVAL_SPEED))),
+        params=(
+            "evaluate.variants.${key}",
+            *keys_of("evaluate", "variants", *(k.split(".")[1] for k in EVAL_SPEED)),
+        ),
         speed=EVAL_SPEED,
-        outs=("metrics/eval/${key}.json", "metrics/eval/${key}.questions.json"),  # summary: metrics/recovery.json
+        outs=(
+            "metrics/eval/${key}.json",
+            "metrics/eval/${key}.questions.json",
+        ),  # summary: metrics/recovery.json
         foreach="${evaluate.variants}",
         comment="base, lora, full and any variant added in params",
     ),
@@ -174,9 +183,15 @@ STAGES: tuple[Stage, ...] = (
         "lorascope categorize",
         ("lorascope.categorize.stage",),
         deps=(
-            "data/interp/lora.parquet", "data/interp/mlp.parquet", "data/interp/sae.parquet",
-            "data/contexts/lora.parquet", "data/contexts/mlp.parquet", "data/contexts/sae.parquet",
-            "data/activations/lora", "data/activations/mlp", "models/sae",
+            "data/interp/lora.parquet",
+            "data/interp/mlp.parquet",
+            "data/interp/sae.parquet",
+            "data/contexts/lora.parquet",
+            "data/contexts/mlp.parquet",
+            "data/contexts/sae.parquet",
+            "data/activations/lora",
+            "data/activations/mlp",
+            "models/sae",
         ),  # fmt: skip
         params=(*keys_of("categorize", "generate", "assign", "device"), *LLM_CALLS),
         speed=("categorize.generate.concurrency", "categorize.assign.concurrency", "categorize.device"),
@@ -188,13 +203,19 @@ STAGES: tuple[Stage, ...] = (
         ("lorascope.ablate.stage",),
         deps=("data/prepared", "models/base", "models/lora"),
         params=(
-            "ablate.sequences", "ablate.max_tokens", "ablate.seed", "ablate.sweeps", "ablate.custom",
+            "ablate.sequences",
+            "ablate.max_tokens",
+            "ablate.seed",
+            "ablate.sweeps",
+            "ablate.custom",
             "ablate.precision",
         ),  # fmt: skip
         speed=("ablate.batch_size", "ablate.logit_chunk", "ablate.prefix_reuse", "ablate.device"),
         outs=(
-            "metrics/ablation/components.json", "metrics/ablation/layers.json",
-            "metrics/ablation/types.json", "metrics/ablation/figure3.json",
+            "metrics/ablation/components.json",
+            "metrics/ablation/layers.json",
+            "metrics/ablation/types.json",
+            "metrics/ablation/figure3.json",
         ),  # fmt: skip
         metrics=("metrics/ablation/groups.json",),
     ),
@@ -212,9 +233,14 @@ STAGES: tuple[Stage, ...] = (
         "lorascope steer",
         ("lorascope.steer.stage",),
         deps=(
-            "data/prepared", "models/base", "models/lora", "models/sae",
-            "data/contexts/lora.features.parquet", "data/contexts/sae.features.parquet",
-            "data/interp/lora.parquet", "data/interp/sae.parquet",
+            "data/prepared",
+            "models/base",
+            "models/lora",
+            "models/sae",
+            "data/contexts/lora.features.parquet",
+            "data/contexts/sae.features.parquet",
+            "data/interp/lora.parquet",
+            "data/interp/sae.parquet",
         ),  # fmt: skip
         params=(*keys_of("steer", "device"), "evaluate.data", "evaluate.choice_seed"),
         speed=("steer.device",),
@@ -225,9 +251,19 @@ STAGES: tuple[Stage, ...] = (
         "lorascope report",
         ("lorascope.report.stage",),
         deps=(
-            "models/base", "models/lora", "models/full", "metrics/recovery.json", "data/interp",
-            "data/contexts", "data/activations/lora", "data/activations/mlp", "models/sae", "metrics/sae.json",
-            "metrics/ablation/figure3.json", "metrics/ablation/layers.json", "metrics/ablation/types.json",
+            "models/base",
+            "models/lora",
+            "models/full",
+            "metrics/recovery.json",
+            "data/interp",
+            "data/contexts",
+            "data/activations/lora",
+            "data/activations/mlp",
+            "models/sae",
+            "metrics/sae.json",
+            "metrics/ablation/figure3.json",
+            "metrics/ablation/layers.json",
+            "metrics/ablation/types.json",
             "metrics/steer.json",
         ),  # fmt: skip
         params=("report",),
