@@ -1,5 +1,5 @@
 """Every stage on the tiny profile with every precision set to bfloat16, on the CPU: the stage
-functions run in order in one workspace (`lorascope <stage>` under `dvc repro` calls these same functions)."""
+functions run in order in one workspace (the `dvc repro` variant lives with the end-to-end tests)."""
 
 from __future__ import annotations
 

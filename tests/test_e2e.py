@@ -308,3 +308,20 @@ def test_experiments_log_to_the_same_store_and_show_a_readable_table(repro, env)
     table = sh("dvc", "exp", "show", "--only-changed", "--no-pager", "--md", cwd=root, env=env).stdout
     header = [c.strip() for c in table.splitlines()[0].split("|") if c.strip()]
     assert "report.dpi" in header and len(header) < 12, header
+
+
+def test_bfloat16_everywhere_through_dvc(repro, env):
+    """The tiny profile with every precision key set to bfloat16 passes `dvc repro` on the CPU."""
+    root, _, _ = repro
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "before bf16", "--allow-empty", cwd=root, env=env)
+    keys = ("finetune.precision", "extract.precision", "sae.precision", "ablate.precision", "steer.precision",
+            "evaluate.dtype")  # fmt: skip
+    overrides = [arg for key in keys for arg in ("-S", f"{key}=bfloat16")]
+    run = sh("dvc", "exp", "run", "--temp", *overrides, cwd=root, env=env)
+    for stage in ("finetune@lora", "finetune@full", "evaluate@lora", "extract@lora", "sae", "contexts@sae",
+                  "ablate", "steer", "report"):  # fmt: skip
+        assert f"Running stage '{stage}'" in run.stdout, stage
+    assert "base" not in {
+        line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")
+    }
