@@ -301,10 +301,11 @@ def sae_export(
     ] = "saelens",
 ) -> None:
     """Export models/sae/ for another tool."""
+    from lorascope import paths
     from lorascope.project import workspace_root
     from lorascope.sae.export import export
 
-    out = export(workspace_root() / "models" / "sae", output, fmt)
+    out = export(workspace_root() / paths.SAE, output, fmt)
     typer.echo(f"sae export: wrote {out}")
 
 
@@ -589,12 +590,13 @@ def plan(
     launcher's sharding), disk written and estimated time; flags what does not fit. Runs nothing."""
     import json
 
+    from lorascope import paths
     from lorascope import plan as planner
     from lorascope.project import workspace_root
 
     root = workspace_root()
     # the measured token statistics belong to the active params' prepared data, not to another profile
-    prepared = None if choice.profile else root / "metrics" / "prepare.json"
+    prepared = None if choice.profile else root / paths.PREPARE_METRICS
     result = planner.run(choice.load(), root, device, prepared)
     typer.echo(json.dumps(result, indent=2) if as_json else planner.render(result), nl=as_json)
 

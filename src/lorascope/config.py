@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorascope import paths
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
@@ -447,9 +448,9 @@ class EvalVariant(Section):
 
 def _default_variants() -> dict[str, EvalVariant]:
     return {
-        "base": EvalVariant(model="models/base", format="chat"),
-        "lora": EvalVariant(model="models/lora"),
-        "full": EvalVariant(model="models/full"),
+        "base": EvalVariant(model=paths.BASE.as_posix(), format="chat"),
+        "lora": EvalVariant(model=paths.LORA.as_posix()),
+        "full": EvalVariant(model=paths.FULL.as_posix()),
     }
 
 

@@ -17,25 +17,26 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from lorascope import paths
 from lorascope.atomic import write_json
 from lorascope.config import Params, section_hash
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
 Variant = Literal["lora", "full"]
-PREPARED = Path("data/prepared")
-BASE = Path("models/base")
+PREPARED = paths.PREPARED
+BASE = paths.BASE
 FINGERPRINT = "lorascope-fingerprint.json"
 
 
 def out_dir(variant: str) -> Path:
     """``models/<variant>/`` at the workspace root."""
-    return workspace_root() / "models" / variant
+    return workspace_root() / paths.model(variant)
 
 
 def checkpoint_dir(variant: str) -> Path:
     """Where resumable checkpoints of ``variant`` live until the run completes."""
-    return workspace_root() / "checkpoints" / "finetune" / variant
+    return workspace_root() / paths.checkpoints("finetune") / variant
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
