@@ -15,11 +15,10 @@ from lorascope.ablate.masks import Masks
 from lorascope.ablate.runner import DIRECTION, Ablator
 from lorascope.ablate.stage import sample_sequences
 from lorascope.ablate.targets import GROUPS, select, sweeps
-from lorascope.base.load import load_model
 from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import lora_components
-from lorascope.extract.extractor import load_adapter
+from lorascope.models import load_adapter, load_model
 
 from conftest import REPO, cli, record_output, run_of, tiny_params
 

@@ -110,7 +110,7 @@ def run(params: Params) -> Path:
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
     from lorascope.extract.components import lora_components
-    from lorascope.extract.extractor import load_lora_model
+    from lorascope.models import load_lora_model
     from lorascope.progress import track
     from lorascope.tracking import stage_run
 

@@ -129,12 +129,12 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     ``on_shard`` runs after each shard's state is saved (the tests use it to simulate a kill)."""
     import mlflow
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.contexts.tokens import TokenRenderer
     from lorascope.devices import prefetched, resolve_device
     from lorascope.errors import LorascopeError
     from lorascope.extract.exclusion import REASONS, Exclusion
     from lorascope.extract.outliers import document_starts
+    from lorascope.models import load_tokenizer
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 

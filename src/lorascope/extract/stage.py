@@ -86,11 +86,11 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     import torch
     from accelerate import PartialState
 
-    from lorascope.base.load import load_tokenizer, model_name
     from lorascope.extract import outliers
-    from lorascope.extract.extractor import Extractor, compute_dtype
+    from lorascope.extract.extractor import Extractor
     from lorascope.extract.merge_check import MergeCheck, check_tokens
     from lorascope.extract.store import FORMAT, Store
+    from lorascope.models import compute_dtype, load_tokenizer, model_name
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 

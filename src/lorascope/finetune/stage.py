@@ -81,7 +81,7 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
     """The model to train: base + fresh LoRA adapter, or the whole base model."""
     import torch
 
-    from lorascope.base.load import load_model
+    from lorascope.models import load_model
 
     cfg = params.finetune
     model = load_model(base_dir, dtype=weights_dtype(cfg.precision, variant))
@@ -90,8 +90,8 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
         return model
     from peft import get_peft_model
 
-    from lorascope.base.load import source
     from lorascope.finetune.adapter import lora_config
+    from lorascope.models import source
 
     torch.manual_seed(cfg.seed)  # lora_A initialisation
     peft_model = get_peft_model(model, lora_config(cfg.lora, model))
@@ -106,7 +106,7 @@ def name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     """Record the base in ``adapter_config.json`` and peft's model card as ``model_name`` does: the
     hub id, or the path relative to the workspace, so adapters do not embed this machine's absolute
     paths; and list the target modules sorted (peft keeps a set, whose order varies by process)."""
-    from lorascope.base.load import model_name
+    from lorascope.models import model_name
 
     name = model_name(base_dir)
     config_path = adapter_dir / "adapter_config.json"
@@ -209,9 +209,9 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     from accelerate import PartialState
     from transformers import Trainer
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.finetune.data import Collator, PreparedRows
     from lorascope.finetune.step_logger import MlflowStepLogger
+    from lorascope.models import load_tokenizer
     from lorascope.tracking import stage_run
 
     root = workspace_root()

@@ -111,7 +111,7 @@ def run(params: Params) -> Path:
     """Write ``data/prepared/`` (train.parquet, validation.json, eval/) and the stats metrics."""
     import mlflow
 
-    from lorascope.base.load import load_tokenizer
+    from lorascope.models import load_tokenizer
     from lorascope.prepare.sources import load_rows
     from lorascope.prepare.validation import TEXT_COLUMNS, validate
 

@@ -285,9 +285,9 @@ def _samples(
 
 def _heatmap(root: Path, ids: list[int]) -> tuple[dict[str, Any], list[list[float]]]:
     """The SAE decoder rows of latents ``ids`` on a layer x component-type grid."""
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
-    sae, cfg = load(root / paths.SAE)
+    sae, cfg = load_sae(root / paths.SAE)
     W = sae.W_dec_FD.detach().float().numpy()
     cells = []
     for name in cfg["components"]:
@@ -510,8 +510,8 @@ def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
     categories = _categories(root, missing)
     renderer = None
     try:
-        from lorascope.base.load import load_tokenizer
         from lorascope.contexts.tokens import TokenRenderer
+        from lorascope.models import load_tokenizer
 
         renderer = TokenRenderer(load_tokenizer(root / paths.BASE))
     except Exception as e:  # noqa: BLE001 - only the training samples need it

@@ -88,13 +88,13 @@ def lora_direction(name: str, features: Sequence[str], stats_path: Path) -> Dire
 
 def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path: Path) -> Direction:
     """Decoder row of SAE latent ``sae.<n>``, scaled by its mean activation when it fires."""
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
     m = _SAE.fullmatch(name)
     assert m is not None
     if not (sae_dir / "cfg.json").is_file():
         raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
-    sae, cfg = load(sae_dir)
+    sae, cfg = load_sae(sae_dir)
     latent = int(m.group(1))
     if latent >= sae.d_sae:
         raise LorascopeError(f"steer.directions: {name!r}: the SAE has latents 0..{sae.d_sae - 1}")

@@ -82,11 +82,10 @@ def run(params: Params) -> Path:
     import mlflow
     import pandas as pd
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.evaluate.benchmarks import score
     from lorascope.evaluate.forcing import THINK, chat_prompt
     from lorascope.extract.components import feature_names, lora_components
-    from lorascope.extract.extractor import load_lora_model
+    from lorascope.models import load_lora_model, load_tokenizer
     from lorascope.progress import track
     from lorascope.steer.directions import resolve
     from lorascope.steer.generation import count_words, generate, paper_backtrack_pct, steered

@@ -113,8 +113,8 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
     import optuna
     from transformers import TrainerCallback
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.finetune.stage import run
+    from lorascope.models import load_tokenizer
     from lorascope.tracking import extra_tags, producer
 
     heldout = split_prepared(root, ws, space.validation_fraction)
@@ -134,8 +134,7 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
     with extra_tags({"upstream.prepare": prepared["run_id"]} if prepared else {}):
         run(params, "lora", callbacks=[Report()])
     if "loss" not in last:  # fewer steps than an epoch: measure the saved adapter
-        from lorascope.base.load import load_model
-        from lorascope.extract.extractor import load_adapter
+        from lorascope.models import load_adapter, load_model
 
         model = load_adapter(load_model(ws / paths.BASE), ws / paths.LORA)
         last["loss"] = heldout_loss(model, heldout, pad)
