@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from lorascope.config import EvaluateSection
 from lorascope.errors import LorascopeError
 from lorascope.evaluate import benchmarks
 from lorascope.evaluate.backend import ModelSpec, lm_class, resolve, vllm_args
 from lorascope.evaluate.forcing import ANSWER, FINAL, SAMPLE_KEY, THINK, Budget, BudgetForcing, answer_end
+from lorascope.evaluate.params import EvaluateSection
 from lorascope.evaluate.recovery import recovery, table
 
 from conftest import SHARED_DATA, cli, record_output, run_of, tiny_params, tiny_raw

@@ -164,8 +164,8 @@ def test_pretraining_is_seeded(prepared: Prepared):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from lorascope.base.params import TinyPretrain
     from lorascope.base.pretrain import pretrain
-    from lorascope.config import TinyPretrain
     from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(prepared.root / "models" / "base")

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lorascope.config import ReportSection
 from lorascope.extract.store import Store
 from lorascope.report.dashboard import build
 from lorascope.report.packing import Bulk, rows_of
+from lorascope.report.params import ReportSection
 from lorascope.report.rendering import render
 
 from conftest import Prepared, make_workspace, tiny_params

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 from lorascope.sae.data import heldout_documents
 from lorascope.sae.model import BatchTopKSAE, training_loss
+from lorascope.sae.params import SaeSection
 from lorascope.sae.stage import run
 from lorascope.sae.train import Trainer, fold
 

@@ -9,7 +9,7 @@ and the tests fail when the committed file differs), so the code and DVC cannot 
   only parses arguments (a stage's behaviour lives in its package), and including it would make
   every edit of any command re-run the whole pipeline;
 * **params deps** are the keys each stage reads, declared here and checked against what the stage
-  really reads (``LORASCOPE_TRACE``, see ``config.trace_params``): a key a stage reads but does not
+  really reads (``LORASCOPE_TRACE``, see ``sections.trace_params``): a key a stage reads but does not
   declare fails the end-to-end test. Keys that change speed but never results are listed in
   ``speed`` instead (read, not DVC deps).
 
@@ -79,7 +79,7 @@ EVAL_SPEED = ("evaluate.chunk_size", "evaluate.gpu_memory_utilization")
 
 
 def _llm_calls() -> tuple[str, ...]:
-    from lorascope.config import LlmClientSection
+    from lorascope.llm.params import LlmClientSection
 
     fields = [k for k in LlmClientSection.model_fields if k != "concurrency"]
     return tuple(f"categorize.{role}.{k}" for role in ("generate", "assign") for k in fields)

@@ -16,10 +16,11 @@ from typing import Any
 from lorascope import paths
 from lorascope.ablate.targets import select_all
 from lorascope.atomic import atomic_path, write_json
-from lorascope.config import LORA_TARGETS, Params
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, layer_of
 from lorascope.project import workspace_root
+from lorascope.sections import LORA_TARGETS
 
 _PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.lora_[AB]\.weight$")

@@ -27,10 +27,11 @@ from lorascope import paths
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
-from lorascope.config import LORA_TARGETS, Params
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component
 from lorascope.project import workspace_root
+from lorascope.sections import LORA_TARGETS
 
 PREPARED = paths.PREPARED
 BASE = paths.BASE

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lorascope import paths
-from lorascope.config import LlmClientSection
 from lorascope.llm.clients import CachedClient
+from lorascope.llm.params import LlmClientSection
 from lorascope.llm.structured import JsonSchema
 
 T = TypeVar("T")

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope import paths
-from lorascope.config import LORA_TARGETS, ReportSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import parse_name
 from lorascope.report.packing import Bulk
+from lorascope.report.params import ReportSection
 from lorascope.report.rendering import render
+from lorascope.sections import LORA_TARGETS
 
 if TYPE_CHECKING:
     import numpy as np

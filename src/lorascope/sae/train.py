@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.exclusion import Exclusion
 from lorascope.extract.store import Store
 from lorascope.sae.data import TokenStream, geometric_median, kept, scan
 from lorascope.sae.model import BatchTopKSAE, training_loss
+from lorascope.sae.params import SaeSection
 
 StepHook = Callable[[int, dict[str, float]], None]
 
