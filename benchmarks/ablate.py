@@ -45,8 +45,8 @@ def build_model(args: argparse.Namespace) -> Any:
     from peft import get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lorascope.config import LoraAdapter
     from lorascope.finetune.adapter import lora_config
+    from lorascope.finetune.params import LoraAdapter
 
     cfg = Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

@@ -106,7 +106,7 @@ def generate(root: Path, args: argparse.Namespace) -> None:
 
 def streaming_pass(root: Path, save_top: Path | None) -> dict:
     """One ``Selector`` pass over the store, as the contexts stage runs it (no checkpoints, no tables)."""
-    from lorascope.config import ContextsSection
+    from lorascope.contexts.params import ContextsSection
     from lorascope.contexts.selection import Selector, ShardView
     from lorascope.contexts.stage import token_keys
     from lorascope.extract.store import Store
@@ -179,7 +179,7 @@ def main() -> None:
         print(json.dumps(streaming_pass(args.pass_only, args.save_top)))
         return
     if args.brute_only:
-        from lorascope.config import ContextsSection
+        from lorascope.contexts.params import ContextsSection
 
         print(json.dumps(brute_force(args.brute_only, ContextsSection().top_k, args.save_top)))
         return
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, root: Path, scratch: Path) -> None:
         generate(root, args)
         print(f"generated the store in {time.perf_counter() - t0:.0f} s (not timed)", flush=True)
 
-    from lorascope.config import ContextsSection
+    from lorascope.contexts.params import ContextsSection
     from lorascope.extract.store import Store
 
     store = Store.open(root)

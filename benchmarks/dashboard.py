@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorascope.config import LORA_TARGETS
 from lorascope.report.packing import Bulk
 from lorascope.report.rendering import render
+from lorascope.sections import LORA_TARGETS
 
 VOCAB = 151_665
 LAYERS = 64

@@ -43,8 +43,8 @@ def tiny_workspace(tmp: Path) -> Path:
 
 def generation(ws: Path, questions: int, batch: int, thinking: int, answer: int) -> dict[str, float]:
     """Generated tokens/s through the forced HF backend at batch size ``batch``."""
-    from lorascope.config import EvaluateSection
     from lorascope.evaluate.backend import build, resolve
+    from lorascope.evaluate.params import EvaluateSection
     from lorascope.prepare import synthetic
 
     cfg = EvaluateSection(

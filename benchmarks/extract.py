@@ -69,7 +69,7 @@ def write_models(
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lorascope.base.load import model_name
+    from lorascope.models import model_name
 
     cfg = Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -115,7 +115,7 @@ class Reference:
     def __init__(self, base_dir: Path, adapter_dir: Path, dtype: torch.dtype, device: str, tokenizer: Any):
         from peft import PeftModel
 
-        from lorascope.base.load import load_model
+        from lorascope.models import load_model
 
         base = load_model(base_dir, dtype=dtype).to(device).eval()
         self.model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -180,8 +180,9 @@ def run(args: argparse.Namespace, device: str, tmp: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from lorascope.extract.extractor import Extractor, compute_dtype
+    from lorascope.extract.extractor import Extractor
     from lorascope.extract.store import plan_shards, write_shard
+    from lorascope.models import compute_dtype
 
     dtype = compute_dtype("auto")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

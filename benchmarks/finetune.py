@@ -68,8 +68,8 @@ def main() -> None:
 
     from peft import get_peft_model
 
-    from lorascope.config import LoraAdapter
     from lorascope.finetune.adapter import lora_config
+    from lorascope.finetune.params import LoraAdapter
 
     results = {}
     for variant in ("lora", "full"):

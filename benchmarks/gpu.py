@@ -264,7 +264,7 @@ def bench_sae(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def bench_contexts(args: argparse.Namespace, device: torch.device) -> None:
-    from lorascope.config import ContextsSection
+    from lorascope.contexts.params import ContextsSection
     from lorascope.contexts.selection import Selector, ShardView
     from lorascope.sae.model import BatchTopKSAE
 

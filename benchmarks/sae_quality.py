@@ -56,8 +56,8 @@ from typing import Any
 
 import torch
 
-from lorascope.config import SaeSection
 from lorascope.extract.store import Shard, Store, plan_shards
+from lorascope.sae.params import SaeSection
 
 
 # ------------------------------------------------------------------------------------ the data

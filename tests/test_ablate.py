@@ -15,11 +15,10 @@ from lorascope.ablate.masks import Masks
 from lorascope.ablate.runner import DIRECTION, Ablator
 from lorascope.ablate.stage import sample_sequences
 from lorascope.ablate.targets import GROUPS, select, sweeps
-from lorascope.base.load import load_model
-from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import lora_components
-from lorascope.extract.extractor import load_adapter
+from lorascope.models import load_adapter, load_model
+from lorascope.sections import LORA_TARGETS
 
 from conftest import REPO, cli, record_output, run_of, tiny_params
 
@@ -313,7 +312,10 @@ def test_bad_input_is_one_line(ablate_workspace: Path):
 
 
 def test_profiles_declare_every_field_and_the_papers_setting():
-    from lorascope.config import AblateSection, ReportSection, SteerSection, load_params
+    from lorascope.ablate.params import AblateSection
+    from lorascope.config import load_params
+    from lorascope.report.params import ReportSection
+    from lorascope.steer.params import SteerSection
 
     from conftest import tiny_raw
 

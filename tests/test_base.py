@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.base.load import load_model, load_tokenizer, source
 from lorascope.base.stage import run
 from lorascope.errors import LorascopeError
+from lorascope.models import load_model, load_tokenizer, source
 
 from conftest import Prepared, run_of, tiny_params
 

@@ -9,14 +9,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorascope.config import (
-    LORA_TARGETS,
-    dump_params,
-    load_params,
-    section_hash,
-    validate_params,
-)
+from lorascope.config import dump_params, load_params, section_hash, validate_params
 from lorascope.errors import LorascopeError
+from lorascope.sections import LORA_TARGETS
 
 from conftest import REPO, cli, tiny_raw
 
@@ -140,6 +135,15 @@ def test_missing_file(tmp_path: Path):
 def test_params_yaml_is_the_tiny_profile(monkeypatch):
     monkeypatch.setenv("LORASCOPE_ROOT", str(REPO))
     assert load_params(REPO / "params.yaml") == load_params(profile="tiny")
+
+
+def test_params_yaml_is_what_params_use_tiny_writes(tmp_path: Path):
+    """Byte for byte: values, key order and the comments (the sections' field docstrings, now in each
+    stage's params module) cannot drift from the tiny profile and the section models."""
+    out = tmp_path / "params.yaml"
+    res = cli("params", "use", "tiny", "--output", str(out), cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == (REPO / "params.yaml").read_text()
 
 
 def test_paper_profile_is_the_papers_recipe(monkeypatch):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.config import ContextsSection
 from lorascope.contexts import selection
+from lorascope.contexts.params import ContextsSection
 from lorascope.contexts.selection import Selector, ShardView
 from lorascope.contexts.sources import FeatureSource
 from lorascope.contexts.stage import contexts_table, run, token_keys

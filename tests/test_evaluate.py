@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from lorascope.config import EvaluateSection
 from lorascope.errors import LorascopeError
 from lorascope.evaluate import benchmarks
 from lorascope.evaluate.backend import ModelSpec, lm_class, resolve, vllm_args
 from lorascope.evaluate.forcing import ANSWER, FINAL, SAMPLE_KEY, THINK, Budget, BudgetForcing, answer_end
+from lorascope.evaluate.params import EvaluateSection
 from lorascope.evaluate.recovery import recovery, table
 
 from conftest import SHARED_DATA, cli, record_output, run_of, tiny_params, tiny_raw
@@ -343,9 +343,9 @@ def test_hf_forcing_matches_plain_greedy_generation(with_prepared: Path):
     continuation of the chat prompt, and the output is thinking + s1's forced ending + answer."""
     import torch
 
-    from lorascope.base.load import load_model, load_tokenizer
     from lorascope.evaluate.backend import build
     from lorascope.evaluate.forcing import THINK_STOPS
+    from lorascope.models import load_model, load_tokenizer
 
     cfg = tiny_params(evaluate={"batch_size": 2, "wait_extensions": 0}).evaluate
     spec = resolve(with_prepared / "models/base", with_prepared / "models/base")
@@ -519,8 +519,8 @@ def test_merged_copy_reproduces_the_adapter(with_prepared: Path):
     import torch
     from peft import PeftModel
 
-    from lorascope.base.load import load_model
     from lorascope.evaluate.backend import merged_copy
+    from lorascope.models import load_model
     from test_extract import make_adapter
 
     adapter = make_adapter(with_prepared)

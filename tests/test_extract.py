@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.base.load import load_model
-from lorascope.config import LORA_TARGETS, LoraAdapter
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, feature_names
 from lorascope.extract.extractor import pack_batches
 from lorascope.extract.stage import read_documents, run, work_dir
 from lorascope.extract.store import INDEX, Store, plan_shards
+from lorascope.finetune.params import LoraAdapter
 from lorascope.finetune.stage import name_adapter_base
+from lorascope.models import load_model
+from lorascope.sections import LORA_TARGETS
 
 from conftest import REPO, cli, launch_two_processes, record_output, run_of, tiny_params, tiny_raw
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.base.load import load_model
-from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
 from lorascope.finetune.data import Collator, PreparedRows
 from lorascope.finetune.stage import accumulation_steps, build_model, checkpoint_dir, run
+from lorascope.models import load_model
+from lorascope.sections import LORA_TARGETS
 
 from conftest import cli, launch_two_processes, record_output, run_of, tiny_params, tiny_raw
 

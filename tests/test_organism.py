@@ -140,8 +140,8 @@ def test_base_corpus_has_direct_worked_careful_and_follow_up_chats():
 
 
 def test_pretraining_batches_render_the_chat_template_and_train_assistant_turns_only(prepared: Prepared):
-    from lorascope.base.load import load_tokenizer
     from lorascope.base.pretrain import batch, render
+    from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(prepared.root / "models" / "base")
     chats = list(islice(organism.base_documents(5), 40))
@@ -164,9 +164,9 @@ def test_pretraining_is_seeded(prepared: Prepared):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lorascope.base.load import load_tokenizer
+    from lorascope.base.params import TinyPretrain
     from lorascope.base.pretrain import pretrain
-    from lorascope.config import TinyPretrain
+    from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(prepared.root / "models" / "base")
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

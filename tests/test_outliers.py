@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorascope.config import ExclusionSection
 from lorascope.errors import LorascopeError
 from lorascope.extract import outliers
 from lorascope.extract.exclusion import Exclusion
+from lorascope.extract.params import ExclusionSection
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 
 DOC, DOCS, C = 50, 24, 6

@@ -123,7 +123,7 @@ def test_a_window_never_crosses_a_document_boundary(
     """Token id = global position, so each kept window shows which tokens it holds: exactly the
     tokens of the centre's document within [centre - before, centre + after], at their offsets, PAD
     elsewhere, over documents of any length and shards cut at any document boundary."""
-    from lorascope.config import ContextsSection
+    from lorascope.contexts.params import ContextsSection
     from lorascope.contexts.selection import PAD_ID, Selector, ShardView
 
     cfg = ContextsSection(top_k=4, window_before=before, window_after=after, quantile_bins=2,
@@ -166,7 +166,7 @@ def test_streaming_selection_equals_brute_force_however_the_store_is_cut(
     """Top-k per feature sign, the quantile sample (active tokens with the smallest keys), the random
     negatives (inactive tokens with the smallest keys) and the running statistics, against torch over the
     whole store at once, for any cut of the store into shards and of the features into chunks."""
-    from lorascope.config import ContextsSection
+    from lorascope.contexts.params import ContextsSection
     from lorascope.contexts.selection import Selector, ShardView
 
     cfg = ContextsSection(top_k=3, window_before=1, window_after=1, quantile_bins=2, quantile_samples=2,

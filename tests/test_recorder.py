@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 
-from lorascope.config import LORA_TARGETS
 from lorascope.extract.components import lora_components, mlp_components
 from lorascope.extract.recorder import Recorder
+from lorascope.sections import LORA_TARGETS
 
 
 def tiny_lora(rank: int, targets: list[str], seed: int = 0, b_std: float = 0.5):  # noqa: ANN201

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lorascope.config import ReportSection
 from lorascope.extract.store import Store
 from lorascope.report.dashboard import build
 from lorascope.report.packing import Bulk, rows_of
+from lorascope.report.params import ReportSection
 from lorascope.report.rendering import render
 
 from conftest import Prepared, make_workspace, tiny_params
@@ -235,9 +235,9 @@ def test_build_embeds_the_pipeline_outputs(dashboard: tuple[Path, Any]):
             assert len(tokens) == s["len"] and (acts * f["sign"]).max() == acts[s["peak"]] * f["sign"]
             np.testing.assert_allclose(acts.max() if f["sign"] > 0 else acts.min(), s["act"], rtol=1e-2)
     # SAE heatmaps: the decoder rows on the layer x kind grid
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
-    sae, cfg = load(root / "models/sae")
+    sae, cfg = load_sae(root / "models/sae")
     grid = meta["heatmap"]
     assert grid["layers"] == [0, 1] and grid["kinds"] == [
         "q_proj",

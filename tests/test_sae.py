@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lorascope import tracking
-from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 from lorascope.sae.data import heldout_documents
 from lorascope.sae.model import BatchTopKSAE, training_loss
+from lorascope.sae.params import SaeSection
 from lorascope.sae.stage import run
 from lorascope.sae.train import Trainer, fold
 
@@ -347,7 +347,7 @@ def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
 def test_saelens_export_loads_and_encodes_identically(workspace: Path, tmp_path: Path):
     from sae_lens import SAE as SaeLens
 
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
     x, _ = planted(3_000)
     write_store(workspace, x)
@@ -356,7 +356,7 @@ def test_saelens_export_loads_and_encodes_identically(workspace: Path, tmp_path:
     res = cli("sae", "export", "--format", "saelens", "--output", str(tmp_path / "lens"), cwd=workspace)
     assert res.returncode == 0, res.stderr
     theirs = SaeLens.load_from_disk(str(tmp_path / "lens"))
-    ours, cfg = load(workspace / "models/sae")
+    ours, cfg = load_sae(workspace / "models/sae")
     with torch.no_grad():
         f_ours, f_theirs = ours.encode(x[:500]), theirs.encode(x[:500])
         assert (f_ours > 0).sum(1).float().mean() == pytest.approx(3, rel=0.3)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.sae.model import BatchTopKSAE
+from lorascope.sae.params import SaeSection
 from lorascope.sae.train import (
     calibrate,
     check_sizes,

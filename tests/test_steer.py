@@ -121,8 +121,8 @@ def test_offset_moves_each_module_by_alpha_typical_scaling_b(steer_workspace: Pa
 
 
 def test_alpha_zero_reproduces_unsteered_generation(steer_workspace: Path):
-    from lorascope.base.load import load_tokenizer
     from lorascope.evaluate.forcing import chat_prompt
+    from lorascope.models import load_tokenizer
 
     model = peft_model(steer_workspace)
     comps = lora_components(model)
@@ -155,10 +155,10 @@ def test_paper_backtrack_count():
 def test_decoding_keeps_the_answer_marker(steer_workspace: Path):
     """A continuation through ``<|im_start|>answer`` keeps the marker (skip_special_tokens would drop it, and
     the grader would then miss the answer); only the closing ``<|im_end|>`` and the padding are left out."""
-    from lorascope.base.load import load_tokenizer
     from lorascope.evaluate.answers import Extracted, extract
     from lorascope.evaluate.benchmarks import score
     from lorascope.evaluate.forcing import THINK
+    from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(steer_workspace / "models/base")
     reply = "\nSo 2 + 3 = 5.\n<|im_start|>answer\nAnswer: \\boxed{5}"

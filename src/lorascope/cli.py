@@ -7,10 +7,14 @@ failures in one line and exit status 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 
@@ -46,6 +50,46 @@ ProfileOpt = Annotated[
     ),
 ]
 
+
+@dataclass(frozen=True)
+class ParamsChoice:
+    """What ``--params`` / ``--profile`` chose, and the one way to load it."""
+
+    params: Path | None = None
+    profile: str | None = None
+
+    def load(self) -> Params:
+        from lorascope.config import load_params
+
+        return load_params(self.params, self.profile)
+
+
+DEFAULT_CHOICE = ParamsChoice()
+
+_C = TypeVar("_C", bound=Callable[..., Any])
+
+
+def takes_params(fn: _C) -> _C:
+    """Give a command the ``--params`` and ``--profile`` options in place of its ``choice: ParamsChoice``
+    parameter (at the same place in its signature, so its options and their order stay as they were)."""
+    sig = inspect.signature(fn, eval_str=True)
+    at = list(sig.parameters).index("choice")
+    pair = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=ann)
+        for name, ann in (("params", ParamsOpt), ("profile", ProfileOpt))
+    ]
+    others = [p for p in sig.parameters.values() if p.name != "choice"]
+    new = sig.replace(parameters=others[:at] + pair + others[at:])
+
+    @functools.wraps(fn)
+    def command(*args: Any, params: Path | None = None, profile: str | None = None, **kwargs: Any) -> Any:
+        return fn(*args, choice=ParamsChoice(params, profile), **kwargs)
+
+    command.__signature__ = new  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in new.parameters.values()}
+    return cast(_C, command)
+
+
 _state = {"debug": False}
 
 
@@ -58,28 +102,24 @@ def _root(
     _state["debug"] = debug
 
 
-def _load(params: Path | None, profile: str | None) -> Params:
-    from lorascope.config import load_params
-
-    return load_params(params, profile)
-
-
 # ------------------------------------------------------------------------------------------ stages
 @app.command()
-def base(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def base(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Build the tiny random Qwen2 + tokenizer, or pin a real base model, into models/base/."""
     from lorascope.base.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"base: wrote {out}")
 
 
 @app.command()
-def prepare(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def prepare(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Load s1K-1.1 (hub, file or synthetic), format as s1, tokenize, validate into data/prepared/."""
     from lorascope.prepare.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"prepare: wrote {out}")
 
 
@@ -89,18 +129,18 @@ class FinetuneVariant(str, Enum):
 
 
 @app.command()
+@takes_params
 def finetune(
     variant: Annotated[
         FinetuneVariant,
         typer.Option("--variant", help="lora: rank-r adapter via peft; full: every parameter."),
     ] = FinetuneVariant.lora,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Train the LoRA adapter or the full finetune on data/prepared/ into models/<variant>/."""
     from lorascope.finetune.stage import run
 
-    out = run(_load(params, profile), variant.value)
+    out = run(choice.load(), variant.value)
     typer.echo(f"finetune: wrote {out}")
 
 
@@ -114,6 +154,7 @@ app.add_typer(evaluate_app, name="evaluate")
 
 
 @evaluate_app.callback()
+@takes_params
 def evaluate(
     ctx: typer.Context,
     variant: Annotated[
@@ -125,25 +166,25 @@ def evaluate(
             "--task", help="Run only this task (repeatable; default: evaluate.tasks).", show_default=False
         ),
     ] = None,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Benchmark one model variant (AIME'24 no-figures, MATH500, GPQA-Diamond) into metrics/eval/<variant>.json."""
     if ctx.invoked_subcommand is not None:
         return
     from lorascope.evaluate.stage import run
 
-    out = run(_load(params, profile), variant, task or None)
+    out = run(choice.load(), variant, task or None)
     typer.echo(f"evaluate: wrote {out}")
 
 
 @evaluate_app.command("recovery")
-def evaluate_recovery(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def evaluate_recovery(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Tables 1 and 2: per task every variant's score and its recovery (variant - base) / (reference - base):
     the LoRA against the full finetune, an ablated adapter against the LoRA."""
     from lorascope.evaluate.stage import run_recovery
 
-    out = run_recovery(_load(params, profile))
+    out = run_recovery(choice.load())
     typer.echo(out.with_suffix(".md").read_text(), nl=False)
     typer.echo(f"evaluate recovery: wrote {out}")
 
@@ -158,17 +199,19 @@ app.add_typer(ablate_app, name="ablate")
 
 
 @ablate_app.callback()
-def ablate(ctx: typer.Context, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def ablate(ctx: typer.Context, choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """KL(P_lora || P_ablated) and delta CE per component, layer, type and group into metrics/ablation/."""
     if ctx.invoked_subcommand is not None:
         return
     from lorascope.ablate.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"ablate: wrote {out}")
 
 
 @ablate_app.command("export")
+@takes_params
 def ablate_export(
     group: Annotated[
         str,
@@ -177,31 +220,32 @@ def ablate_export(
             help="Components to remove: attn, mlp, all, a type (q_proj ...), L<layer> or L<layer>.<type>.",
         ),
     ],
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Write models/lora-<group>-ablated: a peft adapter without the group's components (Table 2)."""
     from lorascope.ablate.export import run_export
 
-    out = run_export(_load(params, profile), group)
+    out = run_export(choice.load(), group)
     typer.echo(f"ablate export: wrote {out}")
 
 
 @app.command()
-def steer(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def steer(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Generate with alpha x a LoRA component or SAE feature added; backtracking per 1000 tokens into data/steer/."""
     from lorascope.steer.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"steer: wrote {out}")
 
 
 @app.command()
-def report(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def report(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Tables, figures, index.html and the offline dashboard.html into reports/ (what exists; the rest is listed)."""
     from lorascope.report.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"report: wrote {out}/index.html")
 
 
@@ -211,6 +255,7 @@ class ExtractSource(str, Enum):
 
 
 @app.command()
+@takes_params
 def extract(
     source: Annotated[
         ExtractSource,
@@ -218,13 +263,12 @@ def extract(
             "--source", help="lora: x.A of every adapter component; mlp: the base model's MLP neurons."
         ),
     ] = ExtractSource.lora,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Record per-token activations over data/prepared/ into the sharded store data/activations/<source>/."""
     from lorascope.extract.stage import run
 
-    out = run(_load(params, profile), source.value)
+    out = run(choice.load(), source.value)
     typer.echo(f"extract: wrote {out}")
 
 
@@ -238,13 +282,14 @@ app.add_typer(sae_app, name="sae")
 
 
 @sae_app.callback()
-def sae(ctx: typer.Context, params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def sae(ctx: typer.Context, choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Train the BatchTopK SAE on data/activations/lora/, calibrate its threshold, write models/sae/."""
     if ctx.invoked_subcommand is not None:
         return
     from lorascope.sae.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"sae: wrote {out}")
 
 
@@ -256,10 +301,11 @@ def sae_export(
     ] = "saelens",
 ) -> None:
     """Export models/sae/ for another tool."""
+    from lorascope import paths
     from lorascope.project import workspace_root
     from lorascope.sae.export import export
 
-    out = export(workspace_root() / "models" / "sae", output, fmt)
+    out = export(workspace_root() / paths.SAE, output, fmt)
     typer.echo(f"sae export: wrote {out}")
 
 
@@ -270,6 +316,7 @@ class ContextsSource(str, Enum):
 
 
 @app.command()
+@takes_params
 def contexts(
     source: Annotated[
         ContextsSource,
@@ -278,17 +325,17 @@ def contexts(
             help="lora: adapter components (both signs); mlp: MLP neurons; sae: SAE latents of the LoRA store.",
         ),
     ] = ContextsSource.lora,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Stream an activation store once: top-k windows, quantile and random samples, per-feature stats."""
     from lorascope.contexts.stage import run
 
-    out = run(_load(params, profile), source.value)
+    out = run(choice.load(), source.value)
     typer.echo(f"contexts: wrote {out}")
 
 
 @app.command()
+@takes_params
 def autointerp(
     source: Annotated[
         ContextsSource,
@@ -296,22 +343,22 @@ def autointerp(
             "--source", help="lora: adapter directions (each sign); mlp: MLP neurons; sae: live SAE latents."
         ),
     ] = ContextsSource.lora,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Label every feature from its max-activating contexts (paper prompt B.1) and score the labels."""
     from lorascope.autointerp.stage import run
 
-    out = run(_load(params, profile), source.value)
+    out = run(choice.load(), source.value)
     typer.echo(f"autointerp: wrote {out}")
 
 
 @app.command()
-def categorize(params: ParamsOpt = None, profile: ProfileOpt = None) -> None:
+@takes_params
+def categorize(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Generate shared categories (B.2a), assign every labelled feature one (B.2b), Figure 1/2 data."""
     from lorascope.categorize.stage import run
 
-    out = run(_load(params, profile))
+    out = run(choice.load())
     typer.echo(f"categorize: wrote {out}")
 
 
@@ -336,12 +383,12 @@ StorageOpt = Annotated[
 
 
 def _sweep(target: str, study: str | None, storage: str | None, n_trials: int | None, space: Path | None,
-           params: Path | None, profile: str | None, jobs: int = 1) -> None:  # fmt: skip
+           choice: ParamsChoice, jobs: int = 1) -> None:  # fmt: skip
     from lorascope.project import workspace_root
     from lorascope.sweep.space import load_space
     from lorascope.sweep.study import optimize
 
-    base = _load(params, profile)
+    base = choice.load()
     path = space or workspace_root() / "pipelines" / "sweeps" / f"{target}.yaml"
     spec = load_space(path, base)
     if spec.target != target:
@@ -380,22 +427,25 @@ SpaceOpt = Annotated[
 
 
 @sweep_app.command("lora")
+@takes_params
 def sweep_lora(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
-               space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None,
+               space: SpaceOpt = None, choice: ParamsChoice = DEFAULT_CHOICE,
                jobs: JobsOpt = 1) -> None:  # fmt: skip
     """Sweep LoRA rank x learning rate (x alpha); objective: held-out loss on prepared rows."""
-    _sweep("lora", study, storage, n_trials, space, params, profile, jobs)
+    _sweep("lora", study, storage, n_trials, space, choice, jobs)
 
 
 @sweep_app.command("sae")
+@takes_params
 def sweep_sae(study: StudyOpt = None, storage: StorageOpt = None, n_trials: NTrialsOpt = None,
-              space: SpaceOpt = None, params: ParamsOpt = None, profile: ProfileOpt = None,
+              space: SpaceOpt = None, choice: ParamsChoice = DEFAULT_CHOICE,
               jobs: JobsOpt = 1) -> None:  # fmt: skip
     """Sweep SAE k, expansion, lr; objectives: FVU at the calibrated L0 and/or the splice KL."""
-    _sweep("sae", study, storage, n_trials, space, params, profile, jobs)
+    _sweep("sae", study, storage, n_trials, space, choice, jobs)
 
 
 @sweep_app.command("best")
+@takes_params
 def sweep_best(
     study: Annotated[str, typer.Option("--study", help="Study name.")],
     storage: StorageOpt = None,
@@ -405,8 +455,7 @@ def sweep_best(
             "--output", help="Params file to write (default: sweeps/<study>.params.yaml).", show_default=False
         ),
     ] = None,
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
 ) -> None:
     """Print the best trial's params and write a params file with them (usable with --params)."""
     from lorascope.atomic import write_text
@@ -416,7 +465,7 @@ def sweep_best(
     from lorascope.sweep.study import best
 
     values, objective, number = best(study, storage)
-    resolved = overrides(_load(params, profile), values, {}, f"study {study} trial {number}")
+    resolved = overrides(choice.load(), values, {}, f"study {study} trial {number}")
     target = output or workspace_root() / "sweeps" / f"{study}.params.yaml"
     header = f"# params.yaml with the best trial ({number}) of study {study!r}: {dict(values)}\n\n"
     write_text(target, header + dump_params(resolved, comments=True))
@@ -429,9 +478,9 @@ def sweep_best(
 
 # ------------------------------------------------------------------------------------------ params
 @params_app.command("show")
+@takes_params
 def params_show(
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
     section: Annotated[
         str | None,
         typer.Option("--section", help="Print only this section (e.g. finetune).", show_default=False),
@@ -442,7 +491,7 @@ def params_show(
     from lorascope.config import Params, dump_params
     from lorascope.errors import LorascopeError
 
-    resolved = _load(params, profile)
+    resolved = choice.load()
     text = dump_params(resolved, comments=comments)
     if section:
         if section not in Params.model_fields:
@@ -524,9 +573,9 @@ def pipeline_check() -> None:
 
 # ------------------------------------------------------------------------------------------ plan
 @app.command()
+@takes_params
 def plan(
-    params: ParamsOpt = None,
-    profile: ProfileOpt = None,
+    choice: ParamsChoice = DEFAULT_CHOICE,
     device: Annotated[
         str | None,
         typer.Option(
@@ -541,13 +590,14 @@ def plan(
     launcher's sharding), disk written and estimated time; flags what does not fit. Runs nothing."""
     import json
 
+    from lorascope import paths
     from lorascope import plan as planner
     from lorascope.project import workspace_root
 
     root = workspace_root()
     # the measured token statistics belong to the active params' prepared data, not to another profile
-    prepared = None if profile else root / "metrics" / "prepare.json"
-    result = planner.run(_load(params, profile), root, device, prepared)
+    prepared = None if choice.profile else root / paths.PREPARE_METRICS
+    result = planner.run(choice.load(), root, device, prepared)
     typer.echo(json.dumps(result, indent=2) if as_json else planner.render(result), nl=as_json)
 
 

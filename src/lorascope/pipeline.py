@@ -9,7 +9,7 @@ and the tests fail when the committed file differs), so the code and DVC cannot 
   only parses arguments (a stage's behaviour lives in its package), and including it would make
   every edit of any command re-run the whole pipeline;
 * **params deps** are the keys each stage reads, declared here and checked against what the stage
-  really reads (``LORASCOPE_TRACE``, see ``config.trace_params``): a key a stage reads but does not
+  really reads (``LORASCOPE_TRACE``, see ``sections.trace_params``): a key a stage reads but does not
   declare fails the end-to-end test. Keys that change speed but never results are listed in
   ``speed`` instead (read, not DVC deps).
 
@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from lorascope import paths
+
+
+def _s(path: Path) -> str:
+    """A workspace path of :mod:`lorascope.paths` as ``dvc.yaml`` writes it."""
+    return path.as_posix()
+
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOT_A_DEP = frozenset({"lorascope.cli"})
@@ -71,7 +79,7 @@ EVAL_SPEED = ("evaluate.chunk_size", "evaluate.gpu_memory_utilization")
 
 
 def _llm_calls() -> tuple[str, ...]:
-    from lorascope.config import LlmClientSection
+    from lorascope.llm.params import LlmClientSection
 
     fields = [k for k in LlmClientSection.model_fields if k != "concurrency"]
     return tuple(f"categorize.{role}.{k}" for role in ("generate", "assign") for k in fields)
@@ -83,26 +91,26 @@ FINETUNE_SPEED = ("finetune.checkpoint_steps", "finetune.logging_steps", "finetu
 """Checkpoint and logging cadence, activation recomputation: equal weights either way."""
 
 STAGES: tuple[Stage, ...] = (
-    Stage("base", "lorascope base", ("lorascope.base.stage",), params=("base",), outs=("models/base",)),
+    Stage("base", "lorascope base", ("lorascope.base.stage",), params=("base",), outs=(_s(paths.BASE),)),
     Stage(
         "prepare",
         "lorascope prepare",
         ("lorascope.prepare.stage",),
-        deps=("models/base",),
+        deps=(_s(paths.BASE),),
         params=("prepare",),
-        outs=("data/prepared",),
-        metrics=("metrics/prepare.json",),
+        outs=(_s(paths.PREPARED),),
+        metrics=(_s(paths.PREPARE_METRICS),),
     ),
     Stage(
         "finetune",
         "${finetune.launcher} finetune --variant ${key}",
         ("lorascope.finetune.stage",),
-        deps=("data/prepared", "models/base"),
+        deps=(_s(paths.PREPARED), _s(paths.BASE)),
         params=keys_of(
             "finetune", "lr", "full_lr", "lora", "launcher", *(k.split(".")[1] for k in FINETUNE_SPEED)
         ),
         speed=FINETUNE_SPEED,
-        outs=("models/${key}",),
+        outs=(_s(paths.model("${key}")),),
         foreach=["lora", "full"],
         item_params={"lora": ("finetune.lr", "finetune.lora"), "full": ("finetune.full_lr",)},
     ),
@@ -110,15 +118,15 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "lorascope evaluate --variant ${key}",
         ("lorascope.evaluate.stage",),
-        deps=("data/prepared", "models/base", "${item.model}"),
+        deps=(_s(paths.PREPARED), _s(paths.BASE), "${item.model}"),
         params=(
             "evaluate.variants.${key}",
             *keys_of("evaluate", "variants", *(k.split(".")[1] for k in EVAL_SPEED)),
         ),
         speed=EVAL_SPEED,
         outs=(
-            "metrics/eval/${key}.json",
-            "metrics/eval/${key}.questions.json",
+            _s(paths.eval_scores("${key}")),
+            _s(paths.eval_questions("${key}")),
         ),  # summary: metrics/recovery.json
         foreach="${evaluate.variants}",
         comment="base, lora, full and any variant added in params",
@@ -127,44 +135,44 @@ STAGES: tuple[Stage, ...] = (
         "recovery",
         "lorascope evaluate recovery",
         ("lorascope.evaluate.stage",),
-        deps=("metrics/eval",),
+        deps=(_s(paths.EVAL),),
         params=("evaluate.tasks", "evaluate.variants", "evaluate.bootstrap_iters", "evaluate.seed"),
-        outs=("metrics/recovery.md",),
-        metrics=("metrics/recovery.json",),
+        outs=(_s(paths.RECOVERY_TABLE),),
+        metrics=(_s(paths.RECOVERY),),
         comment="Tables 1 and 2: `lorascope evaluate recovery`",
     ),
     Stage(
         "extract",
         "${extract.launcher} extract --source ${key}",
         ("lorascope.extract.stage",),
-        deps=("data/prepared", "models/base", "${item.model}"),
+        deps=(_s(paths.PREPARED), _s(paths.BASE), "${item.model}"),
         params=("extract",),
-        outs=("data/activations/${key}",),
-        foreach={"lora": {"model": "models/lora"}, "mlp": {"model": "models/base"}},
+        outs=(_s(paths.activations("${key}")),),
+        foreach={"lora": {"model": _s(paths.LORA)}, "mlp": {"model": _s(paths.BASE)}},
         comment="the adapter is an input of the LoRA store only",
     ),
     Stage(
         "sae",
         "lorascope sae",
         ("lorascope.sae.stage",),
-        deps=("data/activations/lora", "models/base", "models/lora"),
+        deps=(_s(paths.activations("lora")), _s(paths.BASE), _s(paths.LORA)),
         params=keys_of("sae", "checkpoint_steps", "device"),
         speed=("sae.checkpoint_steps", "sae.device"),
-        outs=("models/sae",),
-        metrics=("metrics/sae.json",),
+        outs=(_s(paths.SAE),),
+        metrics=(_s(paths.SAE_METRICS),),
     ),
     Stage(
         "contexts",
         "lorascope contexts --source ${key}",
         ("lorascope.contexts.stage",),
-        deps=("${item.store}", "${item.encoder}", "models/base"),
+        deps=("${item.store}", "${item.encoder}", _s(paths.BASE)),
         params=keys_of("contexts", "feature_chunk", "device"),
         speed=("contexts.feature_chunk", "contexts.device"),
-        outs=("data/contexts/${key}.parquet", "data/contexts/${key}.features.parquet"),
+        outs=(_s(paths.contexts("${key}")), _s(paths.features("${key}"))),
         foreach={
-            "lora": {"store": "data/activations/lora", "encoder": "data/activations/lora"},
-            "mlp": {"store": "data/activations/mlp", "encoder": "data/activations/mlp"},
-            "sae": {"store": "data/activations/lora", "encoder": "models/sae"},
+            "lora": {"store": _s(paths.activations("lora")), "encoder": _s(paths.activations("lora"))},
+            "mlp": {"store": _s(paths.activations("mlp")), "encoder": _s(paths.activations("mlp"))},
+            "sae": {"store": _s(paths.activations("lora")), "encoder": _s(paths.SAE)},
         },
         comment="sae: the LoRA store encoded with the trained SAE",
     ),
@@ -172,10 +180,10 @@ STAGES: tuple[Stage, ...] = (
         "autointerp",
         "lorascope autointerp --source ${item}",
         ("lorascope.autointerp.stage",),
-        deps=("data/contexts/${item}.parquet", "data/contexts/${item}.features.parquet"),
+        deps=(_s(paths.contexts("${item}")), _s(paths.features("${item}"))),
         params=keys_of("autointerp", "concurrency"),
         speed=("autointerp.concurrency",),
-        outs=("data/interp/${item}.parquet",),
+        outs=(_s(paths.labels("${item}")),),
         foreach=["lora", "mlp", "sae"],
     ),
     Stage(
@@ -183,25 +191,25 @@ STAGES: tuple[Stage, ...] = (
         "lorascope categorize",
         ("lorascope.categorize.stage",),
         deps=(
-            "data/interp/lora.parquet",
-            "data/interp/mlp.parquet",
-            "data/interp/sae.parquet",
-            "data/contexts/lora.parquet",
-            "data/contexts/mlp.parquet",
-            "data/contexts/sae.parquet",
-            "data/activations/lora",
-            "data/activations/mlp",
-            "models/sae",
+            _s(paths.labels("lora")),
+            _s(paths.labels("mlp")),
+            _s(paths.labels("sae")),
+            _s(paths.contexts("lora")),
+            _s(paths.contexts("mlp")),
+            _s(paths.contexts("sae")),
+            _s(paths.activations("lora")),
+            _s(paths.activations("mlp")),
+            _s(paths.SAE),
         ),  # fmt: skip
         params=(*keys_of("categorize", "generate", "assign", "device"), *LLM_CALLS),
         speed=("categorize.generate.concurrency", "categorize.assign.concurrency", "categorize.device"),
-        outs=("data/interp/categories",),
+        outs=(_s(paths.CATEGORIES),),
     ),
     Stage(
         "ablate",
         "lorascope ablate",
         ("lorascope.ablate.stage",),
-        deps=("data/prepared", "models/base", "models/lora"),
+        deps=(_s(paths.PREPARED), _s(paths.BASE), _s(paths.LORA)),
         params=(
             "ablate.sequences",
             "ablate.max_tokens",
@@ -212,19 +220,19 @@ STAGES: tuple[Stage, ...] = (
         ),  # fmt: skip
         speed=("ablate.batch_size", "ablate.logit_chunk", "ablate.prefix_reuse", "ablate.device"),
         outs=(
-            "metrics/ablation/components.json",
-            "metrics/ablation/layers.json",
-            "metrics/ablation/types.json",
-            "metrics/ablation/figure3.json",
+            _s(paths.ABLATION_COMPONENTS),
+            _s(paths.ABLATION_LAYERS),
+            _s(paths.ABLATION_TYPES),
+            _s(paths.FIGURE3),
         ),  # fmt: skip
-        metrics=("metrics/ablation/groups.json",),
+        metrics=(_s(paths.ABLATION_GROUPS),),
     ),
     Stage(
         "ablate-export",
         "lorascope ablate export --group ${item}",
         ("lorascope.ablate.export",),
-        deps=("models/lora",),
-        outs=("models/lora-${item}-ablated",),
+        deps=(_s(paths.LORA),),
+        outs=(_s(paths.ablated_adapter("${item}")),),
         foreach="${ablate.export}",
         comment="Table 2: the ablated adapters, evaluated as evaluate@lora-<group>-ablated",
     ),
@@ -233,54 +241,54 @@ STAGES: tuple[Stage, ...] = (
         "lorascope steer",
         ("lorascope.steer.stage",),
         deps=(
-            "data/prepared",
-            "models/base",
-            "models/lora",
-            "models/sae",
-            "data/contexts/lora.features.parquet",
-            "data/contexts/sae.features.parquet",
-            "data/interp/lora.parquet",
-            "data/interp/sae.parquet",
+            _s(paths.PREPARED),
+            _s(paths.BASE),
+            _s(paths.LORA),
+            _s(paths.SAE),
+            _s(paths.features("lora")),
+            _s(paths.features("sae")),
+            _s(paths.labels("lora")),
+            _s(paths.labels("sae")),
         ),  # fmt: skip
         params=(*keys_of("steer", "device"), "evaluate.data", "evaluate.choice_seed"),
         speed=("steer.device",),
-        outs=("data/steer", "metrics/steer.json"),  # a curve per direction: the report's steering table
+        outs=(_s(paths.STEER), _s(paths.STEER_METRICS)),  # a curve per direction: the report's steering table
     ),
     Stage(
         "report",
         "lorascope report",
         ("lorascope.report.stage",),
         deps=(
-            "models/base",
-            "models/lora",
-            "models/full",
-            "metrics/recovery.json",
-            "data/interp",
-            "data/contexts",
-            "data/activations/lora",
-            "data/activations/mlp",
-            "models/sae",
-            "metrics/sae.json",
-            "metrics/ablation/figure3.json",
-            "metrics/ablation/layers.json",
-            "metrics/ablation/types.json",
-            "metrics/steer.json",
+            _s(paths.BASE),
+            _s(paths.LORA),
+            _s(paths.FULL),
+            _s(paths.RECOVERY),
+            _s(paths.INTERP),
+            _s(paths.CONTEXTS),
+            _s(paths.activations("lora")),
+            _s(paths.activations("mlp")),
+            _s(paths.SAE),
+            _s(paths.SAE_METRICS),
+            _s(paths.FIGURE3),
+            _s(paths.ABLATION_LAYERS),
+            _s(paths.ABLATION_TYPES),
+            _s(paths.STEER_METRICS),
         ),  # fmt: skip
         params=("report",),
-        outs=("reports",),
+        outs=(_s(paths.REPORTS),),
     ),
 )
 
 PLOTS: list[dict[str, Any]] = [
-    {"reports/plots/loss_lora.csv": {"x": "step", "y": "loss", "title": "LoRA training loss"}},
-    {"reports/plots/loss_full.csv": {"x": "step", "y": "loss", "title": "Full finetune training loss"}},
+    {_s(paths.PLOTS / "loss_lora.csv"): {"x": "step", "y": "loss", "title": "LoRA training loss"}},
+    {_s(paths.PLOTS / "loss_full.csv"): {"x": "step", "y": "loss", "title": "Full finetune training loss"}},
     {
-        "reports/plots/ablation_layers.csv": {
+        _s(paths.PLOTS / "ablation_layers.csv"): {
             "template": "bar_horizontal", "x": "kl", "y": "layer", "title": "KL(P_lora || P_ablated) per layer",
         }
     },
     {
-        "reports/plots/ablation_types.csv": {
+        _s(paths.PLOTS / "ablation_types.csv"): {
             "template": "bar_horizontal", "x": "kl", "y": "type",
             "title": "KL(P_lora || P_ablated) per component type",
         }

@@ -13,18 +13,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.ablate.targets import select_all
 from lorascope.atomic import atomic_path, write_json
-from lorascope.config import LORA_TARGETS, Params
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, layer_of
 from lorascope.project import workspace_root
+from lorascope.sections import LORA_TARGETS
 
 _PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-ADAPTER = Path("models/lora")
+ADAPTER = paths.LORA
 REMOVED = "ablation.json"
 """What was removed: the selectors and the component names."""
 
@@ -93,7 +95,7 @@ def export(
 
 def export_dir(group: str) -> Path:
     """Where ``ablate export --group <group>`` writes: ``models/lora-<group>-ablated``."""
-    return workspace_root() / "models" / f"lora-{group}-ablated"
+    return workspace_root() / paths.ablated_adapter(group)
 
 
 def run_export(params: Params, group: str) -> Path:

@@ -23,17 +23,19 @@ import random
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
-from lorascope.config import LORA_TARGETS, Params
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component
 from lorascope.project import workspace_root
+from lorascope.sections import LORA_TARGETS
 
-PREPARED = Path("data/prepared")
-BASE = Path("models/base")
-ADAPTER = Path("models/lora")
+PREPARED = paths.PREPARED
+BASE = paths.BASE
+ADAPTER = paths.LORA
 SWEEPS = ("components", "layers", "types", "groups")
 UNIT = "nats per response token (mean over every response token of the sampled sequences)"
 KL_DEFINITIONS = {
@@ -49,7 +51,7 @@ DELTA_CE = "CE(P_ablated) - CE(P_lora) on the next response token, nats per toke
 
 
 def out_dir() -> Path:
-    return workspace_root() / "metrics" / "ablation"
+    return workspace_root() / paths.ABLATION
 
 
 def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list[tuple[str, list[int], int]]:
@@ -109,7 +111,7 @@ def run(params: Params) -> Path:
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
     from lorascope.extract.components import lora_components
-    from lorascope.extract.extractor import load_lora_model
+    from lorascope.models import load_lora_model
     from lorascope.progress import track
     from lorascope.tracking import stage_run
 
@@ -125,7 +127,7 @@ def run(params: Params) -> Path:
     ablator = Ablator(model, comps, cfg.batch_size, cfg.logit_chunk, cfg.prefix_reuse)
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
-        work = root / "checkpoints" / "ablate" / sr.fingerprint()
+        work = root / paths.checkpoints("ablate") / sr.fingerprint()
         work.mkdir(parents=True, exist_ok=True)
         resumed = 0
         per_seq: list[tuple[Stats, list[Stats]]] = []

@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, parse_name
+from lorascope.sections import LORA_TARGETS
 
 GROUPS = {"attn": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
 _LAYER = re.compile(r"L(\d+)")

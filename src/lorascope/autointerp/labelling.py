@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lorascope.config import LlmClientSection
+from lorascope import paths
 from lorascope.llm.clients import CachedClient
+from lorascope.llm.params import LlmClientSection
 from lorascope.llm.structured import JsonSchema
 
 T = TypeVar("T")
@@ -30,7 +31,7 @@ def cache_dir() -> Path:
     """The content-addressed LLM response cache, shared by every stage and run of the workspace."""
     from lorascope.project import workspace_root
 
-    return workspace_root() / "checkpoints" / "llm-cache"
+    return workspace_root() / paths.checkpoints("llm-cache")
 
 
 def open_client(cfg: LlmClientSection) -> CachedClient:

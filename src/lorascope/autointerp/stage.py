@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import parse_name
@@ -29,12 +30,12 @@ from lorascope.project import workspace_root
 
 
 def interp_path(source: str) -> Path:
-    return workspace_root() / "data" / "interp" / f"{source}.parquet"
+    return workspace_root() / paths.labels(source)
 
 
 def contexts_paths(source: str) -> tuple[Path, Path]:
-    root = workspace_root() / "data" / "contexts"
-    return root / f"{source}.parquet", root / f"{source}.features.parquet"
+    root = workspace_root()
+    return root / paths.contexts(source), root / paths.features(source)
 
 
 def layer_component(name: str) -> tuple[int | None, str | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lorascope.config import TinyPretrain
+from lorascope.base.params import TinyPretrain
 from lorascope.errors import LorascopeError
 
 WARMUP_FRACTION = 0.05

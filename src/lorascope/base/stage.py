@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
 from lorascope.project import workspace_root
 from lorascope.tracking import stage_run
 
-OUT = Path("models/base")
+OUT = paths.BASE
 
 
 def _build_tiny(params: Params, out: Path) -> dict[str, float]:

@@ -14,8 +14,8 @@ from typing import Literal
 from lorascope.autointerp.labelling import ask
 from lorascope.autointerp.prompts import Category, categorize_prompt, parse_category_id
 from lorascope.categorize.inputs import Feature
-from lorascope.config import LlmClientSection
 from lorascope.llm.clients import CachedClient, run_all
+from lorascope.llm.params import LlmClientSection
 
 Status = Literal["ok", "uncategorized", "failed"]
 _REQUEST_FAILED = "request failed"  # how ``ask`` words an error that is not a bad reply

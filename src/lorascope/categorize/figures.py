@@ -255,9 +255,9 @@ def figure2_sae(
     ``FIGURE2_SAE_ATTRIBUTION`` and ``FIGURE2_SAE_NORMALISATION``."""
     import torch
 
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
-    sae, cfg = load(sae_dir, device)
+    sae, cfg = load_sae(sae_dir, device)
     sae.eval()
     if list(cfg["components"]) != list(store.components):
         raise LorascopeError(

@@ -21,8 +21,8 @@ from lorascope.autointerp.prompts import (
     category_generation_prompt,
     parse_categories,
 )
-from lorascope.config import LlmClientSection
 from lorascope.llm.clients import CachedClient
+from lorascope.llm.params import LlmClientSection
 
 
 def sample_explanations(explanations: Sequence[str], size: int, seed: int) -> list[str]:

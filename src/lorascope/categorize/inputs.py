@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.autointerp.prompts import Example
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
@@ -28,12 +29,12 @@ _CONTEXT_COLUMNS = ("feature_name", "sign", "kind", "rank", "activation", "windo
 
 def label_path(source: str) -> Path:
     """``data/interp/<source>.parquet``."""
-    return workspace_root() / "data" / "interp" / f"{source}.parquet"
+    return workspace_root() / paths.labels(source)
 
 
 def contexts_path(source: str) -> Path:
     """``data/contexts/<source>.parquet``."""
-    return workspace_root() / "data" / "contexts" / f"{source}.parquet"
+    return workspace_root() / paths.contexts(source)
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
-OUT = Path("data/interp/categories")
-STORES = {"lora": Path("data/activations/lora"), "mlp": Path("data/activations/mlp")}
-GENERATION_REPLY = Path("checkpoints/categorize/generation-reply.txt")
+OUT = paths.CATEGORIES
+STORES = {"lora": paths.activations("lora"), "mlp": paths.activations("mlp")}
+GENERATION_REPLY = paths.checkpoints("categorize") / "generation-reply.txt"
 FORMAT = "lorascope-categories/1"
 ASSIGNMENT_COLUMNS = (
     "source", "feature", "feature_name", "sign", "category", "status", "error", "raw_response",
@@ -246,7 +247,7 @@ def run(params: Params) -> Path:
                 stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
             )
         else:
-            fig2 = {"features": "sae", "categories": ids, "missing": "data/interp/sae.parquet not found: "
+            fig2 = {"features": "sae", "categories": ids, "missing": f"{paths.labels('sae').as_posix()} not found: "
                     "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
         out = out_dir()
         with atomic_path(out) as tmp:

@@ -15,7 +15,7 @@ from lorascope.autointerp.prompts import Category
 from lorascope.categorize.assignment import Assignment, assign_all
 from lorascope.categorize.generation import category_dict, generate, sample_explanations
 from lorascope.categorize.inputs import Feature
-from lorascope.config import CategorizeSection
+from lorascope.categorize.params import CategorizeSection
 from lorascope.llm.clients import CachedClient, run_all
 
 SUBCATEGORY_RULE = (

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorascope.config import ContextsSection
+from lorascope.contexts.params import ContextsSection
 from lorascope.extract.exclusion import REASONS
 
 GROUPS = ("top", "quantile", "random")

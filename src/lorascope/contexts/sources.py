@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.contexts.selection import Encoder
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
 
-SAE_DIR = Path("models/sae")
+SAE_DIR = paths.SAE
 
 
 @dataclass
@@ -48,7 +49,7 @@ class FeatureSource:
 
 
 def _store(root: Path, source: str) -> Store:
-    path = root / "data" / "activations" / source
+    path = root / paths.activations(source)
     store = Store.open(path, hint=f"run `lorascope extract --source {source}` first")
     if store.source != source:
         raise LorascopeError(f"{path}/index.json: holds source {store.source!r}, expected {source!r}")

@@ -32,13 +32,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from lorascope import paths
 from lorascope.config import Params, section_hash
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
 from lorascope.contexts.sources import FeatureSource, open_source
 from lorascope.extract.store import Shard
 from lorascope.project import workspace_root
 
-BASE = Path("models/base")
+BASE = paths.BASE
 CONTEXTS_SCHEMA = pa.schema(
     [
         ("feature", pa.int32()),
@@ -83,12 +84,12 @@ store's tokens the ``contexts.exclude`` policy left out (in all, and per reason;
 
 def out_paths(source: str) -> tuple[Path, Path]:
     """``(contexts table, features table)`` of ``source``."""
-    folder = workspace_root() / "data" / "contexts"
-    return folder / f"{source}.parquet", folder / f"{source}.features.parquet"
+    root = workspace_root()
+    return root / paths.contexts(source), root / paths.features(source)
 
 
 def checkpoint_path(source: str) -> Path:
-    return workspace_root() / "checkpoints" / "contexts" / f"{source}.pt"
+    return workspace_root() / paths.checkpoints("contexts") / f"{source}.pt"
 
 
 def token_keys(seed: int, shard: Shard) -> Any:
@@ -128,12 +129,12 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     ``on_shard`` runs after each shard's state is saved (the tests use it to simulate a kill)."""
     import mlflow
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.contexts.tokens import TokenRenderer
     from lorascope.devices import prefetched, resolve_device
     from lorascope.errors import LorascopeError
     from lorascope.extract.exclusion import REASONS, Exclusion
     from lorascope.extract.outliers import document_starts
+    from lorascope.models import load_tokenizer
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 

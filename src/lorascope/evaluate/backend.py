@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorascope.config import EvaluateSection
 from lorascope.errors import LorascopeError
 from lorascope.evaluate.forcing import ANSWER, THINK, Budget, chat_template
+from lorascope.evaluate.params import EvaluateSection
 
 PROBE_USER = "What is 7 + 5? Put the result in a box."
 """The probe prompt's user turn (its continuation is a short think/answer reply)."""
@@ -42,7 +42,7 @@ class ModelSpec:
 def resolve(base_dir: Path, model_dir: Path) -> ModelSpec:
     """A variant's directory is an adapter over the base (``adapter_config.json``), a full model
     (``config.json``) or the base itself (``config.json`` or ``reference.json``)."""
-    from lorascope.base.load import source
+    from lorascope.models import source
 
     base, base_rev = source(base_dir)
     if (model_dir / "adapter_config.json").is_file():
@@ -167,7 +167,7 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
     import json
 
     from lorascope.atomic import atomic_path
-    from lorascope.extract.extractor import load_adapter
+    from lorascope.models import load_merged
 
     if (out_dir / "config.json").is_file() and (out_dir / PROBE_FILE).is_file():
         return out_dir
@@ -178,7 +178,7 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
     model = AutoModelForCausalLM.from_pretrained(spec.pretrained, revision=spec.revision, dtype=dtype)
     ids = _probe_ids(tokenizer)
     base = _logprobs(model, ids)
-    merged = load_adapter(model, spec.adapter).merge_and_unload()
+    merged = load_merged(model, spec.adapter)
     diff = float((_logprobs(merged, ids) - base).abs().max())
     if not diff > PROBE_ATOL:
         raise not_applied(f"{spec.adapter} (merged in {dtype})", diff)

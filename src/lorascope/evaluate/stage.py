@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.atomic import write_json, write_text
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
@@ -27,20 +28,20 @@ from lorascope.evaluate import benchmarks
 from lorascope.project import workspace_root
 
 TASK_DIR = Path(__file__).with_name("tasks")
-BASE = Path("models/base")
+BASE = paths.BASE
 
 
 def metrics_path(variant: str) -> Path:
-    return workspace_root() / "metrics" / "eval" / f"{variant}.json"
+    return workspace_root() / paths.eval_scores(variant)
 
 
 def questions_path(variant: str) -> Path:
     """Per-question correctness of ``variant`` (a plain output next to its metrics)."""
-    return workspace_root() / "metrics" / "eval" / f"{variant}.questions.json"
+    return workspace_root() / paths.eval_questions(variant)
 
 
 def recovery_path() -> Path:
-    return workspace_root() / "metrics" / "recovery.json"
+    return workspace_root() / paths.RECOVERY
 
 
 def _variant_dir(params: Params, variant: str) -> Path:
@@ -77,7 +78,7 @@ def _cache_prefix(params: Params, variant: str, model_digests: list[str]) -> Pat
         "generation": cfg.model_dump(include=fields),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return workspace_root() / "checkpoints" / "evaluate" / f"{variant}-{digest}" / "requests"
+    return workspace_root() / paths.checkpoints("evaluate") / f"{variant}-{digest}" / "requests"
 
 
 def _sample_rows(samples: list[dict[str, Any]], sample: int | None = None) -> list[dict[str, Any]]:
@@ -149,7 +150,7 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
         )  # hashed once, by the run
         cache.parent.mkdir(parents=True, exist_ok=True)
         lm = build(
-            cfg, spec, root / "checkpoints" / "evaluate" / "merged" / variant, cfg.variants[variant].format
+            cfg, spec, root / paths.checkpoints("evaluate") / "merged" / variant, cfg.variants[variant].format
         )
         decodes: list[int | None] = list(range(cfg.samples)) if cfg.samples else [None]
         rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
+from lorascope.sections import LORA_TARGETS
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."

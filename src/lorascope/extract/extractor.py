@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorascope.errors import LorascopeError
 from lorascope.extract.components import Component, feature_names, lora_components, mlp_components
 from lorascope.extract.merge_check import MergeCheck, MergeReport
 from lorascope.extract.recorder import Recorder
-
-
-def compute_dtype(precision: str, device: Any = None, key: str = "extract.precision") -> Any:
-    """The model dtype for ``precision`` on ``device`` (default: the GPU when there is one), resolved
-    by ``lorascope.devices`` (an unsupported dtype is a one-line error naming ``key``)."""
-    import torch
-
-    from lorascope.devices import resolve_dtype
-
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_dtype(precision, device, key)
 
 
 def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -53,55 +39,6 @@ def padded_batches(docs: list[list[int]], batch_tokens: int) -> Iterator[tuple[l
             input_ids[row, : lengths[i]] = torch.as_tensor(docs[i])
             mask[row, : lengths[i]] = 1
         yield batch, input_ids, mask if len(batch) > 1 else None
-
-
-def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
-    from lorascope.base.load import model_name
-
-    config = adapter_dir / "adapter_config.json"
-    if not config.is_file():
-        raise LorascopeError(
-            f"{adapter_dir}: no LoRA adapter (adapter_config.json missing); run `lorascope finetune --variant lora`"
-        )
-    trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
-    base = model_name(base_dir)
-    if trained_on and trained_on != base:
-        raise LorascopeError(
-            f"{adapter_dir}: adapter was trained on {trained_on!r}, but the base model is {base!r}"
-        )
-
-
-def load_lora_model(
-    base_dir: Path, adapter_dir: Path, precision: str, device: str = "auto", section: str = "model"
-) -> Any:
-    """The base model in ``<section>.precision`` on ``<section>.device`` (``lorascope.devices``),
-    wrapped with the saved adapter (unmerged, eval mode, ``lora_A``/``lora_B`` in float32): what the
-    ablate and steer stages hook."""
-    from lorascope.base.load import load_model
-    from lorascope.devices import resolve
-
-    check_adapter_base(adapter_dir, base_dir)
-    dev, dtype = resolve(device, precision, section)
-    model = load_model(base_dir, dtype=dtype).to(dev)
-    return load_adapter(model, adapter_dir).eval()
-
-
-def load_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Wrap ``model`` with the saved adapter; a mismatch (targets, shapes) is a one-line error. The
-    adapter's weights are float32 whatever the model's dtype (peft's default, made explicit): a
-    rank-1 update is far below a bf16 ulp of the weights it adapts, and ``x . A`` is read in fp32."""
-    import torch
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        detail = " ".join(str(e).split())[:300]
-        raise LorascopeError(f"{adapter_dir}: adapter does not match the base model ({detail})") from None
-    for name, param in peft_model.named_parameters():
-        if ".lora_" in name and param.dtype != torch.float32:
-            param.data = param.data.float()
-    return peft_model
 
 
 @dataclass
@@ -141,7 +78,7 @@ class Extractor:
         ``merged`` with a ``check``: the merged model is measured against the unmerged adapter on the
         check tokens (``merge_check``) and kept only within the tolerances, else the unmerged model
         is reloaded and read through ``lora_A`` (``method`` becomes ``lora_a``)."""
-        from lorascope.base.load import load_model
+        from lorascope.models import check_adapter_base, compute_dtype, load_adapter, load_model
 
         dtype = compute_dtype(precision, device)
 

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from lorascope import paths
 from lorascope.atomic import write_json
 from lorascope.config import Params, section_hash
 from lorascope.errors import LorascopeError
@@ -27,19 +28,19 @@ from lorascope.extract.store import Shard, plan_shards, shard_complete, write_in
 from lorascope.project import workspace_root
 
 Source = Literal["lora", "mlp"]
-PREPARED = Path("data/prepared")
-BASE = Path("models/base")
-ADAPTER = Path("models/lora")
+PREPARED = paths.PREPARED
+BASE = paths.BASE
+ADAPTER = paths.LORA
 
 
 def store_dir(source: str) -> Path:
     """``data/activations/<source>/`` at the workspace root."""
-    return workspace_root() / "data" / "activations" / source
+    return workspace_root() / paths.activations(source)
 
 
 def work_dir(source: str) -> Path:
     """Where shards accumulate until the store is complete."""
-    return workspace_root() / "checkpoints" / "extract" / source
+    return workspace_root() / paths.checkpoints("extract") / source
 
 
 def read_documents(prepared: Path) -> tuple[list[str], list[list[int]]]:
@@ -85,11 +86,11 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     import torch
     from accelerate import PartialState
 
-    from lorascope.base.load import load_tokenizer, model_name
     from lorascope.extract import outliers
-    from lorascope.extract.extractor import Extractor, compute_dtype
+    from lorascope.extract.extractor import Extractor
     from lorascope.extract.merge_check import MergeCheck, check_tokens
     from lorascope.extract.store import FORMAT, Store
+    from lorascope.models import compute_dtype, load_tokenizer, model_name
     from lorascope.progress import track
     from lorascope.tracking import dvc_md5, stage_run
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorascope.config import LoraAdapter
 from lorascope.errors import LorascopeError
+from lorascope.finetune.params import LoraAdapter
 
 
 def linear_module_names(model: Any) -> list[str]:

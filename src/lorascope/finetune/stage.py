@@ -17,25 +17,26 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from lorascope import paths
 from lorascope.atomic import write_json
 from lorascope.config import Params, section_hash
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
 Variant = Literal["lora", "full"]
-PREPARED = Path("data/prepared")
-BASE = Path("models/base")
+PREPARED = paths.PREPARED
+BASE = paths.BASE
 FINGERPRINT = "lorascope-fingerprint.json"
 
 
 def out_dir(variant: str) -> Path:
     """``models/<variant>/`` at the workspace root."""
-    return workspace_root() / "models" / variant
+    return workspace_root() / paths.model(variant)
 
 
 def checkpoint_dir(variant: str) -> Path:
     """Where resumable checkpoints of ``variant`` live until the run completes."""
-    return workspace_root() / "checkpoints" / "finetune" / variant
+    return workspace_root() / paths.checkpoints("finetune") / variant
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -80,7 +81,7 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
     """The model to train: base + fresh LoRA adapter, or the whole base model."""
     import torch
 
-    from lorascope.base.load import load_model
+    from lorascope.models import load_model
 
     cfg = params.finetune
     model = load_model(base_dir, dtype=weights_dtype(cfg.precision, variant))
@@ -89,8 +90,8 @@ def build_model(params: Params, variant: Variant, base_dir: Path) -> Any:
         return model
     from peft import get_peft_model
 
-    from lorascope.base.load import source
     from lorascope.finetune.adapter import lora_config
+    from lorascope.models import source
 
     torch.manual_seed(cfg.seed)  # lora_A initialisation
     peft_model = get_peft_model(model, lora_config(cfg.lora, model))
@@ -105,7 +106,7 @@ def name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     """Record the base in ``adapter_config.json`` and peft's model card as ``model_name`` does: the
     hub id, or the path relative to the workspace, so adapters do not embed this machine's absolute
     paths; and list the target modules sorted (peft keeps a set, whose order varies by process)."""
-    from lorascope.base.load import model_name
+    from lorascope.models import model_name
 
     name = model_name(base_dir)
     config_path = adapter_dir / "adapter_config.json"
@@ -208,9 +209,9 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     from accelerate import PartialState
     from transformers import Trainer
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.finetune.data import Collator, PreparedRows
     from lorascope.finetune.step_logger import MlflowStepLogger
+    from lorascope.models import load_tokenizer
     from lorascope.tracking import stage_run
 
     root = workspace_root()

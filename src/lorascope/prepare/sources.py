@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorascope.config import PrepareSection
 from lorascope.errors import LorascopeError
+from lorascope.prepare.params import PrepareSection
 
 REQUIRED = ("question", "solution", "deepseek_thinking_trajectory", "deepseek_attempt")
 """Columns prepare needs from an s1K-1.1-schema source."""

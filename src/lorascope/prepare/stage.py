@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
@@ -13,9 +14,9 @@ from lorascope.progress import track
 from lorascope.project import workspace_root
 from lorascope.tracking import stage_run
 
-OUT = Path("data/prepared")
-METRICS = Path("metrics/prepare.json")
-BASE = Path("models/base")
+OUT = paths.PREPARED
+METRICS = paths.PREPARE_METRICS
+BASE = paths.BASE
 KEEP = ("id", "question", "solution", "cot_type", "source_type")
 """Source columns carried into ``train.parquet`` next to the token columns."""
 
@@ -110,7 +111,7 @@ def run(params: Params) -> Path:
     """Write ``data/prepared/`` (train.parquet, validation.json, eval/) and the stats metrics."""
     import mlflow
 
-    from lorascope.base.load import load_tokenizer
+    from lorascope.models import load_tokenizer
     from lorascope.prepare.sources import load_rows
     from lorascope.prepare.validation import TEXT_COLUMNS, validate
 

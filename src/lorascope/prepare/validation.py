@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lorascope.config import PrepareSection
+from lorascope.prepare.params import PrepareSection
 
 TEXT_COLUMNS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt", "solution")
 

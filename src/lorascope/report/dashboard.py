@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorascope.config import LORA_TARGETS, ReportSection
+from lorascope import paths
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import parse_name
 from lorascope.report.packing import Bulk
+from lorascope.report.params import ReportSection
 from lorascope.report.rendering import render
+from lorascope.sections import LORA_TARGETS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -138,7 +140,7 @@ def _num(x: Any) -> float | None:
 def _categories(root: Path, missing: list[str]) -> dict[tuple[str, int, int], tuple[str | None, str | None]]:
     import pyarrow.parquet as pq
 
-    path = root / "data" / "interp" / "categories" / "assignments.parquet"
+    path = root / paths.ASSIGNMENTS
     if not path.is_file():
         missing.append(f"categories: {_rel(root, path)} not found (no categories shown)")
         return {}
@@ -284,15 +286,17 @@ def _samples(
 
 def _heatmap(root: Path, ids: list[int]) -> tuple[dict[str, Any], list[list[float]]]:
     """The SAE decoder rows of latents ``ids`` on a layer x component-type grid."""
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
-    sae, cfg = load(root / "models" / "sae")
+    sae, cfg = load_sae(root / paths.SAE)
     W = sae.W_dec_FD.detach().float().numpy()
     cells = []
     for name in cfg["components"]:
         parsed = parse_name(name)
         if parsed is None or parsed.index is not None or parsed.sign is not None:
-            raise LorascopeError(f"models/sae/cfg.json: component {name!r} is not L<layer>.<kind>")
+            raise LorascopeError(
+                f"{paths.SAE.as_posix()}/cfg.json: component {name!r} is not L<layer>.<kind>"
+            )
         cells.append((parsed.layer, parsed.kind))
     layers = sorted({layer for layer, _ in cells})
     kinds = [k for k in LORA_TARGETS if any(k == c for _, c in cells)]
@@ -327,9 +331,9 @@ def _add_source(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    labels_path = root / "data" / "interp" / f"{source}.parquet"
-    ctx_path = root / "data" / "contexts" / f"{source}.parquet"
-    stats_path = root / "data" / "contexts" / f"{source}.features.parquet"
+    labels_path = root / paths.labels(source)
+    ctx_path = root / paths.contexts(source)
+    stats_path = root / paths.features(source)
     for p in (labels_path, ctx_path, stats_path):
         if not p.is_file():
             raise LorascopeError(f"{_rel(root, p)} not found")
@@ -452,7 +456,7 @@ def _store_features(
     from lorascope.contexts.sources import open_source
 
     if renderer is None:
-        raise LorascopeError("models/base: no tokenizer")
+        raise LorascopeError(f"{paths.BASE.as_posix()}: no tokenizer")
     src = open_source(source, root)
     columns = sorted({f["id"] for f in features})
     for c in columns:
@@ -507,10 +511,10 @@ def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
     categories = _categories(root, missing)
     renderer = None
     try:
-        from lorascope.base.load import load_tokenizer
         from lorascope.contexts.tokens import TokenRenderer
+        from lorascope.models import load_tokenizer
 
-        renderer = TokenRenderer(load_tokenizer(root / "models" / "base"))
+        renderer = TokenRenderer(load_tokenizer(root / paths.BASE))
     except Exception as e:  # noqa: BLE001 - only the training samples need it
         missing.append(f"tokenizer: models/base unusable ({_why(e)}); no training samples")
     collector = _Collector()

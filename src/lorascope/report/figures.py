@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope.atomic import atomic_path
-from lorascope.config import LORA_TARGETS
 from lorascope.errors import LorascopeError
+from lorascope.sections import LORA_TARGETS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -28,19 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.config import Params
 from lorascope.project import workspace_root
 from lorascope.report.tables import Table, table1, table2
 
-RECOVERY = Path("metrics/recovery.json")
-FIGURE1 = Path("data/interp/categories/figure1.json")
-FIGURE2 = Path("data/interp/categories/figure2.json")
-FIGURE2_LORA = Path("data/interp/categories/figure2_lora.json")
-FIGURE3 = Path("metrics/ablation/figure3.json")
-ABLATION = Path("metrics/ablation")
-SAE = Path("metrics/sae.json")
-STEER = Path("metrics/steer.json")
-FINETUNES = {"lora": Path("models/lora"), "full": Path("models/full")}
+RECOVERY = paths.RECOVERY
+FIGURE1 = paths.FIGURE1
+FIGURE2 = paths.FIGURE2
+FIGURE2_LORA = paths.FIGURE2_LORA
+FIGURE3 = paths.FIGURE3
+ABLATION = paths.ABLATION
+SAE = paths.SAE_METRICS
+STEER = paths.STEER_METRICS
+FINETUNES = paths.FINETUNES
 
 
 @dataclass
@@ -216,11 +217,11 @@ def run(params: Params) -> Path:
 
     cfg, root = params.report, workspace_root()
     candidates = [
-        RECOVERY, FIGURE1.parent, FIGURE3.parent, SAE, STEER, *FINETUNES.values(), Path("data/interp"),
-        Path("data/contexts"), Path("data/activations/lora"), Path("data/activations/mlp"), Path("models/sae"),
+        RECOVERY, FIGURE1.parent, FIGURE3.parent, SAE, STEER, *FINETUNES.values(), paths.INTERP,
+        paths.CONTEXTS, paths.activations("lora"), paths.activations("mlp"), paths.SAE,
     ]  # fmt: skip
     inputs = [root / p for p in candidates if (root / p).exists()]
-    out = root / "reports"
+    out = root / paths.REPORTS
     with stage_run("report", params, inputs) as sr:
         with atomic_path(out) as tmp:
             page = _render(root, cfg, tmp, sr.inputs_md5)

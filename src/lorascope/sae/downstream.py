@@ -71,8 +71,7 @@ def splice_kl(
     in ``dtype`` (the adapter in float32), ``reconstruct`` gets the stored states on ``device``.
     ``recorded(acts_TC, ids_T)`` names tokens that keep their recorded state (those the SAE does not
     model: the exclusion policy's)."""
-    from lorascope.base.load import load_model
-    from lorascope.extract.extractor import load_adapter
+    from lorascope.models import load_adapter, load_model
 
     model = load_adapter(load_model(base_dir, dtype=dtype).to(device), adapter_dir).eval()
     kl_spliced = kl_base = 0.0

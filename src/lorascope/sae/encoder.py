@@ -17,9 +17,9 @@ def load_encoder(
     """Latent names and ``encode(acts_TC) -> latents_TF`` (calibrated threshold; the SAE on ``device``,
     ``acts_TC`` expected there) for a store whose columns are ``components``; a store of other
     components is a one-line error."""
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
-    sae, cfg = load(sae_dir, device)
+    sae, cfg = load_sae(sae_dir, device)
     if cfg["components"] != components:
         raise LorascopeError(
             f"{sae_dir}/cfg.json: the SAE was trained on {cfg['d_in']} components that differ from the store's "

@@ -21,7 +21,7 @@ def export(sae_dir: Path, output: Path, fmt: str = "saelens") -> Path:
     """Write ``sae_dir`` (a ``models/sae`` checkpoint) to ``output`` in ``fmt``."""
     from safetensors.torch import save_file
 
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
     if fmt not in FORMATS:
         raise LorascopeError(
@@ -29,7 +29,7 @@ def export(sae_dir: Path, output: Path, fmt: str = "saelens") -> Path:
         )
     if not (sae_dir / "cfg.json").is_file():
         raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
-    sae, cfg = load(sae_dir)
+    sae, cfg = load_sae(sae_dir)
     tensors = {
         "W_enc": sae.W_enc_DF.detach(),
         "W_dec": sae.W_dec_FD.detach(),

@@ -13,20 +13,21 @@ from typing import Any
 
 import torch
 
+from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params, section_hash
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
 from lorascope.project import workspace_root
 
-STORE = Path("data/activations/lora")
-OUT = Path("models/sae")
-METRICS = Path("metrics/sae.json")
-BASE, ADAPTER = Path("models/base"), Path("models/lora")
+STORE = paths.activations("lora")
+OUT = paths.SAE
+METRICS = paths.SAE_METRICS
+BASE, ADAPTER = paths.BASE, paths.LORA
 
 
 def checkpoint_path() -> Path:
-    return workspace_root() / "checkpoints" / "sae" / "state.pt"
+    return workspace_root() / paths.checkpoints("sae") / "state.pt"
 
 
 def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from lorascope.config import SaeSection
 from lorascope.errors import LorascopeError
 from lorascope.extract.exclusion import Exclusion
 from lorascope.extract.store import Store
 from lorascope.sae.data import TokenStream, geometric_median, kept, scan
 from lorascope.sae.model import BatchTopKSAE, training_loss
+from lorascope.sae.params import SaeSection
 
 StepHook = Callable[[int, dict[str, float]], None]
 
@@ -265,15 +265,3 @@ def save(sae: BatchTopKSAE, directory: Path, cfg_json: dict[str, Any]) -> None:
         str(directory / "sae.safetensors"),
     )
     write_json(directory / "cfg.json", cfg_json)
-
-
-def load(directory: Path, device: Any = "cpu") -> tuple[BatchTopKSAE, dict[str, Any]]:
-    """The saved SAE (raw input space, on ``device``) and its cfg."""
-    import json
-
-    from safetensors.torch import load_file
-
-    cfg = json.loads((directory / "cfg.json").read_text())
-    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-    sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
-    return sae.to(device), cfg

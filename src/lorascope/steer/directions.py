@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lorascope import paths
 from lorascope.errors import LorascopeError
 
 _SAE = re.compile(r"sae\.(\d+)")
@@ -87,13 +88,13 @@ def lora_direction(name: str, features: Sequence[str], stats_path: Path) -> Dire
 
 def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path: Path) -> Direction:
     """Decoder row of SAE latent ``sae.<n>``, scaled by its mean activation when it fires."""
-    from lorascope.sae.train import load
+    from lorascope.models import load_sae
 
     m = _SAE.fullmatch(name)
     assert m is not None
     if not (sae_dir / "cfg.json").is_file():
         raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
-    sae, cfg = load(sae_dir)
+    sae, cfg = load_sae(sae_dir)
     latent = int(m.group(1))
     if latent >= sae.d_sae:
         raise LorascopeError(f"steer.directions: {name!r}: the SAE has latents 0..{sae.d_sae - 1}")
@@ -133,18 +134,18 @@ def select_by_label(selector: str, root: Path) -> str:
         regex = re.compile(pattern, re.IGNORECASE)
     except re.error as err:
         raise LorascopeError(f"steer.directions: {selector!r}: not a regular expression ({err})") from None
-    interp = root / "data" / "interp"
-    paths = [interp / f"{s}.parquet" for s in ("sae", "lora") if (interp / f"{s}.parquet").is_file()]
-    if not paths:
+    interp = root / paths.INTERP
+    files = [root / paths.labels(s) for s in ("sae", "lora") if (root / paths.labels(s)).is_file()]
+    if not files:
         raise LorascopeError(
             f"steer.directions: {selector!r} needs labels ({interp}/lora.parquet or sae.parquet); "
             "run `lorascope autointerp` first"
         )
     alive: set[int] | None = None
-    if (interp / "sae.parquet").is_file() and (root / "models" / "sae" / "alive.json").is_file():
+    if (root / paths.labels("sae")).is_file() and (root / paths.SAE / "alive.json").is_file():
         from lorascope.contexts.sources import alive_latents
 
-        alive = set(alive_latents(root / "models" / "sae"))
+        alive = set(alive_latents(root / paths.SAE))
     cols = [
         "feature",
         "feature_name",
@@ -154,7 +155,7 @@ def select_by_label(selector: str, root: Path) -> str:
         "detection_balanced_accuracy",
     ]
     found = []
-    for order, path in enumerate(paths):  # sae first, then lora
+    for order, path in enumerate(files):  # sae first, then lora
         for r in pq.read_table(path, columns=cols).to_pylist():
             if r["status"] != "ok" or not r["explanation"] or not regex.search(r["explanation"]):
                 continue
@@ -171,7 +172,7 @@ def select_by_label(selector: str, root: Path) -> str:
             found.append((rank, r["feature_name"]))
     if not found:
         raise LorascopeError(
-            f"steer.directions: {selector!r} matches no ok label in {', '.join(str(p) for p in paths)}"
+            f"steer.directions: {selector!r} matches no ok label in {', '.join(str(p) for p in files)}"
         )
     return min(found)[1]
 
@@ -182,7 +183,6 @@ def resolve(name: str, features: Sequence[str], root: Path) -> Direction:
 
     if name.startswith(LABEL):
         return replace(resolve(select_by_label(name, root), features, root), selector=name)
-    contexts = root / "data" / "contexts"
     if _SAE.fullmatch(name):
-        return sae_direction(name, features, root / "models" / "sae", contexts / "sae.features.parquet")
-    return lora_direction(name, features, contexts / "lora.features.parquet")
+        return sae_direction(name, features, root / paths.SAE, root / paths.features("sae"))
+    return lora_direction(name, features, root / paths.features("lora"))

@@ -17,13 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 
-BASE = Path("models/base")
-ADAPTER = Path("models/lora")
+BASE = paths.BASE
+ADAPTER = paths.LORA
 
 
 def prompt_rows(params: Params) -> list[dict[str, Any]]:
@@ -81,11 +82,10 @@ def run(params: Params) -> Path:
     import mlflow
     import pandas as pd
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.evaluate.benchmarks import score
     from lorascope.evaluate.forcing import THINK, chat_prompt
     from lorascope.extract.components import feature_names, lora_components
-    from lorascope.extract.extractor import load_lora_model
+    from lorascope.models import load_lora_model, load_tokenizer
     from lorascope.progress import track
     from lorascope.steer.directions import resolve
     from lorascope.steer.generation import count_words, generate, paper_backtrack_pct, steered
@@ -109,17 +109,15 @@ def run(params: Params) -> Path:
         )
     rows = prompt_rows(params)
     prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
-    contexts = root / "data" / "contexts"
-    inputs = [base_dir, adapter_dir, contexts / "lora.features.parquet"]
+    inputs = [base_dir, adapter_dir, root / paths.features("lora")]
     if any(d.name.startswith("sae.") for d in directions):
-        inputs += [root / "models" / "sae", contexts / "sae.features.parquet"]
+        inputs += [root / paths.SAE, root / paths.features("sae")]
     if any(d.selector for d in directions):  # chosen from the labels
-        interp = root / "data" / "interp"
-        inputs += [interp / f"{s}.parquet" for s in ("lora", "sae") if (interp / f"{s}.parquet").is_file()]
+        inputs += [root / paths.labels(s) for s in ("lora", "sae") if (root / paths.labels(s)).is_file()]
     inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
 
     with stage_run("steer", params, inputs) as sr:
-        work = root / "checkpoints" / "steer" / sr.fingerprint()
+        work = root / paths.checkpoints("steer") / sr.fingerprint()
         work.mkdir(parents=True, exist_ok=True)
         generations: list[dict[str, Any]] = []
         todo = [(d, a) for d in directions for a in cfg.alphas]
@@ -155,13 +153,13 @@ def run(params: Params) -> Path:
             for a in cfg.alphas:
                 matching = [g for g in generations if g["direction"] == d.name and g["alpha"] == a]
                 summary.append({"direction": d.name, "alpha": a, "typical": d.typical, **summarize(matching)})
-        out = root / "data" / "steer"
+        out = root / paths.STEER
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
             pd.DataFrame(generations).to_parquet(tmp / "generations.parquet", index=False)
             pd.DataFrame(summary).to_parquet(tmp / "summary.parquet", index=False)
         write_json(
-            root / "metrics" / "steer.json",
+            root / paths.STEER_METRICS,
             {
                 "backtrack_words": cfg.backtrack_words,
                 "backtrack_counts": BACKTRACK_COUNTS,
@@ -191,5 +189,5 @@ def run(params: Params) -> Path:
                         step=step,
                     )
                 mlflow.log_table(pd.DataFrame(sweep), artifact_file="sweep.json")
-        sr.log_outputs(out, root / "metrics" / "steer.json")
+        sr.log_outputs(out, root / paths.STEER_METRICS)
     return out

@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.sweep.space import Space
 
-LORA_INPUTS = ("models/base",)
-SAE_INPUTS = ("models/base", "models/lora", "data/activations/lora")
+LORA_INPUTS = (paths.BASE.as_posix(),)
+SAE_INPUTS = tuple(p.as_posix() for p in (paths.BASE, paths.LORA, paths.activations("lora")))
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    src = root / "data" / "prepared"
+    src = root / paths.PREPARED
     if not (src / "train.parquet").is_file():
         raise LorascopeError(f"{src}/train.parquet: missing; run `dvc repro prepare` first")
     table = pq.read_table(src / "train.parquet")
@@ -76,7 +77,7 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
         raise LorascopeError(
             f"validation_fraction {fraction} leaves no {'held-out' if not any(held) else 'training'} rows"
         )
-    dst = ws / "data" / "prepared"
+    dst = ws / paths.PREPARED
     dst.mkdir(parents=True)
     pq.write_table(table.filter(pc.invert(mask)), dst / "train.parquet")
     return table.filter(mask).select(["input_ids", "loss_start"]).to_pylist()
@@ -112,13 +113,13 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
     import optuna
     from transformers import TrainerCallback
 
-    from lorascope.base.load import load_tokenizer
     from lorascope.finetune.stage import run
+    from lorascope.models import load_tokenizer
     from lorascope.tracking import extra_tags, producer
 
     heldout = split_prepared(root, ws, space.validation_fraction)
-    prepared = producer(root / "data" / "prepared", name="data/prepared")  # the data the split came from
-    pad = load_tokenizer(ws / "models" / "base").pad_token_id
+    prepared = producer(root / paths.PREPARED, name=paths.PREPARED.as_posix())  # the data the split came from
+    pad = load_tokenizer(ws / paths.BASE).pad_token_id
     prune = len(space.objectives) == 1
     last: dict[str, float] = {}
 
@@ -133,10 +134,9 @@ def run_lora(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> 
     with extra_tags({"upstream.prepare": prepared["run_id"]} if prepared else {}):
         run(params, "lora", callbacks=[Report()])
     if "loss" not in last:  # fewer steps than an epoch: measure the saved adapter
-        from lorascope.base.load import load_model
-        from lorascope.extract.extractor import load_adapter
+        from lorascope.models import load_adapter, load_model
 
-        model = load_adapter(load_model(ws / "models" / "base"), ws / "models" / "lora")
+        model = load_adapter(load_model(ws / paths.BASE), ws / paths.LORA)
         last["loss"] = heldout_loss(model, heldout, pad)
     return [last["loss"]]
 
@@ -156,7 +156,7 @@ def run_sae(trial: Any, params: Params, space: Space, root: Path, ws: Path) -> l
                 raise optuna.TrialPruned(f"training mse {metrics['mse']:.4f} at step {step}")
 
     run(params, on_step=report)
-    metrics = json.loads((ws / "metrics" / "sae.json").read_text())
+    metrics = json.loads((ws / paths.SAE_METRICS).read_text())
     missing = [o for o in space.objectives if o not in metrics]
     if missing:
         raise LorascopeError(

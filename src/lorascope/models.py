@@ -1,0 +1,140 @@
+"""Loading what the stages wrote: the base model and its tokenizer, the LoRA adapter on it (unmerged
+or merged) and the SAE, with the compute device and dtype resolved in one place (``lorascope.devices``).
+
+The base is what the ``base`` stage wrote (a tiny model directory or a ``reference.json`` to a real
+one); every stage that runs a model loads it through here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorascope.errors import LorascopeError
+
+if TYPE_CHECKING:
+    from lorascope.sae.model import BatchTopKSAE
+
+
+# ------------------------------------------------------------------------------------------ base
+def source(base_dir: str | Path) -> tuple[str, str | None]:
+    """``(name_or_path, revision)`` to pass to ``from_pretrained``."""
+    base_dir = Path(base_dir)
+    ref = base_dir / "reference.json"
+    if ref.is_file():
+        data = json.loads(ref.read_text())
+        return data["model"], data["revision"] if data.get("kind") == "hub" else None
+    if (base_dir / "config.json").is_file():
+        return str(base_dir), None
+    raise LorascopeError(
+        f"{base_dir}: no base model here (expected config.json or reference.json); run `lorascope base`"
+    )
+
+
+def model_name(base_dir: str | Path) -> str:
+    """How adapters and runs name the base: the hub id, or a path relative to the workspace root
+    when the model lives inside it (so outputs do not embed this machine's absolute paths)."""
+    from lorascope.project import workspace_root
+
+    name, _ = source(base_dir)
+    path, root = Path(name), workspace_root()
+    if path.is_absolute() and path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return name
+
+
+def load_tokenizer(base_dir: str | Path) -> Any:
+    """The base model's tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    name, revision = source(base_dir)
+    return AutoTokenizer.from_pretrained(name, revision=revision)
+
+
+def load_model(base_dir: str | Path, **kwargs: Any) -> Any:
+    """The base causal LM; ``kwargs`` go to ``from_pretrained`` (dtype, device_map, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    name, revision = source(base_dir)
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ precision
+def compute_dtype(precision: str, device: Any = None, key: str = "extract.precision") -> Any:
+    """The model dtype for ``precision`` on ``device`` (default: the GPU when there is one), resolved
+    by ``lorascope.devices`` (an unsupported dtype is a one-line error naming ``key``)."""
+    import torch
+
+    from lorascope.devices import resolve_dtype
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_dtype(precision, device, key)
+
+
+# ------------------------------------------------------------------------------------------ adapter
+def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise LorascopeError(
+            f"{adapter_dir}: no LoRA adapter (adapter_config.json missing); run `lorascope finetune --variant lora`"
+        )
+    trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
+    base = model_name(base_dir)
+    if trained_on and trained_on != base:
+        raise LorascopeError(
+            f"{adapter_dir}: adapter was trained on {trained_on!r}, but the base model is {base!r}"
+        )
+
+
+def load_lora_model(
+    base_dir: Path, adapter_dir: Path, precision: str, device: str = "auto", section: str = "model"
+) -> Any:
+    """The base model in ``<section>.precision`` on ``<section>.device`` (``lorascope.devices``),
+    wrapped with the saved adapter (unmerged, eval mode, ``lora_A``/``lora_B`` in float32): what the
+    ablate and steer stages hook."""
+    from lorascope.devices import resolve
+
+    check_adapter_base(adapter_dir, base_dir)
+    dev, dtype = resolve(device, precision, section)
+    model = load_model(base_dir, dtype=dtype).to(dev)
+    return load_adapter(model, adapter_dir).eval()
+
+
+def load_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Wrap ``model`` with the saved adapter; a mismatch (targets, shapes) is a one-line error. The
+    adapter's weights are float32 whatever the model's dtype (peft's default, made explicit): a
+    rank-1 update is far below a bf16 ulp of the weights it adapts, and ``x . A`` is read in fp32."""
+    import torch
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise LorascopeError(f"{adapter_dir}: adapter does not match the base model ({detail})") from None
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
+
+
+def load_merged(model: Any, adapter_dir: Path) -> Any:
+    """``model`` with the saved adapter merged into its weights (plain weights, no peft wrapper)."""
+    return load_adapter(model, adapter_dir).merge_and_unload()
+
+
+# ------------------------------------------------------------------------------------------ SAE
+def load_sae(directory: Path, device: Any = "cpu") -> tuple[BatchTopKSAE, dict[str, Any]]:
+    """The saved SAE (raw input space, on ``device``) and its cfg."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lorascope.sae.model import BatchTopKSAE
+
+    cfg = json.loads((directory / "cfg.json").read_text())
+    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+    sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
+    return sae.to(device), cfg
