@@ -235,7 +235,7 @@ def test_build_embeds_the_pipeline_outputs(dashboard: tuple[Path, Any]):
             assert len(tokens) == s["len"] and (acts * f["sign"]).max() == acts[s["peak"]] * f["sign"]
             np.testing.assert_allclose(acts.max() if f["sign"] > 0 else acts.min(), s["act"], rtol=1e-2)
     # SAE heatmaps: the decoder rows on the layer x kind grid
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     sae, cfg = load_sae(root / "models/sae")
     grid = meta["heatmap"]

@@ -347,7 +347,7 @@ def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
 def test_saelens_export_loads_and_encodes_identically(workspace: Path, tmp_path: Path):
     from sae_lens import SAE as SaeLens
 
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     x, _ = planted(3_000)
     write_store(workspace, x)

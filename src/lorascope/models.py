@@ -1,5 +1,6 @@
 """Loading what the stages wrote: the base model and its tokenizer, the LoRA adapter on it (unmerged
-or merged) and the SAE, with the compute device and dtype resolved in one place (``lorascope.devices``).
+or merged), with the compute device and dtype resolved in one place (``lorascope.devices``). The SAE
+loads from ``lorascope.sae.load``: a stage that loads a model then does not depend on the SAE's code.
 
 The base is what the ``base`` stage wrote (a tiny model directory or a ``reference.json`` to a real
 one); every stage that runs a model loads it through here.
@@ -9,12 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorascope.errors import LorascopeError
-
-if TYPE_CHECKING:
-    from lorascope.sae.model import BatchTopKSAE
 
 
 # ------------------------------------------------------------------------------------------ base
@@ -123,18 +121,3 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
 def load_merged(model: Any, adapter_dir: Path) -> Any:
     """``model`` with the saved adapter merged into its weights (plain weights, no peft wrapper)."""
     return load_adapter(model, adapter_dir).merge_and_unload()
-
-
-# ------------------------------------------------------------------------------------------ SAE
-def load_sae(directory: Path, device: Any = "cpu") -> tuple[BatchTopKSAE, dict[str, Any]]:
-    """The saved SAE (raw input space, on ``device``) and its cfg."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from lorascope.sae.model import BatchTopKSAE
-
-    cfg = json.loads((directory / "cfg.json").read_text())
-    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
-    sae.load_state_dict(load_file(str(directory / "sae.safetensors")))
-    return sae.to(device), cfg

@@ -255,7 +255,7 @@ def figure2_sae(
     ``FIGURE2_SAE_ATTRIBUTION`` and ``FIGURE2_SAE_NORMALISATION``."""
     import torch
 
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     sae, cfg = load_sae(sae_dir, device)
     sae.eval()

@@ -286,7 +286,7 @@ def _samples(
 
 def _heatmap(root: Path, ids: list[int]) -> tuple[dict[str, Any], list[list[float]]]:
     """The SAE decoder rows of latents ``ids`` on a layer x component-type grid."""
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     sae, cfg = load_sae(root / paths.SAE)
     W = sae.W_dec_FD.detach().float().numpy()

@@ -17,7 +17,7 @@ def load_encoder(
     """Latent names and ``encode(acts_TC) -> latents_TF`` (calibrated threshold; the SAE on ``device``,
     ``acts_TC`` expected there) for a store whose columns are ``components``; a store of other
     components is a one-line error."""
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     sae, cfg = load_sae(sae_dir, device)
     if cfg["components"] != components:

@@ -21,7 +21,7 @@ def export(sae_dir: Path, output: Path, fmt: str = "saelens") -> Path:
     """Write ``sae_dir`` (a ``models/sae`` checkpoint) to ``output`` in ``fmt``."""
     from safetensors.torch import save_file
 
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     if fmt not in FORMATS:
         raise LorascopeError(

@@ -88,7 +88,7 @@ def lora_direction(name: str, features: Sequence[str], stats_path: Path) -> Dire
 
 def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path: Path) -> Direction:
     """Decoder row of SAE latent ``sae.<n>``, scaled by its mean activation when it fires."""
-    from lorascope.models import load_sae
+    from lorascope.sae.load import load_sae
 
     m = _SAE.fullmatch(name)
     assert m is not None
