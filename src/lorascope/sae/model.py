@@ -131,6 +131,20 @@ def _offsets(rows_N: torch.Tensor, bags: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def _above(flat: torch.Tensor, cut: float) -> torch.Tensor:
+    """Ascending indices of the entries of ``flat`` above ``cut``, for a cut that leaves few. The
+    comparison's bytes are read as int64 words, so ``nonzero`` runs over an eighth of the entries and
+    then over the few words holding a candidate (a plain ``nonzero`` over a batch x d_sae mask costs
+    more than the comparison itself)."""
+    n = flat.numel()
+    mask = torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=flat.device)
+    mask[n:] = False
+    torch.gt(flat, cut, out=mask[:n])
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    hits = mask.view(-1, 8)[words].nonzero()
+    return words[hits[:, 0]] * 8 + hits[:, 1]
+
+
 def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str) -> torch.Tensor:
     """Ascending indices of the ``n`` largest positive entries of ``flat`` (ties broken by index).
 
@@ -141,7 +155,7 @@ def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str
     # asking for every entry or more (AuxK with few dead latents): every positive one, in one pass
     cut = cutoffs.get(hint, 0.0) if n < flat.numel() else 0.0
     while True:
-        candidates = (flat > cut).nonzero().squeeze(1)
+        candidates = _above(flat, cut) if cut > 0 else (flat > 0).nonzero().squeeze(1)
         if candidates.numel() >= n or cut <= 0:
             break
         cut = cut / 4 if cut > 1e-3 else 0.0  # a few passes at most, however far the cut fell
