@@ -236,8 +236,12 @@ def training_loss(
         n_main = rows_N.numel()
         bags_N = rows_N
         if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
-            dead_cols = dead_F.nonzero().flatten()  # only the dead latents' columns: few once training settles
-            aux_rows, aux_latents, aux_picked = sae._pick(pre_BF[:, dead_cols], aux_k, "aux", dead_cols)
+            dead_cols = (
+                dead_F.nonzero().flatten()
+            )  # only the dead latents' columns: few once training settles
+            aux_rows, aux_latents, aux_picked = sae._pick(
+                pre_BF.index_select(1, dead_cols), aux_k, "aux", dead_cols
+            )
             if aux_rows.numel():
                 rows_N = torch.cat([rows_N, aux_rows])
                 latents_N = torch.cat([latents_N, aux_latents])
@@ -245,7 +249,9 @@ def training_loss(
                 bags_N = torch.cat([bags_N, aux_rows + B])  # the AuxK reconstruction: bags B .. 2B - 1
         n_bags = B if bags_N.numel() == n_main else 2 * B
         offsets = _offsets(bags_N, n_bags)
-    values_N = _SelectedEncode.apply(picked_N, sae.W_enc_DF, sae.b_enc_F, sae.b_dec_D, x_BD, rows_N, latents_N)
+    values_N = _SelectedEncode.apply(
+        picked_N, sae.W_enc_DF, sae.b_enc_F, sae.b_dec_D, x_BD, rows_N, latents_N
+    )
     out_BD = _SelectedDecode.apply(values_N, sae.W_dec_FD, bags_N, latents_N, offsets)
     recon_BD = out_BD[:B] + sae.b_dec_D
     mse = (recon_BD - x_BD).square().sum(-1).mean()
