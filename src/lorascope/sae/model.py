@@ -236,9 +236,8 @@ def training_loss(
         n_main = rows_N.numel()
         bags_N = rows_N
         if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
-            dead_cols = (
-                dead_F.nonzero().flatten()
-            )  # only the dead latents' columns: few once training settles
+            # only the dead latents' columns: few once training settles
+            dead_cols = dead_F.nonzero().flatten()
             aux_rows, aux_latents, aux_picked = sae._pick(
                 pre_BF.index_select(1, dead_cols), aux_k, "aux", dead_cols
             )
