@@ -85,14 +85,15 @@ SAE = {"k": 3, "expansion": 4, "lr": 3e-3, "batch_size": 256, "epochs": 6, "aux_
 """Training tests: no token is excluded (the outlier policy has its own tests below)."""
 
 
-def test_sparse_backward_equals_the_dense_gradient():
+@pytest.mark.parametrize("dead_step", [3, 1])  # 1: every latent dead, so AuxK re-selects the main entries too
+def test_sparse_backward_equals_the_dense_gradient(dead_step: int):
     sae = BatchTopKSAE(10, 40, 3, torch.Generator().manual_seed(1)).double()
     with torch.no_grad():
         sae.b_enc_F.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
         sae.b_dec_D.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     dead = torch.zeros(40, dtype=torch.bool)
-    dead[::3] = True
+    dead[::dead_step] = True
     loss, _, _ = training_loss(sae, x, dead, 5, 0.5)
     loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}

@@ -86,22 +86,28 @@ class BatchTopKSAE(torch.nn.Module):
         """BatchTopK: the ``k x B`` largest positive pre-activations over the batch (``pre_BF``, before
         or after the ReLU, may be given; with ``columns`` it holds only those latents' columns, e.g.
         the dead latents). The values carry a sparse gradient to the encoder."""
-        B = x_BD.shape[0]
         with torch.no_grad():
             if pre_BF is None:
                 pre_BF = self.pre_acts(x_BD)
-            width = pre_BF.shape[1]
-            flat_N = _batch_topk(pre_BF.flatten(), k * B, self._cutoffs, hint)  # ascending = by row
-            rows_N, latents_N = flat_N // width, flat_N % width
-            if columns is not None:
-                latents_N = columns[latents_N]
-            counts_B = torch.bincount(rows_N, minlength=B)
-            offsets_B = torch.cumsum(counts_B, 0) - counts_B
-            picked_N = pre_BF.flatten()[flat_N]
+            rows_N, latents_N, picked_N = self._pick(pre_BF, k, hint, columns)
+            offsets_B = _offsets(rows_N, x_BD.shape[0])
         values_N = _SelectedEncode.apply(
             picked_N, self.W_enc_DF, self.b_enc_F, self.b_dec_D, x_BD, rows_N, latents_N
         )
         return Selection(rows_N, latents_N, values_N, offsets_B)
+
+    @torch.no_grad()
+    def _pick(
+        self, pre_BF: torch.Tensor, k: int, hint: str, columns: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, latents, values) of the batch top ``k x B``, sorted by row then latent."""
+        width = pre_BF.shape[1]
+        flat = pre_BF.flatten()
+        flat_N = _batch_topk(flat, k * pre_BF.shape[0], self._cutoffs, hint)  # ascending = by row
+        rows_N, latents_N = flat_N // width, flat_N % width
+        if columns is not None:
+            latents_N = columns[latents_N]
+        return rows_N, latents_N, flat[flat_N]
 
     def decode_sparse(self, sel: Selection, with_bias: bool = True) -> torch.Tensor:
         out_BD = _SelectedDecode.apply(sel.values_N, self.W_dec_FD, sel.rows_N, sel.latents_N, sel.offsets_B)
@@ -112,11 +118,31 @@ class BatchTopKSAE(torch.nn.Module):
         """Remove the gradient component parallel to each decoder row (unit-norm constraint)."""
         g = self.W_dec_FD.grad
         if g is not None:
-            g -= (g * self.W_dec_FD).sum(1, keepdim=True) * self.W_dec_FD
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec_FD).unsqueeze(1), self.W_dec_FD, value=-1)
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+
+def _offsets(rows_N: torch.Tensor, bags: int) -> torch.Tensor:
+    """Start of each bag (row) in entries sorted by row."""
+    counts = torch.bincount(rows_N, minlength=bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _above(flat: torch.Tensor, cut: float) -> torch.Tensor:
+    """Ascending indices of the entries of ``flat`` above ``cut``, for a cut that leaves few. The
+    comparison's bytes are read as int64 words, so ``nonzero`` runs over an eighth of the entries and
+    then over the few words holding a candidate (a plain ``nonzero`` over a batch x d_sae mask costs
+    more than the comparison itself)."""
+    n = flat.numel()
+    mask = torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=flat.device)
+    mask[n:] = False
+    torch.gt(flat, cut, out=mask[:n])
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    hits = mask.view(-1, 8)[words].nonzero()
+    return words[hits[:, 0]] * 8 + hits[:, 1]
 
 
 def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str) -> torch.Tensor:
@@ -129,7 +155,7 @@ def _batch_topk(flat: torch.Tensor, n: int, cutoffs: dict[str, float], hint: str
     # asking for every entry or more (AuxK with few dead latents): every positive one, in one pass
     cut = cutoffs.get(hint, 0.0) if n < flat.numel() else 0.0
     while True:
-        candidates = (flat > cut).nonzero().squeeze(1)
+        candidates = _above(flat, cut) if cut > 0 else (flat > 0).nonzero().squeeze(1)
         if candidates.numel() >= n or cut <= 0:
             break
         cut = cut / 4 if cut > 1e-3 else 0.0  # a few passes at most, however far the cut fell
@@ -199,22 +225,42 @@ def training_loss(
     sae: BatchTopKSAE, x_BD: torch.Tensor, dead_F: torch.Tensor | None, aux_k: int, aux_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Selection]:
     """Reconstruction MSE (summed over dims, mean over tokens) plus the AuxK loss, which asks the
-    ``aux_k`` best *dead* latents to reconstruct the residual (normalised by the residual's size)."""
+    ``aux_k`` best *dead* latents to reconstruct the residual (normalised by the residual's size).
+
+    Both selections go through one encode and one decode (the AuxK entries as B more bags), so the
+    backward is one sparse matmul per weight matrix whatever the number of dead latents."""
+    B = x_BD.shape[0]
     with torch.no_grad():  # no ReLU needed: selection only takes positive entries
         pre_BF = sae.hidden_pre(x_BD)
-    sel = sae.select(x_BD, sae.k, pre_BF)
-    recon_BD = sae.decode_sparse(sel)
+        rows_N, latents_N, picked_N = sae._pick(pre_BF, sae.k, "main")
+        n_main = rows_N.numel()
+        bags_N = rows_N
+        if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
+            # only the dead latents' columns: few once training settles
+            dead_cols = dead_F.nonzero().flatten()
+            aux_rows, aux_latents, aux_picked = sae._pick(
+                pre_BF.index_select(1, dead_cols), aux_k, "aux", dead_cols
+            )
+            if aux_rows.numel():
+                rows_N = torch.cat([rows_N, aux_rows])
+                latents_N = torch.cat([latents_N, aux_latents])
+                picked_N = torch.cat([picked_N, aux_picked])
+                bags_N = torch.cat([bags_N, aux_rows + B])  # the AuxK reconstruction: bags B .. 2B - 1
+        n_bags = B if bags_N.numel() == n_main else 2 * B
+        offsets = _offsets(bags_N, n_bags)
+    values_N = _SelectedEncode.apply(
+        picked_N, sae.W_enc_DF, sae.b_enc_F, sae.b_dec_D, x_BD, rows_N, latents_N
+    )
+    out_BD = _SelectedDecode.apply(values_N, sae.W_dec_FD, bags_N, latents_N, offsets)
+    recon_BD = out_BD[:B] + sae.b_dec_D
     mse = (recon_BD - x_BD).square().sum(-1).mean()
     parts = {"mse": mse.detach()}
     loss = mse
-    if dead_F is not None and aux_coef > 0 and bool(dead_F.any()):
+    if n_bags > B:
         residual_BD = (x_BD - recon_BD).detach()
-        dead_cols = dead_F.nonzero().flatten()  # only the dead latents' columns: few once training settles
-        aux_sel = sae.select(x_BD, aux_k, pre_BF[:, dead_cols], hint="aux", columns=dead_cols)
-        if aux_sel.values_N.numel():
-            aux_BD = sae.decode_sparse(aux_sel, with_bias=False)
-            scale = residual_BD.square().sum(-1).mean().clamp(min=1e-12)
-            aux = (aux_BD - residual_BD).square().sum(-1).mean() / scale
-            parts["aux"] = aux.detach()
-            loss = loss + aux_coef * aux
+        scale = residual_BD.square().sum(-1).mean().clamp(min=1e-12)
+        aux = (out_BD[B:] - residual_BD).square().sum(-1).mean() / scale
+        parts["aux"] = aux.detach()
+        loss = loss + aux_coef * aux
+    sel = Selection(rows_N[:n_main], latents_N[:n_main], values_N[:n_main], offsets[:B])
     return loss, parts, sel

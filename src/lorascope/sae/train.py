@@ -86,6 +86,28 @@ def train_step(
     return {**{k: float(v) for k, v in parts.items()}, "dead_latents": float(dead_F.sum())}
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS (no-op elsewhere).
+
+    A training step frees and reallocates several MB of tensors (pre-activations, gradients, sparse
+    products); by default glibc returns large freed blocks to the OS (its mmap and trim thresholds), so
+    the next step faults them in again page by page. Measured at batch 512, d_sae 1792 (1 thread):
+    ~500-1000 page faults per step, ~0.5-1 ms of kernel time per ~11 ms step; more with global input
+    scaling, whose AuxK selection allocates more. Process-wide; freed memory stays with the process
+    (up to the trim threshold)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum; a fixed value ends its auto-tuning
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class Trainer:
     """Owns the SAE, optimiser, schedule, data stream and dead-latent counters; checkpointable."""
 
@@ -140,6 +162,8 @@ class Trainer:
     def run(self, on_step: StepHook | None = None, save: Callable[[], None] | None = None) -> None:
         """Train up to ``plan.steps``; ``save`` every ``checkpoint_steps``; ``on_step(step, metrics)``."""
         cfg, sae = self.cfg, self.sae
+        if self.device.type == "cpu":
+            keep_freed_memory()
         batches: Iterator[torch.Tensor] = iter(self.stream)
         while self.step < self.plan.steps:
             x_BD = next(batches) / self.scale_D
