@@ -37,6 +37,24 @@ def test_closure_follows_every_kind_of_import():
             assert path is not None and path.relative_to(REPO).as_posix() in sae, line
 
 
+def test_a_stage_depends_on_its_own_section_model_not_every_stages():
+    """config.py assembles every section model; a stage's deps hold its own (a change to it can change
+    how its values validate) and not the others', nor their packages' data (evaluate's task YAMLs, the
+    dashboard's template), so editing one stage's params model or data leaves the other stages cached."""
+    base = pipeline.code_deps(pipeline.by_name("base"))
+    evaluate = pipeline.code_deps(pipeline.by_name("evaluate"))
+    assert "src/lorascope/base/params.py" in base and "src/lorascope/config.py" in base
+    assert not {"src/lorascope/evaluate/params.py", "src/lorascope/evaluate/tasks",
+                "src/lorascope/report/dashboard", "src/lorascope/evaluate/__init__.py"} & set(base)  # fmt: skip
+    assert {"src/lorascope/evaluate/params.py", "src/lorascope/evaluate/tasks"} <= set(evaluate)
+    assembled = {p.relative_to(REPO).as_posix() for p in pipeline.other_sections()}
+    params_models = {p.relative_to(REPO).as_posix() for p in (REPO / "src/lorascope").glob("*/params.py")}
+    assert params_models <= assembled and "src/lorascope/config.py" not in assembled
+    for stage in pipeline.STAGES:  # every stage that has a section model of its own depends on it
+        own = f"src/lorascope/{stage.code[0].split('.')[1]}/params.py"
+        assert own not in params_models or own in pipeline.code_deps(stage), stage.name
+
+
 def test_relative_imports_resolve(tmp_path, monkeypatch):
     pkg = tmp_path / "lorascope"
     (pkg / "sub").mkdir(parents=True)

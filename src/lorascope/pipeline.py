@@ -344,10 +344,24 @@ def _imports(path: Path) -> frozenset[str]:
     return frozenset(m for m in found if m == "lorascope" or m.startswith("lorascope."))
 
 
-def closure(entries: tuple[str, ...]) -> list[Path]:
+CONFIG = "lorascope.config"
+"""Assembles every stage's section model (``lorascope.<stage>.params``) into ``Params``. A stage reads
+only its own sections' values, and those are its params deps: the other stages' section models
+(and their packages) are not its code deps, and which sections it owns is stated by
+``own_sections``. Without this cut every stage would depend on every package (and its data folders)."""
+
+
+def _is_section_model(module: str) -> bool:
+    parts = module.split(".")
+    return len(parts) >= 3 and parts[2] == "params"
+
+
+def closure(entries: tuple[str, ...], *, every_section: bool = False) -> list[Path]:
     """Source files of ``entries`` and every lorascope module they import, transitively, with
     the ``__init__.py`` of each enclosing package and the package data folders (sub-folders without
-    ``__init__.py``) of each package reached."""
+    ``__init__.py``) of each package reached; ``config.py``'s imports of the section models are
+    followed only with ``every_section`` (see ``CONFIG``)."""
+    config = module_file(CONFIG)
     todo = [m for e in entries for m in _with_parents(e)]
     seen: set[str] = set()
     files: set[Path] = set()
@@ -361,6 +375,8 @@ def closure(entries: tuple[str, ...]) -> list[Path]:
             continue  # a name imported from a module, not a module
         files.add(path)
         for imported in _imports(path):
+            if path == config and not every_section and _is_section_model(imported):
+                continue
             todo.extend(_with_parents(imported))
     for package in [f.parent for f in files if f.name == "__init__.py"]:
         files.update(d for d in package.iterdir() if _is_data_dir(d))
@@ -376,10 +392,22 @@ def _is_data_dir(path: Path) -> bool:
     return path.is_dir() and not (path / "__init__.py").exists() and path.name != "__pycache__"
 
 
+def own_sections(stage: Stage) -> tuple[str, ...]:
+    """The section models of the stage's own packages (``lorascope.<package>.params``)."""
+    packages = sorted({".".join(entry.split(".")[:2]) for entry in stage.code})
+    return tuple(f"{p}.params" for p in packages if module_file(f"{p}.params") is not None)
+
+
 def code_deps(stage: Stage) -> list[str]:
     """The stage's code deps as repository-relative paths (``src/lorascope/...``)."""
     root = PACKAGE_DIR.parent.parent
-    return [p.relative_to(root).as_posix() for p in closure(stage.code)]
+    return [p.relative_to(root).as_posix() for p in closure((*stage.code, *own_sections(stage)))]
+
+
+def other_sections() -> frozenset[Path]:
+    """What a command loads only because ``config.py`` assembles every section model (see
+    ``CONFIG``): the section models, their packages' ``__init__.py`` and what only they import."""
+    return frozenset(closure((CONFIG,), every_section=True)) - frozenset(closure((CONFIG,)))
 
 
 # ------------------------------------------------------------------------------------- dvc.yaml
