@@ -20,7 +20,7 @@ import yaml
 
 from conftest import REPO, SUMMARY
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # one shared repro: 4 min on a quiet 2-core VM
 
 ALL_STAGES = (
     "base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp", "evaluate@base",
