@@ -13,7 +13,6 @@ opened in a context a child of one parent run (MLflow's nested runs: ``start_run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -201,14 +200,6 @@ class StageRun:
     upstream: dict[str, str] = field(default_factory=dict)
     inputs_md5: dict[Path, str] = field(default_factory=dict)
     """The DVC md5 of each input, as tagged (a stage keys caches on it instead of hashing again)."""
-
-    def fingerprint(self) -> str:
-        """16 hex digits of the params section and the inputs: equal exactly when a resumable
-        stage's saved partial work is still valid."""
-        import hashlib
-
-        blob = json.dumps({"params": self.params_hash, "inputs": sorted(self.inputs_md5.values())})
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def log_outputs(self, *paths: str | Path) -> dict[str, str]:
         """Tag the run with the DVC md5 of each output it wrote (``dvc.out.<path>``), once the

@@ -11,8 +11,9 @@ Outputs (nats; ``kl_definitions`` in each file says which tokens each KL average
 * ``figure3.json``: the single-component KL as a layer x component-type matrix (Figure 3), over
   response tokens (``kl``) and over all positions (``kl_all_positions``).
 
-Each sequence's sums go to ``checkpoints/ablate/<fingerprint>/`` as soon as it is measured, so a
-killed run resumes at the next sequence and ends with the same files.
+Each sequence's sums go to ``checkpoints/ablate/`` as soon as it is measured, so a killed run resumes
+at the next sequence and ends with the same files; other params or inputs start over
+(``lorascope.resume``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lorascope import paths
+from lorascope import paths, resume
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
@@ -127,7 +128,8 @@ def run(params: Params) -> Path:
     ablator = Ablator(model, comps, cfg.batch_size, cfg.logit_chunk, cfg.prefix_reuse)
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
-        work = root / paths.checkpoints("ablate") / sr.fingerprint()
+        work = root / paths.checkpoints("ablate")
+        resume.claim(work, resume.fingerprint(params, "ablate", sr.inputs_md5))
         work.mkdir(parents=True, exist_ok=True)
         resumed = 0
         per_seq: list[tuple[Stats, list[Stats]]] = []

@@ -32,8 +32,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from lorascope import paths
-from lorascope.config import Params, section_hash
+from lorascope import paths, resume
+from lorascope.config import Params
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
 from lorascope.contexts.sources import FeatureSource, open_source
 from lorascope.extract.store import Shard
@@ -100,28 +100,26 @@ def token_keys(seed: int, shard: Shard) -> Any:
     return torch.rand(shard.tokens, generator=generator)
 
 
-def _load_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector) -> int:
-    """Restore the state saved after the last finished shard; returns the next shard index."""
+def _load_checkpoint(path: Path, fp: dict[str, Any], selector: Selector) -> int:
+    """Restore the state saved after the last finished shard when it belongs to this exact run (same
+    params and inputs); returns the next shard index (0: start over)."""
     import torch
 
-    if not path.is_file():
+    if not resume.claim(path, fp) or not path.is_file():
         return 0
     saved = torch.load(path, weights_only=True, map_location="cpu")
-    if saved.get("fingerprint") != fingerprint:
-        path.unlink()
-        return 0
     selector.state = {k: v.to(selector.device) for k, v in saved["state"].items()}
     return int(saved["next_shard"])
 
 
-def _save_checkpoint(path: Path, fingerprint: dict[str, Any], selector: Selector, next_shard: int) -> None:
+def _save_checkpoint(path: Path, selector: Selector, next_shard: int) -> None:
     import torch
 
     from lorascope.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         state = {k: v.cpu() for k, v in selector.state.items()}  # resumable on any device
-        torch.save({"fingerprint": fingerprint, "state": state, "next_shard": next_shard}, tmp)
+        torch.save({"state": state, "next_shard": next_shard}, tmp)
 
 
 def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = None) -> Path:
@@ -136,7 +134,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     from lorascope.extract.outliers import document_starts
     from lorascope.models import load_tokenizer
     from lorascope.progress import track
-    from lorascope.tracking import dvc_md5, stage_run
+    from lorascope.tracking import stage_run
 
     cfg = params.contexts
     root = workspace_root()
@@ -144,25 +142,17 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     # SAE: live latents only (alive.json), encoded on the device
     features = open_source(source, root, live_only=True, device=device)
     renderer = TokenRenderer(load_tokenizer(root / BASE))
-    fingerprint = {
-        "source": source,
-        "params_hash": section_hash(params, "contexts"),
-        # a store's index names its extraction run: hashing it stands for the (large) shards
-        "inputs": {
-            p.relative_to(root).as_posix(): dvc_md5(p / "index.json" if (p / "index.json").is_file() else p)
-            for p in features.inputs
-        },
-    }
     selector = Selector(len(features.features), features.signs, cfg, device)
     ckpt = checkpoint_path(source)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    start_shard = _load_checkpoint(ckpt, fingerprint, selector)
     store = features.store
     shards = store.shards
     exclusion = Exclusion.of(store, cfg.exclude, "contexts.exclude")
     with stage_run(
         "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
     ) as tr:
+        fp = resume.fingerprint(params, "contexts", tr.inputs_md5, source=source)
+        start_shard = _load_checkpoint(ckpt, fp, selector)
         started = time.perf_counter()
         todo = prefetched(shards[start_shard:], store.read, device)  # shards streamed to the device
         for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
@@ -170,7 +160,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
             view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
             reasons = exclusion.reasons(acts_TC, view.ids_T, document_starts(store, shard))
             selector.update(view, features.encode, token_keys(cfg.seed, shard), reasons)
-            _save_checkpoint(ckpt, fingerprint, selector, shard.index + 1)
+            _save_checkpoint(ckpt, selector, shard.index + 1)
             if on_shard is not None:
                 on_shard(shard)
         elapsed = time.perf_counter() - started
@@ -209,7 +199,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
             metrics["activations_per_second"] = scanned * len(store.components) / elapsed
         mlflow.log_metrics(metrics)
         tr.log_outputs(contexts_path, features_path)
-    ckpt.unlink(missing_ok=True)
+    resume.release(ckpt)
     return contexts_path
 
 

@@ -11,7 +11,6 @@ component the max / median |activation| and the tokens over ``extract.outlier_ra
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -20,9 +19,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
-from lorascope import paths
+from lorascope import paths, resume
 from lorascope.atomic import write_json
-from lorascope.config import Params, section_hash
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Shard, plan_shards, shard_complete, write_index, write_shard
 from lorascope.project import workspace_root
@@ -68,10 +67,7 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 
 def _prepare_work(work: Path, fingerprint: dict[str, Any]) -> None:
     """Keep complete shards of the same run; start over when params or inputs changed."""
-    marker = work.with_name(f"{work.name}.fingerprint.json")
-    if not (marker.is_file() and json.loads(marker.read_text()) == fingerprint):
-        shutil.rmtree(work, ignore_errors=True)
-        write_json(marker, fingerprint)
+    resume.claim(work, fingerprint)
     work.mkdir(parents=True, exist_ok=True)
     for stray in work.glob(".*.tmp*"):  # temp files of a killed writer
         shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
@@ -92,7 +88,7 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     from lorascope.extract.store import FORMAT, Store
     from lorascope.models import compute_dtype, load_tokenizer, model_name
     from lorascope.progress import track
-    from lorascope.tracking import dvc_md5, stage_run
+    from lorascope.tracking import stage_run
 
     cfg = params.extract
     root = workspace_root()
@@ -121,12 +117,7 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     plan = plan_shards([len(d) for d in docs], cfg.shard_tokens)
     work, out = work_dir(source), store_dir(source)
     if state.is_main_process:
-        fingerprint = {
-            "source": source,
-            "params_hash": section_hash(params, "extract"),
-            "inputs": {p.relative_to(root).as_posix(): dvc_md5(p) for p in inputs},
-        }
-        _prepare_work(work, fingerprint)
+        _prepare_work(work, resume.fingerprint(params, "extract", inputs, source=source))
     state.wait_for_everyone()
 
     def done(shard: Shard) -> bool:
@@ -207,6 +198,6 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
             out.parent.mkdir(parents=True, exist_ok=True)
             work.rename(out)
             tracked_run.log_outputs(out)
-            work.with_name(f"{work.name}.fingerprint.json").unlink(missing_ok=True)
+            resume.release(work)  # the store moved into place: only the marker is left
     state.wait_for_everyone()
     return out

@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 from lorascope import paths
 from lorascope.atomic import write_json
-from lorascope.config import Params, section_hash
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
+from lorascope.resume import claim, fingerprint, release
 
 Variant = Literal["lora", "full"]
 PREPARED = paths.PREPARED
 BASE = paths.BASE
-FINGERPRINT = "lorascope-fingerprint.json"
 
 
 def out_dir(variant: str) -> Path:
@@ -174,29 +174,17 @@ def training_arguments(params: Params, variant: Variant, world_size: int, output
     )
 
 
-def _fingerprint(params: Params, variant: str, inputs: Sequence[Path]) -> dict[str, Any]:
-    from lorascope.tracking import dvc_md5
-
-    return {
-        "variant": variant,
-        "params_hash": section_hash(params, "finetune"),
-        "inputs": {p.name: dvc_md5(p) for p in inputs},
-    }
-
-
-def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any], is_main: bool) -> str | None:
-    """The last checkpoint if it belongs to this exact run (same params and inputs), else None
-    (stale checkpoints are removed by rank 0)."""
+def _resume_point(params: Params, variant: str, inputs: Sequence[Path], state: Any) -> str | None:
+    """The last checkpoint if it belongs to this exact run (same params and inputs), else None:
+    rank 0 claims the checkpoint directory (removing stale checkpoints), then every rank reads it."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = ckpt_dir / FINGERPRINT
-    if ckpt_dir.is_dir() and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
-        return get_last_checkpoint(str(ckpt_dir))
-    if is_main:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True)
-        write_json(marker, fingerprint)
-    return None
+    ckpt_dir = checkpoint_dir(variant)
+    if state.is_main_process:
+        claim(ckpt_dir, fingerprint(params, "finetune", inputs, variant=variant))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
 def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path:
@@ -224,9 +212,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     model = build_model(params, variant, base_dir)
     counts = parameter_counts(model)
 
-    fingerprint = _fingerprint(params, variant, [prepared, base_dir])
-    resume = _resume_point(checkpoint_dir(variant), fingerprint, state.is_main_process)
-    state.wait_for_everyone()
+    resume = _resume_point(params, variant, [prepared, base_dir], state)
     partial = out.with_name(f".{out.name}.partial")  # same path on every rank: save_model gathers into it
     tracked = (
         stage_run(
@@ -285,6 +271,6 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
             if variant == "lora":  # full weights are referenced by their DVC md5, never copied
                 mlflow.log_artifacts(str(out), artifact_path="adapter")
             tracked_run.log_outputs(out)
-            shutil.rmtree(checkpoint_dir(variant), ignore_errors=True)
+            release(checkpoint_dir(variant))
     state.wait_for_everyone()
     return out

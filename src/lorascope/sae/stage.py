@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from lorascope import paths
+from lorascope import paths, resume
 from lorascope.atomic import atomic_path, write_json
-from lorascope.config import Params, section_hash
+from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
 from lorascope.project import workspace_root
@@ -39,7 +39,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     from lorascope.sae.data import heldout_documents
     from lorascope.sae.downstream import splice_kl
     from lorascope.sae.train import Trainer, calibrate, evaluate, fold, grouped_fvu, heldout_batches, save
-    from lorascope.tracking import dvc_md5, stage_run
+    from lorascope.tracking import stage_run
 
     cfg = params.sae
     root = workspace_root()
@@ -50,18 +50,16 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     device, dtype = resolve_devices(cfg.device, cfg.precision, "sae")
     trainer = Trainer(store, held, cfg, device)
     ckpt = checkpoint_path()
-    fingerprint = {"params_hash": section_hash(params, "sae"), "store": dvc_md5(store.root / "index.json")}
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False, map_location=device)
-        if saved.get("fingerprint") == fingerprint:
-            trainer.load_state_dict(saved["trainer"])
-    resumed_from = trainer.step
 
     def save_checkpoint() -> None:
         with atomic_path(ckpt) as tmp:
-            torch.save({"fingerprint": fingerprint, "trainer": trainer.state_dict()}, tmp)
+            torch.save({"trainer": trainer.state_dict()}, tmp)
 
     with stage_run("sae", params, inputs=[store.root], tags={"sae.scaling": cfg.scaling}) as tr:
+        if resume.claim(ckpt, resume.fingerprint(params, "sae", tr.inputs_md5)) and ckpt.is_file():
+            saved = torch.load(ckpt, weights_only=False, map_location=device)
+            trainer.load_state_dict(saved["trainer"])
+        resumed_from = trainer.step
         p = trainer.plan
         mlflow.log_params(
             {"d_in": p.d_in, "d_sae": p.d_sae, "steps": p.steps, "dead_window_tokens": p.dead_window,
@@ -166,5 +164,5 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         write_json(root / METRICS, metrics)
         mlflow.log_artifacts(str(out), artifact_path="sae")
         tr.log_outputs(out, root / METRICS)
-    ckpt.unlink(missing_ok=True)
+    resume.release(ckpt)
     return out

@@ -7,8 +7,8 @@ percentage (``generation.paper_backtrack_pct``, mean over prompts), mean length,
 ``metrics/steer.json`` holds the summary for ``dvc metrics``. The stage run is the
 parent of one MLflow run per direction (its sweep) with the summary table and per-alpha metrics.
 
-Each (direction, alpha) is saved to ``checkpoints/steer/<fingerprint>/`` when done, so a killed
-run resumes after the last finished one.
+Each (direction, alpha) is saved to ``checkpoints/steer/`` when done, so a killed run resumes after the
+last finished one; other params or inputs start over (``lorascope.resume``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorascope import paths
+from lorascope import paths, resume
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
@@ -117,7 +117,8 @@ def run(params: Params) -> Path:
     inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
 
     with stage_run("steer", params, inputs) as sr:
-        work = root / paths.checkpoints("steer") / sr.fingerprint()
+        work = root / paths.checkpoints("steer")
+        resume.claim(work, resume.fingerprint(params, "steer", sr.inputs_md5))
         work.mkdir(parents=True, exist_ok=True)
         generations: list[dict[str, Any]] = []
         todo = [(d, a) for d in directions for a in cfg.alphas]
