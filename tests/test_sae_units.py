@@ -181,3 +181,87 @@ def test_train_step_counts_tokens_since_each_latent_fired():
     assert metrics["mse"] > 0 and "aux" in metrics
     norms = sae.W_dec_FD.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+
+
+def test_init_is_seeded_with_unit_decoder_rows_and_a_tied_encoder():
+    a = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(7))
+    b = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(7))
+    c = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.W_dec_FD, b.W_dec_FD) and not torch.equal(a.W_dec_FD, c.W_dec_FD)
+    g = torch.Generator().manual_seed(7)
+    raw = torch.randn(12, 5, generator=g).double()
+    want = raw / np.sqrt((raw**2).sum(1, keepdim=True))
+    assert torch.allclose(a.W_dec_FD.double(), want, atol=1e-6)  # each row scaled to norm 1
+    assert torch.equal(a.W_enc_DF, a.W_dec_FD.T)
+    assert float(a.threshold) == 0.0 and not a.b_enc_F.any() and not a.b_dec_D.any()
+
+
+def test_encode_keeps_only_activations_above_the_threshold():
+    sae, x = random_sae(), data(40)
+    pre = numpy_pre(sae, x)
+    t = float(np.sort(pre[pre > 0])[len(pre[pre > 0]) // 2])  # a value that occurs: equal is not above
+    sae.threshold.fill_(t)
+    with torch.no_grad():
+        got = sae.encode(x).double().numpy()
+    t32 = float(torch.tensor(t, dtype=torch.float32))
+    with torch.no_grad():
+        pre32 = sae.pre_acts(x).numpy()
+    assert (pre32 == t32).any()
+    np.testing.assert_array_equal(got, np.where(pre32 > t32, pre32, 0.0))
+
+
+def test_batch_topk_is_exact_whatever_the_cached_cutoff():
+    from lorascope.sae.model import _batch_topk
+
+    g = torch.Generator().manual_seed(4)
+    flat = torch.randn(200, generator=g)
+
+    def want(n: int) -> list[int]:
+        top = flat.topk(min(n, flat.numel()))
+        return sorted(top.indices[top.values > 0].tolist())
+
+    cutoffs: dict[str, float] = {}
+    for n in (30, 5, 60, 90, 150, 200, 300):  # a cached cut from a smaller n sits above the new n-th value
+        assert _batch_topk(flat, n, cutoffs, "h").tolist() == want(n), n
+        assert cutoffs["h"] == pytest.approx(0.9 * float(flat[want(n)].min()))
+    cutoffs = {"h": 0.9 * float(flat.max())}  # far too high: lowered until it holds n entries
+    assert _batch_topk(flat, 40, cutoffs, "h").tolist() == want(40)
+    cutoffs = {"h": 0.5}
+    assert _batch_topk(flat, 80, cutoffs, "h").tolist() == want(80)  # more than are above 0.5
+    assert _batch_topk(flat, 80, {"other": 5.0}, "h").tolist() == want(80)
+
+
+def test_training_loss_aux_term_by_hand():
+    """MSE (summed over dims, mean over tokens); the AuxK term only with dead latents and a positive
+    coefficient, normalised by the residual's mean squared norm, however small."""
+    from lorascope.sae.model import training_loss
+
+    sae = random_sae(d_sae=30, k=2, seed=3).double()
+    x = data(12, offset=0.0).double() * 0.01  # a small residual: its mean squared norm is below 1
+    with torch.no_grad():
+        sae.b_dec_D.mul_(0.01)
+        sae.W_dec_FD.mul_(0.01)
+    dead = torch.zeros(30, dtype=torch.bool)
+    dead[::4] = True
+    with torch.no_grad():
+        pre = torch.relu((x - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F)
+
+        def masked(p: torch.Tensor, n: int) -> torch.Tensor:
+            top = p.flatten().topk(n)
+            m = torch.zeros(p.numel(), dtype=torch.bool)
+            m[top.indices[top.values > 0]] = True
+            return p * m.view_as(p)
+
+        recon = masked(pre, 24) @ sae.W_dec_FD + sae.b_dec_D
+        mse = (recon - x).square().sum(1).mean()
+        residual = x - recon
+        aux_recon = masked(pre * dead, 5 * 12) @ sae.W_dec_FD
+        aux = (aux_recon - residual).square().sum(1).mean() / residual.square().sum(1).mean()
+    assert residual.square().sum(1).mean() < 1 and aux_recon.abs().sum() > 0
+    loss, parts, _ = training_loss(sae, x, dead, 5, 0.25)
+    assert float(parts["mse"]) == pytest.approx(float(mse), rel=1e-9)
+    assert float(parts["aux"]) == pytest.approx(float(aux), rel=1e-9)
+    assert float(loss.detach()) == pytest.approx(float(mse + 0.25 * aux), rel=1e-9)
+    for dead_F, coef in ((None, 0.25), (dead, 0.0), (torch.zeros(30, dtype=torch.bool), 0.25)):
+        loss, parts, _ = training_loss(sae, x, dead_F, 5, coef)
+        assert set(parts) == {"mse"} and float(loss.detach()) == pytest.approx(float(mse), rel=1e-9)
