@@ -98,6 +98,11 @@ def test_grouped_fvu_by_hand():
     assert list(got) == ["L0", "L1"]  # first-seen order
     assert got == {"L0": pytest.approx(4 / 30), "L1": pytest.approx(6 / 50)}
     assert grouped_fvu(err, var, ["q"] * 4) == {"q": pytest.approx(10 / 80)}
+    # variances below 1 (the clamp only guards against zero)
+    assert grouped_fvu(err * 1e-3, var * 1e-3, ["L0", "L1", "L0", "L1"]) == {
+        "L0": pytest.approx(4 / 30),
+        "L1": pytest.approx(6 / 50),
+    }
 
 
 def test_fold_moves_the_scale_into_the_weights():
@@ -120,6 +125,7 @@ def test_input_scales():
     assert per.tolist() == pytest.approx([1e-6, 1e-6, 2.0, 3.0])
     glob = input_scale(SaeSection(scaling="global"), rms, 16.0)  # E||x||^2 = 16 over 4 components: s = 2
     assert glob.tolist() == pytest.approx([2.0] * 4)
+    assert input_scale(SaeSection(scaling="global"), rms, 36.0).tolist() == pytest.approx([3.0] * 4)
     assert input_scale(SaeSection(scaling="global"), rms, 0.0).tolist() == pytest.approx([1e-6] * 4)
 
 
@@ -265,3 +271,35 @@ def test_training_loss_aux_term_by_hand():
     for dead_F, coef in ((None, 0.25), (dead, 0.0), (torch.zeros(30, dtype=torch.bool), 0.25)):
         loss, parts, _ = training_loss(sae, x, dead_F, 5, coef)
         assert set(parts) == {"mse"} and float(loss.detach()) == pytest.approx(float(mse), rel=1e-9)
+
+
+def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
+    """Over several shards: tokens the policy excludes (first positions, a special id) are left out, the
+    max_tokens cap counts what earlier shards gave, and a shard with nothing to give yields nothing."""
+    from lorascope.extract.exclusion import Exclusion
+    from lorascope.extract.store import Store
+    from test_sae import D_IN, write_store
+
+    T, doc = 12_000, 1000  # 12 documents, 3 shards of 4
+    x = torch.arange(T * D_IN, dtype=torch.float32).reshape(T, D_IN)
+    ids = torch.zeros(T, dtype=torch.int32)
+    ids[torch.arange(3, T, 17)] = 7
+    write_store(tmp_path, x, doc_len=doc, ids_T=ids)
+    store = Store.open(tmp_path / "data/activations/lora")
+    assert len(store.shards) == 3
+    held = torch.zeros(12, dtype=torch.bool)
+    held[[1, 2, 5, 9, 10]] = True  # part 0: documents 1, 5, 10; part 1: 2, 9
+    policy = Exclusion(first_position=True, special_ids=torch.tensor([7]), norm_limit=None)
+    pos = torch.arange(T)
+    keep = (pos % doc != 0) & (ids != 7)
+
+    def want(docs: list[int], cap: int) -> torch.Tensor:
+        rows = torch.isin(pos // doc, torch.tensor(docs)) & keep
+        return x[rows][:cap]
+
+    for part, docs in ((0, [1, 5, 10]), (1, [2, 9])):
+        for cap in (10**6, 2500, 1500, 990):
+            got = list(heldout_batches(store, held, part, cap, exclusion=policy))
+            assert all(len(b) > 0 for b in got), (part, cap)
+            assert torch.equal(torch.cat(got), want(docs, cap)), (part, cap)
+    assert len(list(heldout_batches(store, held, 1, 10**6, exclusion=policy))) == 2  # shard 1 gives nothing
