@@ -444,3 +444,39 @@ def test_ablator_against_zeroed_lora_b_on_a_small_model(prefix_reuse: bool):
         assert got.ce_sum == pytest.approx(float(ce), rel=1e-5), ablation.name
     by_name = {a.name: s for a, s in zip(ablations, stats, strict=True)}
     assert by_name["all"].kl_sum > by_name["L1.up_proj"].kl_sum > 0  # the ablations differ
+
+
+def test_ablator_batches_and_a_response_starting_at_a_chunk_boundary():
+    """Batches partition the ablations: with prefix reuse, ablations sharing a start layer, in index order,
+    batch_size at most, as few as fit; without, consecutive runs of batch_size. A response that starts at a
+    logit chunk's boundary, and KL sums that are the same float64 sums however they are split."""
+    from test_recorder import IDS, tiny_lora
+
+    model = tiny_lora(1, list(LORA_TARGETS), seed=5, b_std=4.0)
+    comps = lora_components(model)
+    ablations = sweeps(comps, ALL_SWEEPS, {"mixed": ["L1.v_proj", "L0.down_proj"]})
+    n = len(ablations)
+    start = [a.start_layer(comps) for a in ablations]
+    assert len(set(start)) > 1
+    want = []
+    for layer in sorted(set(start)):
+        members = [i for i in range(n) if start[i] == layer]
+        want += [members[i : i + 3] for i in range(0, len(members), 3)]
+    assert Ablator(model, comps, batch_size=3)._batches(ablations) == want
+    plain = Ablator(model, comps, batch_size=3, prefix_reuse=False)._batches(ablations)
+    assert plain == [list(range(n))[i : i + 3] for i in range(0, n, 3)]
+    some = ablations[:5]
+    ids_T = IDS[0]
+    _, chunked = Ablator(model, comps, batch_size=2, logit_chunk=4).measure(ids_T, 5, some)  # response at 4
+    _, whole = Ablator(model, comps, batch_size=2, logit_chunk=64).measure(ids_T, 5, some)
+    for a, b in zip(chunked, whole, strict=True):
+        assert a.tokens == b.tokens == len(ids_T) - 5
+        assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-6) and a.kl_max == pytest.approx(b.kl_max, rel=1e-6)
+        assert a.ce_sum == pytest.approx(b.ce_sum, rel=1e-6)
+    # the response is every predicted token: the response sums and the all-position sums are the same sums
+    lora, full = Ablator(model, comps, batch_size=2, logit_chunk=4).measure(ids_T, 1, some)
+    assert lora.tokens == lora.all_tokens == len(ids_T) - 1
+    for s in full:
+        assert s.kl_sum == s.all_kl_sum > 0
+        assert s.to_json() == {"tokens": s.tokens, "kl_sum": s.kl_sum, "kl_max": s.kl_max, "ce_sum": s.ce_sum,
+                               "all_tokens": s.all_tokens, "all_kl_sum": s.all_kl_sum}  # fmt: skip

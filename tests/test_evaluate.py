@@ -594,6 +594,127 @@ def test_table1_recovery_values_and_reasons():
     assert explicit["m"]["recovery.lora-x"] == pytest.approx(0.25)
 
 
+def test_recovery_reasons_name_every_missing_score_and_the_reference():
+    assert recovery(None, 0.2, None, ("lora", "full")) == (None, "no score for base, full")
+    assert recovery(0.1, None, None, ("lora-x", "lora")) == (None, "no score for lora-x, lora")
+    # a reference other than full / lora is named as itself, its scores to 4 significant digits
+    assert recovery(0.123456, 0.3, 0.1, ("a", "lora-r8")) == (
+        None,
+        "lora-r8 (0.1) <= base (0.1235): lora-r8 gained nothing to recover",
+    )
+    assert recovery(0.1, 0.1, 0.3000001, ("a", "lora-r8")) == (0.0, None)  # a gain, however small
+
+
+def test_recovery_markdown_cells_notes_and_column_choice():
+    from lorascope.evaluate.recovery import markdown
+
+    rows = {
+        "m": {"lora-x": 0.2, "full": 0.5, "base": 0.1, "lora": 3, "recovery": 0.5, "recovery.ci_low": 0.25,
+              "recovery.ci_high": 0.75, "recovery.lora-x": None, "recovery.lora-x.reason": "why not",
+              "recovery.other": 0.9},
+        "a": {"lora-x": None, "full": 0.4, "base": 0.2, "lora": 0.3, "recovery": 0.5, "recovery.lora-x": 0.125},
+    }  # fmt: skip
+    formulas = {"recovery": "(lora - base) / (full - base)", "recovery.other": "not a column"}
+    got = markdown(rows, ["lora-x", "full", "base", "lora"], formulas)
+    assert got == (
+        "| task | base | lora | full | lora-x | recovery | recovery.lora-x |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| m | 0.100 | 3 | 0.500 | 0.200 | 0.500 [0.250, 0.750] | — |\n"
+        "| a | 0.200 | 0.300 | 0.400 | — | 0.500 | 0.125 |\n"
+        "\n"
+        "- recovery = (lora - base) / (full - base)\n"
+        "- m, recovery.lora-x: why not\n"
+        "- [low, high]: paired bootstrap 95% CI over questions\n"
+    )
+    # no notes: no blank line; no rows: the header alone
+    assert markdown({"m": {"base": 0.5, "lora-x": 0.25}}, ["lora-x", "base"]) == (
+        "| task | base | lora-x |\n|---|---|---|\n| m | 0.500 | 0.250 |\n"
+    )
+    assert markdown({}, ["base", "lora"]) == "| task | base | lora |\n|---|---|---|\n"
+    # a recovery without a CI: no CI note
+    assert markdown({"m": {"base": 0.1, "lora": 0.3, "recovery": 0.5}}, ["base", "lora"]) == (
+        "| task | base | lora | recovery |\n|---|---|---|---|\n| m | 0.100 | 0.300 | 0.500 |\n"
+    )
+
+
+def test_recovery_formulas_name_each_columns_reference():
+    from lorascope.evaluate.recovery import formulas
+
+    got = formulas(
+        ["base", "full", "lora", "lora-attn-ablated", "lora-r8", "lora-y"],
+        {"lora-r8": "lora", "lora-y": None},
+    )
+    assert got == {
+        "recovery": "(lora - base) / (full - base)",
+        "recovery.lora-attn-ablated": "(lora-attn-ablated - base) / (lora - base)",
+        "recovery.lora-r8": "(lora-r8 - base) / (lora - base)",
+        "recovery.lora-y": "(lora-y - base) / (full - base)",
+    }
+    assert formulas(["lora"]) == {"recovery": "(lora - base) / (full - base)"}
+
+
+def test_recovery_table_paired_cis_by_hand():
+    """The CI resamples the same questions (sorted ids) for base, variant and reference, seeded by
+    (seed, "recovery", task, variant, reference); resamples where the reference gained nothing are
+    left out and their share reported."""
+    import numpy as np
+
+    from lorascope.evaluate.uncertainty import rng
+
+    ids = [f"q{i}" for i in range(8)]
+    base, lora, full = ([int(i < k) for i in range(8)] for k in (1, 2, 3))
+    pq = {
+        v: {"m": dict(zip(reversed(ids), reversed(c), strict=True))}
+        for v, c in (("base", base), ("lora", lora), ("full", full))
+    }
+    scores = {"base": {"m": 1 / 8}, "lora": {"m": 2 / 8}, "full": {"m": 3 / 8}}
+    rows = table(scores, ["m"], ["base", "lora", "full"], per_question=pq, iters=200, seed=3)
+    idx = rng(3, "recovery", "m", "lora", "full").integers(0, 8, size=(200, 8))
+    b, v, r = (np.asarray(c, dtype=float)[idx].mean(axis=1) for c in (base, lora, full))
+    ok = r > b
+    lo, hi = np.percentile((v[ok] - b[ok]) / (r - b)[ok], (2.5, 97.5))
+    row = rows["m"]
+    assert row["recovery"] == pytest.approx(0.5)
+    assert row["recovery.ci_low"] == pytest.approx(lo) and row["recovery.ci_high"] == pytest.approx(hi)
+    assert 0 < row["recovery.ci_dropped"] == pytest.approx(1 - ok.mean())
+    assert "recovery.ci_reason" not in row and "recovery.reason" not in row
+    # the reference better on every question: no resample is dropped, and no ci_dropped key
+    better = {**pq, "full": {"m": dict.fromkeys(ids, 1)}}
+    row = table(
+        {**scores, "full": {"m": 1.0}}, ["m"], ["base", "lora", "full"], per_question=better, iters=50
+    )["m"]
+    assert "recovery.ci_dropped" not in row and row["recovery.ci_low"] <= row["recovery.ci_high"]
+    # the default seed is 0, and by default no resampling (iters 0)
+    assert table(scores, ["m"], ["base", "lora", "full"], per_question=pq, iters=200) == table(
+        scores, ["m"], ["base", "lora", "full"], per_question=pq, iters=200, seed=0
+    )
+    assert not any(".ci" in k for k in table(scores, ["m"], per_question=pq)["m"])
+    # the configured variants, not those with scores: one without a score gets its column, null with why
+    row = table(scores, ["m"], ["base", "lora", "full", "lora-y"])["m"]
+    assert row["lora-y"] is None and row["recovery.lora-y.reason"] == "no score for lora-y"
+    assert table(scores, ["m"], ["base", "full"])["m"] == {"base": 1 / 8, "full": 3 / 8}
+    # no CI without iters or without per-question results
+    for kw in ({"per_question": pq, "iters": 0}, {"per_question": None, "iters": 50}):
+        row = table(scores, ["m"], ["base", "lora", "full"], **kw)["m"]
+        assert not any(".ci" in k for k in row), kw
+    # why there is no CI
+    flat = {**pq, "full": {"m": dict.fromkeys(ids, 0)}, "base": {"m": dict.fromkeys(ids, 0)}}
+    row = table(scores, ["m"], ["base", "lora", "full"], per_question=flat, iters=50)["m"]
+    assert row == {"base": 1 / 8, "lora": 2 / 8, "full": 3 / 8, "recovery": pytest.approx(0.5),
+                   "recovery.ci_reason": "full gained nothing over base in every bootstrap resample"}  # fmt: skip
+    no_task = {**pq, "full": {"other": {"q0": 1}}}
+    row = table(scores, ["m"], ["base", "lora", "full"], per_question=no_task, iters=50)["m"]
+    assert row["recovery.ci_reason"] == "no per-question results for full"
+    del no_task["base"]
+    row = table(scores, ["m"], ["base", "lora", "full"], per_question=no_task, iters=50)["m"]
+    assert row["recovery.ci_reason"] == "no per-question results for base, full"
+    # a point value with a reason gets no CI
+    row = table({**scores, "full": {"m": 0.1}}, ["m"], ["base", "lora", "full"], per_question=pq, iters=50)[
+        "m"
+    ]
+    assert row["recovery"] is None and not any(".ci" in k for k in row)
+
+
 def test_bad_evaluate_params_are_one_line_errors():
     variants = {"base": {"model": "models/base"}, "lora": {"model": "models/lora"}}
     for ref in ("nope", "base", "lora"):

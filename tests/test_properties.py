@@ -211,3 +211,93 @@ def test_streaming_selection_equals_brute_force_however_the_store_is_cut(
                 for slot, p in enumerate(s[f"{group}.pos"][si, f].tolist()):
                     if p >= 0:
                         assert float(s[f"{group}.acts"][si, f, slot, 1]) == float(acts[p, f])
+
+
+@pytest.mark.parametrize("random_samples", [3, 0])
+def test_selection_with_an_encoder_exclusions_and_blocks_against_brute_force(
+    monkeypatch: pytest.MonkeyPatch, random_samples: int
+) -> None:
+    """An encoder (store rows -> features), excluded tokens (never selected, not in the statistics,
+    counted per reason, still inside their neighbours' windows) and shards scored in several blocks:
+    the state against torch over the kept tokens of the whole store."""
+    from lorascope.config import ContextsSection
+    from lorascope.contexts import selection
+    from lorascope.contexts.selection import PAD_ID, Selector, ShardView
+
+    monkeypatch.setattr(selection, "BLOCK_TOKENS", 8)
+    cfg = ContextsSection(top_k=3, window_before=2, window_after=1, quantile_bins=2, quantile_samples=2,
+                          random_samples=random_samples, active_threshold=0.4, feature_chunk=2)  # fmt: skip
+    lengths, T, F = [7, 12, 5, 9, 6], 39, 5
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randn(T, 3, generator=g)
+    W = torch.randn(3, F, generator=g)
+    encode = lambda x: x @ W  # noqa: E731
+    feats = acts @ W
+    keys = torch.rand(T, generator=g)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+    first = torch.zeros(T, dtype=torch.bool)
+    first[starts.tolist()] = True
+    special = torch.zeros(T, dtype=torch.bool)
+    special[[0, 3, 20, 21, 30]] = True  # overlaps first_position at 0
+    out = first | special
+    selector = Selector(F, (1, -1), cfg)
+    for lo, docs in ((0, lengths[:3]), (24, lengths[3:])):
+        n = sum(docs)
+        view = ShardView.build(lo, acts[lo : lo + n], torch.arange(lo, lo + n, dtype=torch.int32), docs)
+        excluded = {"first_position": first[lo : lo + n], "special_tokens": special[lo : lo + n]}
+        selector.update(view, encode, keys[lo : lo + n], excluded)
+    s = selector.to("cpu").state
+    assert s["min"].device.type == "cpu" and selector.device == torch.device("cpu")
+    assert int(s["excluded"]) == int(out.sum()) == 9
+    assert (
+        int(s["excluded.first_position"]),
+        int(s["excluded.special_tokens"]),
+        int(s["excluded.norm"]),
+    ) == (5, 5, 0)
+    assert int(s["tokens"]) == T - 9
+    kept = feats[~out]
+    assert torch.allclose(s["sum"], kept.double().sum(0)) and torch.allclose(
+        s["sumsq"], kept.double().square().sum(0)
+    )
+    assert torch.allclose(s["min"], kept.amin(0)) and torch.allclose(s["max"], kept.amax(0))
+    assert torch.equal(s["nonzero"], (kept != 0).sum(0))
+    kept_idx = (~out).nonzero().flatten()
+    for si, sign in enumerate((1, -1)):
+        signed = sign * feats
+        active = signed > 0.4
+        assert torch.equal(s["active"][si], (active & ~out[:, None]).sum(0))
+        for f in range(F):
+            want_top = kept_idx[torch.topk(signed[kept_idx, f], 3).indices]
+            assert s["top.pos"][si, f].tolist() == want_top.tolist(), ("top", sign, f)
+            assert torch.allclose(s["top.score"][si, f], signed[want_top, f])
+            act = kept_idx[active[kept_idx, f]]
+            want_q = act[torch.argsort(keys[act])][:4]
+            got_q = s["quantile.pos"][si, f]
+            assert sorted(got_q[got_q >= 0].tolist()) == sorted(want_q.tolist()), ("quantile", sign, f)
+            assert torch.allclose(
+                s["quantile.score"][si, f][got_q >= 0].sort().values, (-keys[want_q]).sort().values
+            )
+            assert bool((s["quantile.score"][si, f][got_q < 0] == float("-inf")).all())
+            inact = kept_idx[~active[kept_idx, f]]
+            want_r = inact[torch.argsort(keys[inact])][:random_samples]
+            got_r = s["random.pos"][si, f]
+            assert sorted(got_r[got_r >= 0].tolist()) == sorted(want_r.tolist()), ("random", sign, f)
+            assert s["random.score"][si, f].tolist() == pytest.approx(
+                sorted((-keys[want_r]).tolist(), reverse=True), abs=1e-6
+            )
+            for group in ("top", "quantile", "random"):
+                for slot, p in enumerate(s[f"{group}.pos"][si, f].tolist()):
+                    window_ids = s[f"{group}.ids"][si, f, slot].tolist()
+                    window_acts = s[f"{group}.acts"][si, f, slot]
+                    if p < 0:
+                        assert window_ids == [PAD_ID] * 4 and bool(window_acts.isnan().all())
+                        continue
+                    d = int(np.searchsorted(starts, p, side="right") - 1)
+                    lo, hi = int(starts[d]), int(starts[d]) + lengths[d]
+                    for w, q in enumerate(range(p - 2, p + 2)):
+                        if lo <= q < hi:  # excluded neighbours too, with their feature values
+                            assert window_ids[w] == q and float(window_acts[w]) == pytest.approx(
+                                float(feats[q, f]), abs=1e-5
+                            )
+                        else:
+                            assert window_ids[w] == PAD_ID and bool(window_acts[w].isnan())

@@ -159,3 +159,42 @@ def test_hooks_come_off_and_unknown_methods_are_refused() -> None:
     assert recorder.width == 4  # 2 layers x 2 components
     with pytest.raises(ValueError, match="unknown extraction method 'nope'"), recorder.attach(peft, "nope"):
         pass
+
+
+@pytest.mark.parametrize(
+    "targets", [list(LORA_TARGETS), ["q_proj", "v_proj", "gate_proj", "up_proj"], ["k_proj", "up_proj"]]
+)
+def test_reduced_precision_projects_each_group_once(targets: list[str]) -> None:
+    """In bf16 the adapted members of a q/k/v or gate/up group get their columns from one product (the
+    first member's), each column written once per forward; other modules each from their own."""
+    from lorascope.extract.recorder import SHARED_INPUT
+
+    peft = tiny_lora(1, targets)
+    merged, recorder = merged_recorder(peft, torch.bfloat16)
+    start = {}
+    col = 0
+    for c in recorder.components:
+        start[c.module] = col
+        col += c.width
+    writes: list[tuple[int, int]] = []
+    alive: list[torch.Tensor] = []  # held, so no product's memory is reused by the next
+    write = recorder._write
+
+    def spy(s: int, w: int, values: torch.Tensor) -> None:
+        alive.append(values)
+        writes.append((s, values.untyped_storage().data_ptr()))
+        write(s, w, values)
+
+    recorder._write = spy  # type: ignore[method-assign]
+    record(merged, recorder, "merged", IDS)
+    assert sorted(s for s, _ in writes) == sorted(start.values())  # each column once
+    storage = dict(writes)
+    group_of = {k: lead for lead, ks in SHARED_INPUT.items() for k in ks}
+    for layer in (0, 1):
+        mods = [m for m in start if f"layers.{layer}." in m]
+        by_group: dict[str, set[int]] = {}
+        for m in mods:
+            kind = m.rpartition(".")[2]
+            by_group.setdefault(group_of.get(kind, m), set()).add(storage[start[m]])
+        assert all(len(ptrs) == 1 for ptrs in by_group.values()), by_group  # one product per group
+        assert len(set().union(*by_group.values())) == len(by_group)  # and one per group only

@@ -98,6 +98,11 @@ def test_grouped_fvu_by_hand():
     assert list(got) == ["L0", "L1"]  # first-seen order
     assert got == {"L0": pytest.approx(4 / 30), "L1": pytest.approx(6 / 50)}
     assert grouped_fvu(err, var, ["q"] * 4) == {"q": pytest.approx(10 / 80)}
+    # variances below 1 (the clamp only guards against zero)
+    assert grouped_fvu(err * 1e-3, var * 1e-3, ["L0", "L1", "L0", "L1"]) == {
+        "L0": pytest.approx(4 / 30),
+        "L1": pytest.approx(6 / 50),
+    }
 
 
 def test_fold_moves_the_scale_into_the_weights():
@@ -120,6 +125,7 @@ def test_input_scales():
     assert per.tolist() == pytest.approx([1e-6, 1e-6, 2.0, 3.0])
     glob = input_scale(SaeSection(scaling="global"), rms, 16.0)  # E||x||^2 = 16 over 4 components: s = 2
     assert glob.tolist() == pytest.approx([2.0] * 4)
+    assert input_scale(SaeSection(scaling="global"), rms, 36.0).tolist() == pytest.approx([3.0] * 4)
     assert input_scale(SaeSection(scaling="global"), rms, 0.0).tolist() == pytest.approx([1e-6] * 4)
 
 
@@ -181,3 +187,119 @@ def test_train_step_counts_tokens_since_each_latent_fired():
     assert metrics["mse"] > 0 and "aux" in metrics
     norms = sae.W_dec_FD.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+
+
+def test_init_is_seeded_with_unit_decoder_rows_and_a_tied_encoder():
+    a = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(7))
+    b = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(7))
+    c = BatchTopKSAE(5, 12, 2, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.W_dec_FD, b.W_dec_FD) and not torch.equal(a.W_dec_FD, c.W_dec_FD)
+    g = torch.Generator().manual_seed(7)
+    raw = torch.randn(12, 5, generator=g).double()
+    want = raw / np.sqrt((raw**2).sum(1, keepdim=True))
+    assert torch.allclose(a.W_dec_FD.double(), want, atol=1e-6)  # each row scaled to norm 1
+    assert torch.equal(a.W_enc_DF, a.W_dec_FD.T)
+    assert float(a.threshold) == 0.0 and not a.b_enc_F.any() and not a.b_dec_D.any()
+
+
+def test_encode_keeps_only_activations_above_the_threshold():
+    sae, x = random_sae(), data(40)
+    pre = numpy_pre(sae, x)
+    t = float(np.sort(pre[pre > 0])[len(pre[pre > 0]) // 2])  # a value that occurs: equal is not above
+    sae.threshold.fill_(t)
+    with torch.no_grad():
+        got = sae.encode(x).double().numpy()
+    t32 = float(torch.tensor(t, dtype=torch.float32))
+    with torch.no_grad():
+        pre32 = sae.pre_acts(x).numpy()
+    assert (pre32 == t32).any()
+    np.testing.assert_array_equal(got, np.where(pre32 > t32, pre32, 0.0))
+
+
+def test_batch_topk_is_exact_whatever_the_cached_cutoff():
+    from lorascope.sae.model import _batch_topk
+
+    g = torch.Generator().manual_seed(4)
+    flat = torch.randn(200, generator=g)
+
+    def want(n: int) -> list[int]:
+        top = flat.topk(min(n, flat.numel()))
+        return sorted(top.indices[top.values > 0].tolist())
+
+    cutoffs: dict[str, float] = {}
+    for n in (30, 5, 60, 90, 150, 200, 300):  # a cached cut from a smaller n sits above the new n-th value
+        assert _batch_topk(flat, n, cutoffs, "h").tolist() == want(n), n
+        assert cutoffs["h"] == pytest.approx(0.9 * float(flat[want(n)].min()))
+    cutoffs = {"h": 0.9 * float(flat.max())}  # far too high: lowered until it holds n entries
+    assert _batch_topk(flat, 40, cutoffs, "h").tolist() == want(40)
+    cutoffs = {"h": 0.5}
+    assert _batch_topk(flat, 80, cutoffs, "h").tolist() == want(80)  # more than are above 0.5
+    assert _batch_topk(flat, 80, {"other": 5.0}, "h").tolist() == want(80)
+
+
+def test_training_loss_aux_term_by_hand():
+    """MSE (summed over dims, mean over tokens); the AuxK term only with dead latents and a positive
+    coefficient, normalised by the residual's mean squared norm, however small."""
+    from lorascope.sae.model import training_loss
+
+    sae = random_sae(d_sae=30, k=2, seed=3).double()
+    x = data(12, offset=0.0).double() * 0.01  # a small residual: its mean squared norm is below 1
+    with torch.no_grad():
+        sae.b_dec_D.mul_(0.01)
+        sae.W_dec_FD.mul_(0.01)
+    dead = torch.zeros(30, dtype=torch.bool)
+    dead[::4] = True
+    with torch.no_grad():
+        pre = torch.relu((x - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F)
+
+        def masked(p: torch.Tensor, n: int) -> torch.Tensor:
+            top = p.flatten().topk(n)
+            m = torch.zeros(p.numel(), dtype=torch.bool)
+            m[top.indices[top.values > 0]] = True
+            return p * m.view_as(p)
+
+        recon = masked(pre, 24) @ sae.W_dec_FD + sae.b_dec_D
+        mse = (recon - x).square().sum(1).mean()
+        residual = x - recon
+        aux_recon = masked(pre * dead, 5 * 12) @ sae.W_dec_FD
+        aux = (aux_recon - residual).square().sum(1).mean() / residual.square().sum(1).mean()
+    assert residual.square().sum(1).mean() < 1 and aux_recon.abs().sum() > 0
+    loss, parts, _ = training_loss(sae, x, dead, 5, 0.25)
+    assert float(parts["mse"]) == pytest.approx(float(mse), rel=1e-9)
+    assert float(parts["aux"]) == pytest.approx(float(aux), rel=1e-9)
+    assert float(loss.detach()) == pytest.approx(float(mse + 0.25 * aux), rel=1e-9)
+    for dead_F, coef in ((None, 0.25), (dead, 0.0), (torch.zeros(30, dtype=torch.bool), 0.25)):
+        loss, parts, _ = training_loss(sae, x, dead_F, 5, coef)
+        assert set(parts) == {"mse"} and float(loss.detach()) == pytest.approx(float(mse), rel=1e-9)
+
+
+def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
+    """Over several shards: tokens the policy excludes (first positions, a special id) are left out, the
+    max_tokens cap counts what earlier shards gave, and a shard with nothing to give yields nothing."""
+    from lorascope.extract.exclusion import Exclusion
+    from lorascope.extract.store import Store
+    from test_sae import D_IN, write_store
+
+    T, doc = 12_000, 1000  # 12 documents, 3 shards of 4
+    x = torch.arange(T * D_IN, dtype=torch.float32).reshape(T, D_IN)
+    ids = torch.zeros(T, dtype=torch.int32)
+    ids[torch.arange(3, T, 17)] = 7
+    write_store(tmp_path, x, doc_len=doc, ids_T=ids)
+    store = Store.open(tmp_path / "data/activations/lora")
+    assert len(store.shards) == 3
+    held = torch.zeros(12, dtype=torch.bool)
+    held[[1, 2, 5, 9, 10]] = True  # part 0: documents 1, 5, 10; part 1: 2, 9
+    policy = Exclusion(first_position=True, special_ids=torch.tensor([7]), norm_limit=None)
+    pos = torch.arange(T)
+    keep = (pos % doc != 0) & (ids != 7)
+
+    def want(docs: list[int], cap: int) -> torch.Tensor:
+        rows = torch.isin(pos // doc, torch.tensor(docs)) & keep
+        return x[rows][:cap]
+
+    for part, docs in ((0, [1, 5, 10]), (1, [2, 9])):
+        for cap in (10**6, 2500, 1500, 990):
+            got = list(heldout_batches(store, held, part, cap, exclusion=policy))
+            assert all(len(b) > 0 for b in got), (part, cap)
+            assert torch.equal(torch.cat(got), want(docs, cap)), (part, cap)
+    assert len(list(heldout_batches(store, held, 1, 10**6, exclusion=policy))) == 2  # shard 1 gives nothing
