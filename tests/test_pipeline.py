@@ -19,10 +19,13 @@ def test_committed_dvc_yaml_is_the_generated_one():
 
 def test_closure_follows_every_kind_of_import():
     sae = pipeline.code_deps(pipeline.by_name("sae"))
-    # a module imported inside a function (the store), a package __init__ and shared services
-    for rel in ("src/lorascope/extract/store.py", "src/lorascope/extract/__init__.py", "src/lorascope/config.py",
-                "src/lorascope/tracking.py", "src/lorascope/__init__.py", "src/lorascope/sae/train.py"):  # fmt: skip
+    # a module imported inside a function (the store), a package __init__ with code and shared services
+    for rel in ("src/lorascope/extract/store.py", "src/lorascope/config.py", "src/lorascope/tracking.py",
+                "src/lorascope/__init__.py", "src/lorascope/sae/train.py"):  # fmt: skip
         assert rel in sae, rel
+    # a package __init__ holding only its docstring runs nothing: not a dep
+    assert pipeline.is_docstring_only(REPO / "src/lorascope/extract/__init__.py")
+    assert "src/lorascope/extract/__init__.py" not in sae
     assert "src/lorascope/cli.py" not in sae and "src/lorascope/report/stage.py" not in sae
     # package data: the lm-eval task files, the dashboard template and the prompts
     assert "src/lorascope/evaluate/tasks" in pipeline.code_deps(pipeline.by_name("evaluate"))
@@ -58,9 +61,9 @@ def test_a_stage_depends_on_its_own_section_model_not_every_stages():
 def test_relative_imports_resolve(tmp_path, monkeypatch):
     pkg = tmp_path / "lorascope"
     (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text('"""The package."""\n\nVERSION = 1\n')
     (pkg / "helper.py").write_text("X = 1\n")
-    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text('"""A package that runs nothing."""\n')
     (pkg / "sub" / "a.py").write_text("from . import b\nfrom ..helper import X\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from lorascope import helper\n")
     monkeypatch.setattr(pipeline, "PACKAGE_DIR", pkg)
@@ -69,8 +72,13 @@ def test_relative_imports_resolve(tmp_path, monkeypatch):
         files = {p.relative_to(tmp_path).as_posix() for p in pipeline.closure(("lorascope.sub.a",))}
     finally:
         pipeline._imports.cache_clear()
-    assert files == {"lorascope/__init__.py", "lorascope/helper.py", "lorascope/sub/__init__.py",
-                     "lorascope/sub/a.py", "lorascope/sub/b.py"}  # fmt: skip
+    # sub/__init__.py holds only its docstring: not a dep; lorascope/__init__.py runs a statement
+    assert files == {
+        "lorascope/__init__.py",
+        "lorascope/helper.py",
+        "lorascope/sub/a.py",
+        "lorascope/sub/b.py",
+    }
 
 
 def _has(data: dict, key: str) -> bool:

@@ -380,7 +380,19 @@ def closure(entries: tuple[str, ...], *, every_section: bool = False) -> list[Pa
             todo.extend(_with_parents(imported))
     for package in [f.parent for f in files if f.name == "__init__.py"]:
         files.update(d for d in package.iterdir() if _is_data_dir(d))
-    return sorted(files)
+    return sorted(f for f in files if not is_docstring_only(f))
+
+
+@cache
+def is_docstring_only(path: Path) -> bool:
+    """A package ``__init__.py`` that holds only its docstring runs nothing, so it is not a dep (each
+    one would add a lock entry to every stage: the no-op `dvc repro` parses the lock). One that
+    gains a statement becomes a dep: `lorascope pipeline check` then fails until ``dvc.yaml`` is
+    regenerated."""
+    if path.name != "__init__.py":
+        return False
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
 
 
 def _with_parents(module: str) -> list[str]:
