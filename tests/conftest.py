@@ -27,14 +27,22 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
+
+# tests/mutation.py runs mutants with `--hypothesis-profile=mutation`: a failing example kills the mutant,
+# so shrinking it to the smallest one (the slowest part of a failure) is skipped
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 QWEN_TOKENIZER = SHARED_DATA / "qwen2.5-tokenizer"
 
 
-SUMMARY: list[str] = []
-"""Markdown a test hands to the end of the session's output (the tiny repro's Tables 1 and 2)."""
+SUMMARY = "lorascope-summary"
+"""The user property under which a test hands markdown to the end of the session's output (the tiny
+repro's Tables 1 and 2): properties travel with the test's report, so an xdist worker's reach the
+terminal too."""
+_summary: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,10 +51,34 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `pytest -n N` (xdist's default `load` distribution): each end-to-end module (tests/test_e2e*.py)
+    runs whole on one worker, the longest first, so its module-scoped `dvc repro` is made once and the two
+    repros run side by side; every other test goes to whichever worker is free. (`--dist loadgroup` would
+    say this with marks, but it does not group under pytest 9: pytest-dev/pytest-xdist#1386.)"""
+    if config.getvalue("dist") != "load":
+        return None  # a distribution asked for by name
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndModulesWhole(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name.startswith("test_e2e") else nodeid
+
+    return EndToEndModulesWhole(config, log)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _summary.extend(
+        value for name, value in report.user_properties if name == SUMMARY and report.when == "call"
+    )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if SUMMARY:
+    if _summary:
         terminalreporter.section("the tiny profile's dvc repro (tests/test_e2e.py)")
-        for text in SUMMARY:
+        for text in _summary:
             terminalreporter.write_line(text)
 
 
@@ -81,17 +113,36 @@ def tiny_params(**sections: dict[str, Any]):  # noqa: ANN201
     return validate_params(tiny_raw(**sections))
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run the installed ``lorascope`` entry point as a user would."""
-    exe = Path(sys.executable).parent / "lorascope"
-    return subprocess.run(
-        [str(exe), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``lorascope <args>`` through its console entry point (``lorascope.cli:main``) in this process, as
+    a shell would run it: argv, working directory and extra environment set for the call, stdout and
+    stderr captured, the exit status returned (an uncaught exception prints its traceback and exits 1, as
+    Python does). In-process, so a call costs no interpreter start-up and imports; the installed script
+    itself runs in tests/test_cli.py and in every `dvc repro` of tests/test_e2e.py."""
+    import contextlib
+    import io
+    import traceback
+
+    from lorascope.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", ["lorascope", *args])
+        if cwd is not None:
+            mp.chdir(cwd)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["lorascope", *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

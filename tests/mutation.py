@@ -61,7 +61,7 @@ def mutmut_config(module: str, tests: list[str]) -> str:
         'source_paths = ["src"]\n'
         f'only_mutate = ["src/lorascope/{module}"]\n'
         f"pytest_add_cli_args_test_selection = [{quoted}]\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q", "--hypothesis-profile=mutation"]\n'
         'process_isolation = "forkserver"\n'
         'also_copy = ["params.yaml", "pipelines", "dvc.yaml"]\n'
         "use_git_change_detection = false\n"

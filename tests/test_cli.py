@@ -1,4 +1,4 @@
-"""The command line: help everywhere, and no heavy imports for --help."""
+"""The command line: help everywhere, no heavy imports for --help, and the installed script's errors."""
 
 from __future__ import annotations
 
@@ -56,3 +56,20 @@ def test_stage_commands_take_params_and_profile():
     for stage in ("base", "prepare"):
         opts = {o for p in root.commands[stage].params for o in getattr(p, "opts", [])}
         assert {"--params", "--profile"} <= opts
+
+
+def test_the_installed_script_reports_bad_input_in_one_line(tmp_path):
+    """The console script itself (the other tests call its entry point in-process: conftest.cli): a bad
+    params file is one line on stderr and exit status 2; `--debug` shows the traceback instead."""
+    from pathlib import Path
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("finetune: [not, a, mapping]\n")
+    script = str(Path(sys.executable).parent / "lorascope")
+    res = subprocess.run([script, "params", "show", "--params", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and str(bad) in res.stderr
+    debug = subprocess.run(
+        [script, "--debug", "params", "show", "--params", str(bad)], capture_output=True, text=True
+    )
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

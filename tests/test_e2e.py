@@ -1,9 +1,11 @@
 """End to end: a fresh git + DVC repo, one `dvc repro` of the tiny profile shared by every test here.
 
 What DVC promises is checked on it: the committed `dvc.lock` is what a fresh repro writes, a no-op
-re-run, a forced re-run of `base` leaves everything cached, editing a module or a params key makes
+re-run, a forced re-run of a finetune leaves everything cached, editing a module or a params key makes
 stale exactly the stages that read it, push + pull across two clones runs nothing, experiments; and
 the lineage through MLflow by digest. The model organism's science checks run on the same repro.
+(The bfloat16 repro is tests/test_e2e_bf16.py; under `pytest -n 2` each e2e module runs whole on one
+worker: conftest.pytest_xdist_make_scheduler.)
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ def copy_tree(dest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env() -> dict[str, str]:
+    return git_env()
+
+
+def git_env() -> dict[str, str]:
+    """This process's environment for git and DVC in a fresh repository: the venv's commands first, a
+    git identity, and no MLflow store or workspace root of the test session (the repository's own)."""
     out = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LORASCOPE_ROOT")}
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out['PATH']}"
     out.update(
@@ -62,27 +70,38 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> tuple[Path, str, Path]:
-    """A fresh git repository of this tree after one traced `dvc repro`: (root, stdout, trace file)."""
+def fresh_repo(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], params: str | None = None
+) -> Path:
+    """A git repository of this tree's tracked files (``params`` as its params.yaml when given), committed."""
     root = tmp_path_factory.mktemp("clone") / "lorascope"
     copy_tree(root)
+    if params is not None:
+        (root / "params.yaml").write_text(params)
     sh("git", "init", "-q", cwd=root, env=env)
     sh("git", "add", "-A", cwd=root, env=env)
     sh("git", "commit", "-qm", "clone", cwd=root, env=env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> tuple[Path, str, Path]:
+    """A fresh git repository of this tree after one traced `dvc repro`: (root, stdout, trace file)."""
+    root = fresh_repo(tmp_path_factory, env)
     trace = root.parent / "trace.jsonl"
     first = sh("dvc", "repro", cwd=root, env={**env, "LORASCOPE_TRACE": str(trace)})
     return root, first.stdout, trace
 
 
-def test_the_organism_shows_the_papers_effects(repro):
+def test_the_organism_shows_the_papers_effects(repro, record_property):
     """The science check on the real `dvc repro` of the tiny profile (tests/test_organism.py's checks):
     Tables 1 and 2, a backtracking feature found, labelled and steered, the ablation KL ranked. Its
     Tables 1 and 2 are printed at the end of the test session (CI's log shows them)."""
     from test_organism import check_ablation, check_planted_direction, check_steering, check_tables
 
     root, _, _ = repro
-    SUMMARY.extend((root / "reports" / f"{t}.md").read_text() for t in ("table1", "table2"))
+    for table in ("table1", "table2"):
+        record_property(SUMMARY, (root / "reports" / f"{table}.md").read_text())
     check_tables(root)
     check_steering(root, check_planted_direction(root))
     check_ablation(root)
@@ -182,37 +201,6 @@ def stage_name(argv: list[str]) -> str:
     return f"{family}@{item}" if item else family
 
 
-def test_rerunning_base_and_edits_make_stale_exactly_their_readers(repro, env):
-    from lorascope.pipeline import STAGES, code_deps
-
-    root, _, _ = repro
-    sh("dvc", "repro", "-f", "-s", "base", cwd=root, env=env)  # same seed, same weights
-    assert stale(root, env) == set()
-
-    # editing a module makes stale exactly the stages whose import closure holds it
-    for module in ("src/lorascope/extract/store.py", "src/lorascope/config.py"):
-        original = (root / module).read_bytes()
-        (root / module).write_bytes(original + b"\n# edited\n")
-        readers = {s.name for s in STAGES if module in code_deps(s)}
-        assert {n.split("@")[0] for n in stale(root, env)} == readers, module
-        (root / module).write_bytes(original)
-    assert {"sae", "contexts"} <= {s.name for s in STAGES if "src/lorascope/extract/store.py" in code_deps(s)}
-
-    # one params key: only the stages that read it
-    params = (root / "params.yaml").read_text()
-    for key, value, expected in (
-        ("full_lr", "0.123", {"finetune@full"}),
-        ("batch_size", "7", set()),  # ablate.batch_size only changes speed
-    ):
-        data = yaml.safe_load(params)
-        section = {"full_lr": "finetune", "batch_size": "ablate"}[key]
-        data[section][key] = float(value) if "." in value else int(value)
-        (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        assert stale(root, env) == expected, key
-    (root / "params.yaml").write_text(params)
-    assert stale(root, env) == set()
-
-
 def test_push_then_pull_in_another_clone_runs_nothing(repro, env, tmp_path):
     root, _, _ = repro
     remote = tmp_path / "remote"
@@ -251,11 +239,19 @@ def test_lineage_through_mlflow_by_digest(repro, env):
     first_commit = sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=root, env=env).stdout.strip()
     assert tags["git.commit"] == first_commit  # the repro ran on the clone's first commit
 
-    def run_of(path: str) -> str:
-        chain = json.loads(sh("lorascope", "lineage", "--json", path, cwd=root, env=env).stdout)
+    def run_of(path: str) -> tuple[str, dict]:
+        """What `lorascope lineage --json <path>` prints, walked in this process (the CLI is run below)."""
+        from lorascope.tracking import lineage, producer, use_tracking_uri
+
+        with use_tracking_uri(f"sqlite:///{db}"):
+            made_by = producer(root / path, name=path)
+            assert made_by is not None, path
+            chain = lineage(made_by["run_id"])
         return chain["run_id"], chain
 
     lora_id, lora = run_of("models/lora")
+    cli = json.loads(sh("lorascope", "lineage", "--json", "models/lora", cwd=root, env=env).stdout)
+    assert cli == lora
     assert {u["stage"] for u in lora["upstream"]} == {"prepare", "base"}
     # contexts -> extract -> finetune -> prepare -> base
     contexts_id, chain = run_of("data/contexts/lora.parquet")
@@ -321,18 +317,39 @@ def test_experiments_log_to_the_same_store_and_show_a_readable_table(repro, env)
     assert "report.dpi" in header and len(header) < 12, header
 
 
-def test_bfloat16_everywhere_through_dvc(repro, env):
-    """The tiny profile with every precision key set to bfloat16 passes `dvc repro` on the CPU."""
+def test_rerunning_a_finetune_and_edits_make_stale_exactly_their_readers(repro, env):
+    """A forced re-run of the LoRA finetune (days of GPU time at paper scale) writes the same adapter, so
+    nothing after it runs again (`base` re-run the same way: `test_base.py::test_same_seed_same_bytes`).
+    Last in the module: the re-run logs a second finetune run of the same adapter, which the lineage test
+    would then find as the adapter's latest producer."""
+    from lorascope.pipeline import STAGES, code_deps
+
     root, _, _ = repro
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-qm", "before bf16", "--allow-empty", cwd=root, env=env)
-    keys = ("finetune.precision", "extract.precision", "sae.precision", "ablate.precision", "steer.precision",
-            "evaluate.dtype")  # fmt: skip
-    overrides = [arg for key in keys for arg in ("-S", f"{key}=bfloat16")]
-    run = sh("dvc", "exp", "run", "--temp", *overrides, cwd=root, env=env)
-    for stage in ("finetune@lora", "finetune@full", "evaluate@lora", "extract@lora", "sae", "contexts@sae",
-                  "ablate", "steer", "report"):  # fmt: skip
-        assert f"Running stage '{stage}'" in run.stdout, stage
-    assert "base" not in {
-        line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")
-    }
+    before = (root / "models/lora/adapter_model.safetensors").read_bytes()
+    rerun = sh("dvc", "repro", "-f", "-s", "finetune@lora", cwd=root, env=env)  # same seed, same weights
+    assert "Running stage 'finetune@lora'" in rerun.stdout
+    assert (root / "models/lora/adapter_model.safetensors").read_bytes() == before
+    assert stale(root, env) == set()
+
+    # editing a module makes stale exactly the stages whose import closure holds it
+    for module in ("src/lorascope/extract/store.py", "src/lorascope/config.py"):
+        original = (root / module).read_bytes()
+        (root / module).write_bytes(original + b"\n# edited\n")
+        readers = {s.name for s in STAGES if module in code_deps(s)}
+        assert {n.split("@")[0] for n in stale(root, env)} == readers, module
+        (root / module).write_bytes(original)
+    assert {"sae", "contexts"} <= {s.name for s in STAGES if "src/lorascope/extract/store.py" in code_deps(s)}
+
+    # one params key: only the stages that read it
+    params = (root / "params.yaml").read_text()
+    for key, value, expected in (
+        ("full_lr", "0.123", {"finetune@full"}),
+        ("batch_size", "7", set()),  # ablate.batch_size only changes speed
+    ):
+        data = yaml.safe_load(params)
+        section = {"full_lr": "finetune", "batch_size": "ablate"}[key]
+        data[section][key] = float(value) if "." in value else int(value)
+        (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        assert stale(root, env) == expected, key
+    (root / "params.yaml").write_text(params)
+    assert stale(root, env) == set()
