@@ -46,7 +46,7 @@ TESTS: dict[str, list[str]] = {
                          "tests/test_ablate.py::test_ablator_batches_and_a_response_starting_at_a_chunk_boundary"],
     "ablate/stage.py": ["tests/test_ablate.py::test_summary_against_a_hand_computed_case",
                         "tests/test_ablate.py::test_figure3_orientation_cell_by_cell"],
-    "contexts/selection.py": ["tests/test_properties.py"],
+    "contexts/selection.py": ["tests/test_properties.py", "tests/test_selection.py"],
     "categorize/figures.py": ["tests/test_figures_data.py"],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
