@@ -94,7 +94,7 @@ def test_sparse_backward_equals_the_dense_gradient(dead_step: int):
     x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::dead_step] = True
-    loss, _, _ = training_loss(sae, x, dead, 5, 0.5)
+    loss, _, sel = training_loss(sae, x, dead, 5, 0.5)
     loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
@@ -114,6 +114,12 @@ def test_sparse_backward_equals_the_dense_gradient(dead_step: int):
     ).mean() / residual.square().sum(-1).mean()
     dense.backward()
     assert loss.item() == pytest.approx(dense.item(), rel=1e-12)
+    # the main selection it returns (the trainer counts fired latents on it): rows, latents, values, bags
+    rows, latents = batch_topk_mask(pre, 21).nonzero(as_tuple=True)
+    assert torch.equal(sel.rows_N, rows) and torch.equal(sel.latents_N, latents)
+    assert torch.allclose(sel.values_N.detach(), pre.detach()[rows, latents], atol=1e-12)
+    counts = torch.bincount(rows, minlength=7)
+    assert torch.equal(sel.offsets_B, torch.cumsum(counts, 0) - counts)
     for name, p in sae.named_parameters():
         assert torch.allclose(p.grad, sparse[name], atol=1e-12), name
         assert p.grad.abs().max() > 0

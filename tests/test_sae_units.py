@@ -303,3 +303,39 @@ def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
             assert all(len(b) > 0 for b in got), (part, cap)
             assert torch.equal(torch.cat(got), want(docs, cap)), (part, cap)
     assert len(list(heldout_batches(store, held, 1, 10**6, exclusion=policy))) == 2  # shard 1 gives nothing
+
+
+def test_select_and_decode_sparse_carry_the_dense_gradient():
+    """`select` + `decode_sparse` (the BatchTopK forward the benchmarks use): the k x B largest positive
+    pre-activations, sorted by row then latent, and every parameter's gradient equal to a dense masked
+    computation's; with `columns` (a subset, as AuxK's dead latents) each pick is named by its own latent."""
+    sae = random_sae(d_in=6, d_sae=24, k=2, seed=1).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.b_enc_F.copy_(torch.randn(24, generator=g, dtype=torch.float64) * 0.1)
+        sae.b_dec_D.copy_(torch.randn(6, generator=g, dtype=torch.float64) * 0.1)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+
+    sel = sae.select(x, 2)
+    ((sae.decode_sparse(sel) - x).square().sum()).backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = torch.relu((x - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F)
+    top = pre.detach().flatten().topk(10)
+    mask = torch.zeros(pre.numel(), dtype=torch.bool)
+    mask[top.indices[top.values > 0]] = True
+    rows, latents = mask.view_as(pre).nonzero(as_tuple=True)
+    assert torch.equal(sel.rows_N, rows) and torch.equal(sel.latents_N, latents)
+    assert torch.allclose(sel.values_N.detach(), pre.detach()[rows, latents], atol=1e-12)
+    ((((pre * mask.view_as(pre)) @ sae.W_dec_FD + sae.b_dec_D) - x).square().sum()).backward()
+    for name, p in sae.named_parameters():
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad, sparse[name], atol=1e-12), name
+
+    cols = torch.tensor([1, 4, 7, 20])
+    with torch.no_grad():
+        sub_pre = sae.pre_acts(x)[:, cols]
+        sub = sae.select(x, 1, pre_BF=sub_pre, hint="aux", columns=cols)
+    want = sub_pre.flatten().topk(5)
+    flat = want.indices[want.values > 0].sort().values
+    assert torch.equal(sub.rows_N, flat // 4) and torch.equal(sub.latents_N, cols[flat % 4])
+    assert torch.allclose(sub.values_N, sub_pre.flatten()[flat])
