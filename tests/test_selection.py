@@ -18,7 +18,7 @@ from lorascope.extract.exclusion import REASONS
 INF = float("inf")
 
 
-def config(**overrides: float) -> ContextsSection:
+def config(**overrides: int | float) -> ContextsSection:
     base = dict(top_k=3, window_before=1, window_after=1, quantile_bins=2, quantile_samples=2, random_samples=2,
                 active_threshold=0.5, feature_chunk=2)  # fmt: skip
     return ContextsSection(**{**base, **overrides})
