@@ -1,5 +1,5 @@
 """float16 through the stages that run the model on the CPU (bfloat16 everywhere runs through `dvc repro`:
-`tests/test_e2e.py::test_bfloat16_everywhere_through_dvc`)."""
+`tests/test_e2e_bf16.py`)."""
 
 from __future__ import annotations
 
