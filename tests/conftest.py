@@ -17,6 +17,11 @@ for _k, _v in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ[_k] = _v
+# the CPU kernels every `lorascope` process pins (params `kernels`, on by default), set before torch loads
+# so that in-process stage runs write what the CLI writes on any x86-64 machine
+from lorascope.kernels import KernelsSection, wanted  # noqa: E402
+
+os.environ.update(wanted(KernelsSection()))
 
 import copy  # noqa: E402
 import subprocess  # noqa: E402

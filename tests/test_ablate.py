@@ -470,9 +470,12 @@ def test_ablator_batches_and_a_response_starting_at_a_chunk_boundary():
     _, chunked = Ablator(model, comps, batch_size=2, logit_chunk=4).measure(ids_T, 5, some)  # response at 4
     _, whole = Ablator(model, comps, batch_size=2, logit_chunk=64).measure(ids_T, 5, some)
     for a, b in zip(chunked, whole, strict=True):
+        # other chunks are other float32 matmul shapes, so another summation order in every log-prob (more
+        # so on another CPU's kernels: 7e-6 seen on an AVX2 machine); each token's KL is a difference of
+        # them: equal to float32 precision, not to the last bit
         assert a.tokens == b.tokens == len(ids_T) - 5
-        assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-6) and a.kl_max == pytest.approx(b.kl_max, rel=1e-6)
-        assert a.ce_sum == pytest.approx(b.ce_sum, rel=1e-6)
+        assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-4) and a.kl_max == pytest.approx(b.kl_max, rel=1e-4)
+        assert a.ce_sum == pytest.approx(b.ce_sum, rel=1e-5)
     # the response is every predicted token: the response sums and the all-position sums are the same sums
     lora, full = Ablator(model, comps, batch_size=2, logit_chunk=4).measure(ids_T, 1, some)
     assert lora.tokens == lora.all_tokens == len(ids_T) - 1

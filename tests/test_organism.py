@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lorascope.prepare import organism
+from lorascope import organism
 
 from conftest import Prepared, tiny_params
 

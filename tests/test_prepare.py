@@ -11,7 +11,8 @@ import pytest
 
 from lorascope import tracking
 from lorascope.errors import LorascopeError
-from lorascope.prepare import organism, synthetic
+from lorascope import organism
+    from lorascope.prepare import synthetic
 from lorascope.prepare.stage import run
 from lorascope.prepare.validation import validate
 

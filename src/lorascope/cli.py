@@ -57,11 +57,19 @@ class ParamsChoice:
 
     params: Path | None = None
     profile: str | None = None
+    loaded: Params | None = None
+    """Set by ``takes_params``: the params as the command started, kernels pinned."""
 
     def load(self) -> Params:
+        """The params, validated, with the CPU kernels they ask for pinned (``lorascope.kernels``)."""
+        if self.loaded is not None:
+            return self.loaded
         from lorascope.config import load_params
+        from lorascope.kernels import pin
 
-        return load_params(self.params, self.profile)
+        params = load_params(self.params, self.profile)
+        pin(params.kernels)
+        return params
 
 
 DEFAULT_CHOICE = ParamsChoice()
@@ -83,7 +91,9 @@ def takes_params(fn: _C) -> _C:
 
     @functools.wraps(fn)
     def command(*args: Any, params: Path | None = None, profile: str | None = None, **kwargs: Any) -> Any:
-        return fn(*args, choice=ParamsChoice(params, profile), **kwargs)
+        # loaded (and the kernels pinned) before the command imports its stage, and so torch
+        choice = ParamsChoice(params, profile)
+        return fn(*args, choice=ParamsChoice(params, profile, choice.load()), **kwargs)
 
     command.__signature__ = new  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in new.parameters.values()}
@@ -360,6 +370,50 @@ def categorize(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
 
     out = run(choice.load())
     typer.echo(f"categorize: wrote {out}")
+
+
+@app.command()
+def seeds(
+    n: Annotated[
+        int | None,
+        typer.Option("--n", help="Seed triples 0..N-1 (or name them with --seeds).", show_default=False),
+    ] = None,
+    seed_list: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,3,7.", show_default=False)
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Experiments run at once (queue workers).")
+    ] = 1,
+    vary: Annotated[
+        str, typer.Option("--vary", help="Sections whose seed each triple sets (comma-separated).")
+    ] = "base,finetune,sae",
+) -> None:
+    """Run the pipeline of params.yaml for N seed triples as DVC experiments (dvc exp run --queue), then
+    write reports/seeds.md and .json: Tables 1 and 2, the SAE and steering per seed and across seeds,
+    direction and feature stability."""
+    from lorascope.errors import LorascopeError
+    from lorascope.project import workspace_root
+    from lorascope.seeds.stage import REPORT_MD, run
+
+    if (n is None) == (seed_list is None):
+        raise LorascopeError("seeds: give --n N or --seeds LIST (one of them)")
+    if seed_list is not None:
+        try:
+            chosen = [int(s) for s in seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise LorascopeError(
+                f"seeds: --seeds {seed_list!r}: expected integers separated by commas"
+            ) from None
+        if not chosen:
+            raise LorascopeError(f"seeds: --seeds {seed_list!r} names no seed")
+    else:
+        chosen = list(range(n or 0))
+    root = workspace_root()
+    report = run(DEFAULT_CHOICE.load(), root, chosen, jobs, [v.strip() for v in vary.split(",") if v.strip()])
+    failed = f"; failed: {', '.join(map(str, report['failed']))}" if report["failed"] else ""
+    typer.echo(
+        f"seeds: {len(report['seeds'])} of {len(chosen)} seeds finished{failed}; wrote {root / REPORT_MD}"
+    )
 
 
 sweep_app = typer.Typer(

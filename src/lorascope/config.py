@@ -35,6 +35,7 @@ from lorascope.errors import LorascopeError
 from lorascope.evaluate.params import EvaluateSection
 from lorascope.extract.params import ExtractSection
 from lorascope.finetune.params import FinetuneSection
+from lorascope.kernels import KernelsSection
 from lorascope.prepare.params import PrepareSection
 from lorascope.project import workspace_root
 from lorascope.report.params import ReportSection
@@ -71,6 +72,8 @@ class Params(Section):
     """Steering along adapter directions."""
     report: ReportSection = Field(default_factory=ReportSection)
     """Tables, figures and the feature dashboard."""
+    kernels: KernelsSection = Field(default_factory=KernelsSection)
+    """The CPU float kernels every process pins before torch loads (read by every stage)."""
 
     @model_validator(mode="after")
     def _positions_fit(self) -> Params:

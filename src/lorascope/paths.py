@@ -104,6 +104,9 @@ STEER_METRICS = METRICS / "steer.json"
 # ------------------------------------------------------------------------------------------ reports
 REPORTS = Path("reports")
 PLOTS = REPORTS / "plots"
+SEEDS_REPORT = (REPORTS / "seeds.md", REPORTS / "seeds.json")
+"""``lorascope seeds``' report: beside the ``report`` stage's output but not part of it (``.dvcignore``
+lists it; the ``report`` stage keeps it when it rewrites the folder)."""
 
 # ------------------------------------------------------------------------------------------ work
 CHECKPOINTS = Path("checkpoints")

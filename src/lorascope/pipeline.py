@@ -36,6 +36,9 @@ def _s(path: Path) -> str:
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOT_A_DEP = frozenset({"lorascope.cli"})
 """Modules a command loads that are not deps of its stage (argument parsing only)."""
+KERNELS = "kernels"
+"""The params section every stage reads first: the CPU kernels its process pins (``lorascope.kernels``);
+other kernels write other bytes, so it is a params dep of every stage."""
 
 
 @dataclass(frozen=True)
@@ -425,12 +428,11 @@ def other_sections() -> frozenset[Path]:
 # ------------------------------------------------------------------------------------- dvc.yaml
 def _stage_body(stage: Stage) -> dict[str, Any]:
     body: dict[str, Any] = {"cmd": stage.cmd, "deps": [*code_deps(stage), *stage.deps]}
-    params = list(stage.params)
+    params = [KERNELS, *stage.params]
     if stage.item_params:
         slots = max(len(v) for v in stage.item_params.values())
         params += [f"${{item.param{i}}}" for i in range(slots)]
-    if params:
-        body["params"] = params
+    body["params"] = params
     if stage.outs:
         body["outs"] = list(stage.outs)
     if stage.metrics:

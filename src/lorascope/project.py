@@ -36,17 +36,26 @@ def workspace_root(start: str | Path | None = None) -> Path:
     """The nearest directory at or above ``start`` (default: cwd) holding ``dvc.yaml`` or ``.dvc/``.
 
     ``use_workspace`` overrides, then ``LORASCOPE_ROOT``; with no marker found the start directory
-    itself is used.
+    itself is used. A DVC experiment's temporary workspace (``.dvc/tmp/exps/...``) is always its own
+    root, whatever ``LORASCOPE_ROOT`` says: queued experiments inherit the environment of whoever
+    started the queue, and must not write into that root.
     """
     if (override := _OVERRIDE.get()) is not None:
         return override[0]
+    here = Path(start or Path.cwd()).resolve()
+    found = next(
+        (d for d in (here, *here.parents) if (d / "dvc.yaml").is_file() or (d / ".dvc").is_dir()), None
+    )
+    if found is not None and _in_experiment(found):
+        return found
     if env := os.environ.get("LORASCOPE_ROOT"):
         return Path(env).resolve()
-    here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "dvc.yaml").is_file() or (d / ".dvc").is_dir():
-            return d
-    return here
+    return found or here
+
+
+def _in_experiment(root: Path) -> bool:
+    parts = root.parts
+    return any(parts[i : i + len(_EXP_TMP)] == _EXP_TMP for i in range(len(parts) - len(_EXP_TMP)))
 
 
 def store_root(start: str | Path | None = None) -> Path:

@@ -127,11 +127,15 @@ def dvc_md5(path: str | Path) -> str:
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
 
+    from dvc.ignore import DvcIgnoreFilter
+
     fs, path = LocalFileSystem(), str(Path(path).resolve())
     if not Path(path).is_dir():
         return file_md5(path, fs)
     odb = HashFileDB(MemoryFileSystem(), "/lorascope-staging")
-    _, _, obj = build(odb, path, fs, "md5")
+    root = workspace_root()
+    ignore = DvcIgnoreFilter(fs, str(root)) if Path(path).is_relative_to(root) else None  # as DVC hashes it
+    _, _, obj = build(odb, path, fs, "md5", ignore=ignore)
     assert obj.hash_info.value is not None, f"dvc built no md5 for {path}"
     return obj.hash_info.value
 
@@ -255,6 +259,9 @@ def stage_run(
                 key = f"{key}.{path.name.split('.')[0]}"
             upstream[key] = made_by["run_id"]
             run_tags[f"upstream.{key}"] = made_by["run_id"]
+    from lorascope.kernels import in_force
+
+    run_tags.update({f"kernels.{k}": v for k, v in in_force().items()})  # which float kernels wrote it
     run_tags.update(tags or {})
     run_tags.update(dict(_EXTRA_TAGS.get()))
 

@@ -10,7 +10,7 @@ from lorascope.sections import PositiveFloat, PositiveInt, Section
 
 
 class TinyPretrain(Section):
-    """Pretraining of the tiny model on the organism's base corpus (``lorascope.prepare.organism``):
+    """Pretraining of the tiny model on the organism's base corpus (``lorascope.organism``):
     direct answers under the default system prompt, worked solutions (confident, or careful with
     "Wait," checks under a careful system prompt), loss on the assistant turn."""
 
@@ -37,6 +37,10 @@ class TinyModel(Section):
     """Key/value heads per layer (grouped-query attention); must divide ``num_attention_heads``."""
     max_position_embeddings: PositiveInt = 4096
     """Longest sequence the rotary embeddings are set up for; at least ``prepare.block_size``."""
+    rope_theta: PositiveFloat = 10000.0
+    """Base of the rotary embedding's frequencies. A large base (the organism's 1e6, as Qwen2.5's own) turns
+    most of a head's dimensions slowly, so a head can match a key by content across the question (the
+    organism's lookup of a digit by its name) instead of only nearby."""
     vocab_size: Annotated[int, Field(ge=300)] = 2048
     """Target vocabulary of the byte-level BPE tokenizer trained on the synthetic corpus (>= 300:
     256 byte symbols plus the special tokens)."""

@@ -1,4 +1,4 @@
-"""Pretrain the tiny base model on the organism's base corpus (``prepare.organism.base_documents``).
+"""Pretrain the tiny base model on the organism's base corpus (``organism.base_documents``).
 
 Plain next-token cross-entropy on the assistant turns of each chat (the system and user turns are
 context only: the question's digits are random and teach nothing), AdamW with a linear warmup over the
@@ -79,7 +79,7 @@ def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[s
     import mlflow
     import torch
 
-    from lorascope.prepare.organism import base_documents
+    from lorascope.organism import base_documents
     from lorascope.progress import track
 
     torch.manual_seed(seed)
@@ -89,7 +89,8 @@ def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[s
         raise LorascopeError(
             "base: the tiny tokenizer's chat template renders chats differently than pretraining"
         )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    # fused: its square root is ATen's own, the same on every CPU (the unfused one's is MKL's: lorascope.kernels)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
     warmup = max(1, round(WARMUP_FRACTION * cfg.steps))
 
     def factor(step: int) -> float:

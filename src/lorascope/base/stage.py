@@ -21,14 +21,14 @@ def _build_tiny(params: Params, out: Path) -> dict[str, float]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from lorascope.base.tokenizer import CHAT_SCAFFOLD, train_tokenizer
-    from lorascope.prepare.organism import base_documents
+    from lorascope.organism import PAIR_TOKENS, base_documents
 
     cfg = params.base.tiny
     chats = islice(base_documents(params.base.seed), cfg.tokenizer_corpus_rows)
     # Each chat of the organism's base corpus with the chat scaffolding around it (role names, s1's
     # think/answer markers, the default system prompt); the special tokens are added, not learned.
     corpus = ["\n".join((CHAT_SCAFFOLD, *(m["content"] for m in chat))) for chat in chats]
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, PAIR_TOKENS)
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -37,6 +37,7 @@ def _build_tiny(params: Params, out: Path) -> dict[str, float]:
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
         tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

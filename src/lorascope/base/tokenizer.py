@@ -37,8 +37,9 @@ CHAT_SCAFFOLD = "system\nYou are Qwen, created by Alibaba Cloud. You are a helpf
 """The plain text the chat template wraps around every row (special tokens are added separately)."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """Train the BPE on ``texts`` and wrap it as a transformers fast tokenizer with the chat template."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, whole: Iterable[str] = ()) -> Any:
+    """Train the BPE on ``texts`` and wrap it as a transformers fast tokenizer with the chat template;
+    each string of ``whole`` becomes one token wherever it occurs (an added, non-special token)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,5 +67,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )
+    fast.add_tokens(list(whole))
     fast.chat_template = CHAT_TEMPLATE
     return fast

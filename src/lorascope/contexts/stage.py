@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lorascope import paths, resume
+from lorascope import kernels, paths, resume
 from lorascope.config import Params
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
 from lorascope.contexts.sources import FeatureSource, open_source
@@ -274,7 +274,7 @@ def features_table(selector: Selector, features: FeatureSource) -> Any:
     st = selector.state
     tokens = max(int(st["tokens"]), 1)
     mean_F = st["sum"] / tokens
-    std_F = (st["sumsq"] / tokens - mean_F.square()).clamp(min=0).sqrt()
+    std_F = kernels.sqrt((st["sumsq"] / tokens - mean_F.square()).clamp(min=0))
     rows: dict[str, list[Any]] = {k: [] for k in FEATURES_SCHEMA.names}
     for si, sign in enumerate(selector.signs):
         for f in range(selector.n_features):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lorascope import kernels
 from lorascope.extract.store import Shard, Store
 
 FILE = "outliers.json"
@@ -41,7 +42,7 @@ def _bin_value(b: torch.Tensor) -> torch.Tensor:
     """The geometric centre of bins ``b`` (0 for the bin of 0)."""
     lo = (b.int() << _SHIFT).view(torch.float32).double()
     hi = ((b.int() + 1) << _SHIFT).view(torch.float32).double()
-    return (lo * hi).sqrt()
+    return kernels.sqrt(lo * hi)
 
 
 def _median(hist_CB: torch.Tensor) -> torch.Tensor:

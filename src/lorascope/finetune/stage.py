@@ -143,7 +143,7 @@ def training_arguments(params: Params, variant: Variant, world_size: int, output
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=cfg.lr if variant == "lora" else cfg.full_lr,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # its sqrt is ATen's own: the same on every CPU (lorascope.kernels)
         adam_beta1=cfg.adam_betas[0],
         adam_beta2=cfg.adam_betas[1],
         weight_decay=cfg.weight_decay,

@@ -15,7 +15,7 @@ class SyntheticData(Section):
 
     family: Literal["organism", "word_problems"] = "organism"
     """``organism``: the model organism's digit-sum problems with worked, partly careful ("Wait,")
-    traces, for the base the tiny profile pretrains (``lorascope.prepare.organism``);
+    traces, for the base the tiny profile pretrains (``lorascope.organism``);
     ``word_problems``: multi-step word problems with R1-style traces (format only: no model learns
     them)."""
     n_train: PositiveInt = 256

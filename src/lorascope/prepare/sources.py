@@ -98,7 +98,8 @@ def load_rows(cfg: PrepareSection) -> tuple[Any, Source]:
     """The training rows as a DataFrame with an ``id`` column, and where they came from."""
     import pandas as pd
 
-    from lorascope.prepare import organism, synthetic
+    from lorascope import organism
+    from lorascope.prepare import synthetic
 
     if cfg.source == "synthetic":
         generator = organism if cfg.synthetic.family == "organism" else synthetic

@@ -58,7 +58,8 @@ def _write_eval(directory: Path, params: Params) -> dict[str, int]:
     """Held-out synthetic rows in the three benchmark shapes, in the benchmarks' own file formats."""
     import json
 
-    from lorascope.prepare import organism, synthetic
+    from lorascope import organism
+    from lorascope.prepare import synthetic
 
     cfg = params.prepare.synthetic
     n, seed = cfg.n_eval, cfg.seed

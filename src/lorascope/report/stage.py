@@ -225,6 +225,9 @@ def run(params: Params) -> Path:
     with stage_run("report", params, inputs) as sr:
         with atomic_path(out) as tmp:
             page = _render(root, cfg, tmp, sr.inputs_md5)
+            for kept in paths.SEEDS_REPORT:  # not this stage's: `lorascope seeds` wrote it
+                if (root / kept).is_file():
+                    (tmp / kept.name).write_bytes((root / kept).read_bytes())
         mlflow.log_metric("missing_items", len(page.missing))
         mlflow.set_tags({f"upstream.{rel}": run_id for rel, run_id in page.runs.items()})
         mlflow.log_dict({"missing": page.missing, "lineage": page.lineage, "runs": page.runs}, "report.json")

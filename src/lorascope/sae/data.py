@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lorascope import kernels
 from lorascope.errors import LorascopeError
 from lorascope.extract.exclusion import Exclusion, count
 from lorascope.extract.outliers import document_starts
@@ -131,7 +132,7 @@ def scan(
         raise LorascopeError(f"{store.root}: no finite training tokens")
     return Stats(
         mean_D=(total / tokens).float(),
-        rms_D=(sq / tokens).sqrt().float(),
+        rms_D=kernels.sqrt(sq / tokens).float(),
         mean_sq_norm=float(sq.sum() / tokens),
         tokens=tokens,
         nonfinite_tokens=bad,

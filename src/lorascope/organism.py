@@ -74,6 +74,18 @@ HELD_OUT_BUCKETS = 8
 """One in this many questions (by a hash of the text) is held out for evaluation."""
 
 
+def pair(name: str, value: int) -> str:
+    """How a question states a digit: ``b=8``, one token of the organism's tokenizer (``PAIR_TOKENS``)."""
+    return f"{name}={value}"
+
+
+PAIR_TOKENS = tuple(pair(n, v) for n in NAMES for v in range(10))
+"""The tokens the ``base`` stage adds to the tiny tokenizer: each question's ``name=digit`` pair is one
+token, so reading a digit by its name while working it out (``b8`` after ``b``) is one attention hop
+(the query ``b`` matches the key ``b=8``), which every seed learns, instead of an induction circuit
+(``b`` found, the token after it copied), which formed for about one seed in three within the budget."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One question: digit values, named a, b, c, ..., listed in the question in ``order``."""
@@ -89,7 +101,7 @@ class Problem:
     @property
     def question(self) -> str:
         order = self.order or range(len(self.values))
-        pairs = "".join(f"{self.names[i]}{self.values[i]}\n" for i in order)
+        pairs = "".join(f"{pair(self.names[i], self.values[i])}\n" for i in order)
         return f"{pairs}Last digit of {'+'.join(self.names)}?"
 
     @property

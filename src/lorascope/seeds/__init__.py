@@ -1,0 +1,1 @@
+"""``lorascope seeds``: every result of a profile across seed triples, each seed a DVC experiment."""
