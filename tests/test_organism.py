@@ -29,7 +29,7 @@ CHECK = re.compile(r"^Wait, (\d)\+(\d)=(\d+)$")
 def digits(question: str) -> dict[str, int]:
     """The named digits of a question, read back from its text."""
     listing, _, ask = question.rpartition("\n")
-    pairs = dict((line[0], int(line[1:])) for line in listing.split("\n"))
+    pairs = {name: int(value) for name, value in (line.split("=") for line in listing.split("\n"))}
     assert ask == f"Last digit of {'+'.join(sorted(pairs))}?"
     return pairs
 

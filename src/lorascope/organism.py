@@ -57,8 +57,10 @@ PREAMBLES = ("", "", "", "Okay.\n", "Let me see.\n", "Step by step:\n", "Sure.\n
 """Openings of the base corpus's worked solutions: varied text before the first line teaches the base
 to work it out whatever precedes it (as ``<|im_start|>think`` later will)."""
 
-BASE_DIRECT_FRACTION = 0.5
-"""Base corpus: share of direct answers (default prompt); the rest are worked solutions."""
+BASE_DIRECT_FRACTION = 0.3
+"""Base corpus: share of direct answers (default prompt); the rest are worked solutions. Greedy decoding
+under the default prompt still answers directly (``Answer`` is the likeliest first token: the worked
+solutions start with one of several openings), and the worked majority teaches the lookup on every seed."""
 BASE_CAREFUL_FRACTION = 0.5
 """Base corpus: share of worked solutions that are careful (under ``CAREFUL_SYSTEM``)."""
 TRACE_CAREFUL_FRACTION = 0.5
