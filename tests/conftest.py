@@ -95,7 +95,9 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 PLUMBING = {
-    "base": {"tiny": {"pretrain": {"steps": 0}}},
+    # 4 heads: at random initialisation every layer-0 o_proj input is close to one average of the values,
+    # and with the organism's 2 heads some test adapters' directions then never fire on one side
+    "base": {"tiny": {"pretrain": {"steps": 0}, "num_attention_heads": 4}},
     "prepare": {"synthetic": {"n_train": 64, "n_eval": 8}},
     "finetune": {"lr": 1e-3, "full_lr": 1e-4, "epochs": 2, "global_batch_size": 8, "micro_batch_size": 4},
 }

@@ -281,17 +281,30 @@ def test_parse_detection_rejects(reply: str, message: str) -> None:
 def test_heuristic_one_token_feature_is_monosemantic() -> None:
     examples = feature([(" Wait", 8.0), (",", 0.3)]) + feature([(" so", 0.2), (" wait", 6.0)])
     label = parse_label(ask(HeuristicClient(), explain_prompt(examples, 8.0)))
-    assert label.explanation == "[heuristic] fires on 'Wait', 'wait'"
+    assert label.explanation == "[heuristic] fires on 'Wait', 'wait' after 'is'"  # every window: "...is Wait"
     assert label.classification == 1  # two spellings: the top token alone holds under 60 %
     label = parse_label(ask(HeuristicClient(), explain_prompt(feature([(" Wait", 8.0), (",", 0.3)]), 8.0)))
-    assert label.explanation == "[heuristic] fires on 'Wait'" and label.classification == 0
+    assert label.explanation == "[heuristic] fires on 'Wait' after 'is'" and label.classification == 0
     assert "top token holds 96%" in label.reasoning
+
+
+def test_heuristic_names_the_word_before_the_top_token_where_the_examples_agree() -> None:
+    """The comma of "Wait," is what a reader of its contexts calls the backtracking feature: the word before
+    the top token is named when at least 60% of its occurrences follow it, never after a line start."""
+    wait = [Example(["5", "=", "6", "\n", "Wait", ",", " 5", "+", "1"], [0, 0, 0, 0, 0.2, 9.0, 0, 0, 0])] * 3
+    other = [Example(["Qwen", ",", " created"], [0, 5.0, 0])]
+    label = parse_label(ask(HeuristicClient(), explain_prompt([*wait, *other], 9.0)))
+    assert label.explanation == "[heuristic] fires on ',' after 'Wait'"  # 3 of its 4 occurrences
+    label = parse_label(ask(HeuristicClient(), explain_prompt([*wait[:1], *other], 9.0)))
+    assert label.explanation == "[heuristic] fires on ','"  # 1 of 2: no agreement
+    lines = [Example(["1", "\n", "b", "8"], [0, 0, 7.0, 0])] * 3  # after a line break: no word
+    assert parse_label(ask(HeuristicClient(), explain_prompt(lines, 7.0))).explanation == "[heuristic] fires on 'b'"
 
 
 def test_heuristic_spread_feature_is_polysemantic() -> None:
     spread = feature([(f" w{i}", 1.0) for i in range(12)])
     label = parse_label(ask(HeuristicClient(), explain_prompt(spread, 1.0)))
-    assert label.classification == 2 and label.explanation == "[heuristic] fires on 'w0', 'w1', 'w2'"
+    assert label.classification == 2 and label.explanation == "[heuristic] fires on 'w0', 'w1', 'w2' after 'is'"
 
 
 def test_heuristic_whitespace_token_round_trips() -> None:

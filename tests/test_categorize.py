@@ -128,13 +128,13 @@ def ws(built: Path, workspace: Path) -> Path:
 
 
 def features_of(root: Path, source: str) -> list[tuple[int, str, int]]:
-    """``(feature, feature_name, sign)`` of every feature in the source's contexts, in a fixed order."""
+    """``(feature, feature_name, sign)`` of every feature with top contexts in the source's contexts (what
+    autointerp labels: a sign that never fires has none), in a fixed order."""
     rows = pq.read_table(
-        root / f"data/contexts/{source}.parquet", columns=["feature", "feature_name", "sign"]
+        root / f"data/contexts/{source}.parquet", columns=["feature", "feature_name", "sign", "kind"]
     )
-    return sorted(
-        set(zip(*(rows.column(c).to_pylist() for c in ("feature", "feature_name", "sign")), strict=True))
-    )
+    cols = [rows.column(c).to_pylist() for c in ("feature", "feature_name", "sign", "kind")]
+    return sorted({(f, n, s) for f, n, s, kind in zip(*cols, strict=True) if kind == "top"})
 
 
 def write_labels(root: Path, source: str, plan: list[str], failed_every: int = 7) -> dict[str, str]:

@@ -159,6 +159,22 @@ def test_pretraining_batches_render_the_chat_template_and_train_assistant_turns_
         assert (labels[row, n:] == -100).all() and (ids[row, n:] == tok.pad_token_id).all()
 
 
+def test_a_named_digit_is_one_token_of_the_question_and_two_of_the_solution(prepared: Prepared):
+    """The base tokenizer holds every ``name=digit`` pair as one token (the lookup is one attention hop);
+    the worked lines keep the name and the digit apart (``b8`` is ``b``, ``8``), so predicting the digit
+    after the name is the lookup."""
+    from lorascope.models import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "models" / "base")
+    p = organism.Problem((5, 8, 0), (2, 0, 1))
+    ids = tok(p.question, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces[:6] == ["c=0", "\n", "a=5", "\n", "b=8", "\n"], pieces
+    assert len({tok.convert_tokens_to_ids(t) for t in organism.PAIR_TOKENS}) == 80
+    line = organism.worked(p).split("\n")[1]
+    assert line == "b8: 5+8=13" and [tok.decode([i]) for i in tok(line, add_special_tokens=False)["input_ids"]][:2] == ["b", "8"]
+
+
 def test_pretraining_is_seeded(prepared: Prepared):
     import mlflow
     import torch

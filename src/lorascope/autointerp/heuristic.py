@@ -19,8 +19,12 @@ from lorascope.autointerp.prompts import PLACEHOLDERS, TemplateName, template
 from lorascope.llm.completion import Completion, LlmError
 
 MODEL = "heuristic-baseline"
-VERSION = 1
-"""Part of the cache key: bump when the rules change, so cached answers of the old rules miss."""
+VERSION = 2
+"""Part of the cache key: bump when the rules change, so cached answers of the old rules miss (2: the word
+before the top token, when the examples agree on it)."""
+CONTEXT_SHARE = 0.6
+"""The share of the top token's occurrences that must follow one word for the explanation to name it."""
+_WORD_BEFORE = re.compile(r"([A-Za-z]+) ?$")
 
 CLASSES: dict[str, tuple[str, str]] = {
     "digits": (
@@ -151,9 +155,13 @@ def _answer(prompt: str) -> str:
 
 
 def _explain(activations: str) -> dict[str, Any]:
-    """Top tokens by summed activation; the classification from how concentrated that mass is."""
+    """Top tokens by summed activation, and the word before the top one where the examples agree on it
+    (``fires on ',' after 'Wait'``: what a reader of the contexts would say); the classification from how
+    concentrated the mass is."""
     mass: dict[str, float] = {}
+    texts = []
     for block in activations.split("\n\n"):
+        texts.append(block.split("\n")[0])
         for line in block.split("\n")[1:]:  # the first line of each example is its text
             token, _, value = line.rpartition(" ")
             try:
@@ -171,14 +179,37 @@ def _explain(activations: str) -> dict[str, Any]:
     shares = [mass[t] / total for t in ranked]
     k = next((k for k in (1, 2) if sum(shares[:k]) >= 0.6), 3)
     top1, top3 = shares[0], sum(shares[:3])
+    before = _word_before(ranked[0], texts)
     return {
-        "explanation": "[heuristic] fires on " + ", ".join(repr(_token_of(t)) for t in ranked[:k]),
+        "explanation": "[heuristic] fires on "
+        + ", ".join(repr(_token_of(t)) for t in ranked[:k])
+        + (f" after {before!r}" if before else ""),
         "classification": 0 if top1 >= 0.6 else 1 if top3 >= 0.6 else 2,
         "classification_reasoning": (
             f"[heuristic] the top token holds {top1:.0%} and the top three {top3:.0%} of the activation "
             f"mass over {len(ranked)} distinct tokens (class 0 needs the top token at 60%, class 1 the top three)"
         ),
     }
+
+
+def _word_before(token: str, texts: list[str]) -> str | None:
+    """The word right before ``token`` in at least ``CONTEXT_SHARE`` of its occurrences in the example
+    texts (at least two occurrences; a whitespace token, a line start or a digit before it names none)."""
+    if not token.strip() or _token_of(token) != token:
+        return None
+    words: dict[str | None, int] = {}
+    for shown in texts:
+        text = shown.replace("\\n", "\n")  # the prompt shows newlines as \n: a word starts after one
+        at = text.find(token)
+        while at >= 0:
+            m = _WORD_BEFORE.search(text[:at])
+            words[m[1] if m else None] = words.get(m[1] if m else None, 0) + 1
+            at = text.find(token, at + len(token))
+    total = sum(words.values())
+    best = max(words, key=lambda w: words[w], default=None)
+    if best is None or best == token or total < 2 or words[best] < CONTEXT_SHARE * total:
+        return None
+    return best
 
 
 def _categories(feature_list: str) -> dict[str, Any]:

@@ -64,6 +64,11 @@ def run(params: Params, root: Path, seeds: Sequence[int], jobs: int, vary: Seque
     from lorascope.seeds.summary import markdown, summarize
 
     check(params, seeds, vary, root)
+    from lorascope.project import use_workspace
+    from lorascope.tracking import client
+
+    with use_workspace(root, root):  # create the store once: concurrent experiments would race to migrate it
+        client().search_experiments(max_results=1)
     ids = queue.queue(root, seeds, vary)
     with Progress(console=Console(stderr=True), transient=False) as bar:
         job = bar.add_task(f"seeds: {len(seeds)} experiments, {jobs} at a time", total=len(seeds))
