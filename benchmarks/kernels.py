@@ -32,7 +32,7 @@ SETTINGS = {
     },
 }
 
-OPS = r'''
+OPS = r"""
 import hashlib, json, sys, torch
 F = torch.nn.functional
 torch.manual_seed(0)
@@ -61,9 +61,9 @@ for k, f in ops.items():
     torch.manual_seed(2)
     out[k] = hashlib.md5(f().detach().contiguous().numpy().tobytes()).hexdigest()
 print(json.dumps(out))
-'''
+"""
 
-TRAIN = r'''
+TRAIN = r"""
 import json, sys, time, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 torch.manual_seed(0)
@@ -77,15 +77,21 @@ for _ in range(60):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward(); opt.step(); opt.zero_grad()
 print(json.dumps({"s": time.perf_counter() - t}))
-'''
+"""
 
 
 def child(code: str, env: dict[str, str], emulate: str | None = None) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+    }
     cmd = [sys.executable, "-c", code]
     if emulate:
         cmd = ["qemu-x86_64", "-cpu", emulate, *cmd]
-    done = subprocess.run(cmd, env={**base, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        cmd, env={**base, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -298,13 +298,18 @@ def test_heuristic_names_the_word_before_the_top_token_where_the_examples_agree(
     label = parse_label(ask(HeuristicClient(), explain_prompt([*wait[:1], *other], 9.0)))
     assert label.explanation == "[heuristic] fires on ','"  # 1 of 2: no agreement
     lines = [Example(["1", "\n", "b", "8"], [0, 0, 7.0, 0])] * 3  # after a line break: no word
-    assert parse_label(ask(HeuristicClient(), explain_prompt(lines, 7.0))).explanation == "[heuristic] fires on 'b'"
+    assert (
+        parse_label(ask(HeuristicClient(), explain_prompt(lines, 7.0))).explanation
+        == "[heuristic] fires on 'b'"
+    )
 
 
 def test_heuristic_spread_feature_is_polysemantic() -> None:
     spread = feature([(f" w{i}", 1.0) for i in range(12)])
     label = parse_label(ask(HeuristicClient(), explain_prompt(spread, 1.0)))
-    assert label.classification == 2 and label.explanation == "[heuristic] fires on 'w0', 'w1', 'w2' after 'is'"
+    assert (
+        label.classification == 2 and label.explanation == "[heuristic] fires on 'w0', 'w1', 'w2' after 'is'"
+    )
 
 
 def test_heuristic_whitespace_token_round_trips() -> None:

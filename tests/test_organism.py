@@ -172,7 +172,9 @@ def test_a_named_digit_is_one_token_of_the_question_and_two_of_the_solution(prep
     assert pieces[:6] == ["c=0", "\n", "a=5", "\n", "b=8", "\n"], pieces
     assert len({tok.convert_tokens_to_ids(t) for t in organism.PAIR_TOKENS}) == 80
     line = organism.worked(p).split("\n")[1]
-    assert line == "b8: 5+8=13" and [tok.decode([i]) for i in tok(line, add_special_tokens=False)["input_ids"]][:2] == ["b", "8"]
+    assert line == "b8: 5+8=13" and [
+        tok.decode([i]) for i in tok(line, add_special_tokens=False)["input_ids"]
+    ][:2] == ["b", "8"]
 
 
 def test_pretraining_is_seeded(prepared: Prepared):

@@ -9,10 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from lorascope import tracking
+from lorascope import organism, tracking
 from lorascope.errors import LorascopeError
-from lorascope import organism
-    from lorascope.prepare import synthetic
+from lorascope.prepare import synthetic
 from lorascope.prepare.stage import run
 from lorascope.prepare.validation import validate
 

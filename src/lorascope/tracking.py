@@ -121,13 +121,12 @@ def experiment_id(stage: str) -> str:
 # ------------------------------------------------------------------------------------- digests
 def dvc_md5(path: str | Path) -> str:
     """The md5 DVC records for ``path``: the file's md5, or ``<md5>.dir`` for a directory."""
+    from dvc.ignore import DvcIgnoreFilter
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_data.hashfile.hash import file_md5
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
-
-    from dvc.ignore import DvcIgnoreFilter
 
     fs, path = LocalFileSystem(), str(Path(path).resolve())
     if not Path(path).is_dir():

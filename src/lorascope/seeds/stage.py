@@ -71,7 +71,7 @@ def run(params: Params, root: Path, seeds: Sequence[int], jobs: int, vary: Seque
         client().search_experiments(max_results=1)
     ids = queue.queue(root, seeds, vary)
     with Progress(console=Console(stderr=True), transient=False) as bar:
-        job = bar.add_task(f"seeds: {len(seeds)} experiments, {jobs} at a time", total=len(seeds))
+        job = bar.add_task(f"seeds: {len(seeds)} DVC experiment(s), {jobs} at a time", total=len(seeds))
         state = queue.run(root, ids, jobs, lambda done: bar.update(job, completed=done))
     results: list[SeedResult] = []
     failed: dict[int, str] = {}
@@ -81,10 +81,10 @@ def run(params: Params, root: Path, seeds: Sequence[int], jobs: int, vary: Seque
             failed[seed] = queue.failure(root, seed)
             continue
         results.append(read(root, queue.experiment_name(seed), seed, triple))
+    if not results:  # nothing to report: an earlier report stays as it was
+        raise LorascopeError(f"seeds: no seed finished ({'; '.join(f'{s}: {w}' for s, w in failed.items())})")
     report = summarize(results, failed, params.steer.alphas, same_base="base" not in vary)
     (root / paths.REPORTS).mkdir(parents=True, exist_ok=True)
     write_json(root / REPORT_JSON, report)
     write_text(root / REPORT_MD, markdown(report))
-    if not results:
-        raise LorascopeError(f"seeds: no seed finished ({'; '.join(f'{s}: {w}' for s, w in failed.items())})")
     return report
