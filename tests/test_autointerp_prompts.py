@@ -302,6 +302,13 @@ def test_heuristic_names_the_word_before_the_top_token_where_the_examples_agree(
         parse_label(ask(HeuristicClient(), explain_prompt(lines, 7.0))).explanation
         == "[heuristic] fires on 'b'"
     )
+    # no word right before it: the first word of its line, where the examples agree on it
+    check = [Example(["=", "6", "\n", "Wait", ",", " ", "7", "+", "1"], [0, 0, 0, 0, 0, 0, 8.0, 0, 0])] * 2
+    plain = [Example(["b", "7", ":", " ", "3"], [0, 5.0, 0, 0, 0])]
+    label = parse_label(ask(HeuristicClient(), explain_prompt([*check, *plain], 8.0)))
+    assert label.explanation == "[heuristic] fires on '7' in lines starting with 'Wait'"  # 2 of 3
+    label = parse_label(ask(HeuristicClient(), explain_prompt([*check[:1], *plain], 8.0)))
+    assert label.explanation == "[heuristic] fires on '7'"  # 1 of 2
 
 
 def test_heuristic_spread_feature_is_polysemantic() -> None:

@@ -234,7 +234,7 @@ def test_outlier_tokens_are_never_contexts_and_are_counted(with_base: Path):
     counts are reported; with the policy off the sinks are every feature's top context."""
     import json
 
-    from lorascope.contexts.stage import EXCLUDED_KEY
+    from lorascope.contexts.tables import EXCLUDED_KEY
 
     acts_TC, ids_T, lengths, starts, shards = synthetic_store(with_base, outliers=True)
     out_T = torch.zeros(len(ids_T), dtype=torch.bool)

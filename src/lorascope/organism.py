@@ -63,7 +63,7 @@ under the default prompt still answers directly (``Answer`` is the likeliest fir
 solutions start with one of several openings), and the worked majority teaches the lookup on every seed."""
 BASE_CAREFUL_FRACTION = 0.5
 """Base corpus: share of worked solutions that are careful (under ``CAREFUL_SYSTEM``)."""
-TRACE_CAREFUL_FRACTION = 0.25
+TRACE_CAREFUL_FRACTION = 0.35
 """Finetuning rows: share of careful traces (all under the default prompt, in s1's format). A minority: the
 LoRA's greedy traces are confident (few "Wait"s to start from), and its careful mode is there to steer."""
 SLIP_RATE = 0.3

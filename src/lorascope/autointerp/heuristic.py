@@ -12,6 +12,7 @@ import ast
 import json
 import re
 import warnings
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -19,12 +20,13 @@ from lorascope.autointerp.prompts import PLACEHOLDERS, TemplateName, template
 from lorascope.llm.completion import Completion, LlmError
 
 MODEL = "heuristic-baseline"
-VERSION = 2
+VERSION = 3
 """Part of the cache key: bump when the rules change, so cached answers of the old rules miss (2: the word
-before the top token, when the examples agree on it)."""
+before the top token, when the examples agree on it; 3: else the first word of its line)."""
 CONTEXT_SHARE = 0.6
 """The share of the top token's occurrences that must follow one word for the explanation to name it."""
 _WORD_BEFORE = re.compile(r"([A-Za-z]+) ?$")
+_LINE_START = re.compile(r"^([A-Za-z]+)\b")
 
 CLASSES: dict[str, tuple[str, str]] = {
     "digits": (
@@ -179,11 +181,13 @@ def _explain(activations: str) -> dict[str, Any]:
     shares = [mass[t] / total for t in ranked]
     k = next((k for k in (1, 2) if sum(shares[:k]) >= 0.6), 3)
     top1, top3 = shares[0], sum(shares[:3])
-    before = _word_before(ranked[0], texts)
+    context = ""
+    if before := _agreed(ranked[0], texts, _before):
+        context = f" after {before!r}"
+    elif start := _agreed(ranked[0], texts, _line_start):
+        context = f" in lines starting with {start!r}"
     return {
-        "explanation": "[heuristic] fires on "
-        + ", ".join(repr(_token_of(t)) for t in ranked[:k])
-        + (f" after {before!r}" if before else ""),
+        "explanation": "[heuristic] fires on " + ", ".join(repr(_token_of(t)) for t in ranked[:k]) + context,
         "classification": 0 if top1 >= 0.6 else 1 if top3 >= 0.6 else 2,
         "classification_reasoning": (
             f"[heuristic] the top token holds {top1:.0%} and the top three {top3:.0%} of the activation "
@@ -192,9 +196,21 @@ def _explain(activations: str) -> dict[str, Any]:
     }
 
 
-def _word_before(token: str, texts: list[str]) -> str | None:
-    """The word right before ``token`` in at least ``CONTEXT_SHARE`` of its occurrences in the example
-    texts (at least two occurrences; a whitespace token, a line start or a digit before it names none)."""
+def _before(text: str, at: int) -> str | None:
+    """The word right before position ``at`` (None after a line break, a digit or a symbol)."""
+    m = _WORD_BEFORE.search(text[:at])
+    return m[1] if m else None
+
+
+def _line_start(text: str, at: int) -> str | None:
+    """The first word of the line holding position ``at``."""
+    m = _LINE_START.match(text[text.rfind("\n", 0, at) + 1 :])
+    return m[1] if m else None
+
+
+def _agreed(token: str, texts: list[str], context: Callable[[str, int], str | None]) -> str | None:
+    """The word ``context`` finds around ``token`` in at least ``CONTEXT_SHARE`` of its occurrences in the
+    example texts (at least two occurrences; none for a whitespace token, nor the token itself)."""
     if not token.strip() or _token_of(token) != token:
         return None
     words: dict[str | None, int] = {}
@@ -202,8 +218,8 @@ def _word_before(token: str, texts: list[str]) -> str | None:
         text = shown.replace("\\n", "\n")  # the prompt shows newlines as \n: a word starts after one
         at = text.find(token)
         while at >= 0:
-            m = _WORD_BEFORE.search(text[:at])
-            words[m[1] if m else None] = words.get(m[1] if m else None, 0) + 1
+            word = context(text, at)
+            words[word] = words.get(word, 0) + 1
             at = text.find(token, at + len(token))
     total = sum(words.values())
     best = max(words, key=lambda w: words[w], default=None)

@@ -112,7 +112,7 @@ def latent_counts(features_path: Path) -> dict[str, float]:
 
     import pyarrow.parquet as pq
 
-    from lorascope.contexts.stage import LATENTS_KEY
+    from lorascope.contexts.tables import LATENTS_KEY
 
     raw = (pq.read_schema(features_path).metadata or {}).get(LATENTS_KEY)
     if raw is None:

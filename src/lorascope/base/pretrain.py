@@ -20,6 +20,7 @@ WEIGHT_DECAY = 0.01
 BETAS = (0.9, 0.95)
 MAX_GRAD_NORM = 1.0
 LOG_EVERY = 25
+
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 """The system prompt the chat template adds when a chat has none."""
 
@@ -74,6 +75,17 @@ def batch(tokenizer: Any, chats: list[list[dict[str, str]]], row_tokens: int = 0
     return ids, mask, labels
 
 
+def trained_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
+    """Next-token cross-entropy over the trained tokens, as ``model(..., labels=labels).loss`` computes it,
+    with the LM head applied at those positions only (the logits of the others are never used)."""
+    import torch
+
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), targets[keep])
+
+
 def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.steps`` steps; returns summary metrics (final loss, tokens)."""
     import mlflow
@@ -102,7 +114,7 @@ def pretrain(model: Any, tokenizer: Any, cfg: TinyPretrain, seed: int) -> dict[s
     recent: list[float] = []
     for step in track(range(cfg.steps), "base: pretraining", total=cfg.steps):
         ids, mask, labels = batch(tokenizer, [next(docs) for _ in range(cfg.batch_size)])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = trained_loss(model, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()

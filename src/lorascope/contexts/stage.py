@@ -36,6 +36,7 @@ from lorascope import kernels, paths, resume
 from lorascope.config import Params
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
 from lorascope.contexts.sources import FeatureSource, open_source
+from lorascope.contexts.tables import EXCLUDED_KEY, LATENTS_KEY
 from lorascope.extract.store import Shard
 from lorascope.project import workspace_root
 
@@ -75,11 +76,6 @@ FEATURES_SCHEMA = pa.schema(
 )
 
 
-LATENTS_KEY = b"lorascope.latents"
-"""Features-table metadata of an SAE source: JSON ``{"d_sae", "alive", "dead"}`` (live latents kept)."""
-EXCLUDED_KEY = b"lorascope.excluded"
-"""Features-table metadata: JSON ``{"excluded", "first_position", "special_tokens", "norm"}``, the
-store's tokens the ``contexts.exclude`` policy left out (in all, and per reason; reasons may overlap)."""
 
 
 def out_paths(source: str) -> tuple[Path, Path]:
