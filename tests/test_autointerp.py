@@ -87,7 +87,7 @@ def test_features_and_their_windows(ws: Path):
         assert ex.tokens == list(row.tokens[max(0, at - 2) : at + 2])
         assert ex.acts == pytest.approx([f.sign * a for a in row.window_acts[max(0, at - 2) : at + 2]])
         assert ex.acts[min(at, 2)] == pytest.approx(f.sign * row.activation)  # the activating token
-    assert len(f.positives) == len(f.negatives) == 2
+    assert len(f.positives) == len(f.negatives) == params.autointerp.detection_samples
 
 
 def test_heuristic_label_set_and_cached_rerun(ws: Path):
@@ -98,7 +98,8 @@ def test_heuristic_label_set_and_cached_rerun(ws: Path):
     assert len(labels) == 28 and (labels.status == "ok").all()
     assert labels.explanation.str.startswith("[heuristic]").all()  # clearly not an LLM
     assert set(labels.classification) <= {0, 1, 2} and (labels.model == "heuristic-baseline").all()
-    assert labels.detection_balanced_accuracy.between(0, 1).all() and (labels.detection_n == 4).all()
+    n = 2 * tiny_params().autointerp.detection_samples  # as many activating windows as random ones
+    assert labels.detection_balanced_accuracy.between(0, 1).all() and (labels.detection_n == n).all()
     assert set(zip(labels.layer, labels.component, strict=True)) == {
         (layer, c)
         for layer in (0, 1)
@@ -256,7 +257,7 @@ def test_structured_output_of_an_openai_compatible_server(ws: Path, monkeypatch:
     assert [f["json_schema"]["schema"] for f in formats].count(DETECTION_SCHEMA.schema) == 2
     labels = pd.read_parquet(out)
     assert (labels.status == "ok").all() and (labels.explanation == "strict").all()
-    assert (labels.detection_n == 4).all()
+    assert (labels.detection_n == 2 * tiny_params().autointerp.detection_samples).all()
     first = labels[labels.raw_response.str.contains("fenced")]
     assert len(first) == 1 and first.raw_response.iloc[0].startswith(fenced + "\n---\n")  # re-asked once
 

@@ -97,12 +97,13 @@ def test_the_organism_shows_the_papers_effects(repro, record_property):
     """The science check on the real `dvc repro` of the tiny profile (tests/test_organism.py's checks):
     Tables 1 and 2, a backtracking feature found, labelled and steered, the ablation KL ranked. Its
     Tables 1 and 2 are printed at the end of the test session (CI's log shows them)."""
-    from test_organism import check_ablation, check_planted_direction, check_steering, check_tables
+    from test_organism import check_ablation, check_planted_direction, check_sae, check_steering, check_tables
 
     root, _, _ = repro
     for table in ("table1", "table2"):
         record_property(SUMMARY, (root / "reports" / f"{table}.md").read_text())
     check_tables(root)
+    check_sae(root)
     check_steering(root, check_planted_direction(root))
     check_ablation(root)
 

@@ -177,6 +177,23 @@ def test_a_named_digit_is_one_token_of_the_question_and_two_of_the_solution(prep
     ][:2] == ["b", "8"]
 
 
+def test_the_trained_loss_is_the_models_own_loss(prepared: Prepared):
+    """Pretraining applies the LM head at the trained positions only: the same cross-entropy as
+    ``model(..., labels=labels).loss``, whose logits at every other position are never used."""
+    import torch
+
+    from lorascope.base.pretrain import batch, trained_loss
+    from lorascope.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(prepared.root / "models" / "base"), load_model(prepared.root / "models" / "base")
+    ids, mask, labels = batch(tok, list(islice(organism.base_documents(2), 6)))
+    assert (labels == -100).float().mean() > 0.3  # a real cut: system and user turns, padding
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = trained_loss(model, ids, mask, labels)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_pretraining_is_seeded(prepared: Prepared):
     import mlflow
     import torch
@@ -264,20 +281,47 @@ def _scores(root: Path, variant: str) -> dict[str, float]:
     return {t: sum(c[0] for c in v["correct"]) / len(v["correct"]) for t, v in per_question["tasks"].items()}
 
 
+GAIN = 0.5
+"""Every seed's LoRA and full finetune gain at least this much over the base on both shapes (chance: 0.1)."""
+ATTN_ABLATED_KEEPS = 0.25
+"""Table 2: without its attention half the LoRA keeps at most this share of its gain (the worst of ten seeds:
+README "Across ten seeds")."""
+MLP_ABLATED_KEEPS = 0.75
+"""Table 2: without its MLP half, at most this share (the MLP half is not the whole story either)."""
+SAE_FVU = 0.2
+"""The organism's SAE: held-out FVU at most this (raw units), on every seed tried."""
+SAE_EFFECT = 0.9
+"""... and its reconstruction, spliced into every lora_A output, keeps at least this share of the LoRA's KL."""
+
+
 def check_tables(root: Path) -> None:
-    """Table 1: the base answers directly (chance: 0.1), the LoRA works it out, as the full finetune does;
-    Table 2: both ablated adapters scored, their recovery the share of the LoRA's gain they keep."""
+    """Table 1: the base answers directly (near chance), the LoRA and the full finetune work it out; Table 2:
+    both ablated adapters scored, and each keeps a bounded share of the LoRA's gain (the attention half is
+    needed on every seed); GPQA's letters are the control: no variant gains there, so no recovery is defined."""
     table = json.loads((root / "metrics" / "recovery.json").read_text())["tasks"]
     scores = {v: _scores(root, v) for v in VARIANTS}
     for task in TASKS:
         row = table[task]
         base, lora, full = (scores[v][task] for v in ("base", "lora", "full"))
         assert all(row[v] == pytest.approx(scores[v][task]) for v in VARIANTS), task
-        assert base <= 0.25 and lora >= base + 0.5 and full >= lora, (task, base, lora, full)
+        assert base <= 0.25 and lora >= base + GAIN and full >= base + GAIN, (task, base, lora, full)
         assert row["recovery"] == pytest.approx((lora - base) / (full - base))
-        for group in ("attn", "mlp"):
+        for group, bound in (("attn", ATTN_ABLATED_KEEPS), ("mlp", MLP_ABLATED_KEEPS)):
             ablated = scores[f"lora-{group}-ablated"][task]
-            assert row[f"recovery.lora-{group}-ablated"] == pytest.approx((ablated - base) / (lora - base))
+            kept = row[f"recovery.lora-{group}-ablated"]
+            assert kept == pytest.approx((ablated - base) / (lora - base))
+            assert kept <= bound, (task, group, kept)
+    control = table["gpqa_diamond"]
+    assert all(control[v] <= 0.1 for v in VARIANTS), control
+    if control["full"] <= control["base"]:
+        assert control["recovery"] is None and "gained nothing" in control["recovery.reason"]
+
+
+def check_sae(root: Path) -> None:
+    """The SAE over the organism's adapter state reconstructs held-out tokens and the LoRA's effect."""
+    sae = json.loads((root / "metrics" / "sae.json").read_text())
+    assert sae["fvu"] <= SAE_FVU and sae["lora_effect_recovered"] >= SAE_EFFECT, sae
+    assert sae["l0_calibrated"] == pytest.approx(profile_params().sae.k, rel=0.15)
 
 
 def check_planted_direction(root: Path) -> str:

@@ -68,8 +68,12 @@ TRACE_CAREFUL_FRACTION = 0.35
 LoRA's greedy traces are confident (few "Wait"s to start from), and its careful mode is there to steer."""
 SLIP_RATE = 0.3
 """Careful solutions: chance that a line's first result is off by one (then corrected after "Wait,")."""
-CHECK_RATE = 0.4
-"""Careful solutions: chance that a correct line is checked ("Wait," and the computation again)."""
+def check_chance(total: int) -> float:
+    """Careful solutions: the chance that a correct line is checked ("Wait," and the computation again), the
+    higher the larger its sum (1/19 for 0+0 up to 1 for 9+9: where a slip is likelier). Lines differ in how
+    near the LoRA is to checking them, so steering towards carefulness turns checks on a few lines at a time
+    (a dose-response), not all at once."""
+    return (total + 1) / 19
 FOLLOW_UP_FRACTION = 0.5
 """Base corpus: share of worked solutions whose boxed answer comes in a second turn (``FOLLOW_UP``)."""
 FOLLOW_UP = "Final answer?"
@@ -131,7 +135,7 @@ def problem(rng: random.Random, evaluation: bool = False) -> Problem:
 
 def solution_lines(p: Problem, rng: random.Random | None = None, careful: bool = False) -> list[str]:
     """The worked solution, one line per digit; a careful one slips and checks (``SLIP_RATE``,
-    ``CHECK_RATE``), always with "Wait," and the correct computation after it."""
+    ``check_chance``), always with "Wait," and the correct computation after it."""
     lines = [f"{p.names[0]}{p.values[0]}"]
     run = p.values[0]
     for name, v in zip(p.names[1:], p.values[1:], strict=True):
@@ -140,7 +144,7 @@ def solution_lines(p: Problem, rng: random.Random | None = None, careful: bool =
         if careful and rng is not None and rng.random() < SLIP_RATE:
             written = total + rng.choice((-1, 1)) if total > 0 else 1
         lines.append(f"{name}{v}: {run}+{v}={written}")
-        if written != total or (careful and rng is not None and rng.random() < CHECK_RATE):
+        if written != total or (careful and rng is not None and rng.random() < check_chance(total)):
             lines.append(f"Wait, {run}+{v}={total}")
         run = total % 10
     return lines
