@@ -56,9 +56,17 @@ class _SdkClient(ABC, Generic[S]):
             self._sdk_by_loop[loop] = self._new_sdk()
         return self._sdk_by_loop[loop]
 
-    @abstractmethod
+    sdk: type[S]
+    """The SDK's async client class."""
+
     def _new_sdk(self) -> S:
         """An SDK client with this client's key, base URL, retries and timeout."""
+        return self.sdk(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            max_retries=self.max_retries,
+            timeout=self.timeout_s,
+        )
 
     @abstractmethod
     def _params(
@@ -106,6 +114,8 @@ class _SdkClient(ABC, Generic[S]):
 class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
     """Chat completions through ``openai.AsyncOpenAI`` (OpenAI itself or any compatible server)."""
 
+    sdk = openai.AsyncOpenAI
+
     def __init__(
         self,
         backend: Literal["openai", "openai-compatible"],
@@ -120,14 +130,6 @@ class OpenAIClient(_SdkClient[openai.AsyncOpenAI]):
         super().__init__(model, base_url, api_key, max_retries, timeout_s, structured_output)
         self.backend = backend
         self.reasoning_effort = reasoning_effort
-
-    def _new_sdk(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            api_key=self._api_key,
-            base_url=self.base_url,
-            max_retries=self.max_retries,
-            timeout=self.timeout_s,
-        )
 
     def _params(
         self, prompt: str, max_tokens: int, temperature: float | None, schema: JsonSchema | None
@@ -181,14 +183,7 @@ class AnthropicClient(_SdkClient[anthropic.AsyncAnthropic]):
     """Messages through ``anthropic.AsyncAnthropic``."""
 
     backend: Backend = "anthropic"
-
-    def _new_sdk(self) -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(
-            api_key=self._api_key,
-            base_url=self.base_url,
-            max_retries=self.max_retries,
-            timeout=self.timeout_s,
-        )
+    sdk = anthropic.AsyncAnthropic
 
     def _params(
         self, prompt: str, max_tokens: int, temperature: float | None, schema: JsonSchema | None
