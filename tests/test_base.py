@@ -33,7 +33,9 @@ def test_tiny_model_is_a_real_qwen2_of_the_params_shape(tiny: Path, prepared: Pr
     assert layer.mlp.down_proj.weight.shape == (cfg.hidden_size, cfg.intermediate_size)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * head_dim, cfg.hidden_size)
-    assert model.config.rope_parameters["rope_theta"] == cfg.rope_theta == 1e6  # the organism's content lookup
+    assert (
+        model.config.rope_parameters["rope_theta"] == cfg.rope_theta == 1e6
+    )  # the organism's content lookup
     tok = load_tokenizer(tiny)
     ids = tok("So the answer is 42.", return_tensors="pt")["input_ids"]
     logits = model(ids).logits

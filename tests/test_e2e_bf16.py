@@ -19,7 +19,9 @@ from conftest import tiny_raw
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 BF16 = {
-    "base": {"seed": 3},  # a seed triple other than the committed lock's (3, 3, 3): nothing is tuned to one seed
+    "base": {
+        "seed": 3
+    },  # a seed triple other than the committed lock's (3, 3, 3): nothing is tuned to one seed
     "finetune": {"precision": "bfloat16", "seed": 3},
     "extract": {"precision": "bfloat16", "dtype": "bfloat16"},
     "sae": {"precision": "bfloat16", "seed": 3},

@@ -185,7 +185,10 @@ def test_the_trained_loss_is_the_models_own_loss(prepared: Prepared):
     from lorascope.base.pretrain import batch, trained_loss
     from lorascope.models import load_model, load_tokenizer
 
-    tok, model = load_tokenizer(prepared.root / "models" / "base"), load_model(prepared.root / "models" / "base")
+    tok, model = (
+        load_tokenizer(prepared.root / "models" / "base"),
+        load_model(prepared.root / "models" / "base"),
+    )
     ids, mask, labels = batch(tok, list(islice(organism.base_documents(2), 6)))
     assert (labels == -100).float().mean() > 0.3  # a real cut: system and user turns, padding
     with torch.no_grad():

@@ -204,10 +204,16 @@ def test_init_is_seeded_with_unit_decoder_rows_and_a_tied_encoder():
 
 def test_encode_keeps_only_activations_above_the_threshold():
     sae, x = random_sae(), data(40)
-    np.testing.assert_allclose(sae.pre_acts(x).detach().double().numpy(), numpy_pre(sae, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        sae.pre_acts(x).detach().double().numpy(), numpy_pre(sae, x), rtol=1e-4, atol=1e-4
+    )
     with torch.no_grad():
-        pre32 = sae.pre_acts(x).numpy()  # the float32 values encode compares (their last bits are the kernels')
-    t32 = float(np.sort(pre32[pre32 > 0])[len(pre32[pre32 > 0]) // 2])  # a value that occurs: equal is not above
+        pre32 = sae.pre_acts(
+            x
+        ).numpy()  # the float32 values encode compares (their last bits are the kernels')
+    t32 = float(
+        np.sort(pre32[pre32 > 0])[len(pre32[pre32 > 0]) // 2]
+    )  # a value that occurs: equal is not above
     sae.threshold.fill_(t32)
     with torch.no_grad():
         got = sae.encode(x).double().numpy()

@@ -68,12 +68,16 @@ TRACE_CAREFUL_FRACTION = 0.35
 LoRA's greedy traces are confident (few "Wait"s to start from), and its careful mode is there to steer."""
 SLIP_RATE = 0.3
 """Careful solutions: chance that a line's first result is off by one (then corrected after "Wait,")."""
+
+
 def check_chance(total: int) -> float:
     """Careful solutions: the chance that a correct line is checked ("Wait," and the computation again), the
     higher the larger its sum (1/19 for 0+0 up to 1 for 9+9: where a slip is likelier). Lines differ in how
     near the LoRA is to checking them, so steering towards carefulness turns checks on a few lines at a time
     (a dose-response), not all at once."""
     return (total + 1) / 19
+
+
 FOLLOW_UP_FRACTION = 0.5
 """Base corpus: share of worked solutions whose boxed answer comes in a second turn (``FOLLOW_UP``)."""
 FOLLOW_UP = "Final answer?"

@@ -14,11 +14,11 @@ class TinyPretrain(Section):
     direct answers under the default system prompt, worked solutions (confident, or careful with
     "Wait," checks under a careful system prompt), loss on the assistant turn."""
 
-    steps: Annotated[int, Field(ge=0)] = 1600
+    steps: Annotated[int, Field(ge=0)] = 2400
     """Optimizer steps; 0 keeps the random initialisation (no organism: every score near zero)."""
     batch_size: PositiveInt = 8
-    """Chats per step (right-padded). Many small steps: the lookup of a digit by its name forms after about
-    1000 steps of 8 on every seed tried, where 600 steps of 32 (as many chats) formed it on one seed in three."""
+    """Chats per step (right-padded). Many small steps: 600 steps of 32 formed the lookup of a digit by its name on one
+    seed in three; 1600 steps of 8 on 9 of 10 (base seed 5 looked up 65% of the digits right); 2400 on all ten."""
     lr: PositiveFloat = 1.0e-2
     """Peak AdamW learning rate (5% linear warmup, cosine decay to zero, gradient norm clipped at 1)."""
 

@@ -76,8 +76,6 @@ FEATURES_SCHEMA = pa.schema(
 )
 
 
-
-
 def out_paths(source: str) -> tuple[Path, Path]:
     """``(contexts table, features table)`` of ``source``."""
     root = workspace_root()
