@@ -372,7 +372,8 @@ def test_markdown_rows_failed_seeds_and_base_note(three_seeds: list[SeedResult])
     assert len(rows) == 2
     assert rows[0].startswith("| 0 | `label:Wait` | `sae.3` | 0.90 / 0.20 / 0.40 | no |")
     assert rows[1].startswith("| 1 | `label:Wait` | `sae.3` | 0.70 / 0.30 / 0.30 | no |")
-    assert "chance baseline" in md
+    directions, features = md.split("## Direction stability", 1)[1].split("## Feature stability", 1)
+    assert "chance baseline" in directions and "chance baseline" in features
     # Table 1 per seed: one row per seed under the task
     table = md.split(f"**{TASK}**", 1)[1].split("\n\n", 2)[1]
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| 0", "| 1"]

@@ -252,6 +252,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"## Feature stability (SAE latents matched at decoder cosine >= {stab['matched_at']})",
         "",
+    ]
+    if not report["same_base"]:
+        lines += [
+            "Each seed's SAE reads its own adapter on its own base model, so latents are not expected to match "
+            "(`--vary finetune,sae` keeps one base): this is the chance baseline.",
+            "",
+        ]
+    lines += [
         "| seeds | live latents | matched | share matched | same label | same category | mean assigned cosine |",
         "|---|---|---|---|---|---|---|",
     ]
