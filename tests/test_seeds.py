@@ -392,6 +392,14 @@ def test_markdown_rows_failed_seeds_and_base_note(three_seeds: list[SeedResult])
     assert steering_rows(summary.markdown(report)) == [
         "| 9 | `label:Wait` | `sae.3` | 0.10 / 0.20 / 0.30 | yes |"
     ]
+    # a seed whose labels matched no selector: reported as such, and it did not rise
+    one.steer = {"selectors": {}, "directions": {}, "unmatched": {"label:Wait": "no ok label matches it"}}
+    report = summary.summarize([one], {}, [0.0, 0.5, 2.0], same_base=True)
+    assert report["per_seed"][9]["steer.label:Wait.rises"] == 0.0
+    assert "steer.label:Wait.first" not in report["per_seed"][9]
+    assert steering_rows(summary.markdown(report)) == [
+        "| 9 | `label:Wait` | — (no ok label matches it) | — | no |"
+    ]
 
 
 # ------------------------------------------------------------------------------ the queue

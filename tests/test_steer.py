@@ -300,3 +300,28 @@ def test_bad_input_is_one_line(steer_workspace: Path):
         "error: steer.directions: unknown direction 'L1.nope'"
     )
     assert not (steer_workspace / "data/steer").exists()
+
+
+def test_a_selector_no_label_matches_is_recorded_and_steers_nothing(steer_workspace: Path, capfd):
+    """No label matching ``label:`` is a finding about the labels, not bad input: the stage steers the other
+    directions, records the selector under ``unmatched`` (no absolute path: a DVC output) and exits 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope.autointerp.labelling import LABEL_COLUMNS
+    from lorascope.steer import stage
+
+    row = dict.fromkeys(LABEL_COLUMNS)
+    row.update(source="lora", feature=0, feature_name="L0.q_proj+", sign=1, explanation="digits", status="ok",
+               classification=1, detection_balanced_accuracy=0.9)  # fmt: skip
+    (steer_workspace / "data/interp").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([row]), steer_workspace / "data/interp/lora.parquet")
+    params = tiny_params(
+        steer={"directions": ["label:Wait", "L1.gate_proj"], "alphas": [0], "limit": 1, "max_new_tokens": 2}
+    )
+    out = stage.run(params)
+    metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
+    assert metrics["unmatched"] == {"label:Wait": "no ok label of lora.parquet matches it"}
+    assert metrics["selectors"] == {} and set(metrics["directions"]) == {"L1.gate_proj"}
+    assert set(pd.read_parquet(out / "generations.parquet").direction) == {"L1.gate_proj"}
+    assert "'label:Wait' matches no ok label in" in capfd.readouterr().err

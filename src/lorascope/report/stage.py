@@ -164,6 +164,7 @@ def steering_table(steer: dict[str, Any]) -> Table:
     notes = [f"backtracking words: {words}; {steer.get('prompts', '?')} prompts"]
     notes += [f"{k}: {v}" for k, v in (steer.get("backtrack_counts") or {}).items()]
     notes += [f"{sel} chose {name}" for sel, name in (steer.get("selectors") or {}).items()]
+    notes += [f"{sel}: {why}; nothing steered" for sel, why in (steer.get("unmatched") or {}).items()]
     header = ["direction", "alpha", "backtracks per 1000 tokens"]
     header += ["backtracking words per 100 words (paper's count)"] if paper else []
     return Table([*header, "mean tokens", "accuracy"], rows, notes)

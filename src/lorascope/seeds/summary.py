@@ -79,6 +79,8 @@ def effects(r: SeedResult, alphas: Sequence[float]) -> dict[str, float | None]:
         if curve:
             out[f"steer.{selector}.first"], out[f"steer.{selector}.last"] = curve[0], curve[-1]
             out[f"steer.{selector}.rises"] = float(rising(curve))
+    for selector in r.steer.get("unmatched", {}):  # no label matched: nothing steered, nothing rose
+        out[f"steer.{selector}.rises"] = 0.0
     return out
 
 
@@ -170,6 +172,15 @@ def summarize(
                 }
                 for selector, name in steered(r).items()
             }
+            | {
+                selector: {
+                    "direction": None,
+                    "alphas": list(alphas),
+                    "backtracks_per_1k": [],
+                    "unmatched": why,
+                }
+                for selector, why in r.steer.get("unmatched", {}).items()
+            }
             for r in results
         },
         "stability": stability(results),
@@ -230,6 +241,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for s in seeds:
         for selector, c in report["steering"][s].items():
+            if c["direction"] is None:
+                lines.append(f"| {s} | `{selector}` | — ({c['unmatched']}) | — | no |")
+                continue
             curve = " / ".join(_f(v, 2) for v in c["backtracks_per_1k"])
             lines.append(
                 f"| {s} | `{selector}` | `{c['direction']}` | {curve} | {'yes' if rising(c['backtracks_per_1k']) else 'no'} |"

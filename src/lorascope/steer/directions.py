@@ -13,8 +13,9 @@ A LoRA name may carry a sign (``L3.q_proj-``: the negative side of the direction
 ``data/interp/lora.parquet`` and ``data/interp/sae.parquet`` (live SAE latents only) whose explanation
 matches the regex (case-insensitive ``re.search``), the one with the highest detection balanced accuracy
 (then the lowest class, SAE before LoRA, the lowest id); so a profile names what to steer (e.g. backtracking)
-rather than a placeholder component. A name that does not exist, a dead latent, a selector that matches
-nothing or an empty list is a one-line error: nothing is ever steered along a stand-in.
+rather than a placeholder component. A name that does not exist, a dead latent, a bad regex or an empty list
+is a one-line error; a selector that no label matches (``NoLabelMatch``) is a finding about the labels, which
+the stage records and steers nothing for: nothing is ever steered along a stand-in.
 
 Typical magnitudes come from the contexts stage's feature tables (statistics over the whole store).
 """
@@ -124,6 +125,17 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
     )
 
 
+class NoLabelMatch(LorascopeError):
+    """No ok label (of a live feature) matches a ``label:`` selector's regex."""
+
+    def __init__(self, selector: str, files: Sequence[Path]) -> None:
+        super().__init__(
+            f"steer.directions: {selector!r} matches no ok label in {', '.join(map(str, files))}"
+        )
+        self.finding = f"no ok label of {' or '.join(p.name for p in files)} matches it"
+        """What the stage records (no absolute path: it goes into a DVC output)."""
+
+
 def select_by_label(selector: str, root: Path) -> str:
     """The feature a ``label:<regex>`` selector picks (see the module docstring); one-line errors for a
     bad regex, missing label sets or no match."""
@@ -171,9 +183,7 @@ def select_by_label(selector: str, root: Path) -> str:
             )
             found.append((rank, r["feature_name"]))
     if not found:
-        raise LorascopeError(
-            f"steer.directions: {selector!r} matches no ok label in {', '.join(str(p) for p in files)}"
-        )
+        raise NoLabelMatch(selector, files)
     return min(found)[1]
 
 

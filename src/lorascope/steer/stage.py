@@ -4,7 +4,8 @@ Outputs in ``data/steer/``: ``generations.parquet`` (direction, alpha, task, row
 tokens, finished, backtracks, backtrack_pct_words, correct), ``summary.parquet`` (per direction and
 alpha: typical magnitude, backtracking words per 1000 generated tokens, the paper author's backtracking
 percentage (``generation.paper_backtrack_pct``, mean over prompts), mean length, accuracy);
-``metrics/steer.json`` holds the summary for ``dvc metrics``. The stage run is the
+``metrics/steer.json`` holds the summary for ``dvc metrics``, what each ``label:`` selector chose and, under
+``unmatched``, the selectors no label matched (a finding about the labels: nothing is steered for them). The stage run is the
 parent of one MLflow run per direction (its sweep) with the summary table and per-alpha metrics.
 
 Each (direction, alpha) is saved to ``checkpoints/steer/`` when done, so a killed run resumes after the
@@ -14,6 +15,7 @@ last finished one; other params or inputs start over (``lorascope.resume``).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,7 @@ def run(params: Params) -> Path:
     from lorascope.extract.components import feature_names, lora_components
     from lorascope.models import load_lora_model, load_tokenizer
     from lorascope.progress import track
-    from lorascope.steer.directions import resolve
+    from lorascope.steer.directions import LABEL, NoLabelMatch, resolve
     from lorascope.steer.generation import count_words, generate, paper_backtrack_pct, steered
     from lorascope.tracking import experiment_id, stage_run
 
@@ -99,11 +101,17 @@ def run(params: Params) -> Path:
     tokenizer = load_tokenizer(base_dir)
     comps = lora_components(model)
     features = feature_names(comps)
-    directions = [resolve(d, features, root) for d in cfg.directions]  # bad names fail before the run
+    directions, unmatched = [], {}
+    for name in cfg.directions:  # bad names fail before the run
+        try:
+            directions.append(resolve(name, features, root))
+        except NoLabelMatch as err:
+            unmatched[name] = err.finding
+            print(f"steer: {err}: nothing steered for it (metrics/steer.json: unmatched)", file=sys.stderr)
     names = [d.name for d in directions]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        chosen = [c for c, d in zip(cfg.directions, directions, strict=True) if d.name == dup]
+        chosen = [d.selector or d.name for d in directions if d.name == dup]
         raise LorascopeError(
             f"steer.directions: {' and '.join(map(repr, chosen))} are both {dup}; list it once"
         )
@@ -112,7 +120,7 @@ def run(params: Params) -> Path:
     inputs = [base_dir, adapter_dir, root / paths.features("lora")]
     if any(d.name.startswith("sae.") for d in directions):
         inputs += [root / paths.SAE, root / paths.features("sae")]
-    if any(d.selector for d in directions):  # chosen from the labels
+    if any(d.startswith(LABEL) for d in cfg.directions):  # chosen from the labels
         inputs += [root / paths.labels(s) for s in ("lora", "sae") if (root / paths.labels(s)).is_file()]
     inputs += sorted({root / params.evaluate.data[t] for t in cfg.tasks if t in params.evaluate.data})
 
@@ -165,6 +173,7 @@ def run(params: Params) -> Path:
                 "backtrack_words": cfg.backtrack_words,
                 "backtrack_counts": BACKTRACK_COUNTS,
                 "selectors": {d.selector: d.name for d in directions if d.selector},
+                "unmatched": unmatched,
                 "prompts": len(rows),
                 "directions": {
                     d.name: {f"{s['alpha']:g}": {k: s[k] for k in ("backtracks_per_1k", "backtrack_pct_words", "mean_tokens", "accuracy")}
