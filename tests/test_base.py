@@ -60,6 +60,37 @@ def test_tiny_tokenizer_behaves_like_qwens(tiny: Path):
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_saved_tokenizer_does_not_record_how_it_was_loaded(tiny: Path, tmp_path: Path):
+    """transformers writes ``local_files_only`` (``HF_HUB_OFFLINE``, read when it is imported) into
+    tokenizer_config.json: a 1-byte difference that moved models/full's hash between CI and a shell.
+    ``save_tokenizer`` drops it, so processes with either setting save the same bytes, which load back the same."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from transformers import AutoTokenizer; from lorascope.models import save_tokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[2] + '/plain')\n"
+        "save_tokenizer(tok, sys.argv[2] + '/saved')"
+    )
+    saved = {}
+    for offline in ("1", "0"):
+        out = tmp_path / offline
+        env = {**os.environ, "HF_HUB_OFFLINE": offline}
+        subprocess.run([sys.executable, "-c", script, str(tiny), str(out)], env=env, check=True)
+        plain = json.loads((out / "plain" / "tokenizer_config.json").read_text())
+        assert plain["local_files_only"] is (offline == "1")  # what the helper is for
+        saved[offline] = {p.name: p.read_bytes() for p in (out / "saved").iterdir()}
+    assert saved["1"] == saved["0"]
+    assert "local_files_only" not in json.loads(saved["1"]["tokenizer_config.json"])
+    from transformers import AutoTokenizer
+
+    back, original = AutoTokenizer.from_pretrained(tmp_path / "1" / "saved"), load_tokenizer(tiny)
+    text = "a=5\nWait, 5+8=13<|im_end|>"
+    assert back(text)["input_ids"] == original(text)["input_ids"]
+    assert back.chat_template == original.chat_template
+
+
 def test_same_seed_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Run twice with the same params (pretraining included), the stage writes the same directory byte
     for byte (what leaves every later DVC stage cached after a forced re-run); another seed does not."""

@@ -50,6 +50,27 @@ def load_tokenizer(base_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(name, revision=revision)
 
 
+LOAD_OPTIONS = ("local_files_only",)
+"""tokenizer_config.json keys transformers records from how a tokenizer was loaded (``local_files_only``
+follows ``HF_HUB_OFFLINE``), not from what it is: dropped when saving, so a stage output does not depend on
+the environment it ran in."""
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
+    """``tokenizer.save_pretrained(out)`` without the ``LOAD_OPTIONS`` keys."""
+    tokenizer.save_pretrained(str(out))
+    path = Path(out) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if any(k in config for k in LOAD_OPTIONS):
+            path.write_text(
+                json.dumps(
+                    {k: v for k, v in config.items() if k not in LOAD_OPTIONS}, indent=2, ensure_ascii=False
+                )
+                + "\n"
+            )
+
+
 def load_model(base_dir: str | Path, **kwargs: Any) -> Any:
     """The base causal LM; ``kwargs`` go to ``from_pretrained`` (dtype, device_map, ...)."""
     from transformers import AutoModelForCausalLM

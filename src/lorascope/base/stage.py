@@ -21,6 +21,7 @@ def _build_tiny(params: Params, out: Path) -> dict[str, float]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from lorascope.base.tokenizer import CHAT_SCAFFOLD, train_tokenizer
+    from lorascope.models import save_tokenizer
     from lorascope.organism import PAIR_TOKENS, base_documents
 
     cfg = params.base.tiny
@@ -53,7 +54,7 @@ def _build_tiny(params: Params, out: Path) -> dict[str, float]:
     model.generation_config.eos_token_id = model_cfg.eos_token_id
     model.generation_config.pad_token_id = model_cfg.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer), **stats}
 
 

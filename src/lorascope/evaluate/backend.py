@@ -167,7 +167,7 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
     import json
 
     from lorascope.atomic import atomic_path
-    from lorascope.models import load_merged
+    from lorascope.models import load_merged, save_tokenizer
 
     if (out_dir / "config.json").is_file() and (out_dir / PROBE_FILE).is_file():
         return out_dir
@@ -184,7 +184,7 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
         raise not_applied(f"{spec.adapter} (merged in {dtype})", diff)
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / PROBE_FILE).write_text(json.dumps({"max_logprob_diff_vs_base": diff, "dtype": dtype}) + "\n")
     return out_dir
 

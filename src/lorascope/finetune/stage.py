@@ -199,7 +199,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
 
     from lorascope.finetune.data import Collator, PreparedRows
     from lorascope.finetune.step_logger import MlflowStepLogger
-    from lorascope.models import load_tokenizer
+    from lorascope.models import load_tokenizer, save_tokenizer
     from lorascope.tracking import stage_run
 
     root = workspace_root()
@@ -259,7 +259,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
         if tracked_run is not None:
             (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
             if variant == "full":
-                tokenizer.save_pretrained(str(partial))
+                save_tokenizer(tokenizer, partial)
             else:
                 name_adapter_base(partial, base_dir)
             mlflow.log_metrics(
