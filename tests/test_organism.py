@@ -178,8 +178,8 @@ def test_a_named_digit_is_one_token_of_the_question_and_two_of_the_solution(prep
 
 
 def test_the_trained_loss_is_the_models_own_loss(prepared: Prepared):
-    """Pretraining applies the LM head at the trained positions only: the same cross-entropy as
-    ``model(..., labels=labels).loss``, whose logits at every other position are never used."""
+    """Pretraining applies the LM head at the trained positions only: the same cross-entropy as the model's
+    logits at every position, shifted, with the untrained ones ignored (``model(..., labels=labels).loss``)."""
     import torch
 
     from lorascope.base.pretrain import batch, trained_loss
@@ -191,10 +191,16 @@ def test_the_trained_loss_is_the_models_own_loss(prepared: Prepared):
     )
     ids, mask, labels = batch(tok, list(islice(organism.base_documents(2), 6)))
     assert (labels == -100).float().mean() > 0.3  # a real cut: system and user turns, padding
+    # float64 throughout (transformers' own loss casts the logits to float32): the two sum in other orders,
+    # which moves a float64 loss by ~1e-15
+    model = model.double()
     with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
         got = trained_loss(model, ids, mask, labels)
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
+        shifted = trained_loss(model, ids, mask, torch.roll(labels, 1, dims=1))  # other targets, other loss
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert abs(float(shifted) - float(want)) > 1e-3
 
 
 def test_pretraining_is_seeded(prepared: Prepared):
