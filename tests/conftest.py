@@ -41,6 +41,10 @@ settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 QWEN_TOKENIZER = SHARED_DATA / "qwen2.5-tokenizer"
+REQUIRE_SHARED = "LORASCOPE_REQUIRE_SHARED"
+"""Set to 1 (the GitHub workflow sets it) and a test that skips because ``../shared`` lacks what it needs
+(its skip reason names the path) fails instead: a CI without the data must not pass those checks silently.
+Unset (``.ci/run``, a clean clone without ``../shared``), they skip with the path they looked for."""
 
 
 SUMMARY = "lorascope-summary"
@@ -78,6 +82,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _summary.extend(
         value for name, value in report.user_properties if name == SUMMARY and report.when == "call"
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    if report.skipped and os.environ.get(REQUIRE_SHARED) == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if str(REPO.parent / "shared") in reason or "../shared" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"{REQUIRE_SHARED}=1, and this test skipped for want of shared data: {reason}"
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

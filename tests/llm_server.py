@@ -11,11 +11,16 @@ give); an Anthropic request that forces a tool (``tool_choice: {"type": "tool"}`
 block whose ``input`` is the scripted JSON object (scripted text that is no JSON object comes back as a
 text block). ``LlmServer(structured_output=False)`` stands for a server without ``json_schema`` support:
 it refuses a request carrying ``response_format`` or ``tools`` with HTTP 400.
+
+``answer_detection`` answers the autointerp detection prompt from its content, as a careful reader
+would: the numbers of the snippets that contain the token the explanation quotes. Tests score a correct
+and a wrong explanation with it and know exactly what balanced accuracy each must get.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -92,6 +97,57 @@ Responder = Callable[[Api, str, int], Reply]
 def echo(api: Api, prompt: str, index: int) -> Reply:
     """The default responder: repeat the prompt."""
     return Reply(text=f"echo: {prompt}")
+
+
+# The detection template shows the explanation quoted on its own line after "described as:", and one
+# ``<number>. <snippet>`` line per snippet between <snippets> tags (newlines inside a snippet escaped).
+_DESCRIBED = re.compile(r'described as:\n"(.*?)"\n', re.DOTALL)
+_SNIPPETS = re.compile(r"^<snippets>\n(.*?)\n</snippets>$", re.DOTALL | re.MULTILINE)
+_NUMBERED = re.compile(r"(\d+)\. (.*)")
+_QUOTED = re.compile(r"'([^']+)'")
+
+
+@dataclass(frozen=True)
+class DetectionPrompt:
+    """A detection prompt read back: the explanation, and each snippet under the number it is shown with."""
+
+    explanation: str
+    snippets: dict[int, str]
+
+    @classmethod
+    def read(cls, prompt: str) -> DetectionPrompt | None:
+        """None for a prompt that is no detection prompt; ValueError for one whose lines are not numbered."""
+        described, block = _DESCRIBED.search(prompt), _SNIPPETS.search(prompt)
+        if described is None or block is None:
+            return None
+        snippets: dict[int, str] = {}
+        for line in block.group(1).split("\n"):
+            numbered = _NUMBERED.fullmatch(line)
+            if numbered is None or int(numbered.group(1)) in snippets:
+                raise ValueError(f"snippet line {line!r} is not '<new number>. <snippet>'")
+            snippets[int(numbered.group(1))] = numbered.group(2)
+        return cls(described.group(1), snippets)
+
+    @property
+    def token(self) -> str | None:
+        """The first token the explanation quotes in single quotes (``fires on 'zebra'``), if any."""
+        quoted = _QUOTED.search(self.explanation)
+        return quoted.group(1) if quoted else None
+
+    def containing(self, token: str | None) -> list[int]:
+        """The shown numbers of the snippets that contain ``token`` (none for no token)."""
+        return [n for n, text in self.snippets.items() if token is not None and token in text]
+
+
+def answer_detection(prompt: str) -> Reply | None:
+    """The detection reply a careful reader gives: ``{"matches": [...]}`` with the shown numbers of the
+    snippets containing the explanation's quoted token. None for a prompt that is no detection prompt;
+    HTTP 400 (not retried) for one whose snippet lines cannot be read."""
+    try:
+        read = DetectionPrompt.read(prompt)
+    except ValueError as err:
+        return Reply(f"unreadable detection prompt: {err}", status=400)
+    return None if read is None else Reply(json.dumps({"matches": read.containing(read.token)}))
 
 
 class LlmServer:

@@ -12,10 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llm_server import LlmServer, Reply
+from llm_server import Api, DetectionPrompt, LlmServer, Reply, answer_detection
 from lorascope import tracking
+from lorascope.autointerp import stage
 from lorascope.autointerp.labelling import LABEL_COLUMNS
-from lorascope.autointerp.stage import balanced_accuracy, layer_component, load_features, run
+from lorascope.autointerp.prompts import Example, detection_prompt
+from lorascope.autointerp.stage import Feature, balanced_accuracy, layer_component, load_features, run
 from lorascope.errors import LorascopeError
 from lorascope.tracking import client as mlflow_client
 from lorascope.tracking import producer
@@ -98,15 +100,26 @@ def test_heuristic_label_set_and_cached_rerun(ws: Path):
     assert len(labels) == 28 and (labels.status == "ok").all()
     assert labels.explanation.str.startswith("[heuristic]").all()  # clearly not an LLM
     assert set(labels.classification) <= {0, 1, 2} and (labels.model == "heuristic-baseline").all()
-    n = 2 * tiny_params().autointerp.detection_samples  # as many activating windows as random ones
-    assert labels.detection_balanced_accuracy.between(0, 1).all() and (labels.detection_n == n).all()
+    n = tiny_params().autointerp.detection_samples  # at most n activating windows and n random ones
+    features = {f.name: f for f in load_features(tiny_params(), "lora")[0]}
+    for r in labels.itertuples():
+        f = features[r.feature_name]
+        if f.positives:  # scored on the positives the labeller never saw, as many random ones
+            assert 0 <= r.detection_balanced_accuracy <= 1 and r.detection_n == len(f.positives) + n
+        else:  # every quantile sample was shown to the labeller: nothing fair to score on
+            assert pd.isna(r.detection_balanced_accuracy) and r.detection_n == 0
+    assert labels.detection_balanced_accuracy.notna().sum() >= 20
     assert set(zip(labels.layer, labels.component, strict=True)) == {
         (layer, c)
         for layer in (0, 1)
         for c in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     }
     first = metrics_of(out)
-    assert first["requests"] == 56 and first["cache_hits"] == 0 and first["labelled"] == 28
+    asked = 28 + int(
+        labels.detection_balanced_accuracy.notna().sum()
+    )  # a label each, a detection per scored one
+    assert first["requests"] == asked and first["cache_hits"] == 0 and first["labelled"] == 28
+    assert first["detection_positives_left_out"] == sum(f.positives_left_out for f in features.values()) > 0
     assert sum(first[f"class_{c}_share"] for c in (0, 1, 2)) == pytest.approx(1)
     run_ = mlflow_client().get_run(run_id_of(out))
     assert run_.data.tags["upstream.contexts"] == run_of(ws, "data/contexts/lora.parquet")
@@ -115,7 +128,7 @@ def test_heuristic_label_set_and_cached_rerun(ws: Path):
     assert "heuristic baseline" in run_.data.tags["autointerp.note"]
 
     again = run(params, "lora")
-    assert metrics_of(again)["requests"] == 0 and metrics_of(again)["cache_hits"] == 56
+    assert metrics_of(again)["requests"] == 0 and metrics_of(again)["cache_hits"] == asked
     relabelled = pd.read_parquet(again)
     assert relabelled.cached.all()
     pd.testing.assert_frame_equal(relabelled.drop(columns="cached"), labels.drop(columns="cached"))
@@ -309,3 +322,140 @@ def test_missing_key_and_missing_contexts_are_one_line(ws: Path):
         match=r"data/contexts/mlp.parquet: contexts not found; run `lorascope contexts --source mlp`",
     ):
         run(tiny_params(), "mlp")
+
+
+# Detection scoring against the truth: the server reads each detection prompt and names the snippets that
+# contain the explanation's quoted token, so a feature's score follows from which snippets hold its token.
+POSITIVES = ["the zebra ran", "a zebra and a lion", "zebra crossing, lion statue", "one zebra\nat dusk"]
+NEGATIVES = ["the apple fell", "an apple and a lion", "apple pie", "green apple"]
+CASES = {  # feature name -> the explanation its B.1 reply gives, the token it quotes, the score it must get
+    "L0.q_proj+": ("fires on the token 'zebra'", "zebra", 1.0),  # correct: every activating snippet, no other
+    "L0.k_proj+": ("fires on the token 'apple'", "apple", 0.0),  # wrong: every non-activating one, no other
+    "L0.v_proj+": ("fires on 'lion'", "lion", 0.625),  # half right: 2 of 4 activating, 1 of 4 non-activating
+    "L0.o_proj+": ("fires on the token 'giraffe'", "giraffe", 0.5),  # in no snippet: says none
+}
+
+
+def hand_score(token: str) -> float:
+    """Balanced accuracy by hand: hit rate on POSITIVES and correct-rejection rate on NEGATIVES, averaged."""
+    hits = sum(token in s for s in POSITIVES) / len(POSITIVES)
+    rejections = sum(token not in s for s in NEGATIVES) / len(NEGATIVES)
+    return (hits + rejections) / 2
+
+
+def test_detection_reader_reads_the_prompt_back():
+    """The scripted reader finds the explanation, each snippet under its shown number, and the token."""
+    read = DetectionPrompt.read(detection_prompt("fires on 'b'", ["a", "b c", "x\ny b", "none"]))
+    assert read is not None and read.explanation == "fires on 'b'" and read.token == "b"
+    assert read.snippets == {1: "a", 2: "b c", 3: "x\\ny b", 4: "none"}
+    assert read.containing("b") == [2, 3] and read.containing(None) == []
+    reply = answer_detection(detection_prompt("no quoted token", ["a"]))
+    assert reply is not None and reply.text == '{"matches": []}'
+    assert DetectionPrompt.read("We're studying neurons") is None
+    assert {name: hand_score(token) for name, (_, token, _) in CASES.items()} == {
+        name: score for name, (*_, score) in CASES.items()
+    }  # the data gives each case the score it claims
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_detection_scores_follow_the_snippets_content(ws: Path, monkeypatch: pytest.MonkeyPatch, api: Api):
+    """Through the real SDK and the stage: a correct explanation scores 1.0, one naming only the
+    non-activating windows 0.0, a half-right one 0.625, one in no window 0.5. A stage that swapped
+    activating and random windows, ignored the matches or read the numbers off by one would miss these."""
+    features = [  # each top window is just the feature's name, so the B.1 reply can tell which is asked
+        Feature(
+            id=i,
+            name=name,
+            sign=1,
+            max_act=1.0,
+            top=[Example([f"[{name}]"], [1.0])],
+            positives=list(POSITIVES),
+            negatives=list(NEGATIVES),
+        )  # fmt: skip
+        for i, name in enumerate(CASES)
+    ]
+    monkeypatch.setattr(stage, "load_features", lambda params, source: (features, 0))
+    monkeypatch.setenv("OPENAI_API_KEY" if api == "openai" else "ANTHROPIC_API_KEY", SECRET)
+
+    def responder(api: str, prompt: str, index: int) -> Reply:
+        detection = answer_detection(prompt)
+        if detection is not None:
+            return detection
+        name = next(n for n in CASES if f"[{n}]" in prompt)
+        return Reply(label_json(CASES[name][0], 0))
+
+    with LlmServer(responder) as srv:
+        base_url = f"{srv.url}/v1" if api == "openai" else srv.url
+        model = "gpt-4o-mini" if api == "openai" else "claude-sonnet-4-5"
+        out = run(tiny_params(autointerp={"backend": api, "model": model, "base_url": base_url}), "lora")
+        shown = [read for r in srv.requests if (read := DetectionPrompt.read(r.prompt)) is not None]
+    # one detection prompt per feature, each window shown once, numbered from 1 as parse_detection reads them
+    n = len(POSITIVES) + len(NEGATIVES)
+    assert sorted(read.token for read in shown) == sorted(token for _, token, _ in CASES.values())
+    windows = sorted(t.replace("\n", "\\n") for t in POSITIVES + NEGATIVES)  # as the prompt shows them
+    for read in shown:
+        assert list(read.snippets) == list(range(1, n + 1)) and sorted(read.snippets.values()) == windows
+    labels = pd.read_parquet(out).set_index("feature_name")
+    assert (labels.status == "ok").all() and (labels.detection_n == n).all()
+    assert labels.explanation.to_dict() == {name: explanation for name, (explanation, *_) in CASES.items()}
+    assert labels.detection_balanced_accuracy.to_dict() == {
+        name: score for name, (*_, score) in CASES.items()
+    }
+    assert metrics_of(out)["detection_balanced_accuracy"] == pytest.approx((1.0 + 0.0 + 0.625 + 0.5) / 4)
+
+
+def test_detection_positives_are_never_what_the_labeller_was_shown():
+    """A quantile sample at a shown top token, or inside a shown window, or with a shown window's text (a
+    repeated line elsewhere) is left out of the detection positives; one outside every shown window of its
+    document, or at the same positions of another document, is kept."""
+    from lorascope.autointerp.stage import unseen_positives
+
+    def row(kind: str, doc: int, position: int, tokens: list[str], window_start: int) -> dict:
+        return {"kind": kind, "doc_index": doc, "position": position, "window_start": window_start,
+                "tokens": tokens, "window_acts": [1.0] * len(tokens), "sign": 1}  # fmt: skip
+
+    top = pd.DataFrame([row("top", 0, 12, list("abcdefghij"), 8), row("top", 3, 40, list("klmnopqrst"), 36)])
+    # shown (before=2, after=1): doc 0 positions 10..13 ("cdef"), doc 3 positions 38..41 ("mnop")
+    quantile = pd.DataFrame(
+        [
+            row("quantile", 0, 12, list("abcdefghij"), 8),  # the shown top token itself
+            row("quantile", 0, 10, list("xyzabcdefg"), 5),  # inside the shown window of doc 0
+            row("quantile", 0, 14, list("uvwxyz1234"), 10),  # just after it: kept
+            row("quantile", 5, 12, list("uvqrst5678"), 8),  # doc 0's positions in another document: kept
+            row("quantile", 7, 4, list("QRcdefSTUV"), 0),  # another document, the text of a shown window
+        ]
+    )
+    kept, left_out = unseen_positives(quantile, top, 2, 1)
+    assert kept == ["wxyz", "qrst"] and left_out == 3
+    kept, left_out = unseen_positives(quantile, top.iloc[:0], 2, 1)
+    assert len(kept) == 5 and left_out == 0  # nothing shown: nothing to leave out
+
+
+def test_no_scored_snippet_is_one_the_labeller_saw(ws: Path):
+    """On real contexts: every detection positive of every feature is a quantile sample whose token lies
+    outside all the windows the explanation prompt showed, and no positive's text is a shown window's."""
+    params = tiny_params(autointerp={"n_contexts": 4, "window_before": 3, "window_after": 1})
+    features, _ = load_features(params, "lora")
+    table = pd.read_parquet(ws / "data/contexts/lora.parquet")
+    left_out = 0
+    for f in features:
+        rows = table[(table.feature == f.id) & (table.sign == f.sign)]
+        top = rows[rows.kind == "top"].sort_values("rank").head(4)
+        shown = []
+        for r in top.itertuples():
+            at = r.position - r.window_start
+            lo, hi = max(0, at - 3), at + 2
+            shown.append((r.doc_index, r.window_start + lo, r.window_start + hi, "".join(r.tokens[lo:hi])))
+        texts = {t for *_, t in shown}
+        unseen = set()
+        for r in rows[rows.kind == "quantile"].itertuples():
+            at = r.position - r.window_start
+            text = "".join(r.tokens[max(0, at - 3) : at + 2])
+            if text not in texts and not any(
+                d == r.doc_index and lo <= r.position < hi for d, lo, hi, _ in shown
+            ):
+                unseen.add(text)
+        assert set(f.positives) <= unseen, f.name  # empty when every quantile sample was shown
+        assert not set(f.positives) & texts
+        left_out += f.positives_left_out
+    assert left_out > 0  # the sample did overlap what was shown: the rule is exercised on real data

@@ -30,7 +30,7 @@ EXPECTED = {  # explanation -> the heuristic's category (the character class of 
 }
 CYCLE = list(EXPECTED)
 SAE_PLAN = [CYCLE[0]] * 12 + [CYCLE[2]] * 8 + CYCLE  # two categories with >= 5 SAE features
-DENSITY_TOKENS = 5000  # crosses the first shard (4096 tokens), so the cut is inside a shard
+DENSITY_TOKENS = 10**7  # beyond the stores: every document drawn (test_figures_data checks the random draw)
 FILES = ("categories.json", "assignments.parquet", "figure1.json", "figure2.json", "figure2_lora.json")
 SAE_LATENTS, SAE_ALIVE = 32, 28  # latents 28..31 are dead (not in alive.json)
 
@@ -167,13 +167,19 @@ def categorize_run(root: Path):
 
 
 def numpy_mass(root: Path, source: str, n_tokens: int) -> np.ndarray:
-    """The first ``n_tokens`` rows of the store's activations, read with safetensors' numpy API."""
+    """The rows of the store's activations Figure 2 sums over when ``n_tokens`` covers the store: all but the
+    SAE's excluded tokens (every document's first, the special tokens), read with safetensors' numpy API."""
     from safetensors.numpy import load_file
 
     folder = root / "data/activations" / source
     index = json.loads((folder / "index.json").read_text())
-    parts = [load_file(str(folder / s["file"]))["acts_TC"] for s in index["shards"]]
-    return np.concatenate(parts).astype(np.float64)[:n_tokens], index["components"]
+    assert n_tokens >= index["tokens"]
+    shards = [load_file(str(folder / s["file"])) for s in index["shards"]]
+    acts = np.concatenate([s["acts_TC"] for s in shards]).astype(np.float64)
+    ids = np.concatenate([s["token_ids_T"] for s in shards])
+    keep = ~np.isin(ids, index["special_token_ids"])
+    keep[[start for _, start, _ in index["documents"]]] = False
+    return acts[keep], index["components"]
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -240,7 +246,9 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     assert "sum to 1" in fig2["normalisation"]
     for source in ("lora", "mlp"):
         acts_TC, components = numpy_mass(ws, source, DENSITY_TOKENS)
-        assert fig2[source]["tokens"] == DENSITY_TOKENS
+        assert fig2[source]["tokens"] == len(acts_TC) < fig2[source]["drawn_tokens"]
+        assert fig2[source]["excluded"]["first_position"] == fig2[source]["documents"] > 0
+        assert fig2[source]["excluded"]["special_tokens"] > 0
         expected: dict[tuple, dict[str, float]] = {}
         for _fid, name, sign in features_of(ws, source):
             if name not in labels[source]:
@@ -270,7 +278,7 @@ def test_categories_assignments_figures_and_cached_rerun(ws: Path):
     members = {int(n.split(".")[1]): EXPECTED[e] for n, e in labels["sae"].items()}
     assert max(members) < SAE_ALIVE
     want = numpy_sae_figure2(ws, members, ids, DENSITY_TOKENS)
-    assert sae2["tokens"] == DENSITY_TOKENS and sae2["latents"] == {
+    assert sae2["tokens"] == fig2["lora"]["tokens"] and sae2["latents"] == {
         "d_sae": SAE_LATENTS,
         "alive": SAE_ALIVE,
         "dead": SAE_LATENTS - SAE_ALIVE,
@@ -567,22 +575,15 @@ def test_category_sample_has_equal_numbers_per_source():
 def test_mlp_neurons_are_features_per_sign_like_lora_directions(built: Path):
     """A SiLU-gated neuron takes both signs, so the MLP baseline is read as the LoRA directions are: each
     neuron is two features (``L0.mlp.3+`` / ``L0.mlp.3-``), each sign's max from the store itself."""
-    from safetensors.numpy import load_file
 
     stats = pq.read_table(built / "data/contexts/mlp.features.parquet").to_pylist()
+    # the tokens contexts.exclude keeps (as sae.exclude): not a document's first token, not a special token
     acts_TC, components = numpy_mass(built, "mlp", 10**9)
     assert len(stats) == 2 * len(components)
-    # the tokens contexts.exclude keeps: not a document's first token, not a special token
-    folder = built / "data/activations/mlp"
-    index = json.loads((folder / "index.json").read_text())
-    ids_T = np.concatenate([load_file(str(folder / s["file"]))["token_ids_T"] for s in index["shards"]])
-    kept_T = ~np.isin(ids_T, index["special_token_ids"])
-    kept_T[[start for _, start, _ in index["documents"]]] = False
-    assert 0 < kept_T.sum() < len(kept_T)
     for r in stats:
         name = components[r["feature"]]
         assert r["feature_name"] == name + ("+" if r["sign"] > 0 else "-")
-        expected = float((r["sign"] * acts_TC[kept_T, r["feature"]]).max())
+        expected = float((r["sign"] * acts_TC[:, r["feature"]]).max())
         assert r["max"] == pytest.approx(expected, rel=1e-6)
     assert (acts_TC < 0).mean() > 0.05 and (acts_TC > 0).mean() > 0.05  # both signs are common
     assert {

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from lorascope.autointerp.prompts import Category
-from lorascope.categorize.figures import component_cell, decoder_shares, figure1, figure2_source
+from lorascope.categorize.figures import (
+    DensitySample,
+    component_cell,
+    decoder_shares,
+    figure1,
+    figure2_source,
+)
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 
@@ -93,10 +99,67 @@ def write_store(
     return Store.open(folder)
 
 
+def drawn(sample: DensitySample) -> torch.Tensor:
+    """The store rows a sample drew, from its documents and how much of each it took (no exclusion)."""
+    mask = torch.zeros(sample.store.tokens, dtype=torch.bool)
+    for doc, n in sample.take.items():
+        start = sample.store.documents[doc][1]
+        mask[start : start + n] = True
+    return mask
+
+
+def test_density_sample_draws_whole_documents_at_random_less_the_excluded_tokens(tmp_path: Path):
+    """Figure 2's tokens: whole documents in a seeded random order (not the first ones in store order), the last
+    one cut to the budget; the SAE's exclusion policy leaves out first positions and special tokens, counted by
+    reason; only the shards holding drawn documents are read."""
+    from lorascope.extract.exclusion import Exclusion
+
+    lengths = [10] * 12  # 12 documents, 3 shards of 4
+    T = sum(lengths)
+    acts = torch.arange(T, dtype=torch.float32)[:, None].repeat(1, 2)
+    store = write_store(tmp_path, acts, ["L0.q_proj", "L0.down_proj"], lengths, 40)
+    sample = DensitySample(store, 25, seed=0, exclusion=None)
+    assert sorted(sample.take.values()) == [5, 10, 10] and sample.drawn == 25
+    assert sample.take != {0: 10, 1: 10, 2: 5}  # a random draw, not the store's first documents
+    assert DensitySample(store, 25, seed=0, exclusion=None).take == sample.take
+    assert any(DensitySample(store, 25, seed=s, exclusion=None).take != sample.take for s in (1, 2, 3))
+    got = torch.cat(list(sample.blocks("cpu", "t")))
+    assert torch.equal(got, acts[drawn(sample)]) and sample.used == 25
+    assert sample.summary()["excluded"] == {} and sample.summary()["tokens"] == 25
+    # the exclusion: first position of every document and token id 7, which the store never holds here but
+    # for one token per document (position 3); the cut document keeps its first 5 tokens
+    ids = torch.zeros(T, dtype=torch.int32)
+    ids[3::10] = 7
+    folder = store.root
+    for sh in store.shards:
+        write_shard(
+            folder / sh.file, acts[sh.start : sh.start + sh.tokens], ids[sh.start : sh.start + sh.tokens]
+        )
+    store = Store.open(folder)
+    policy = Exclusion(first_position=True, special_ids=torch.tensor([7]), norm_limit=None)
+    sample = DensitySample(store, 25, seed=0, exclusion=policy)
+    reads: list[str] = []
+    read = store.read
+    store.read = lambda sh: (reads.append(sh.file), read(sh))[1]  # type: ignore[method-assign]
+    got = torch.cat(list(sample.blocks("cpu", "t")))
+    pos = torch.arange(T)
+    want = drawn(sample) & (pos % 10 != 0) & (pos % 10 != 3)
+    assert torch.equal(got, acts[want])
+    assert sample.summary() == {
+        "sample": sample.summary()["sample"],
+        "documents": 3,
+        "drawn_tokens": 25,
+        "tokens": 25 - 3 - 3,
+        "excluded": {"excluded": 6, "first_position": 3, "norm": 0, "special_tokens": 3},
+    }
+    holding = {sh.file for sh in store.shards if any(sh.first_doc <= d < sh.last_doc for d in sample.take)}
+    assert sorted(reads) == sorted(holding)
+
+
 @pytest.mark.parametrize("by_type", [True, False])
 def test_figure2_cells_against_numpy(tmp_path: Path, by_type: bool):
     """Three layers x two types (and a rank-2 component): each cell's mass per category is the sum of
-    relu(sign x activation) of its member features over the first n tokens (the cut inside a shard)."""
+    relu(sign x activation) of its member features over the sampled tokens (a cut document)."""
     components = ["L0.q_proj", "L0.down_proj", "L1.q_proj.0", "L1.q_proj.1", "L1.down_proj", "L2.q_proj",
                   "L2.down_proj"]  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -105,10 +168,10 @@ def test_figure2_cells_against_numpy(tmp_path: Path, by_type: bool):
     members = [("L0.q_proj+", 1, "digits"), ("L0.q_proj-", -1, "words"), ("L1.q_proj.1+", 1, "words"),
                ("L1.down_proj-", -1, "digits"), ("L2.down_proj+", 1, "words"), ("L2.q_proj+", 1, "digits"),
                ("L2.q_proj-", -1, "digits")]  # fmt: skip
-    n = 75
-    fig = figure2_source(store, members, ["digits", "words"], n, by_type)
-    assert fig["tokens"] == n
-    A = acts[:n].double().numpy()
+    sample = DensitySample(store, 75, 0, None)
+    fig = figure2_source(sample, members, ["digits", "words"], by_type)
+    assert fig["tokens"] == 75 and fig["documents"] == 3
+    A = acts[drawn(sample)].double().numpy()
     want: dict[tuple, dict[str, float]] = {}
     for name, sign, category in members:
         col = components.index(name[:-1])
@@ -133,7 +196,7 @@ def test_figure2_cells_against_numpy(tmp_path: Path, by_type: bool):
             if ((int(name[1]), name.split(".")[1].rstrip("+-")) if by_type else (int(name[1]),)) == key
         )  # fmt: skip
     with pytest.raises(LorascopeError, match="feature L7.q_proj\\+ is not a component of the store"):
-        figure2_source(store, [("L7.q_proj+", 1, "digits")], ["digits"], n, by_type)
+        figure2_source(sample, [("L7.q_proj+", 1, "digits")], ["digits"], by_type)
 
 
 def test_figure2_member_names_small_masses_and_positive_mass(tmp_path: Path):
@@ -145,14 +208,18 @@ def test_figure2_member_names_small_masses_and_positive_mass(tmp_path: Path):
     g = torch.Generator().manual_seed(3)
     acts = torch.randn(30, 3, generator=g).abs() * 1e-3 * torch.tensor([1.0, -1.0, 1.0])
     store = write_store(tmp_path, acts, components, [10, 20], 10)
-    pos, neg, used = positive_mass(store, 25)
-    assert used == 25 and pos.dtype == neg.dtype == torch.float64
-    assert pos.tolist() == pytest.approx(acts[:25].double().clamp(min=0).sum(0).tolist(), rel=1e-12)
-    assert neg.tolist() == pytest.approx((-acts[:25]).double().clamp(min=0).sum(0).tolist(), rel=1e-12)
-    assert positive_mass(store, 40)[2] == 30
+    sample = DensitySample(store, 25, 0, None)
+    a = acts[drawn(sample)]
+    pos, neg = positive_mass(sample)
+    assert sample.used == 25 and pos.dtype == neg.dtype == torch.float64
+    assert pos.tolist() == pytest.approx(a.double().clamp(min=0).sum(0).tolist(), rel=1e-12)
+    assert neg.tolist() == pytest.approx((-a).double().clamp(min=0).sum(0).tolist(), rel=1e-12)
+    whole = DensitySample(store, 40, 0, None)
+    positive_mass(whole)
+    assert whole.used == whole.drawn == 30  # a budget beyond the store: all of it
     members = [("L0.mlp.12", -1, "words"), ("L0.mlp.1", 1, "digits"), ("L1.mlp.3+", 1, "words")]
-    fig = figure2_source(store, members, ["digits", "words"], 25, by_type=False)
-    want0 = {"digits": acts[:25, 0].double().sum().item(), "words": -acts[:25, 1].double().sum().item()}
+    fig = figure2_source(sample, members, ["digits", "words"], by_type=False)
+    want0 = {"digits": a[:, 0].double().sum().item(), "words": -a[:, 1].double().sum().item()}
     (c0, c1) = fig["cells"]
     assert c0["mass"] == pytest.approx(want0, rel=1e-9) and 0 < c0["total"] < 1
     assert c0["density"] == pytest.approx({k: v / sum(want0.values()) for k, v in want0.items()}, rel=1e-9)
@@ -183,11 +250,13 @@ def test_figure2_routes_each_sources_ok_members_and_orients_its_cells(tmp_path: 
         {"source": "mlp", "status": "ok", "feature_name": "L0.mlp.1-", "sign": -1, "category": "words"},
         {"source": "sae", "status": "ok", "feature_name": "L0.mlp.0+", "sign": 1, "category": "digits"},
     ]
-    fig = figure2(stores, rows, ["digits", "words"], 30)
-    assert fig["normalisation"].startswith("mass = sum over the first `tokens` tokens")
+    samples = {k: DensitySample(v, 30, 0, None) for k, v in stores.items()}
+    fig = figure2(samples, rows, ["digits", "words"], 30)
+    assert fig["normalisation"].startswith("mass = sum over the density sample's tokens")
     assert fig["density_tokens"] == 30 and fig["categories"] == ["digits", "words"]
     assert set(fig) == {"normalisation", "density_tokens", "categories", "lora", "mlp"}
-    relu = lambda t: t.clamp(min=0)[:30].sum().item()  # noqa: E731
+    lora_a, mlp_a = lora_a[drawn(samples["lora"])], mlp_a[drawn(samples["mlp"])]
+    relu = lambda t: t.clamp(min=0).sum().item()  # noqa: E731
     lora = [(c["layer"], c["component_type"], c["features"], c["mass"]) for c in fig["lora"]["cells"]]
     assert lora == [
         (0, "q_proj", 0, {"digits": 0.0, "words": 0.0}),
@@ -204,7 +273,7 @@ def test_figure2_routes_each_sources_ok_members_and_orients_its_cells(tmp_path: 
 
 
 def test_figure2_sae_against_numpy(tmp_path: Path):
-    """The SAE's Figure 2: per-latent mass (thresholded encoding over the first n tokens), split over the
+    """The SAE's Figure 2: per-latent mass (thresholded encoding over the sampled tokens), split over the
     cells by the squared unit-scale decoder row; overall, subcategory and per-cell densities; live,
     dead and unassigned mass."""
     from lorascope.categorize.figures import figure2_sae, latent_mass
@@ -226,19 +295,22 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
     scale = [1.0, 0.3, 0.7, 4.0]  # not float32 numbers: the shares are float64 throughout
     save(sae, sae_dir, {"d_in": 4, "d_sae": 8, "k": 2, "components": components, "scale": scale})
     n = 45
+    sample = DensitySample(store, n, 0, None)
+    a = acts[drawn(sample)]
     We, be, bd = (sae.W_enc_DF.detach().double().numpy(), sae.b_enc_F.detach().double().numpy(),
                   sae.b_dec_D.detach().double().numpy())  # fmt: skip
-    pre = np.maximum((acts[:n].double().numpy() - bd) @ We + be, 0)
+    pre = np.maximum((a.double().numpy() - bd) @ We + be, 0)
     mass = (pre * (pre > 0.15)).sum(0)
     assert (mass > 0).all()
-    got, used = latent_mass(store, sae, n, block=7)
-    assert used == n and got.dtype == torch.float64 and got.numpy() == pytest.approx(mass, rel=1e-5)
-    # summed in float64 (the float32 activations, exactly; the default block is a whole shard, a document of 25)
+    got = latent_mass(sample, sae, block=7)
+    assert sample.used == n and got.dtype == torch.float64 and got.numpy() == pytest.approx(mass, rel=1e-5)
+    # summed in float64 (the float32 activations, exactly; the default block is a whole shard's kept rows)
     with torch.no_grad():
-        exact = sum(sae.encode(acts[a:b]).double().sum(0) for a, b in ((0, 25), (25, n)))
-    assert latent_mass(store, sae, n)[0].tolist() == pytest.approx(exact.tolist(), rel=1e-13)
-    assert latent_mass(store, sae, 60)[1] == 50
-    gm = latent_mass(store, sae, n)[0].numpy()  # as figure2_sae encodes it (one block a shard)
+        exact = sum(
+            sae.encode(b).double().sum(0) for b in DensitySample(store, n, 0, None).blocks("cpu", "t")
+        )
+    assert latent_mass(sample, sae).tolist() == pytest.approx(exact.tolist(), rel=1e-13)
+    gm = latent_mass(sample, sae).numpy()  # as figure2_sae encodes it (one block a shard)
     w = sae.W_dec_FD.detach().double().numpy() / np.array(scale)
     share = w**2 / (w**2).sum(1, keepdims=True)
     share_cells = np.stack([share[:, 0], share[:, 1], share[:, 2] + share[:, 3]], 1)
@@ -246,7 +318,7 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
     members = [(0, "digits", None), (1, "words", "a"), (2, "words", None), (4, "digits", None),
                (6, "words", "a"), (7, "words", None)]  # fmt: skip
     alive = [0, 1, 2, 3, 4, 6, 7]  # 5 dead; 3 live but not categorized
-    fig = figure2_sae(store, sae_dir, alive, members, ["digits", "words"], subs, n)
+    fig = figure2_sae(sample, sae_dir, alive, members, ["digits", "words"], subs, n)
     assert (fig["features"], fig["density_tokens"], fig["tokens"]) == ("sae", n, n)
     assert fig["categories"] == ["digits", "words"]
     assert fig["attribution"].startswith("activation x share") and fig["normalisation"].startswith("overall:")
@@ -276,14 +348,14 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
         assert cell["mass"] == pytest.approx(want, rel=1e-12) and cell["total"] == pytest.approx(t, rel=1e-12)
         assert cell["density"] == pytest.approx({c: m / t for c, m in want.items()}, rel=1e-12)
     # no categorized latent: every density is null, never a division by zero
-    empty = figure2_sae(store, sae_dir, alive, [], ["digits"], {"digits": []}, n)
+    empty = figure2_sae(sample, sae_dir, alive, [], ["digits"], {"digits": []}, n)
     assert empty["overall"]["density"] == {"digits": None}
     assert empty["cells"][0]["density"] == {"digits": None}
     assert empty["subcategories"] == [
         {"category": "digits", "mass": {}, "density": {}, "not_subcategorized_mass": 0.0}
     ]
     with pytest.raises(LorascopeError, match=r"sae\.5 is a dead latent"):
-        figure2_sae(store, sae_dir, alive, [(5, "digits", None)], ["digits"], {}, n)
+        figure2_sae(sample, sae_dir, alive, [(5, "digits", None)], ["digits"], {}, n)
     # masses below 1 still have densities; without a scale in cfg.json the decoder rows are the units
     small = tmp_path / "small"
     small.mkdir()
@@ -293,8 +365,8 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
         sae.threshold.fill_(0.0)
     save(sae, small, {"d_in": 4, "d_sae": 8, "k": 2, "components": components})
     with torch.no_grad():
-        sm = sae.encode(acts[:n]).double().sum(0).numpy()
-    fig = figure2_sae(store, small, alive, members, ["digits", "words"], subs, n)
+        sm = sae.encode(a).double().sum(0).numpy()
+    fig = figure2_sae(sample, small, alive, members, ["digits", "words"], subs, n)
     overall = {c: sm[fs].sum() for c, fs in by_cat.items()}
     tot = sum(overall.values())
     assert 0 < tot < 1
@@ -310,4 +382,4 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
     with pytest.raises(
         LorascopeError, match="trained on other components than .*; retrain it with `lorascope sae`"
     ):
-        figure2_sae(store, sae_dir, alive, [], ["digits"], {}, n)
+        figure2_sae(sample, sae_dir, alive, [], ["digits"], {}, n)

@@ -127,3 +127,161 @@ def test_local_config_json_and_unknown_models(tmp_path: Path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = cli("plan", "--params", str(REPO / "params.yaml"), "--device", "tpu")
     assert res.returncode == 2 and res.stderr.startswith("error: --device: 'tpu' has no coefficients")
+
+
+THROUGHPUT = yaml.safe_load((REPO / "pipelines" / "throughput.yaml").read_text())
+"""The stated assumptions behind the times (read, not copied: the file is edited when re-measured)."""
+
+
+def profile_plan(name: str, device: str) -> tuple[dict, dict[str, dict]]:
+    """``lorascope plan`` of a shipped profile on ``device``, before any data is prepared."""
+    from lorascope.config import load_params
+
+    params = load_params(profile=str(REPO / "pipelines" / "profiles" / f"{name}.yaml"))
+    result = planner.run(params, REPO, device)
+    return result, {s["stage"]: s for s in result["stages"]}
+
+
+def assert_times(result: dict, stages: dict[str, dict], by_hand: dict[str, tuple[int, float]]) -> None:
+    """Every stage's devices and time as computed by hand; GPU-hours = time x devices; the total is their
+    sum. rel 1e-9: the same arithmetic in another order, never one machine's last digits."""
+    assert set(stages) == set(by_hand)
+    for name, (devices, seconds) in by_hand.items():
+        s = stages[name]
+        assert s["devices"] == devices, name
+        assert s["seconds"] == pytest.approx(seconds, rel=1e-9), name
+        assert s["gpu_hours"] == pytest.approx(seconds * devices / 3600, rel=1e-9), name
+    total = sum(devices * seconds / 3600 for devices, seconds in by_hand.values())
+    assert result["total_gpu_hours"] == pytest.approx(total, rel=1e-9)
+
+
+def test_paper_profile_times_and_gpu_hours_by_hand():
+    """Each stage of the paper profile on an H200 (the default device), by hand from the profile and the
+    throughput file's assumptions: 2 FLOPs per weight per token forward plus causal attention 2 L s H, a
+    checkpointed step 6N for the LoRA (frozen base: no weight gradients) and 8N for the full finetune,
+    decoding memory-bound (every weight read once per step) unless compute caps it, the store-streaming
+    stages per activation (tokens x features)."""
+    dev = THROUGHPUT["devices"]["h200"]
+    s1k = THROUGHPUT["datasets"]["hub:simplescaling/s1K-1.1"]
+    result, stages = profile_plan("qwen2.5-32b-paper", "h200")
+    # Qwen2.5-32B: H 5120, M 27648, 64 layers, K = 8 KV heads x 128 = 1024, vocab 152064, untied LM head
+    H, M, L, K, V = 5120, 27648, 64, 1024, 152064
+    P = 32_763_876_352  # see test_paper_profile_on_an_h100_flags_what_does_not_fit
+    n_layer = 2 * H * H + 2 * H * K + 3 * H * M  # q, o; k, v; gate, up, down: the weights a token meets
+    assert n_layer == 487_587_840
+    head = V * H  # the LM head multiplies every token; the embedding is a lookup
+    # s1K-1.1 before `lorascope prepare`: the file's estimate of rows and mean length, cut at the 20k block
+    rows, mean = s1k["rows"], min(s1k["mean_tokens"], 20_000)
+    tokens, longest = rows * mean, min(s1k["max_tokens"], 20_000)
+    assert (
+        (result["data"]["tokens"], result["data"]["max_tokens"]) == (tokens, longest) == (9_000_000, 20_000)
+    )
+    bf16, fp32 = dev["peak_tflops"]["bfloat16"] * 1e12, dev["peak_tflops"]["float32"] * 1e12
+    mfu = dev["mfu"]
+    # 448 components (rank 1 x 7 projections x 64 layers), 60 MLP neurons per layer, SAE 8 x 448 wide
+    lora_cols, mlp_cols, sae_cols = 7 * 64, 64 * 60, 8 * 7 * 64
+
+    # finetune: 8 FSDP processes (pipelines/accelerate/fsdp.yaml) in bf16 (precision auto on a GPU), 5 epochs
+    forward = 2 * (L * n_layer + head) + 2 * L * mean * H  # per token, attention at the mean length
+    ft_lora = (
+        5 * tokens * (forward + forward + forward) / (8 * bf16 * mfu["finetune_lora"])
+    )  # fwd, recomputed, bwd
+    ft_full = (
+        5 * tokens * (forward + forward + 2 * forward) / (8 * bf16 * mfu["finetune_full"])
+    )  # + weight grads
+    # extract: `--num_processes 8`, one bf16 forward through the layers (the store needs no logits)
+    extract = tokens * (2 * L * n_layer + 2 * L * mean * H) / (8 * bf16 * mfu["extract"])
+    # sae: d_in 448 x d_sae 3584 is the benchmark's shape, so the benchmark's tokens/s as it is, 1 epoch; the
+    # splice KL: 16 held-out sequences x 3 forwards (LoRA, spliced, base) of the longest sequence in bf16 over
+    # the weights a token meets, the LM head included
+    sae = 1 * tokens / (dev["sae_tokens_per_s"] * (448 * 3584) / (lora_cols * sae_cols))
+    sae += 16 * 3 * longest * 2 * (L * n_layer + head) / (bf16 * mfu["forward"])
+    # contexts and the categorize density pass: activations (tokens x features) at the file's rates
+    contexts = {src: tokens * cols / dev["contexts_activations_per_s"]
+                for src, cols in (("lora", lora_cols), ("mlp", mlp_cols), ("sae", sae_cols))}  # fmt: skip
+    categorize = 100_000 * (lora_cols + mlp_cols + sae_cols) / dev["density_activations_per_s"]
+    # ablate: 16 sequences of 2,048 tokens, bf16; with prefix reuse ablating at layer l re-runs layers l..63:
+    # 7 components per layer, each of the 64 layers, 7 types and 3 groups (attn, mlp, all) from layer 0
+    layer_runs = 7 * (64 * 65 // 2) + 64 * 65 // 2 + 7 * 64 + 3 * 64
+    assert layer_runs == 17_280
+    ablate = 16 * layer_runs * 2048 * 2 * (n_layer + 2048 * H) / (bf16 * mfu["ablate"])
+    # steer: 1 direction x 7 alphas x 64 math500 prompts x 4,096 tokens, batches of 16 in bf16: a step reads
+    # the 2P weight bytes (memory-bound: 16 sequences' 2 x P FLOPs take less)
+    step_memory = 2 * P / (dev["hbm_tb_s"] * 1e12 * dev["bandwidth_efficiency"])
+    step_compute = 16 * 2 * P / (bf16 * mfu["forward"])
+    assert step_memory > step_compute
+    steer = 1 * 7 * 64 * 4096 / (16 / step_memory)
+    # evaluate: 30 + 500 + 198 questions x 32,768 tokens x the fill 0.5, float32 over 8 GPUs (vLLM tensor
+    # parallel), decode batch 64: 64 sequences' 2 x P FLOPs at the float32 peak outlast reading 4P bytes
+    generated = (30 + 500 + 198) * 32_768 * THROUGHPUT["generation_fill"]
+    step_memory = 4 * P / (8 * dev["hbm_tb_s"] * 1e12 * dev["bandwidth_efficiency"])
+    step_compute = 64 * 2 * P / (8 * fp32 * mfu["forward"])
+    assert step_compute > step_memory
+    evaluate = generated / (64 / step_compute)
+
+    variants = ["base", "lora", "full", "lora-attn-ablated", "lora-mlp-ablated"]
+    assert_times(result, stages, {
+        "finetune@lora": (8, ft_lora), "finetune@full": (8, ft_full),
+        "extract@lora": (8, extract), "extract@mlp": (8, extract), "sae": (1, sae),
+        **{f"contexts@{src}": (1, t) for src, t in contexts.items()}, "categorize": (1, categorize),
+        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer),
+        **{f"evaluate@{v}": (8, evaluate) for v in variants},
+    })  # fmt: skip
+
+
+def test_tiny_profile_times_and_gpu_hours_by_hand():
+    """Each stage of the tiny profile (as shipped, not the plumbing tests' variant) on the 2-core CPU it is
+    made for, by hand from the profile and the measured CPU coefficients, before `lorascope prepare`."""
+    dev = THROUGHPUT["devices"]["cpu"]
+    synthetic = THROUGHPUT["datasets"]["synthetic"]
+    result, stages = profile_plan("tiny", "cpu")
+    # base.tiny: H 64, M 128, 2 layers, 2 heads of 32 with 2 KV heads (K = 64), vocab 2048, tied embeddings
+    H, M, L, K, V = 64, 128, 2, 64, 2048
+    n_layer = 2 * H * H + 2 * H * K + 3 * H * M  # q, o; k, v; gate, up, down
+    assert n_layer == 40_960
+    P = V * H + L * (n_layer + (H + 2 * K) + 2 * H) + H  # + q/k/v biases, two norms; the final norm
+    assert result["architecture"]["params"] == P == 213_696
+    head = V * H  # tied, but the head still multiplies every token
+    # the 256 training rows at the generator's typical length, under the 512 block
+    rows, mean = 256, min(synthetic["mean_tokens"], 512)
+    tokens, longest = rows * mean, min(synthetic["max_tokens"], 512)
+    assert (result["data"]["tokens"], result["data"]["max_tokens"]) == (tokens, longest) == (74_240, 420)
+    fp32 = dev["peak_tflops"]["float32"] * 1e12  # every stage in float32: precision auto is float32 on a CPU
+    mfu = dev["mfu"]
+    lora_cols, mlp_cols, sae_cols = 7 * 2, 2 * 16, 4 * 7 * 2  # rank 1 x 7 x 2 layers; 16 neurons; expansion 4
+
+    # finetune: one process, no gradient checkpointing (no recomputed forward), 4 epochs
+    forward = 2 * (L * n_layer + head) + 2 * L * mean * H
+    ft_lora = 4 * tokens * (forward + forward) / fp32 / mfu["finetune_lora"]  # backward: activations only
+    ft_full = 4 * tokens * (forward + 2 * forward) / fp32 / mfu["finetune_full"]  # and the weight gradients
+    extract = tokens * (2 * L * n_layer + 2 * L * mean * H) / (fp32 * mfu["extract"])
+    # sae: the benchmark's tokens/s scaled from its 448 x 3584 to 14 x 56, 4 epochs; the splice KL: 4 sequences
+    # x 3 forwards of the longest sequence over the weights a token meets (the tied head multiplies it too)
+    sae = 4 * tokens / (dev["sae_tokens_per_s"] * (448 * 3584) / (lora_cols * sae_cols))
+    sae += 4 * 3 * longest * 2 * (L * n_layer + head) / (fp32 * mfu["forward"])
+    contexts = {src: tokens * cols / dev["contexts_activations_per_s"]
+                for src, cols in (("lora", lora_cols), ("mlp", mlp_cols), ("sae", sae_cols))}  # fmt: skip
+    categorize = 20_000 * (lora_cols + mlp_cols + sae_cols) / dev["density_activations_per_s"]
+    # ablate: 4 sequences of 256 tokens; layer runs: 7 components x (2 + 1), layers 2 + 1, 7 types x 2,
+    # 3 groups x 2
+    layer_runs = 7 * 3 + 3 + 7 * 2 + 3 * 2
+    ablate = 4 * layer_runs * 256 * 2 * (n_layer + 256 * H) / (fp32 * mfu["ablate"])
+    # steer: 1 direction x 5 alphas x 2 tasks x 32 prompts x 96 tokens, batches of 32: compute-bound on a CPU
+    step_memory = 4 * P / (dev["hbm_tb_s"] * 1e12 * dev["bandwidth_efficiency"])
+    step_compute = 32 * 2 * P / (fp32 * mfu["forward"])
+    assert step_compute > step_memory
+    steer = 1 * 5 * 2 * 32 * 96 / (32 / step_compute)
+    # evaluate (hf, batch 64): the profile's own questions (prepare.synthetic.n_eval = 64 per benchmark shape)
+    generated = 3 * 64 * 128 * THROUGHPUT["generation_fill"]
+    step_compute = 64 * 2 * P / (fp32 * mfu["forward"])
+    assert step_compute > step_memory
+    evaluate = generated / (64 / step_compute)
+
+    variants = ["base", "lora", "full", "lora-attn-ablated", "lora-mlp-ablated"]
+    assert_times(result, stages, {
+        "finetune@lora": (1, ft_lora), "finetune@full": (1, ft_full),
+        "extract@lora": (1, extract), "extract@mlp": (1, extract), "sae": (1, sae),
+        **{f"contexts@{src}": (1, t) for src, t in contexts.items()}, "categorize": (1, categorize),
+        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer),
+        **{f"evaluate@{v}": (1, evaluate) for v in variants},
+    })  # fmt: skip

@@ -4,6 +4,7 @@ plan, the held-out split and the dead-latent counters of a training step. Fast (
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,65 @@ def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
             assert all(len(b) > 0 for b in got), (part, cap)
             assert torch.equal(torch.cat(got), want(docs, cap)), (part, cap)
     assert len(list(heldout_batches(store, held, 1, 10**6, exclusion=policy))) == 2  # shard 1 gives nothing
+
+
+def test_heldout_batches_stop_reading_shards_once_the_budget_is_met(tmp_path: Path):
+    """The token budget caps what is read, not only what is yielded: a calibration budget met by the first
+    shard reads it and at most the one shard the prefetcher started, not the rest of the store (at paper
+    scale, a budget of 100k tokens must not stream the whole store)."""
+    from lorascope.extract.store import Store
+    from test_sae import D_IN, write_store
+
+    T, doc = 24_000, 1000  # 24 documents, 6 shards of 4
+    write_store(tmp_path, torch.randn(T, D_IN), doc_len=doc)
+    store = Store.open(tmp_path / "data/activations/lora")
+    assert len(store.shards) == 6
+    held = torch.ones(24, dtype=torch.bool)
+    reads: list[str] = []
+    read = store.read
+
+    def counted(shard):  # type: ignore[no-untyped-def]
+        reads.append(shard.file)
+        return read(shard)
+
+    store.read = counted  # type: ignore[method-assign]
+    for budget, shards_needed in ((500, 1), (3000, 2), (9000, 5)):
+        reads.clear()
+        got = list(heldout_batches(store, held, 0, budget))  # part 0: every other document
+        assert sum(len(b) for b in got) == budget
+        time.sleep(0.05)  # let a started prefetch reach its read, so the count is not racy
+        assert shards_needed <= len(reads) <= shards_needed + 1, (budget, reads)
+    reads.clear()
+    assert sum(len(b) for b in heldout_batches(store, held, 0, 10**6)) == T // 2
+    assert len(reads) == 6
+
+
+def test_splice_documents_read_each_shard_once_and_slice_every_document_exactly(tmp_path: Path):
+    """The KL splice's documents come out in the order asked, each exactly its rows of the store, with one
+    shard read per run of documents in that shard (it read the whole shard again for every document)."""
+    from lorascope.extract.store import Store
+    from lorascope.sae.downstream import documents
+    from test_sae import D_IN, write_store
+
+    T, doc = 12_000, 1000  # 12 documents, 3 shards of 4
+    x = torch.arange(T * D_IN, dtype=torch.float32).reshape(T, D_IN)
+    write_store(tmp_path, x, doc_len=doc, ids_T=torch.arange(T, dtype=torch.int32))
+    store = Store.open(tmp_path / "data/activations/lora")
+    reads: list[str] = []
+    read = store.read
+
+    def counted(shard):  # type: ignore[no-untyped-def]
+        reads.append(shard.file)
+        return read(shard)
+
+    store.read = counted  # type: ignore[method-assign]
+    docs = [0, 1, 3, 5, 6, 11]
+    for d, (acts_TC, ids_T) in zip(docs, documents(store, docs), strict=True):
+        assert torch.equal(acts_TC, x[d * doc : (d + 1) * doc])
+        assert torch.equal(ids_T.long(), torch.arange(d * doc, (d + 1) * doc))
+    assert len(reads) == 3 and len(set(reads)) == 3
+    with pytest.raises(IndexError):
+        list(documents(store, [12]))
 
 
 def test_select_and_decode_sparse_carry_the_dense_gradient():

@@ -120,6 +120,50 @@ def test_offset_moves_each_module_by_alpha_typical_scaling_b(steer_workspace: Pa
     assert all(torch.equal(p, q) for p, q in zip(plain[:first], pushed[:first], strict=True))
 
 
+def test_every_module_moves_by_its_own_offset_column(steer_workspace: Path):
+    """An SAE direction is spread over every component, each at its own scale: under ``steered`` every
+    adapted module's output moves by scaling x offset_c x B_c for its own column c, at every position. The
+    hooks on all modules change the downstream inputs, so each module's inputs are recorded in the steered
+    forward and the module is re-run on them unsteered. Leaving the context removes every hook: the model's
+    outputs are the unsteered ones exactly. Float64, so the differences are exact far below the tolerance."""
+    model = peft_model(steer_workspace).double()
+    base = model.get_base_model()
+    comps = lora_components(model)
+    offset_C = resolve("sae.3", feature_names(comps), steer_workspace).offset(50.0).double()
+    # one column per module (rank 1), all nonzero and distinct: a mixed-up column would show
+    assert all(c.width == 1 for c in comps) and len(offset_C) == len(comps)
+    assert bool((offset_C != 0).all()) and len(set(offset_C.abs().tolist())) == len(comps)
+    cfg = model.peft_config["default"]
+    assert cfg.use_rslora and cfg.r == 1  # rsLoRA: scaling = alpha / sqrt(r)
+    ids_1T = torch.arange(5, 30)[None]
+    plain = module_outputs(model, comps, ids_1T)
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) per module, component order
+    modules = [base.get_submodule(c.module) for c in comps]
+    handles = [
+        m.register_forward_hook(lambda _m, a, o: seen.append((a[0].clone(), o.clone()))) for m in modules
+    ]
+    with steered(model, comps, offset_C), torch.no_grad():
+        model(input_ids=ids_1T)
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(comps)
+    for comp, module, col, (x, pushed) in zip(comps, modules, offset_C, seen, strict=True):
+        scaling = module.scaling["default"]
+        assert scaling == pytest.approx(cfg.lora_alpha / math.sqrt(cfg.r))
+        lora_B = module.lora_B["default"].weight[:, 0]
+        with torch.no_grad():
+            unsteered = module(x)
+        expected = (scaling * float(col) * lora_B).expand_as(pushed)
+        torch.testing.assert_close(pushed - unsteered, expected, rtol=1e-9, atol=1e-12, msg=comp.module)
+        assert float(expected.abs().max()) > 1e-6  # the shift is real, not lost under the tolerance
+
+    # the context is left: no hook remains and every module's output is the unsteered one, bit for bit
+    assert all(not m.lora_A["default"]._forward_hooks for m in modules)
+    after = module_outputs(model, comps, ids_1T)
+    assert all(torch.equal(p, q) for p, q in zip(plain, after, strict=True))
+
+
 def test_alpha_zero_reproduces_unsteered_generation(steer_workspace: Path):
     from lorascope.evaluate.forcing import chat_prompt
     from lorascope.models import load_tokenizer

@@ -204,7 +204,7 @@ STAGES: tuple[Stage, ...] = (
             _s(paths.activations("mlp")),
             _s(paths.SAE),
         ),  # fmt: skip
-        params=(*keys_of("categorize", "generate", "assign", "device"), *LLM_CALLS),
+        params=(*keys_of("categorize", "generate", "assign", "device"), "sae.exclude", *LLM_CALLS),
         speed=("categorize.generate.concurrency", "categorize.assign.concurrency", "categorize.device"),
         outs=(_s(paths.CATEGORIES),),
     ),

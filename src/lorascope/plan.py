@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorascope import paths
 from lorascope.architectures import Architecture
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
@@ -206,6 +207,27 @@ def finetune_flops_per_token(arch: Architecture, lora: bool, checkpointing: bool
     return forward + backward + (forward if checkpointing else 0)
 
 
+HUB_QUESTIONS = {"aime24_nofigures": 30, "math500": 500, "gpqa_diamond": 198}
+"""Questions of each benchmark on the hub."""
+
+
+def _questions(params: Params, task: str, root: Path) -> int:
+    """Questions ``evaluate`` asks of ``task``: its local file's rows (``evaluate.data``), the synthetic
+    generator's ``n_eval`` when that file is one ``prepare`` will write, else the hub benchmark's count."""
+    local = params.evaluate.data.get(task)
+    if local is None:
+        return HUB_QUESTIONS[task]
+    path = root / local
+    if path.is_file():
+        import pandas as pd
+
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=True)
+        return len(frame)
+    if params.prepare.source == "synthetic" and Path(local).is_relative_to(paths.PREPARED):
+        return params.prepare.synthetic.n_eval
+    return HUB_QUESTIONS[task]
+
+
 def plan(
     params: Params, arch: Architecture, data: Data, device: Device, root: Path, generation_fill: float = 0.5
 ) -> list[Estimate]:
@@ -303,7 +325,7 @@ def plan(
         * 3
         * seq
         * 2
-        * (P - arch.embedding_params)
+        * (arch.layers * arch.layer_matmul_params + arch.embedding_params)  # the LM head, tied or not
         / device.flops_per_s(_dtype(s.precision, device), "forward")
     )
     e.disk = 4 * sae_params + 16 * sae_params  # weights + the resumable checkpoint
@@ -386,7 +408,7 @@ def plan(
     dtype = "bfloat16" if ev.dtype == "auto" else ev.dtype
     b = DTYPE_BYTES[dtype]
     tp = ev.tensor_parallel_size if ev.backend == "vllm" else 1
-    questions = {"aime24_nofigures": 30, "math500": 500, "gpqa_diamond": 198}
+    questions = {t: _questions(params, t, root) for t in ev.tasks}
     n_q = sum(min(questions[t], ev.limit or questions[t]) for t in ev.tasks)
     for variant in ev.variants:
         e = Estimate(f"evaluate@{variant}", tp)

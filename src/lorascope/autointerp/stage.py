@@ -5,8 +5,9 @@ listed in ``models/sae/alive.json`` (the contexts stage keeps no other) and fire
 paper's B.1 prompt shows the top ``n_contexts`` windows with activations on its 0-10 scale; the JSON
 reply gives the explanation, the class (0 monosemantic, 1 broad but consistent, 2 polysemantic) and
 its reasoning. Detection scoring then checks the explanation: held-out activating windows (the
-contexts stage's quantile samples, never in the prompt) and as many random non-activating windows are
-shown in a seeded order, the model says which match, and the balanced accuracy is recorded.
+contexts stage's quantile samples whose token lies in no window the prompt showed and whose text is none
+it showed: ``unseen_positives``) and as many random non-activating windows are shown in a seeded order,
+the model says which match, and the balanced accuracy is recorded.
 
 Requests run concurrently and go through the content-addressed LLM cache, so a killed or repeated
 run asks only what it does not have. A reply that cannot be parsed is re-asked once, then recorded
@@ -56,6 +57,9 @@ class Feature:
     top: list[Any]
     positives: list[str] = field(default_factory=list)
     negatives: list[str] = field(default_factory=list)
+    positives_left_out: int = 0
+    """Quantile samples not scored: their token lies inside a window the labeller was shown, or their
+    text is one it was shown (``unseen_positives``)."""
 
 
 def _window(row: Any, before: int | None, after: int | None) -> tuple[list[str], list[float]]:
@@ -65,6 +69,32 @@ def _window(row: Any, before: int | None, after: int | None) -> tuple[list[str],
     hi = len(row.tokens) if after is None else at + after + 1
     sign = int(row.sign)
     return list(row.tokens[lo:hi]), [sign * float(a) for a in row.window_acts[lo:hi]]
+
+
+def _shown_range(row: Any, before: int | None, after: int | None) -> tuple[int, int, int]:
+    """``(document, first, last + 1)``: the store positions of the window ``_window`` shows for ``row``."""
+    at = int(row.position) - int(row.window_start)
+    lo = 0 if before is None else max(0, at - before)
+    hi = len(row.tokens) if after is None else min(len(row.tokens), at + after + 1)
+    return int(row.doc_index), int(row.window_start) + lo, int(row.window_start) + hi
+
+
+def unseen_positives(quantile: Any, top: Any, before: int | None, after: int | None) -> tuple[list[str], int]:
+    """The detection positives the labeller never saw: quantile samples whose activating token is outside
+    every shown top window (same document, shown range) and whose text is not a shown window's text (a
+    repeated line elsewhere in the store is still what the labeller read). Returns the texts and how many
+    samples were left out."""
+    shown = [_shown_range(r, before, after) for r in top.itertuples()]
+    seen_texts = {"".join(_window(r, before, after)[0]) for r in top.itertuples()}
+    kept, left_out = [], 0
+    for r in quantile.itertuples():
+        doc, pos = int(r.doc_index), int(r.position)
+        text = "".join(_window(r, before, after)[0])
+        if text in seen_texts or any(d == doc and lo <= pos < hi for d, lo, hi in shown):
+            left_out += 1
+        else:
+            kept.append(text)
+    return kept, left_out
 
 
 def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
@@ -93,11 +123,14 @@ def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
         examples = [Example(*_window(r, cfg.window_before, cfg.window_after)) for r in top.itertuples()]
         feature = Feature(int(fid), str(name), int(sign), max_act, examples)
         rng = random.Random(f"{cfg.seed}:{source}:{name}")
-        for kind, out in (("quantile", feature.positives), ("random", feature.negatives)):
-            pool = [
-                "".join(_window(r, cfg.window_before, cfg.window_after)[0])
-                for r in rows[rows.kind == kind].itertuples()
-            ]
+        positives, feature.positives_left_out = unseen_positives(
+            rows[rows.kind == "quantile"], top, cfg.window_before, cfg.window_after
+        )
+        negatives = [
+            "".join(_window(r, cfg.window_before, cfg.window_after)[0])
+            for r in rows[rows.kind == "random"].itertuples()
+        ]
+        for pool, out in ((positives, feature.positives), (negatives, feature.negatives)):
             out.extend(rng.sample(pool, min(cfg.detection_samples, len(pool))))
         features.append(feature)
         if cfg.max_features and len(features) == cfg.max_features:
@@ -253,6 +286,7 @@ def run(params: Params, source: str) -> Path:
         scored = [r for r in ok if r["detection_balanced_accuracy"] is not None]
         metrics: dict[str, float] = {
             "features": len(rows), "labelled": len(ok), "failed": len(rows) - len(ok), "dead_skipped": dead,
+            "detection_positives_left_out": sum(f.positives_left_out for f in features),
             "requests": client.requests, "cache_hits": client.hits, "retries": client.retries,
             "input_tokens": client.input_tokens, "output_tokens": client.output_tokens,
             "label_set_input_tokens": sum(r["input_tokens"] for r in rows),

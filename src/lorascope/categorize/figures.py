@@ -7,28 +7,31 @@ All are plain JSON, so the report stage (or a notebook) plots them without re-re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorascope.autointerp.prompts import Category
 from lorascope.errors import LorascopeError
 from lorascope.extract.components import parse_name
 from lorascope.extract.store import Store
 
+if TYPE_CHECKING:
+    from lorascope.extract.exclusion import Exclusion
+
 FIGURE1_SHARES = (
     "share = features of the source assigned the category / features of the source assigned any category "
     "(status ok); uncategorized and failed features are counted in totals only, so each source's shares sum to 1"
 )
 FIGURE2_NORMALISATION = (
-    "mass = sum over the first `tokens` tokens of the store of relu(sign * activation), summed over the "
+    "mass = sum over the density sample's tokens (`sample`) of relu(sign * activation), summed over the "
     "category's member features (status ok) whose component lies in the cell; density = mass / the cell's mass "
     "summed over all categories, so each cell's densities sum to 1 (null where no member feature fired in the "
     "cell). Cells: (layer, component type) for the LoRA store, layer for the MLP store"
 )
 FIGURE2_SAE_ATTRIBUTION = (
-    "activation x share: a live latent f's activation a_f(t) (the SAE's calibrated threshold over the first "
-    "`tokens` tokens of the LoRA store) is split over the adapter components c by its decoder row in the "
+    "activation x share: a live latent f's activation a_f(t) (the SAE's calibrated threshold over the density "
+    "sample's tokens of the LoRA store: `sample`) is split over the adapter components c by its decoder row in the "
     "SAE's training units, w[f, c] = W_dec[f, c] / scale[c] (the unit-norm row; W_dec in x.A units, scale "
     "from cfg.json): share[f, c] = w[f, c]^2 / sum_c' w[f, c']^2, the latent's share of the squared "
     "reconstruction it adds (shares sum to 1, so the cells partition its mass). "
@@ -42,6 +45,12 @@ FIGURE2_SAE_NORMALISATION = (
     "categorized latent has mass in the cell). Latents: live (alive.json) with status ok only; the mass of "
     "live latents without a category (unlabelled, failed, uncategorized) is `unassigned_mass`, that of dead "
     "latents `dead_mass` (both excluded)"
+)
+DENSITY_SAMPLE = (
+    "whole documents of the store drawn at random without replacement (seeded by categorize.seed) until "
+    "`density_tokens` tokens (the last document cut to fit), less the tokens the SAE's exclusion policy "
+    "(sae.exclude: first positions, special tokens, norm outliers) keeps out of its training, scaling and "
+    "calibration; `excluded` counts those by reason, `tokens` is what the masses sum over"
 )
 SAE_BLOCK_TOKENS = 4096
 """Tokens encoded at once for Figure 2 (bounds the dense block, tokens x d_sae floats)."""
@@ -120,40 +129,96 @@ def component_cell(name: str) -> tuple[int, str]:
     return parsed.layer, parsed.kind
 
 
-def positive_mass(store: Store, n_tokens: int, device: Any = "cpu") -> tuple[Any, Any, int]:
-    """Per store column over the first ``n_tokens`` tokens: ``(sum relu(acts), sum relu(-acts), tokens used)``,
-    float64 (CPU tensors), the shards streamed one at a time to ``device`` and summed there."""
+class DensitySample:
+    """The tokens of one store that the Figure 2 densities sum over (``DENSITY_SAMPLE``): a seeded random
+    draw of whole documents up to ``n_tokens``, less what ``exclusion`` names. ``blocks`` streams the kept
+    rows shard by shard (only the shards that hold drawn documents are read) and counts what it left out."""
+
+    def __init__(self, store: Store, n_tokens: int, seed: int, exclusion: Exclusion | None) -> None:
+        import random
+
+        self.store, self.exclusion = store, exclusion
+        order = list(range(len(store.documents)))
+        random.Random(f"lorascope-figure2-{seed}").shuffle(order)
+        self.take: dict[int, int] = {}  # document index -> tokens taken from its start
+        left = n_tokens
+        for doc in order:
+            if left <= 0:
+                break
+            self.take[doc] = min(store.documents[doc][2], left)
+            left -= self.take[doc]
+        self.drawn = n_tokens - max(left, 0)
+        self.used = 0
+        self.excluded: dict[str, int] = {}
+
+    def blocks(self, device: Any, label: str) -> Iterator[Any]:
+        """``acts_TC`` of the kept tokens of each shard holding drawn documents, in store order, on ``device``."""
+        import torch
+
+        from lorascope.devices import prefetched
+        from lorascope.extract.exclusion import count
+        from lorascope.extract.outliers import document_starts
+        from lorascope.progress import track
+
+        docs = self.store.documents
+        shards = [s for s in self.store.shards if any(s.first_doc <= d < s.last_doc for d in self.take)]
+        self.used, self.excluded = 0, {}
+        for shard, (acts_TC, ids_T) in track(
+            prefetched(shards, self.store.read, device), label, total=len(shards)
+        ):
+            keep_T = torch.zeros(acts_TC.shape[0], dtype=torch.bool, device=acts_TC.device)
+            drawn_T = keep_T.clone()
+            for d in range(shard.first_doc, shard.last_doc):
+                if d in self.take:
+                    lo = docs[d][1] - shard.start
+                    drawn_T[lo : lo + self.take[d]] = True
+            keep_T |= drawn_T
+            if self.exclusion is not None:
+                reasons = self.exclusion.reasons(acts_TC, ids_T, document_starts(self.store, shard))
+                count({r: m & drawn_T for r, m in reasons.items()}, self.excluded)
+                for mask in reasons.values():
+                    keep_T &= ~mask
+            self.used += int(keep_T.sum())
+            yield acts_TC[keep_T]
+
+    def summary(self) -> dict[str, Any]:
+        """What the masses summed over, for the figure's JSON (after ``blocks`` ran)."""
+        return {
+            "sample": DENSITY_SAMPLE,
+            "documents": len(self.take),
+            "drawn_tokens": self.drawn,
+            "tokens": self.used,
+            "excluded": dict(sorted(self.excluded.items())),
+        }
+
+
+def positive_mass(sample: DensitySample, device: Any = "cpu") -> tuple[Any, Any]:
+    """Per store column over the sample's tokens: ``(sum relu(acts), sum relu(-acts))``, float64 (CPU
+    tensors), the shards streamed one at a time to ``device`` and summed there."""
     import torch
 
-    from lorascope.devices import prefetched
-    from lorascope.progress import track
-
-    width = len(store.components)
+    width = len(sample.store.components)
     pos_C = torch.zeros(width, dtype=torch.float64, device=device)
     neg_C = torch.zeros(width, dtype=torch.float64, device=device)
-    shards = [s for s in store.shards if s.start < n_tokens]
-    used = 0
-    streamed = prefetched(shards, store.read, device)
-    for shard, (acts_TC, _) in track(streamed, f"categorize: density {store.source}", total=len(shards)):
-        acts_TC = acts_TC[: n_tokens - shard.start].to(torch.float64)
+    for acts_TC in sample.blocks(device, f"categorize: density {sample.store.source}"):
+        acts_TC = acts_TC.to(torch.float64)
         pos_C += acts_TC.clamp(min=0).sum(0)
         neg_C += acts_TC.neg().clamp(min=0).sum(0)
-        used += acts_TC.shape[0]
-    return pos_C.cpu(), neg_C.cpu(), used
+    return pos_C.cpu(), neg_C.cpu()
 
 
 def figure2_source(
-    store: Store,
+    sample: DensitySample,
     members: Sequence[tuple[str, int, str]],
     category_ids: Sequence[str],
-    n_tokens: int,
     by_type: bool,
     device: Any = "cpu",
 ) -> dict[str, Any]:
-    """Category-wise activation density of one store: ``members`` are ``(feature_name, sign, category)`` of the
-    categorized features; cells are (layer, component type) with ``by_type``, else layer."""
+    """Category-wise activation density of one store over ``sample``: ``members`` are ``(feature_name, sign,
+    category)`` of the categorized features; cells are (layer, component type) with ``by_type``, else layer."""
+    store = sample.store
     column = {name: i for i, name in enumerate(store.components)}
-    pos_C, neg_C, used = positive_mass(store, n_tokens, device)
+    pos_C, neg_C = positive_mass(sample, device)
     cell_of: list[tuple[Any, ...]] = []
     for name in store.components:
         layer, kind = component_cell(name)
@@ -179,54 +244,45 @@ def figure2_source(
         out.append(
             {**where, "features": cell["features"], "total": total, "mass": cell["mass"], "density": density}
         )
-    return {"tokens": used, "cells": out}
+    return {**sample.summary(), "cells": out}
 
 
 def figure2(
-    stores: dict[str, Store],
+    samples: dict[str, DensitySample],
     assignments: Sequence[dict[str, Any]],
     category_ids: Sequence[str],
     n_tokens: int,
     device: Any = "cpu",
 ) -> dict[str, Any]:
-    """Figure 2 data for the LoRA store (cells: layer x component type) and the MLP store (cells: layer);
-    the density pass runs on ``device``."""
+    """Figure 2 data for the LoRA store (cells: layer x component type) and the MLP store (cells: layer),
+    each over its density sample; the density pass runs on ``device``."""
     out: dict[str, Any] = {
         "normalisation": FIGURE2_NORMALISATION,
         "density_tokens": n_tokens,
         "categories": list(category_ids),
     }
-    for source, store in stores.items():
+    for source, sample in samples.items():
         members = [
             (r["feature_name"], int(r["sign"]), r["category"])
             for r in assignments
             if r["source"] == source and r["status"] == "ok"
         ]
-        out[source] = figure2_source(store, members, category_ids, n_tokens, source == "lora", device)
+        out[source] = figure2_source(sample, members, category_ids, source == "lora", device)
     return out
 
 
-def latent_mass(store: Store, sae: Any, n_tokens: int, block: int = SAE_BLOCK_TOKENS) -> tuple[Any, int]:
-    """Per SAE latent, ``sum_t a_f(t)`` over the first ``n_tokens`` tokens of ``store`` (float64, CPU) and the
-    tokens used; the store is encoded with the SAE's calibrated threshold, one block at a time, on the SAE's
-    device (the shards streamed to it)."""
+def latent_mass(sample: DensitySample, sae: Any, block: int = SAE_BLOCK_TOKENS) -> Any:
+    """Per SAE latent, ``sum_t a_f(t)`` over the sample's tokens (float64, CPU); the tokens are encoded with
+    the SAE's calibrated threshold, one block at a time, on the SAE's device (the shards streamed to it)."""
     import torch
-
-    from lorascope.devices import prefetched
-    from lorascope.progress import track
 
     device = sae.W_enc_DF.device
     mass_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    shards = [s for s in store.shards if s.start < n_tokens]
-    used = 0
     with torch.no_grad():
-        streamed = prefetched(shards, store.read, device)
-        for shard, (acts_TC, _) in track(streamed, "categorize: SAE density", total=len(shards)):
-            acts_TC = acts_TC[: n_tokens - shard.start]
+        for acts_TC in sample.blocks(device, "categorize: SAE density"):
             for b0 in range(0, acts_TC.shape[0], block):
                 mass_F += sae.encode(acts_TC[b0 : b0 + block].float()).sum(0, dtype=torch.float64)
-            used += acts_TC.shape[0]
-    return mass_F.cpu(), used
+    return mass_F.cpu()
 
 
 def decoder_shares(W_dec_FC: Any, scale_C: Any) -> Any:
@@ -241,7 +297,7 @@ def decoder_shares(W_dec_FC: Any, scale_C: Any) -> Any:
 
 
 def figure2_sae(
-    store: Store,
+    sample: DensitySample,
     sae_dir: Path,
     alive: Sequence[int],
     members: Sequence[tuple[int, str, str | None]],
@@ -257,6 +313,7 @@ def figure2_sae(
 
     from lorascope.sae.load import load_sae
 
+    store = sample.store
     sae, cfg = load_sae(sae_dir, device)
     sae.eval()
     if list(cfg["components"]) != list(store.components):
@@ -264,7 +321,7 @@ def figure2_sae(
             f"{sae_dir}/cfg.json: the SAE was trained on other components than {store.root} holds; "
             "retrain it with `lorascope sae`"
         )
-    mass_F, used = latent_mass(store, sae, n_tokens)
+    mass_F = latent_mass(sample, sae)
     scale_C = torch.tensor(cfg.get("scale") or [1.0] * sae.d_in, dtype=torch.float64)
     share_FC = decoder_shares(sae.W_dec_FD.detach().cpu(), scale_C)
     cell_of = [component_cell(name) for name in store.components]
@@ -311,7 +368,7 @@ def figure2_sae(
         "attribution": FIGURE2_SAE_ATTRIBUTION,
         "normalisation": FIGURE2_SAE_NORMALISATION,
         "density_tokens": n_tokens,
-        "tokens": used,
+        **sample.summary(),
         "categories": list(category_ids),
         "latents": {
             "d_sae": sae.d_sae,

@@ -29,12 +29,13 @@ class CategorizeSection(Section):
     sae_subcategories: bool = True
     """Also generate subcategories within each category for SAE features and assign them."""
     density_tokens: PositiveInt = 100_000
-    """Tokens of the activation stores (from the start) summed for the Figure 2 densities."""
+    """Tokens of each activation store summed for the Figure 2 densities: whole documents drawn at random
+    (``seed``) up to this many, less the tokens the SAE's exclusion policy (``sae.exclude``) leaves out."""
     device: Device = "auto"
     """Where the Figure 2 density pass sums the stores: ``auto`` (a CUDA GPU when present), ``cpu``,
     ``cuda`` or ``cuda:<index>``."""
     seed: int = 0
-    """Seed of the explanation sample."""
+    """Seed of the explanation sample and of the Figure 2 document sample."""
 
     @model_validator(mode="after")
     def _range(self) -> CategorizeSection:

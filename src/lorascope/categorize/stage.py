@@ -93,7 +93,7 @@ def run(params: Params) -> Path:
     from lorascope.autointerp.labelling import open_client
     from lorascope.autointerp.prompts import Category, prompt_hash
     from lorascope.categorize.assignment import assign_all
-    from lorascope.categorize.figures import figure1, figure2, figure2_sae
+    from lorascope.categorize.figures import DensitySample, figure1, figure2, figure2_sae
     from lorascope.categorize.generation import category_dict, generate, sample_equal
     from lorascope.categorize.inputs import (
         REQUIRED,
@@ -111,6 +111,7 @@ def run(params: Params) -> Path:
     )
     from lorascope.contexts.sources import SAE_DIR, alive_latents
     from lorascope.devices import resolve_device
+    from lorascope.extract.exclusion import Exclusion
     from lorascope.extract.store import Store
     from lorascope.tracking import stage_run
 
@@ -239,12 +240,19 @@ def run(params: Params) -> Path:
             },
         }
         fig1 = figure1(rows, sources, categories, subs.sets)
-        fig2_lora = figure2(stores, rows, ids, cfg.density_tokens, device)
+        # Figure 2's tokens: a seeded document sample, less those the SAE never saw (its exclusion policy)
+        samples = {
+            source: DensitySample(
+                store, cfg.density_tokens, cfg.seed, Exclusion.of(store, params.sae.exclude, "sae.exclude")
+            )
+            for source, store in stores.items()
+        }
+        fig2_lora = figure2(samples, rows, ids, cfg.density_tokens, device)
         if alive is not None:
             sae_members = [(r["feature"], r["category"], r["subcategory"])
                            for r in rows if r["source"] == "sae" and r["status"] == "ok"]  # fmt: skip
             fig2 = figure2_sae(
-                stores["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
+                samples["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
             )
         else:
             fig2 = {"features": "sae", "categories": ids, "missing": f"{paths.labels('sae').as_posix()} not found: "

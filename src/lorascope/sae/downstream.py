@@ -9,7 +9,7 @@ effect recovered, 1 - KL(P_lora || P_spliced) / KL(P_lora || P_base).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,15 +45,20 @@ def spliced(model: Any, store: Store, values_TC: torch.Tensor):
             h.remove()
 
 
-def document(store: Store, doc: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(acts_TC, ids_T)`` of one document."""
-    _, start, length = store.documents[doc]
-    for shard in store.shards:
-        if shard.first_doc <= doc < shard.last_doc:
-            acts_TC, ids_T = store.read(shard)
-            lo = start - shard.start
-            return acts_TC[lo : lo + length], ids_T[lo : lo + length]
-    raise IndexError(doc)
+def documents(store: Store, docs: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(acts_TC, ids_T)`` of each document in ``docs``, in that order; a shard is read once for a run
+    of documents it holds (not once per document)."""
+    last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # (shard file, its tensors)
+    for doc in docs:
+        _, start, length = store.documents[doc]
+        shard = next((s for s in store.shards if s.first_doc <= doc < s.last_doc), None)
+        if shard is None:
+            raise IndexError(doc)
+        if last is None or last[0] != shard.file:
+            last = (shard.file, store.read(shard))
+        acts_TC, ids_T = last[1]
+        lo = start - shard.start
+        yield acts_TC[lo : lo + length], ids_T[lo : lo + length]
 
 
 @torch.no_grad()
@@ -76,8 +81,7 @@ def splice_kl(
     model = load_adapter(load_model(base_dir, dtype=dtype).to(device), adapter_dir).eval()
     kl_spliced = kl_base = 0.0
     tokens = 0
-    for doc in docs:
-        acts_TC, ids_T = document(store, doc)
+    for acts_TC, ids_T in documents(store, docs):
         acts_TC = acts_TC.to(device)
         input_ids = ids_T.long()[None].to(device)
         logits_lora = model(input_ids=input_ids).logits[0]
