@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from fractions import Fraction
@@ -356,3 +358,21 @@ def test_integer_answers_survive_extraction(n: int, width: int, noise: int) -> N
     found = extract(output, "integer")
     assert found.method == "boxed" and integer_equal(gold, found.text)
     assert integer_equal(gold, str(n)) and not integer_equal(gold, str(n + 1))
+
+
+def test_a_pathological_prediction_returns_within_the_timeout() -> None:
+    """math_verify takes minutes on a tower of powers (sympy evaluates it); the grading timeout must cut it:
+    each of parse, parse, verify gets `timeout_s` (1 s here), so the answer comes back in seconds, graded
+    wrong. Run in a child process (signal timeouts need its main thread) with a hard limit of its own, so a
+    lost guard fails the test instead of hanging the suite."""
+    code = (
+        "import time; from lorascope.evaluate.grading import math_equal\n"
+        "t = time.perf_counter()\n"
+        "print(math_equal('1', '9^{9^{9^{9}}}', 1), math_equal('1', '10^{10^{10}}', 1), time.perf_counter() - t)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("math_equal ran past 60 s on a pathological prediction: the timeout guard is gone")
+    first, second, seconds = done.stdout.split()
+    assert (first, second) == ("False", "False") and float(seconds) < 20, done.stdout

@@ -132,3 +132,16 @@ def test_pipeline_check_and_write(tmp_path):
     assert cli("pipeline", "write", env={"LORASCOPE_ROOT": str(tmp_path)}).returncode == 0
     assert (tmp_path / "dvc.yaml").read_text() == pipeline.render()
     assert cli("pipeline", "check", env={"LORASCOPE_ROOT": str(tmp_path)}).returncode == 0
+
+
+def test_dvc_reads_yaml_with_the_c_parser_and_the_same_values():
+    """A no-op `dvc repro` parses params.yaml once per stage with ruamel's safe loader: the libyaml parser
+    (ruamel.yaml.clib, a dependency) makes that ~5x faster; its values are the pure-Python loader's (the
+    YAML 1.2 resolver stays ruamel's: `on` is a string, `010` is 10)."""
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib")
+    for path in (REPO / "params.yaml", REPO / "dvc.yaml", REPO / "pipelines/profiles/qwen2.5-32b-paper.yaml"):
+        text = path.read_text()
+        assert YAML(typ="safe").load(text) == YAML(typ="safe", pure=True).load(text), path
+    assert YAML(typ="safe").load("pin: on\nn: 010\n") == {"pin": "on", "n": 10}

@@ -3,13 +3,17 @@ the best params fed back into a run, space errors."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from lorascope import tracking
@@ -304,3 +308,227 @@ def test_a_study_made_elsewhere_has_no_parent_to_guess(workspace: Path, monkeypa
     optuna.create_study(study_name="foreign", storage=url)
     with pytest.raises(LorascopeError, match=r"study 'foreign' has no MLflow parent run .* not created by"):
         study_module.parent_run(study_module.open_study("foreign", space(), url))
+
+
+# ------------------------------------------------------------------------ objectives, computed another way
+class _Bigram(torch.nn.Module):
+    """A model whose answer is known: the logits at a position are a row of a fixed table, picked by the
+    token there (so padding, the shift and the loss mask all change the result if they are wrong)."""
+
+    def __init__(self, table_VV: torch.Tensor):
+        super().__init__()
+        self.table_VV = torch.nn.Parameter(table_VV)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table_VV[input_ids])
+
+
+class _Trial:
+    """What a trial function uses of an Optuna trial: the reports it makes, the pruning answer it gets."""
+
+    number = 0
+
+    def __init__(self, prune: bool = False):
+        self.reports: list[tuple[int, float]] = []
+        self.prune = prune
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((step, value))
+
+    def should_prune(self) -> bool:
+        return self.prune
+
+
+def test_heldout_loss_is_the_mean_cross_entropy_of_the_trained_tokens():
+    """Against the definition, token by token in float64: -log softmax(table[previous token])[token] over
+    each row's positions from ``loss_start`` on, averaged over all those tokens (not per row, not per
+    batch). Nine rows of different lengths: batches of 4, 4 and 1, right padding with a pad id that is also a
+    real token; the model's train/eval mode is given back."""
+    from lorascope.sweep.trial import heldout_loss
+
+    V, pad = 7, 0
+    g = torch.Generator().manual_seed(5)
+    model = _Bigram(torch.randn(V, V, generator=g) * 2)
+    rows = [
+        {"input_ids": [3, 0, 5, 1, 6, 2, 0, 4, 4], "loss_start": 5},
+        {"input_ids": [1, 2, 3], "loss_start": 1},
+        {"input_ids": [6, 5, 4, 3, 2, 1], "loss_start": 4},
+        {"input_ids": [2, 2, 0, 1], "loss_start": 2},
+        {"input_ids": [5, 1, 3, 3, 0, 6, 6, 2, 1, 0, 5], "loss_start": 3},
+        {"input_ids": [4, 6], "loss_start": 1},
+        {"input_ids": [0, 0, 3, 5], "loss_start": 2},
+        {"input_ids": [6, 1, 1, 2, 5, 0, 3], "loss_start": 6},
+        {"input_ids": [2, 4, 6], "loss_start": 1},
+    ]
+    logp_VV = torch.log_softmax(model.table_VV.detach().double(), dim=-1)
+    terms = [
+        -float(logp_VV[r["input_ids"][j - 1], r["input_ids"][j]])
+        for r in rows
+        for j in range(r["loss_start"], len(r["input_ids"]))
+    ]
+    assert len(terms) == 4 + 2 + 2 + 2 + 8 + 1 + 2 + 1 + 2
+    model.train()
+    assert heldout_loss(model, rows, pad) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert model.training
+    # the same through torch's cross-entropy, one unpadded row at a time, summed and divided once
+    total = sum(
+        float(
+            torch.nn.functional.cross_entropy(
+                model.table_VV.detach().double()[torch.tensor(r["input_ids"][r["loss_start"] - 1 : -1])],
+                torch.tensor(r["input_ids"][r["loss_start"] :]),
+                reduction="sum",
+            )
+        )
+        for r in rows
+    )
+    assert heldout_loss(model, rows, pad) == pytest.approx(total / len(terms), rel=1e-5)
+    uniform = _Bigram(torch.zeros(V, V))
+    assert heldout_loss(uniform, rows, pad) == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_lora_trial_never_trains_on_its_heldout_rows_and_scores_them(
+    with_prepared: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """One LoRA trial, watched: the rows the documented hash holds out (first 4 bytes of sha1(id) <
+    fraction x 2^32) are exactly the ones scored, none of them is in the data the finetune stage loads or
+    feeds to the trainer, and together with the trained rows they are the workspace's prepared data. The
+    objective equals the mean cross-entropy over their trained tokens, computed one unpadded row at a time
+    from the adapter the trial saved."""
+    import collections
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from lorascope.finetune import data as finetune_data
+    from lorascope.models import load_adapter, load_model
+    from lorascope.sweep import trial as trial_module
+
+    fraction = 0.3
+    table = pq.read_table(with_prepared / "data" / "prepared" / "train.parquet").to_pylist()
+    cut = int(fraction * 2**32)
+    held = [r for r in table if int.from_bytes(hashlib.sha1(r["id"].encode()).digest()[:4], "big") < cut]
+    kept = [r for r in table if r not in held]
+    assert 0 < len(held) < len(table)
+
+    def content(r: dict) -> tuple:
+        return tuple(r["input_ids"]), r["loss_start"]
+
+    assert not {content(r) for r in held} & {content(r) for r in kept}  # rows tell apart by content
+
+    loaded: list[tuple[Path, list[tuple]]] = []
+    fed: list[tuple] = []
+    split: list[list[dict]] = []
+    init, getitem, split_prepared = (
+        finetune_data.PreparedRows.__init__,
+        finetune_data.PreparedRows.__getitem__,
+        trial_module.split_prepared,
+    )
+
+    def spy_init(self, prepared_dir):  # noqa: ANN001, ANN202
+        init(self, prepared_dir)
+        loaded.append(
+            (Path(prepared_dir), list(zip(map(tuple, self.input_ids), self.loss_start, strict=True)))
+        )
+
+    def spy_getitem(self, i):  # noqa: ANN001, ANN202
+        row = getitem(self, i)
+        fed.append(content(row))
+        return row
+
+    def spy_split(root, ws, fraction):  # noqa: ANN001, ANN202
+        split.append(split_prepared(root, ws, fraction))
+        return split[-1]
+
+    monkeypatch.setattr(finetune_data.PreparedRows, "__init__", spy_init)
+    monkeypatch.setattr(finetune_data.PreparedRows, "__getitem__", spy_getitem)
+    monkeypatch.setattr(trial_module, "split_prepared", spy_split)
+    spec = space(validation_fraction=fraction)
+    params = tiny_params(**FAST)
+    trial = _Trial()
+    with trial_module.trial_workspace(
+        with_prepared,
+        "split",
+        0,
+        trial_module.LORA_INPUTS,
+        store=with_prepared,
+        tracking_uri=tracking.tracking_uri(),
+    ) as ws:
+        [value] = trial_module.run_lora(trial, params, spec, with_prepared, ws)
+        written = pq.read_table(ws / "data" / "prepared" / "train.parquet").to_pylist()
+        model = load_adapter(load_model(ws / "models" / "base"), ws / "models" / "lora").eval()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for r in held:
+                ids = torch.tensor([r["input_ids"]])
+                s = r["loss_start"]
+                logits = model(input_ids=ids).logits[0].double()
+                total += float(
+                    torch.nn.functional.cross_entropy(logits[s - 1 : -1], ids[0, s:], reduction="sum")
+                )
+                tokens += ids.shape[1] - s
+    # the split: disjoint, complete, by the documented hash
+    assert [r["id"] for r in written] == [r["id"] for r in kept]
+    assert split == [[{"input_ids": r["input_ids"], "loss_start": r["loss_start"]} for r in held]]
+    # what training read and fed: the trial's own split, none of the held-out rows
+    [(where, rows)] = loaded
+    assert where == ws / "data" / "prepared"
+    assert collections.Counter(rows) == collections.Counter(content(r) for r in kept)
+    assert fed and set(fed) <= set(rows) and not set(fed) & {content(r) for r in held}
+    # the objective, independently
+    assert value == pytest.approx(total / tokens, rel=1e-5)
+    assert trial.reports == [(1, value)]  # the pruner heard it once, at the end of the (cut) first epoch
+
+
+def test_sae_trial_objective_is_the_fvu_of_the_saved_sae(workspace: Path):
+    """``run_sae`` on a planted activation store (data far from zero, so an uncentred variance would be
+    far off): the FVU it returns equals a numpy computation from the SAE it saved, on the evaluation
+    documents the documented hash picks; the pruner hears the training MSE every ``report_every`` steps;
+    a pruned trial stops there; an objective the stage did not measure is an error, not a guess."""
+    import numpy as np
+    import optuna
+    from safetensors.numpy import load_file
+
+    from lorascope.sweep.trial import SAE_INPUTS, run_sae, trial_workspace
+    from test_sae import D_IN, SAE, held_out_docs, planted, write_store
+
+    x, _ = planted(4_000, seed=7)
+    x = x + torch.linspace(-20.0, 30.0, D_IN)
+    write_store(workspace, x)
+    for rel in ("models/base", "models/lora"):  # linked into the trial; unread without kl_sequences
+        (workspace / rel).mkdir(parents=True)
+    params = tiny_params(sae={**SAE, "epochs": 12, "heldout_fraction": 0.2})
+    fvu_space = Space(target="sae", objectives=["fvu"], params={"sae.k": {"choices": [3]}}, report_every=7)
+
+    def trial_run(trial: _Trial, spec: Space, n: int) -> tuple[list[float], dict, dict]:
+        uri = tracking.tracking_uri()
+        with trial_workspace(workspace, "sae", n, SAE_INPUTS, store=workspace, tracking_uri=uri) as ws:
+            values = run_sae(trial, params, spec, workspace, ws)
+            weights = load_file(str(ws / "models" / "sae" / "sae.safetensors"))
+            metrics = json.loads((ws / "metrics" / "sae.json").read_text())
+        return values, weights, metrics
+
+    trial = _Trial()
+    [fvu], weights, metrics = trial_run(trial, fvu_space, 0)
+    held = held_out_docs(20, 0.2)
+    X = np.concatenate([x[i * 200 : (i + 1) * 200].numpy() for i in held[1::2]]).astype(np.float64)
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    pre = np.maximum((X - w["b_dec_D"]) @ w["W_enc_DF"] + w["b_enc_F"], 0.0)
+    f = np.where(pre > float(w["threshold"]), pre, 0.0)
+    err = ((f @ w["W_dec_FD"] + w["b_dec_D"] - X) ** 2).sum()
+    var = ((X - X.mean(0)) ** 2).sum()
+    assert fvu == metrics["fvu"] and metrics["eval_tokens"] == len(X)
+    assert fvu == pytest.approx(err / var, rel=1e-4) and 0 < fvu < 1  # beats the mean
+    steps = int(12 * (20 - len(held)) * 200) // 256  # epochs x training tokens // batch
+    assert [s for s, _ in trial.reports] == list(range(7, steps + 1, 7))
+    assert all(math.isfinite(v) and v > 0 for _, v in trial.reports)
+    assert trial.reports[-1][1] < trial.reports[0][1]  # training lowers the MSE it reports
+
+    pruned = _Trial(prune=True)
+    with pytest.raises(optuna.TrialPruned, match=r"training mse .* at step 7"):
+        trial_run(pruned, fvu_space, 1)
+    assert [s for s, _ in pruned.reports] == [7]
+
+    both = Space(target="sae", objectives=["fvu", "kl_lora_spliced"], params={"sae.k": {"choices": [3]}})
+    with pytest.raises(LorascopeError, match=r"objectives \['kl_lora_spliced'\] not measured"):
+        trial_run(_Trial(), both, 2)
+    assert not (workspace / "sweeps" / "sae").exists()  # every trial workspace removed, failed ones too
