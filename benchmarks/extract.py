@@ -101,7 +101,7 @@ def make_docs(args: argparse.Namespace, id_limit: int) -> list[list[int]]:
 
 def padded_batches(docs: list[list[int]], batch_tokens: int, device: str) -> list[tuple[Any, Any]]:
     """``(input_ids, attention_mask or None)`` on ``device`` per batch, exactly as ``Extractor.run`` builds them."""
-    from lorascope.extract.extractor import padded_batches as batches
+    from lorascope.extract.batching import padded_batches as batches
 
     return [
         (ids.to(device), None if mask is None else mask.to(device))

@@ -173,8 +173,9 @@ def bench_train(
 
 # -------------------------------------------------------------------------------------- extraction
 def bench_extract(spec: dict[str, Any], name: str, args: argparse.Namespace, device: torch.device) -> None:
+    from lorascope.extract.batching import padded_batches
     from lorascope.extract.components import lora_components
-    from lorascope.extract.extractor import Extractor, padded_batches
+    from lorascope.extract.extractor import Extractor
     from lorascope.extract.recorder import Recorder
 
     reset_peak(device)

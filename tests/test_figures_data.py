@@ -277,8 +277,8 @@ def test_figure2_sae_against_numpy(tmp_path: Path):
     cells by the squared unit-scale decoder row; overall, subcategory and per-cell densities; live,
     dead and unassigned mass."""
     from lorascope.categorize.figures import figure2_sae, latent_mass
+    from lorascope.sae.load import save
     from lorascope.sae.model import BatchTopKSAE
-    from lorascope.sae.train import save
 
     components = ["L0.q_proj", "L0.down_proj", "L1.q_proj.0", "L1.q_proj.1"]
     g = torch.Generator().manual_seed(2)

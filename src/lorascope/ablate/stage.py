@@ -58,14 +58,10 @@ def out_dir() -> Path:
 def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list[tuple[str, list[int], int]]:
     """``(row id, token ids cut to max_tokens, first response token)`` of ``n`` training rows drawn
     with ``seed`` among those with a response token inside the cut, in data order."""
-    import pyarrow.parquet as pq
+    from lorascope.prepare import table as prepared_table
 
-    path = prepared / "train.parquet"
-    if not path.is_file():
-        raise LorascopeError(
-            f"{path}: prepared data not found; run `lorascope prepare` (or `dvc repro`) first"
-        )
-    table = pq.read_table(path, columns=["id", "input_ids", "loss_start"]).to_pylist()
+    path = prepared_table.path(prepared)
+    table = prepared_table.read(prepared, ["id", "input_ids", "loss_start"]).to_pylist()
     eligible = [i for i, r in enumerate(table) if 0 < r["loss_start"] < min(len(r["input_ids"]), max_tokens)]
     if not eligible:
         raise LorascopeError(f"{path}: no row has a response token within ablate.max_tokens ({max_tokens})")

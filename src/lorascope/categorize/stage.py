@@ -50,10 +50,10 @@ ASSIGNMENT_COLUMNS = (
 
 
 def figure_sae_width(sae_dir: Path) -> int:
-    """``d_sae`` of the SAE in ``sae_dir`` (its cfg.json)."""
-    import json
+    """``d_sae`` of the SAE in ``sae_dir`` (its cfg)."""
+    from lorascope.sae.load import read_cfg
 
-    return int(json.loads((sae_dir / "cfg.json").read_text())["d_sae"])
+    return int(read_cfg(sae_dir)["d_sae"])
 
 
 def out_dir() -> Path:
@@ -109,21 +109,20 @@ def run(params: Params) -> Path:
         sae_subcategories,
         subcategory_range,
     )
-    from lorascope.contexts.sources import SAE_DIR, alive_latents
     from lorascope.devices import resolve_device
     from lorascope.extract.exclusion import Exclusion
     from lorascope.extract.store import Store
+    from lorascope.sae.load import alive_latents, require
     from lorascope.tracking import stage_run
 
     cfg = params.categorize
     device = resolve_device(cfg.device, "categorize.device")  # the density passes; bad values fail early
     root = workspace_root()
     sources = present_sources()
-    sae_dir = root / SAE_DIR
+    sae_dir = root / paths.SAE
     alive: list[int] | None = None
     if "sae" in sources:  # the SAE's live latents: the only ones interpreted (and its decoder: Figure 2)
-        if not (sae_dir / "cfg.json").is_file():
-            raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
+        require(sae_dir)
         alive = alive_latents(sae_dir)
     features = {s: load_features(s, cfg.n_examples, alive if s == "sae" else None) for s in sources}
     dead_labels = len(ok_labels("sae")) - len(features["sae"]) if "sae" in sources else 0

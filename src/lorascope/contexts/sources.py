@@ -19,8 +19,6 @@ from lorascope.contexts.selection import Encoder
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
 
-SAE_DIR = paths.SAE
-
 
 @dataclass
 class FeatureSource:
@@ -56,27 +54,6 @@ def _store(root: Path, source: str) -> Store:
     return store
 
 
-def alive_latents(sae_dir: Path, d_sae: int | None = None) -> list[int]:
-    """The live latents ``models/sae/alive.json`` lists (sorted); a missing or malformed file is a one-line
-    error. ``d_sae``: the SAE's width, checked against the file's."""
-    import json
-
-    path = sae_dir / "alive.json"
-    if not path.is_file():
-        raise LorascopeError(f"{path}: not found (the live latents); re-run `lorascope sae`")
-    try:
-        doc = json.loads(path.read_text())
-        alive = sorted({int(i) for i in doc["alive_latents"]})
-        width = int(doc["d_sae"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise LorascopeError(
-            f"{path}: unreadable ({type(err).__name__}: {err}); re-run `lorascope sae`"
-        ) from None
-    if (d_sae is not None and width != d_sae) or any(not 0 <= i < width for i in alive):
-        raise LorascopeError(f"{path}: does not match the SAE's {d_sae} latents; re-run `lorascope sae`")
-    return alive
-
-
 def open_source(name: str, root: Path, live_only: bool = False, device: Any = "cpu") -> FeatureSource:
     """The feature source ``name`` (lora | mlp | sae) of the workspace at ``root``; ``live_only``: an SAE
     source holds only the live latents (``alive.json``), encoded to just those columns; the SAE encodes
@@ -85,9 +62,10 @@ def open_source(name: str, root: Path, live_only: bool = False, device: Any = "c
         store = _store(root, name)
         return FeatureSource(name, store, list(store.components), signed=True, inputs=[store.root])
     if name == "sae":
-        sae_dir = root / SAE_DIR
-        if not (sae_dir / "cfg.json").is_file():
-            raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
+        sae_dir = root / paths.SAE
+        from lorascope.sae.load import alive_latents, require
+
+        require(sae_dir)
         from lorascope.sae.encoder import load_encoder
 
         store = _store(root, "lora")

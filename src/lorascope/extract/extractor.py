@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorascope.extract.batching import padded_batches
 from lorascope.extract.components import Component, feature_names, lora_components, mlp_components
 from lorascope.extract.merge_check import MergeCheck, MergeReport
-from lorascope.extract.recorder import Recorder
-
-
-def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group document indices, longest first, so that batch size x longest length <= batch_tokens
-    (a document longer than the budget forms a batch alone). Sorting keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def padded_batches(docs: list[list[int]], batch_tokens: int) -> Iterator[tuple[list[int], Any, Any]]:
-    """``(document indices, input_ids, attention_mask or None)`` per packed batch: right padding,
-    a mask only when the batch holds several documents (one document needs none)."""
-    import torch
-
-    lengths = [len(d) for d in docs]
-    for batch in pack_batches(lengths, batch_tokens):
-        width = lengths[batch[0]]
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : lengths[i]] = torch.as_tensor(docs[i])
-            mask[row, : lengths[i]] = 1
-        yield batch, input_ids, mask if len(batch) > 1 else None
+from lorascope.extract.recorder import Recorder, merge_for_recording
 
 
 @dataclass
@@ -104,13 +75,8 @@ class Extractor:
                 return cls(merged, recorder, "merged", device, report)
             del merged, peft_model
             return cls(unmerged(), Recorder(components), "lora_a", device, report)
-        base = peft_model.get_base_model()
-        projections = {
-            c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone()
-            for c in components
-        }
-        merged = peft_model.merge_and_unload()
-        return cls(merged, Recorder(components, projections), method, device)
+        merged, recorder = merge_for_recording(peft_model, components)
+        return cls(merged, recorder, method, device)
 
     def decoder(self) -> Any:
         """The transformer stack without the LM head (logits are not needed to record inputs)."""

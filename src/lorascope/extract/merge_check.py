@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorascope.extract.recorder import Recorder
+from lorascope.extract.recorder import Recorder, merge_for_recording
 
 LOGIT_CHUNK = 256
 """Positions whose KL is computed at once (bounds memory: chunk x vocab x 8 bytes). The reference
@@ -122,7 +122,7 @@ def _pass(
 
     import torch
 
-    from lorascope.extract.extractor import padded_batches
+    from lorascope.extract.batching import padded_batches
 
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     acts, logits_list, kl = [], [], 0.0
@@ -168,12 +168,7 @@ def measure(
     acts_lora, logp_lora, _ = _pass(base, peft_model, recorder_lora, "lora_a", check, device, None)
     with peft_model.disable_adapter():
         _, _, kl_base = _pass(base, peft_model, None, "lora_a", check, device, logp_lora)
-    projections = {
-        c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone()
-        for c in components
-    }
-    merged = peft_model.merge_and_unload()
-    recorder = Recorder(components, projections)
+    merged, recorder = merge_for_recording(peft_model, components)
     acts_merged, _, kl_merged = _pass(merged, merged, recorder, "merged", check, device, logp_lora)
     del logp_lora
     tokens = acts_lora.shape[0]

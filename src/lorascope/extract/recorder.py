@@ -114,3 +114,15 @@ class Recorder:
 
             return module.register_forward_pre_hook(neurons)
         raise ValueError(f"unknown extraction method {method!r}")
+
+
+def merge_for_recording(peft_model: Any, components: list[Component]) -> tuple[Any, Recorder]:
+    """Fold the adapter into its base (peft's ``merge_and_unload``) and return the merged model with the
+    ``merged`` Recorder: each component's ``lora_A`` row, kept in float32 before merging, projects the merged
+    module's real input."""
+    base = peft_model.get_base_model()
+    projections = {
+        c.module: base.get_submodule(c.module).lora_A["default"].weight.detach().float().clone()
+        for c in components
+    }
+    return peft_model.merge_and_unload(), Recorder(components, projections)

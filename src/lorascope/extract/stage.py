@@ -44,17 +44,12 @@ def work_dir(source: str) -> Path:
 
 def read_documents(prepared: Path) -> tuple[list[str], list[list[int]]]:
     """Row ids and token ids of the prepared training set, in order."""
-    import pyarrow.parquet as pq
+    from lorascope.prepare import table as prepared_table
 
-    path = prepared / "train.parquet"
-    if not path.is_file():
-        raise LorascopeError(
-            f"{path}: prepared data not found; run `lorascope prepare` (or `dvc repro`) first"
-        )
-    table = pq.read_table(path, columns=["id", "input_ids"])
+    table = prepared_table.read(prepared, ["id", "input_ids"])
     ids, docs = table.column("id").to_pylist(), table.column("input_ids").to_pylist()
     if not docs or not any(docs):
-        raise LorascopeError(f"{path}: no tokens to extract (empty dataset)")
+        raise LorascopeError(f"{prepared_table.path(prepared)}: no tokens to extract (empty dataset)")
     return ids, docs
 
 

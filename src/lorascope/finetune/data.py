@@ -15,14 +15,10 @@ class PreparedRows:
     """A map-style dataset over the prepared rows: token ids and where the trained span starts."""
 
     def __init__(self, prepared_dir: str | Path) -> None:
-        import pyarrow.parquet as pq
+        from lorascope.prepare import table as prepared_table
 
-        path = Path(prepared_dir) / "train.parquet"
-        if not path.is_file():
-            raise LorascopeError(
-                f"{path}: prepared data not found; run `lorascope prepare` (or `dvc repro`) first"
-            )
-        table = pq.read_table(path, columns=["input_ids", "loss_start"])
+        path = prepared_table.path(Path(prepared_dir))
+        table = prepared_table.read(Path(prepared_dir), ["input_ids", "loss_start"])
         self.input_ids: list[list[int]] = table.column("input_ids").to_pylist()
         self.loss_start: list[int] = table.column("loss_start").to_pylist()
         if not self.input_ids:

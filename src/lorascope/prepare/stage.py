@@ -39,9 +39,10 @@ def _encode_all(df: Any, tokenizer: Any, block_size: int) -> list[Any]:
     ]
 
 
-def _write_train(path: Path, df: Any, encoded: list[Any]) -> None:
+def _write_train(directory: Path, df: Any, encoded: list[Any]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from lorascope.prepare import table
 
     columns: dict[str, Any] = {
         c: pa.array(df[c].astype(str).tolist(), pa.string()) for c in KEEP if c in df.columns
@@ -51,7 +52,7 @@ def _write_train(path: Path, df: Any, encoded: list[Any]) -> None:
     columns["loss_start"] = pa.array([e.loss_start for e in encoded], pa.int32())
     columns["n_tokens"] = pa.array([len(e.input_ids) for e in encoded], pa.int32())
     columns["n_tokens_full"] = pa.array([e.n_tokens_full for e in encoded], pa.int32())
-    pq.write_table(pa.table(columns), path)
+    table.write(directory, pa.table(columns))
 
 
 def _write_eval(directory: Path, params: Params) -> dict[str, int]:
@@ -153,7 +154,7 @@ def run(params: Params) -> Path:
         }
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            _write_train(tmp / "train.parquet", df, encoded)
+            _write_train(tmp, df, encoded)
             write_json(tmp / "validation.json", report)
             stats.update(_write_eval(tmp / "eval", params))
         write_json(root / METRICS, stats)

@@ -26,7 +26,6 @@ page with ``textContent`` (never parsed as HTML), so explanations and tokens can
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -339,10 +338,10 @@ def _add_source(
             raise LorascopeError(f"{_rel(root, p)} not found")
     labels = _labels(labels_path, cfg.max_features)
     if source == "sae":  # live latents only (models/sae/alive.json), as every stage before
-        from lorascope.contexts.sources import SAE_DIR, alive_latents
+        from lorascope.sae.load import alive_latents, read_cfg
 
-        alive = set(alive_latents(root / SAE_DIR))
-        d_sae = int(json.loads((root / SAE_DIR / "cfg.json").read_text())["d_sae"])
+        alive = set(alive_latents(root / paths.SAE))
+        d_sae = int(read_cfg(root / paths.SAE)["d_sae"])
         kept = [r for r in labels if int(r["feature"]) in alive]
         meta["sae_latents"] = {"d_sae": d_sae, "alive": len(alive), "dead": d_sae - len(alive),
                                "dead_labels_dropped": len(labels) - len(kept)}  # fmt: skip

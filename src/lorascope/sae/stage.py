@@ -38,7 +38,8 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
     from lorascope.progress import track
     from lorascope.sae.data import heldout_documents
     from lorascope.sae.downstream import splice_kl
-    from lorascope.sae.train import Trainer, calibrate, evaluate, fold, grouped_fvu, heldout_batches, save
+    from lorascope.sae.load import save, write_alive
+    from lorascope.sae.train import Trainer, calibrate, evaluate, fold, grouped_fvu, heldout_batches
     from lorascope.tracking import stage_run
 
     cfg = params.sae
@@ -160,7 +161,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
                     "training_tokens": trainer.step * cfg.batch_size,
                 },
             )
-            write_json(tmp / "alive.json", {"alive_latents": alive, "d_sae": p.d_sae})
+            write_alive(tmp, alive, p.d_sae)
         write_json(root / METRICS, metrics)
         mlflow.log_artifacts(str(out), artifact_path="sae")
         tr.log_outputs(out, root / METRICS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,16 +275,3 @@ def fold(sae: BatchTopKSAE, scale_D: torch.Tensor) -> BatchTopKSAE:
         raw.b_dec_D.copy_(sae.b_dec_D * scale_D)
         raw.threshold.copy_(sae.threshold)
     return raw
-
-
-def save(sae: BatchTopKSAE, directory: Path, cfg_json: dict[str, Any]) -> None:
-    """``sae.safetensors`` + ``cfg.json`` (the DESIGN checkpoint contract)."""
-    from safetensors.torch import save_file
-
-    from lorascope.atomic import write_json
-
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
-        str(directory / "sae.safetensors"),
-    )
-    write_json(directory / "cfg.json", cfg_json)

@@ -63,6 +63,8 @@ def read(root: Path, rev: str, seed: int, triple: dict[str, int]) -> SeedResult:
     from dvc.api import DVCFileSystem
     from safetensors.torch import load as load_tensors
 
+    from lorascope.sae import load as sae_files  # torch loads here, after the kernels are pinned
+
     fs = DVCFileSystem(repo=str(root), rev=rev)
 
     def data(path: Path | str) -> bytes:
@@ -83,11 +85,11 @@ def read(root: Path, rev: str, seed: int, triple: dict[str, int]) -> SeedResult:
         steer=js(paths.STEER_METRICS),
         adapter=adapter_vectors(load_tensors(data(paths.LORA / "adapter_model.safetensors"))),
     )
-    cfg = js(paths.SAE / "cfg.json")
-    sae = load_tensors(data(paths.SAE / "sae.safetensors"))
+    cfg = js(paths.SAE / sae_files.CFG)
+    sae = load_tensors(data(paths.SAE / sae_files.WEIGHTS))
     result.components = list(cfg["components"])
     result.W_dec_FD = sae["W_dec_FD"].to(torch.float64).numpy()
-    result.live = sorted(int(i) for i in js(paths.SAE / "alive.json")["alive_latents"])
+    result.live = sorted(int(i) for i in js(paths.SAE / sae_files.ALIVE)["alive_latents"])
     stats = table(paths.features("lora"))
     stats = stats[stats.sign == 1].assign(name=stats.feature_name.str.rstrip("+-")).set_index("name")
     result.rms_D = np.sqrt(

@@ -89,12 +89,10 @@ def lora_direction(name: str, features: Sequence[str], stats_path: Path) -> Dire
 
 def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path: Path) -> Direction:
     """Decoder row of SAE latent ``sae.<n>``, scaled by its mean activation when it fires."""
-    from lorascope.sae.load import load_sae
+    from lorascope.sae.load import ALIVE, alive_latents, load_sae
 
     m = _SAE.fullmatch(name)
     assert m is not None
-    if not (sae_dir / "cfg.json").is_file():
-        raise LorascopeError(f"{sae_dir}: no trained SAE (cfg.json missing); run `lorascope sae` first")
     sae, cfg = load_sae(sae_dir)
     latent = int(m.group(1))
     if latent >= sae.d_sae:
@@ -103,11 +101,9 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
         raise LorascopeError(
             f"{sae_dir}: the SAE was trained on other adapter components than models/lora has"
         )
-    from lorascope.contexts.sources import alive_latents
-
     if latent not in alive_latents(sae_dir, sae.d_sae):
         raise LorascopeError(
-            f"steer.directions: {name!r} is a dead latent (not in {sae_dir}/alive.json); choose a live one"
+            f"steer.directions: {name!r} is a dead latent (not in {sae_dir}/{ALIVE}); choose a live one"
         )
     stats = _stats(stats_path)
     rows = stats[stats.feature == latent]
@@ -154,9 +150,9 @@ def select_by_label(selector: str, root: Path) -> str:
             "run `lorascope autointerp` first"
         )
     alive: set[int] | None = None
-    if (root / paths.labels("sae")).is_file() and (root / paths.SAE / "alive.json").is_file():
-        from lorascope.contexts.sources import alive_latents
+    from lorascope.sae.load import ALIVE, alive_latents
 
+    if (root / paths.labels("sae")).is_file() and (root / paths.SAE / ALIVE).is_file():
         alive = set(alive_latents(root / paths.SAE))
     cols = [
         "feature",

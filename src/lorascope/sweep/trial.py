@@ -61,12 +61,10 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
     and return the held-out rows."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    src = root / paths.PREPARED
-    if not (src / "train.parquet").is_file():
-        raise LorascopeError(f"{src}/train.parquet: missing; run `dvc repro prepare` first")
-    table = pq.read_table(src / "train.parquet")
+    from lorascope.prepare import table as prepared_table
+
+    table = prepared_table.read(root / paths.PREPARED)
     cut = int(fraction * 2**32)
     held = [
         int.from_bytes(hashlib.sha1(i.encode()).digest()[:4], "big") < cut
@@ -79,7 +77,7 @@ def split_prepared(root: Path, ws: Path, fraction: float) -> list[dict[str, Any]
         )
     dst = ws / paths.PREPARED
     dst.mkdir(parents=True)
-    pq.write_table(table.filter(pc.invert(mask)), dst / "train.parquet")
+    prepared_table.write(dst, table.filter(pc.invert(mask)))
     return table.filter(mask).select(["input_ids", "loss_start"]).to_pylist()
 
 
