@@ -126,7 +126,7 @@ def main() -> None:
 
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
-    from lorascope.extract.components import lora_components
+    from lorascope.components import lora_components
 
     model = build_model(args)
     comps = lora_components(model)

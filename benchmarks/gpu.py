@@ -173,8 +173,8 @@ def bench_train(
 
 # -------------------------------------------------------------------------------------- extraction
 def bench_extract(spec: dict[str, Any], name: str, args: argparse.Namespace, device: torch.device) -> None:
+    from lorascope.components import lora_components
     from lorascope.extract.batching import padded_batches
-    from lorascope.extract.components import lora_components
     from lorascope.extract.extractor import Extractor
     from lorascope.extract.recorder import Recorder
 
@@ -296,7 +296,7 @@ def bench_contexts(args: argparse.Namespace, device: torch.device) -> None:
 def bench_ablate(spec: dict[str, Any], name: str, args: argparse.Namespace, device: torch.device) -> None:
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
-    from lorascope.extract.components import lora_components
+    from lorascope.components import lora_components
 
     reset_peak(device)
     model = build(spec, device, lora=True).eval()

@@ -15,8 +15,8 @@ from lorascope.ablate.masks import Masks
 from lorascope.ablate.runner import DIRECTION, Ablator
 from lorascope.ablate.stage import sample_sequences
 from lorascope.ablate.targets import GROUPS, select, sweeps
+from lorascope.components import lora_components
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import lora_components
 from lorascope.models import load_adapter, load_model
 from lorascope.sections import LORA_TARGETS
 
@@ -378,7 +378,7 @@ def test_figure3_orientation_cell_by_cell():
     """Rows are layers in ascending order, columns the component types in the fixed order that the adapter
     has; a missing result or component is null. Three layers by four types: a transpose cannot pass."""
     from lorascope.ablate.stage import KL_DEFINITIONS, UNIT, figure3
-    from lorascope.extract.components import Component
+    from lorascope.components import Component
 
     kinds = ["v_proj", "q_proj", "down_proj", "gate_proj"]  # out of the canonical order on purpose
     comps = [Component(n, k, f"model.layers.{n}.{k}", 1) for n in (4, 0, 2) for k in kinds]

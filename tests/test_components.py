@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorascope.extract.components import Component, Name, parse_name
+from lorascope.components import Component, Name, parse_name
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lorascope import tracking
+from lorascope.components import Component, feature_names
 from lorascope.errors import LorascopeError
 from lorascope.extract.batching import pack_batches
-from lorascope.extract.components import Component, feature_names
 from lorascope.extract.stage import read_documents, run, work_dir
 from lorascope.extract.store import INDEX, Store, plan_shards
 from lorascope.finetune.params import LoraAdapter

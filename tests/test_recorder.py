@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from lorascope.extract.components import lora_components, mlp_components
+from lorascope.components import lora_components, mlp_components
 from lorascope.extract.recorder import Recorder
 from lorascope.sections import LORA_TARGETS
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+from lorascope.components import feature_names, lora_components
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import feature_names, lora_components
 from lorascope.steer.directions import resolve
 from lorascope.steer.generation import Generation, count_words, generate, paper_backtrack_pct, steered
 from test_ablate import peft_model

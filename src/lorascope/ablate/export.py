@@ -16,9 +16,9 @@ from typing import Any
 from lorascope import paths
 from lorascope.ablate.targets import select_all
 from lorascope.atomic import atomic_path, write_json
+from lorascope.components import Component, component_key, layer_of
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import Component, layer_of
 from lorascope.project import workspace_root
 from lorascope.sections import LORA_TARGETS
 
@@ -83,7 +83,7 @@ def export(
     config["target_modules"], keep_layers = _targets(kept, comps)
     if not keep_layers:
         config["layers_to_transform"], config["layers_pattern"] = None, None
-    names = [f"L{c.layer}.{c.kind}" for c in removed]
+    names = [component_key(c.layer, c.kind) for c in removed]
     keep = {k: v for k, v in tensors.items() if _SUFFIX.sub("", k).removeprefix(_PREFIX) not in gone}
     with atomic_path(output) as tmp:
         tmp.mkdir(parents=True)

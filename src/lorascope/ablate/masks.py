@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorascope.extract.components import Component
+from lorascope.components import Component
 
 
 class Masks:

@@ -20,7 +20,7 @@ import torch
 from lorascope.ablate.masks import Masks
 from lorascope.ablate.prefix import LayerCache
 from lorascope.ablate.targets import Ablation
-from lorascope.extract.components import Component
+from lorascope.components import Component
 
 DIRECTION = "KL(P_lora || P_ablated)"
 """The divergence every output reports: expectation under the adapter as trained."""

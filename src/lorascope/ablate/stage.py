@@ -28,9 +28,9 @@ from lorascope import paths, resume
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
+from lorascope.components import Component, component_key
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import Component
 from lorascope.project import workspace_root
 from lorascope.sections import LORA_TARGETS
 
@@ -93,7 +93,7 @@ def figure3(comps: list[Component], results: dict[str, dict[str, Any]]) -> dict[
     layers = sorted({c.layer for c in comps})
     kinds = [k for k in LORA_TARGETS if any(c.kind == k for c in comps)]
     grid = {
-        key: [[(results.get(f"L{n}.{k}") or {}).get(key) for k in kinds] for n in layers]
+        key: [[(results.get(component_key(n, k)) or {}).get(key) for k in kinds] for n in layers]
         for key in KL_DEFINITIONS
     }
     return {"direction": DIRECTION, "unit": UNIT, "kl_definitions": KL_DEFINITIONS, "layers": layers,
@@ -107,7 +107,7 @@ def run(params: Params) -> Path:
 
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
-    from lorascope.extract.components import lora_components
+    from lorascope.components import lora_components
     from lorascope.models import load_lora_model
     from lorascope.progress import track
     from lorascope.tracking import stage_run

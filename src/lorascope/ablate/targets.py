@@ -11,8 +11,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lorascope.components import Component, component_key, layer_key, parse_name
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import Component, parse_name
 from lorascope.sections import LORA_TARGETS
 
 GROUPS = {"attn": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
@@ -38,7 +38,7 @@ def describe(comps: Sequence[Component]) -> str:
     """The valid selectors for ``comps``, in one line."""
     layers = sorted({c.layer for c in comps})
     kinds = [k for k in LORA_TARGETS if any(c.kind == k for c in comps)]
-    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}..L{layers[-1]}"
+    span = layer_key(layers[0]) if len(layers) == 1 else f"{layer_key(layers[0])}..{layer_key(layers[-1])}"
     return (
         f"the adapter has layers {span} and types {', '.join(kinds)}; selectors: "
         f"L<layer>.<type>, L<layer>, <type>, attn, mlp, all"
@@ -82,9 +82,9 @@ def sweeps(comps: Sequence[Component], which: Sequence[str], custom: dict[str, l
     layers = sorted({c.layer for c in comps})
     kinds = [k for k in LORA_TARGETS if any(c.kind == k for c in comps)]
     if "components" in which:
-        out += [Ablation(f"L{c.layer}.{c.kind}", "components", (i,)) for i, c in enumerate(comps)]
+        out += [Ablation(component_key(c.layer, c.kind), "components", (i,)) for i, c in enumerate(comps)]
     if "layers" in which:
-        out += [Ablation(f"L{n}", "layers", select(f"L{n}", comps)) for n in layers]
+        out += [Ablation(layer_key(n), "layers", select(layer_key(n), comps)) for n in layers]
     if "types" in which:
         out += [Ablation(k, "types", select(k, comps)) for k in kinds]
     if "groups" in which:

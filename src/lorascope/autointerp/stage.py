@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import paths
+from lorascope.components import parse_name
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import parse_name
 from lorascope.project import workspace_root
 
 

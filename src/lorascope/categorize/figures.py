@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope.autointerp.prompts import Category
+from lorascope.components import parse_name
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import parse_name
 from lorascope.extract.store import Store
 
 if TYPE_CHECKING:

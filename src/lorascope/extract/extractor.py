@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorascope.components import Component, feature_names, lora_components, mlp_components
 from lorascope.extract.batching import padded_batches
-from lorascope.extract.components import Component, feature_names, lora_components, mlp_components
 from lorascope.extract.merge_check import MergeCheck, MergeReport
 from lorascope.extract.recorder import Recorder, merge_for_recording
 

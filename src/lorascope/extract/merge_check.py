@@ -160,8 +160,8 @@ def measure(
     report, its pre-hook Recorder)``; the caller reloads the unmerged model when the check fails."""
     import torch
 
+    from lorascope.components import feature_names
     from lorascope.devices import dtype_name
-    from lorascope.extract.components import feature_names
 
     base = peft_model.get_base_model()
     components = recorder_lora.components

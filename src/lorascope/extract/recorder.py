@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from lorascope.extract.components import Component
+from lorascope.components import Component
 
 SHARED_INPUT = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
 """Projections of a Qwen2 / Llama layer that read the very same input tensor, led by the first."""

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope import paths
+from lorascope.components import parse_name
 from lorascope.errors import LorascopeError
-from lorascope.extract.components import parse_name
 from lorascope.report.packing import Bulk
 from lorascope.report.params import ReportSection
 from lorascope.report.rendering import render

@@ -31,4 +31,6 @@ def load_encoder(
     def encode(acts_TC: torch.Tensor) -> torch.Tensor:
         return sae.encode(acts_TC)
 
-    return [f"sae.{i}" for i in range(sae.d_sae)], encode
+    from lorascope.components import latent_name
+
+    return [latent_name(i) for i in range(sae.d_sae)], encode

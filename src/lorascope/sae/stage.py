@@ -15,6 +15,7 @@ import torch
 
 from lorascope import paths, resume
 from lorascope.atomic import atomic_path, write_json
+from lorascope.components import layer_key
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
@@ -90,7 +91,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
         raw.threshold.fill_(threshold)
         ev = evaluate(raw, heldout_batches(store, held, 1, cfg.calibration_tokens, device, excl))
         modules = store.index["modules"]
-        layers = [f"L{m['layer']}" for m in modules for _ in range(m["width"])]
+        layers = [layer_key(m["layer"]) for m in modules for _ in range(m["width"])]
         kinds = [m["kind"] for m in modules for _ in range(m["width"])]
         per_component = (ev["err_D"] / ev["var_D"].clamp(min=1e-12)).tolist()
         # per-component RMS units (what `scaling: per_component` trains in), whichever scaling trained

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from lorascope import paths
+from lorascope.components import component_key
 
 _ADAPTER_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -52,7 +53,7 @@ def adapter_vectors(tensors: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.n
     for key, value in tensors.items():
         m = _ADAPTER_KEY.search(key)
         if m:
-            parts.setdefault(f"L{m[1]}.{m[2]}", {})[m[3]] = value.float().numpy()
+            parts.setdefault(component_key(int(m[1]), m[2]), {})[m[3]] = value.float().numpy()
     return {name: (ab["A"], ab["B"]) for name, ab in parts.items() if {"A", "B"} <= ab.keys()}
 
 

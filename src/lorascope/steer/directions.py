@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from lorascope import paths
+from lorascope.components import parse_latent
 from lorascope.errors import LorascopeError
 
-_SAE = re.compile(r"sae\.(\d+)")
 LABEL = "label:"
 """Prefix of a direction chosen from the labels by a regex over the explanations."""
 
@@ -91,10 +91,9 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
     """Decoder row of SAE latent ``sae.<n>``, scaled by its mean activation when it fires."""
     from lorascope.sae.load import ALIVE, alive_latents, load_sae
 
-    m = _SAE.fullmatch(name)
-    assert m is not None
+    latent = parse_latent(name)
+    assert latent is not None
     sae, cfg = load_sae(sae_dir)
-    latent = int(m.group(1))
     if latent >= sae.d_sae:
         raise LorascopeError(f"steer.directions: {name!r}: the SAE has latents 0..{sae.d_sae - 1}")
     if list(cfg["components"]) != list(features):
@@ -189,6 +188,6 @@ def resolve(name: str, features: Sequence[str], root: Path) -> Direction:
 
     if name.startswith(LABEL):
         return replace(resolve(select_by_label(name, root), features, root), selector=name)
-    if _SAE.fullmatch(name):
+    if parse_latent(name) is not None:
         return sae_direction(name, features, root / paths.SAE, root / paths.features("sae"))
     return lora_direction(name, features, root / paths.features("lora"))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lorascope.extract.components import Component
+from lorascope.components import Component
 
 
 @contextmanager

@@ -1,8 +1,10 @@
-"""Adapter components and MLP neurons in the fixed order of the DESIGN contract.
+"""The shared vocabulary of features: adapter components and MLP neurons in the fixed order of the DESIGN
+contract, and how every feature, layer and SAE latent is named (one builder and one parser each).
 
 Order: layer-major, then ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``. A rank-1
 component is one scalar per token named ``L{layer}.{kind}``; rank r gives r scalars named
-``L{layer}.{kind}.{i}``. The MLP baseline names neuron i of layer l ``L{l}.mlp.{i}``.
+``L{layer}.{kind}.{i}``. The MLP baseline names neuron i of layer l ``L{l}.mlp.{i}``. A layer is ``L{layer}``;
+SAE latent i is ``sae.{i}``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,28 @@ from lorascope.sections import LORA_TARGETS
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."
 _NAME = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[A-Za-z_]+?)(?:\.(?P<index>\d+))?(?P<sign>[+-])?$")
+_LATENT = re.compile(r"sae\.(\d+)")
+
+
+def layer_key(layer: int) -> str:
+    """``L3``: a layer, as ablation groups and figure rows name it."""
+    return f"L{layer}"
+
+
+def component_key(layer: int, kind: str) -> str:
+    """``L3.q_proj``: a component (all its scalars), as ablations and the adapter's vectors name it."""
+    return f"{layer_key(layer)}.{kind}"
+
+
+def latent_name(latent: int) -> str:
+    """``sae.42``: an SAE latent as a feature."""
+    return f"sae.{latent}"
+
+
+def parse_latent(name: str) -> int | None:
+    """The latent of ``sae.<n>``; None when ``name`` is not an SAE latent."""
+    m = _LATENT.fullmatch(name)
+    return None if m is None else int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -53,7 +77,7 @@ class Component:
 
     def names(self) -> list[str]:
         """Feature names of this component's scalars, in storage order."""
-        stem = f"L{self.layer}.{self.kind}"
+        stem = component_key(self.layer, self.kind)
         if self.kind != "mlp" and self.width == 1:
             return [stem]
         return [f"{stem}.{i}" for i in range(self.width)]
