@@ -15,10 +15,10 @@ import pytest
 from llm_server import Api, DetectionPrompt, LlmServer, Reply, answer_detection
 from lorascope import tracking
 from lorascope.autointerp import stage
-from lorascope.autointerp.labelling import LABEL_COLUMNS
-from lorascope.autointerp.prompts import Example, detection_prompt
+from lorascope.autointerp.labels import LABEL_COLUMNS
 from lorascope.autointerp.stage import Feature, balanced_accuracy, layer_component, load_features, run
 from lorascope.errors import LorascopeError
+from lorascope.labelling.prompts import Example, detection_prompt
 from lorascope.tracking import client as mlflow_client
 from lorascope.tracking import producer
 
@@ -224,7 +224,7 @@ def no_json_repair(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_anthropic_sdk_backend(ws: Path, monkeypatch: pytest.MonkeyPatch):
     """Anthropic structured output: each request forces the prompt's schema as its one tool, the tool
     call's input is the answer, read without repair; claude-opus-4-1 is priced (genai-prices)."""
-    from lorascope.autointerp.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
+    from lorascope.labelling.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
     no_json_repair(monkeypatch)
@@ -250,7 +250,7 @@ def test_anthropic_sdk_backend(ws: Path, monkeypatch: pytest.MonkeyPatch):
 def test_structured_output_of_an_openai_compatible_server(ws: Path, monkeypatch: pytest.MonkeyPatch):
     """vLLM's guided decoding through ``response_format``: every JSON request carries its schema, replies
     are read without repair, and one that is not strict JSON is refused (re-asked), never mended."""
-    from lorascope.autointerp.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
+    from lorascope.labelling.prompts import DETECTION_SCHEMA, LABEL_SCHEMA
 
     no_json_repair(monkeypatch)
     fenced = "```json\n" + label_json("fenced", 0) + "\n```"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorascope.autointerp.heuristic import CLASSES, HeuristicClient
-from lorascope.autointerp.prompts import (
+from lorascope.labelling.heuristic import CLASSES, HeuristicClient
+from lorascope.labelling.prompts import (
     PLACEHOLDERS,
     Category,
     Example,

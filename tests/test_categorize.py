@@ -15,7 +15,7 @@ import pytest
 
 from llm_server import LlmServer, Reply
 from lorascope import tracking
-from lorascope.autointerp.labelling import LABEL_COLUMNS
+from lorascope.autointerp.labels import LABEL_COLUMNS
 from lorascope.errors import LorascopeError
 
 from conftest import Prepared, make_workspace, run_of, tiny_params
@@ -467,9 +467,9 @@ def test_failed_requests_and_failed_subcategories_are_recorded(ws: Path):
     and leaves its features without a subcategory, while the rest of the stage stands."""
     import asyncio
 
-    from lorascope.autointerp.heuristic import HeuristicClient
-    from lorascope.autointerp.prompts import template
     from lorascope.categorize.stage import run
+    from lorascope.labelling.heuristic import HeuristicClient
+    from lorascope.labelling.prompts import template
 
     broken, refused = "[heuristic] fires on '7' in tables", "[heuristic] fires on 'refused'"
     labels = {s: write_labels(ws, s, CYCLE) for s in ("lora", "mlp")}

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lorascope.autointerp.prompts import Category
 from lorascope.categorize.figures import (
     DensitySample,
     component_cell,
@@ -20,6 +19,7 @@ from lorascope.categorize.figures import (
 )
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
+from lorascope.labelling.prompts import Category
 
 CATS = [Category("digits", "Digits", "d", []), Category("words", "Words", "w", [])]
 

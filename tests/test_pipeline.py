@@ -30,7 +30,7 @@ def test_closure_follows_every_kind_of_import():
     # package data: the lm-eval task files, the dashboard template and the prompts
     assert "src/lorascope/evaluate/tasks" in pipeline.code_deps(pipeline.by_name("evaluate"))
     assert "src/lorascope/report/dashboard" in pipeline.code_deps(pipeline.by_name("report"))
-    assert "src/lorascope/autointerp/prompts" in pipeline.code_deps(pipeline.by_name("autointerp"))
+    assert "src/lorascope/labelling/prompts" in pipeline.code_deps(pipeline.by_name("autointerp"))
     # an independent check: every `from lorascope...` line of the stage module is in the closure
     stage_py = (REPO / "src/lorascope/sae/stage.py").read_text().splitlines()
     for line in stage_py:

@@ -235,7 +235,7 @@ def test_label_selector_picks_the_best_matching_live_feature(steer_workspace: Pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lorascope.autointerp.labelling import LABEL_COLUMNS
+    from lorascope.autointerp.labels import LABEL_COLUMNS
 
     names = feature_names(lora_components(peft_model(steer_workspace)))
     with pytest.raises(LorascopeError, match=r"'label:wait' needs labels"):
@@ -352,7 +352,7 @@ def test_a_selector_no_label_matches_is_recorded_and_steers_nothing(steer_worksp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lorascope.autointerp.labelling import LABEL_COLUMNS
+    from lorascope.autointerp.labels import LABEL_COLUMNS
     from lorascope.steer import stage
 
     row = dict.fromkeys(LABEL_COLUMNS)

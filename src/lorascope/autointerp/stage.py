@@ -101,7 +101,7 @@ def load_features(params: Params, source: str) -> tuple[list[Feature], int]:
     """Live features of ``source`` in id order (and how many were dead: no activating context)."""
     import pandas as pd
 
-    from lorascope.autointerp.prompts import Example
+    from lorascope.labelling.prompts import Example
 
     cfg = params.autointerp
     ctx_path, feat_path = contexts_paths(source)
@@ -169,8 +169,7 @@ def balanced_accuracy(said: list[bool], truth: list[bool]) -> float:
 async def _label_all(
     params: Params, source: str, features: list[Feature], client: Any
 ) -> list[dict[str, Any]]:
-    from lorascope.autointerp.labelling import ask
-    from lorascope.autointerp.prompts import (
+    from lorascope.labelling.prompts import (
         DETECTION_SCHEMA,
         LABEL_SCHEMA,
         detection_prompt,
@@ -178,6 +177,7 @@ async def _label_all(
         parse_detection,
         parse_label,
     )
+    from lorascope.labelling.session import ask
     from lorascope.llm.clients import run_all
 
     cfg = params.autointerp
@@ -238,7 +238,7 @@ def _crashed(source: str, f: Feature, err: Exception) -> dict[str, Any]:
 def _table(rows: list[dict[str, Any]], backend: str, model: str, prompt_hash: str) -> Any:
     import pyarrow as pa
 
-    from lorascope.autointerp.labelling import LABEL_COLUMNS
+    from lorascope.autointerp.labels import LABEL_COLUMNS
 
     rows = sorted(rows, key=lambda r: (r["feature"], -r["sign"]))
     for r in rows:
@@ -257,8 +257,8 @@ def run(params: Params, source: str) -> Path:
     import pyarrow.parquet as pq
 
     from lorascope.atomic import atomic_path
-    from lorascope.autointerp.labelling import open_client
-    from lorascope.autointerp.prompts import prompt_hash
+    from lorascope.labelling.prompts import prompt_hash
+    from lorascope.labelling.session import open_client
     from lorascope.tracking import stage_run
 
     cfg = params.autointerp

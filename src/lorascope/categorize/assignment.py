@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from lorascope.autointerp.labelling import ask
-from lorascope.autointerp.prompts import Category, categorize_prompt, parse_category_id
 from lorascope.categorize.inputs import Feature
+from lorascope.labelling.prompts import Category, categorize_prompt, parse_category_id
+from lorascope.labelling.session import ask
 from lorascope.llm.clients import CachedClient, run_all
 from lorascope.llm.params import LlmClientSection
 

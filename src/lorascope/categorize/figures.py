@@ -11,10 +11,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorascope.autointerp.prompts import Category
 from lorascope.components import parse_name
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
+from lorascope.labelling.prompts import Category
 
 if TYPE_CHECKING:
     from lorascope.extract.exclusion import Exclusion

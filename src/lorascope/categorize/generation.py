@@ -14,13 +14,13 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any
 
-from lorascope.autointerp.labelling import Answer, ask
-from lorascope.autointerp.prompts import (
+from lorascope.labelling.prompts import (
     CATEGORIES_SCHEMA,
     Category,
     category_generation_prompt,
     parse_categories,
 )
+from lorascope.labelling.session import Answer, ask
 from lorascope.llm.clients import CachedClient
 from lorascope.llm.params import LlmClientSection
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import paths
-from lorascope.autointerp.prompts import Example
 from lorascope.errors import LorascopeError
+from lorascope.labelling.prompts import Example
 from lorascope.project import workspace_root
 
 SOURCES = ("lora", "mlp", "sae")

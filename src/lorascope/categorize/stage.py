@@ -90,8 +90,6 @@ def run(params: Params) -> Path:
     import pyarrow.parquet as pq
 
     from lorascope.atomic import atomic_path, write_json
-    from lorascope.autointerp.labelling import open_client
-    from lorascope.autointerp.prompts import Category, prompt_hash
     from lorascope.categorize.assignment import assign_all
     from lorascope.categorize.figures import DensitySample, figure1, figure2, figure2_sae
     from lorascope.categorize.generation import category_dict, generate, sample_equal
@@ -112,6 +110,8 @@ def run(params: Params) -> Path:
     from lorascope.devices import resolve_device
     from lorascope.extract.exclusion import Exclusion
     from lorascope.extract.store import Store
+    from lorascope.labelling.prompts import Category, prompt_hash
+    from lorascope.labelling.session import open_client
     from lorascope.sae.load import alive_latents, require
     from lorascope.tracking import stage_run
 

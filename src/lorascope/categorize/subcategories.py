@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorascope.autointerp.prompts import Category
 from lorascope.categorize.assignment import Assignment, assign_all
 from lorascope.categorize.generation import category_dict, generate, sample_explanations
 from lorascope.categorize.inputs import Feature
 from lorascope.categorize.params import CategorizeSection
+from lorascope.labelling.prompts import Category
 from lorascope.llm.clients import CachedClient, run_all
 
 SUBCATEGORY_RULE = (

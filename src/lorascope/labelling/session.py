@@ -19,12 +19,6 @@ REASK = (
     "\n\nYour previous reply could not be used ({reason}). Reply again, exactly in the format asked for "
     "above, with nothing else."
 )
-LABEL_COLUMNS = (
-    "source", "feature", "feature_name", "sign", "layer", "component", "explanation", "classification",
-    "class_reasoning", "status", "error", "raw_response", "backend", "model", "prompt_hash", "input_tokens",
-    "output_tokens", "cost_usd", "cached", "detection_balanced_accuracy", "detection_n",
-)  # fmt: skip
-"""Columns of ``data/interp/<source>.parquet`` (one row per feature; ``status`` ok | failed)."""
 
 
 def cache_dir() -> Path:
@@ -40,7 +34,7 @@ def open_client(cfg: LlmClientSection) -> CachedClient:
     from lorascope.llm.clients import make_client
 
     if cfg.backend == "heuristic":
-        from lorascope.autointerp.heuristic import HeuristicClient
+        from lorascope.labelling.heuristic import HeuristicClient
 
         client: Any = HeuristicClient()
     else:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from lorascope.autointerp.prompts import PLACEHOLDERS, TemplateName, template
+from lorascope.labelling.prompts import PLACEHOLDERS, TemplateName, template
 from lorascope.llm.completion import Completion, LlmError
 
 MODEL = "heuristic-baseline"
