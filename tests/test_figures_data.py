@@ -112,7 +112,7 @@ def test_density_sample_draws_whole_documents_at_random_less_the_excluded_tokens
     """Figure 2's tokens: whole documents in a seeded random order (not the first ones in store order), the last
     one cut to the budget; the SAE's exclusion policy leaves out first positions and special tokens, counted by
     reason; only the shards holding drawn documents are read."""
-    from lorascope.extract.exclusion import Exclusion
+    from lorascope.exclusion import Exclusion
 
     lengths = [10] * 12  # 12 documents, 3 shards of 4
     T = sum(lengths)

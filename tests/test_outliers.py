@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lorascope.errors import LorascopeError
+from lorascope.exclusion import Exclusion
 from lorascope.extract import outliers
-from lorascope.extract.exclusion import Exclusion
 from lorascope.extract.params import ExclusionSection
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
 

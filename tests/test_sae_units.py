@@ -282,7 +282,7 @@ def test_training_loss_aux_term_by_hand():
 def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
     """Over several shards: tokens the policy excludes (first positions, a special id) are left out, the
     max_tokens cap counts what earlier shards gave, and a shard with nothing to give yields nothing."""
-    from lorascope.extract.exclusion import Exclusion
+    from lorascope.exclusion import Exclusion
     from lorascope.extract.store import Store
     from test_sae import D_IN, write_store
 

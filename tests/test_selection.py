@@ -13,7 +13,7 @@ import torch
 from lorascope.contexts import selection
 from lorascope.contexts.params import ContextsSection
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
-from lorascope.extract.exclusion import REASONS
+from lorascope.exclusion import REASONS
 
 INF = float("inf")
 

@@ -17,7 +17,7 @@ from lorascope.extract.store import Store
 from lorascope.labelling.prompts import Category
 
 if TYPE_CHECKING:
-    from lorascope.extract.exclusion import Exclusion
+    from lorascope.exclusion import Exclusion
 
 FIGURE1_SHARES = (
     "share = features of the source assigned the category / features of the source assigned any category "
@@ -156,8 +156,7 @@ class DensitySample:
         import torch
 
         from lorascope.devices import prefetched
-        from lorascope.extract.exclusion import count
-        from lorascope.extract.outliers import document_starts
+        from lorascope.exclusion import count
         from lorascope.progress import track
 
         docs = self.store.documents
@@ -174,7 +173,7 @@ class DensitySample:
                     drawn_T[lo : lo + self.take[d]] = True
             keep_T |= drawn_T
             if self.exclusion is not None:
-                reasons = self.exclusion.reasons(acts_TC, ids_T, document_starts(self.store, shard))
+                reasons = self.exclusion.reasons(acts_TC, ids_T, self.store.document_starts(shard))
                 count({r: m & drawn_T for r, m in reasons.items()}, self.excluded)
                 for mask in reasons.values():
                     keep_T &= ~mask

@@ -108,7 +108,7 @@ def run(params: Params) -> Path:
         subcategory_range,
     )
     from lorascope.devices import resolve_device
-    from lorascope.extract.exclusion import Exclusion
+    from lorascope.exclusion import Exclusion
     from lorascope.extract.store import Store
     from lorascope.labelling.prompts import Category, prompt_hash
     from lorascope.labelling.session import open_client

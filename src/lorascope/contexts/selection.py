@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorascope.contexts.params import ContextsSection
-from lorascope.extract.exclusion import REASONS
+from lorascope.exclusion import REASONS
 
 GROUPS = ("top", "quantile", "random")
 BLOCK_TOKENS = 32768

@@ -124,8 +124,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     from lorascope.contexts.tokens import TokenRenderer
     from lorascope.devices import prefetched, resolve_device
     from lorascope.errors import LorascopeError
-    from lorascope.extract.exclusion import REASONS, Exclusion
-    from lorascope.extract.outliers import document_starts
+    from lorascope.exclusion import REASONS, Exclusion
     from lorascope.models import load_tokenizer
     from lorascope.progress import track
     from lorascope.tracking import stage_run
@@ -152,7 +151,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
         for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
             lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
             view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
-            reasons = exclusion.reasons(acts_TC, view.ids_T, document_starts(store, shard))
+            reasons = exclusion.reasons(acts_TC, view.ids_T, store.document_starts(shard))
             selector.update(view, features.encode, token_keys(cfg.seed, shard), reasons)
             _save_checkpoint(ckpt, selector, shard.index + 1)
             if on_shard is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lorascope import kernels
-from lorascope.extract.store import Shard, Store
+from lorascope.extract.store import Store
 
 FILE = "outliers.json"
 _SHIFT = 18
@@ -50,11 +50,6 @@ def _median(hist_CB: torch.Tensor) -> torch.Tensor:
     cum = hist_CB.cumsum(1)
     b = (2 * cum < cum[:, -1:]).sum(1)
     return _bin_value(b)
-
-
-def document_starts(store: Store, shard: Shard) -> torch.Tensor:
-    """Local indices of the first token of each document of ``shard``."""
-    return torch.tensor([d[1] - shard.start for d in store.documents[shard.first_doc : shard.last_doc]])
 
 
 def record(
@@ -86,7 +81,7 @@ def record(
         over_TC = acts_TC.float().abs() > limit_C
         over_C += over_TC.sum(0)
         any_T = over_TC.any(1)
-        first_over += int(any_T[document_starts(store, shard).to(dev)].sum())
+        first_over += int(any_T[store.document_starts(shard).to(dev)].sum())
         for counts, ids in ((ids_all, ids_T), (ids_over, ids_T[any_T])):
             values, n = torch.unique(ids.long(), return_counts=True)
             for i, c in zip(values.tolist(), n.tolist(), strict=True):

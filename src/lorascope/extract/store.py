@@ -162,6 +162,12 @@ class Store:
             raise LorascopeError(f"{path}: shards hold {total} tokens, the index says {store.tokens}")
         return store
 
+    def document_starts(self, shard: Shard) -> Any:
+        """Local indices (a torch tensor) of the first token of each document of ``shard``."""
+        import torch
+
+        return torch.tensor([d[1] - shard.start for d in self.documents[shard.first_doc : shard.last_doc]])
+
     def read(self, shard: Shard) -> tuple[Any, Any]:
         """``(acts_TC, token_ids_T)`` of one shard."""
         from safetensors.torch import load_file

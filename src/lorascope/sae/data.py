@@ -21,8 +21,7 @@ import torch
 
 from lorascope import kernels
 from lorascope.errors import LorascopeError
-from lorascope.extract.exclusion import Exclusion, count
-from lorascope.extract.outliers import document_starts
+from lorascope.exclusion import Exclusion, count
 from lorascope.extract.store import Shard, Store
 
 
@@ -59,7 +58,7 @@ def kept(
     """Per token of ``shard``: in the wanted split and not excluded by the policy (on ``acts_TC``'s device)."""
     mask = token_mask(store, shard, held_docs, want_heldout).to(acts_TC.device)
     if exclusion is not None:
-        mask &= ~exclusion.excluded(acts_TC, ids_T, document_starts(store, shard))
+        mask &= ~exclusion.excluded(acts_TC, ids_T, store.document_starts(shard))
     return mask
 
 
@@ -100,7 +99,7 @@ def scan(
     for shard, acts_TC, ids_T in stream_to(store, torch.device(device)):
         train_T = token_mask(store, shard, held_docs, False).to(acts_TC.device)
         if exclusion is not None:
-            reasons = exclusion.reasons(acts_TC, ids_T, document_starts(store, shard))
+            reasons = exclusion.reasons(acts_TC, ids_T, store.document_starts(shard))
             count(reasons, excluded)
             for mask in reasons.values():
                 train_T &= ~mask

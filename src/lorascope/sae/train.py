@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.extract.exclusion import Exclusion
+from lorascope.exclusion import Exclusion
 from lorascope.extract.store import Store
 from lorascope.sae.data import TokenStream, geometric_median, kept, scan
 from lorascope.sae.model import BatchTopKSAE, training_loss

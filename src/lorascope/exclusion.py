@@ -1,4 +1,5 @@
-"""The token exclusion policy of the ``sae`` and ``contexts`` stages (``<section>.exclude``).
+"""The token exclusion policy (``<section>.exclude``) of the ``sae`` and ``contexts`` stages, which ``categorize``'s
+Figure 2 applies as the SAE does.
 
 Outlier tokens (attention sinks: the first position, chat-template special tokens) carry activations
 hundreds of times the median (``outliers.json``); a stage leaves out the tokens its policy names:
