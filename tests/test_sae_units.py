@@ -311,6 +311,19 @@ def test_heldout_batches_across_shards_with_an_exclusion_policy(tmp_path: Path):
     assert len(list(heldout_batches(store, held, 1, 10**6, exclusion=policy))) == 2  # shard 1 gives nothing
 
 
+def count_reads(store) -> list[str]:  # type: ignore[no-untyped-def]
+    """The files of the shards ``store`` reads from now on, in order (its ``read`` wrapped)."""
+    reads: list[str] = []
+    read = store.read
+
+    def counted(shard):  # type: ignore[no-untyped-def]
+        reads.append(shard.file)
+        return read(shard)
+
+    store.read = counted
+    return reads
+
+
 def test_heldout_batches_stop_reading_shards_once_the_budget_is_met(tmp_path: Path):
     """The token budget caps what is read, not only what is yielded: a calibration budget met by the first
     shard reads it and at most the one shard the prefetcher started, not the rest of the store (at paper
@@ -323,14 +336,7 @@ def test_heldout_batches_stop_reading_shards_once_the_budget_is_met(tmp_path: Pa
     store = Store.open(tmp_path / "data/activations/lora")
     assert len(store.shards) == 6
     held = torch.ones(24, dtype=torch.bool)
-    reads: list[str] = []
-    read = store.read
-
-    def counted(shard):  # type: ignore[no-untyped-def]
-        reads.append(shard.file)
-        return read(shard)
-
-    store.read = counted  # type: ignore[method-assign]
+    reads = count_reads(store)
     for budget, shards_needed in ((500, 1), (3000, 2), (9000, 5)):
         reads.clear()
         got = list(heldout_batches(store, held, 0, budget))  # part 0: every other document
@@ -353,14 +359,7 @@ def test_splice_documents_read_each_shard_once_and_slice_every_document_exactly(
     x = torch.arange(T * D_IN, dtype=torch.float32).reshape(T, D_IN)
     write_store(tmp_path, x, doc_len=doc, ids_T=torch.arange(T, dtype=torch.int32))
     store = Store.open(tmp_path / "data/activations/lora")
-    reads: list[str] = []
-    read = store.read
-
-    def counted(shard):  # type: ignore[no-untyped-def]
-        reads.append(shard.file)
-        return read(shard)
-
-    store.read = counted  # type: ignore[method-assign]
+    reads = count_reads(store)
     docs = [0, 1, 3, 5, 6, 11]
     for d, (acts_TC, ids_T) in zip(docs, documents(store, docs), strict=True):
         assert torch.equal(acts_TC, x[d * doc : (d + 1) * doc])
