@@ -145,3 +145,14 @@ def test_dvc_reads_yaml_with_the_c_parser_and_the_same_values():
         text = path.read_text()
         assert YAML(typ="safe").load(text) == YAML(typ="safe", pure=True).load(text), path
     assert YAML(typ="safe").load("pin: on\nn: 010\n") == {"pin": "on", "n": 10}
+
+
+def test_no_benchmark_script_shadows_an_installed_package():
+    """`python benchmarks/<name>.py` puts benchmarks/ first on the import path, so a script named like an
+    installed top-level package (``kernels``: transformers imports it; ``evaluate``: lm-eval's metrics) is
+    imported in its place and breaks every benchmark that loads the real one."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    shadowing = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem in installed)
+    assert not shadowing, f"benchmarks/ scripts named like installed packages: {shadowing}"

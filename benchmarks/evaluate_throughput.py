@@ -11,7 +11,7 @@
    against themselves (equal), once against a perturbed copy (not equal: the slow symbolic path),
    and prints answers/s for extraction + grading.
 
-Usage: python benchmarks/evaluate.py [--questions 32] [--batch 16] [--thinking 48] [--answer 16] [--threads 1]
+Usage: python benchmarks/evaluate_throughput.py [--questions 32] [--batch 16] [--thinking 48] [--answer 16] [--threads 1]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which CPU kernel pinning makes the pipeline's float ops give the same bytes on another CPU, and what it costs.
 
-    python benchmarks/kernels.py                 # op sweep native vs an emulated AMD EPYC, and the time cost
-    python benchmarks/kernels.py --no-emulate    # time cost only
+    python benchmarks/kernel_pinning.py                 # op sweep native vs an emulated AMD EPYC, and the time cost
+    python benchmarks/kernel_pinning.py --no-emulate    # time cost only
 
 Each setting of the three variables ``lorascope.kernels`` pins (unpinned; ATen + oneDNN capped at AVX2;
 plus ``MKL_CBWR=AVX2``; plus ``MKL_CBWR=COMPATIBLE``) runs the float ops the stages run (matmuls, attention,
