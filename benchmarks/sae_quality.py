@@ -15,8 +15,9 @@ lorascope's own ``Trainer`` reads (held-out documents, statistics pass, shuffled
 are fed the same stream divided by the same input scale (per-component RMS, or one global scale), so
 for each scaling mode all trainers train on identical normalised data. Each peer runs with its own
 defaults (SAELens 6 ``BatchTopKTrainingSAE``: decoder init norm 0.1, acts rescaled by the decoder norm,
-AuxK coefficient 1, dead window 1000 steps, torch's Adam at 3e-4, constant; ``--saelens-lr`` adds a run
-at another rate; sparsify's Adam path: lr
+AuxK coefficient 1, dead window 1000 steps, torch's Adam at 3e-4, constant; a second SAELens run at lorascope's
+lr (or at ``--saelens-lr``) compares the two at equal settings (the decoder-lr gap was invisible at 3e-4 vs
+1e-3); sparsify's Adam path: lr
 2e-4 / sqrt(d_sae / 2^14), 1000 warmup steps then linear decay, AuxK 1/32 after 10M tokens, i.e. not
 within this run); lorascope runs the ``sae`` stage's ``Trainer`` with ``SaeSection`` defaults (k, the
 expansion and the batch set below), then calibrates its threshold as the stage does.
@@ -40,6 +41,8 @@ tokens/s >= 4x SAELens.
 Usage: OMP_NUM_THREADS=1 python benchmarks/sae_quality.py [--quick] [--tokens 1000000] [--epochs 1]
        [--spread 100] [--scaling both|global|per_component] [--trainers lorascope,saelens,sparsify]
        [--saelens-lr 1e-3] [--d-in 224] [--features 600]
+       the issue-28 regime (several epochs, both at one lr, 100x scale spread, more directions than components):
+       --epochs 3 --set lr=5e-4 --saelens-lr 5e-4 --scaling global  (about 10 minutes on one thread)
        [--set key=value ...]  (lorascope ``sae`` params overrides, to measure one change)
        (the peers need the `bench` extra: pip install -e ".[bench]")
 """
@@ -352,7 +355,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--scaling", default="both", choices=["both", "global", "per_component"])
     p.add_argument("--trainers", default="lorascope,saelens,sparsify")
-    p.add_argument("--saelens-lr", type=float, default=None, help="also train SAELens at this learning rate")
+    p.add_argument(
+        "--saelens-lr", type=float, default=None,
+        help="also train SAELens at this learning rate (default: lorascope's lr, so the two meet at equal settings)",
+    )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="lorascope sae params, e.g. aux_coef=0.1")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of 30 steps each")
     p.add_argument("--threads", type=int, default=1)
@@ -393,7 +399,8 @@ def main() -> None:
         steps = int(cfg.epochs * stats.tokens) // cfg.batch_size
         trained: dict[str, Trained] = {}
         evals: list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]] = []
-        names = args.trainers.split(",") + (["saelens-lr"] if args.saelens_lr else [])
+        saelens_lr = args.saelens_lr or cfg.lr  # SAELens at lorascope's own lr as well as at its default
+        names = args.trainers.split(",") + (["saelens-lr"] if "saelens" in args.trainers else [])
         for name in names:
             t0 = time.perf_counter()
             if name == "lorascope":
@@ -402,7 +409,7 @@ def main() -> None:
                 curve = ", ".join(f"{v:.3g}" for v in t.extra["mse_curve"])
                 print(f"  lorascope training MSE at 50% / 80% / 100% of the steps: {curve}", flush=True)
             elif name in ("saelens", "saelens-lr"):
-                lr = 3e-4 if name == "saelens" else args.saelens_lr
+                lr = 3e-4 if name == "saelens" else saelens_lr
                 t = trained[name] = saelens_trainer(store, held, cfg, scale_D, stats.mean_D, steps, lr)
                 label = "SAELens" if name == "saelens" else f"SAELens lr {lr:g}"
                 evals += [(name, f"{label} (threshold)", t.encode), (name, f"{label} (BatchTopK at eval)", t.extra["batch_topk"])]  # fmt: skip

@@ -168,6 +168,28 @@ def test_saved_weights_encode_raw_inputs(workspace: Path):
     assert torch.allclose(trainer.scale_D, x[: len(x)].square().mean(0).sqrt(), rtol=0.1)
 
 
+def test_decoder_rows_learn_at_their_own_rate(workspace: Path):
+    """``decoder_lr_scale``: W_dec is in its own Adam group at lr x scale, every other parameter at lr; the
+    first step (Adam moves each weight by about its lr) moves the decoder rows ~scale x as far as at 1."""
+    x, _ = planted(2_000)
+    write_store(workspace, x)
+    store = Store.open(workspace / "data/activations/lora")
+    moved = {}
+    for scale in (1.0, 10.0):
+        cfg = SaeSection(**{**SAE, "epochs": 1, "decoder_lr_scale": scale, "warmup_ratio": 0.0})
+        trainer = Trainer(store, heldout_documents(store, 0.1), cfg)
+        rest, decoder = trainer.opt.param_groups
+        assert len(decoder["params"]) == 1 and decoder["params"][0] is trainer.sae.W_dec_FD
+        assert decoder["initial_lr"] == cfg.lr * scale and rest["initial_lr"] == cfg.lr
+        assert all(p is not trainer.sae.W_dec_FD for p in rest["params"])
+        assert len(rest["params"]) == len(list(trainer.sae.parameters())) - 1
+        before = trainer.sae.W_dec_FD.detach().clone()
+        trainer.plan.steps = 1
+        trainer.run()
+        moved[scale] = float((trainer.sae.W_dec_FD.detach() - before).norm())
+    assert 5 < moved[10.0] / moved[1.0] < 11  # unit-norm rows: a larger step turns them a little less
+
+
 def test_fvu_overall_by_layer_and_type_against_numpy(workspace: Path):
     """metrics/sae.json against a direct numpy computation from the saved weights on the evaluation
     documents (the odd-numbered held-out ones, chosen here by the documented hash): FVU = sum of squared
