@@ -165,13 +165,12 @@ class DensitySample:
         for shard, (acts_TC, ids_T) in track(
             prefetched(shards, self.store.read, device), label, total=len(shards)
         ):
-            keep_T = torch.zeros(acts_TC.shape[0], dtype=torch.bool, device=acts_TC.device)
-            drawn_T = keep_T.clone()
+            drawn_T = torch.zeros(acts_TC.shape[0], dtype=torch.bool, device=acts_TC.device)
             for d in range(shard.first_doc, shard.last_doc):
                 if d in self.take:
                     lo = docs[d][1] - shard.start
                     drawn_T[lo : lo + self.take[d]] = True
-            keep_T |= drawn_T
+            keep_T = drawn_T.clone()
             if self.exclusion is not None:
                 reasons = self.exclusion.reasons(acts_TC, ids_T, self.store.document_starts(shard))
                 count({r: m & drawn_T for r, m in reasons.items()}, self.excluded)
