@@ -285,3 +285,27 @@ def test_tiny_profile_times_and_gpu_hours_by_hand():
         "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer),
         **{f"evaluate@{v}": (1, evaluate) for v in variants},
     })  # fmt: skip
+
+
+def test_evaluate_counts_each_tasks_own_questions(tmp_path: Path):
+    """evaluate's question count per task: its local file's rows when the file exists, the synthetic
+    generator's n_eval when prepare has yet to write it, the hub benchmark's size for a hub task."""
+
+    from lorascope.config import load_params
+
+    params = load_params(REPO / "params.yaml")  # the tiny profile: local files under data/prepared/eval
+    (tmp_path / "data/prepared/eval").mkdir(parents=True)
+    rows = "\n".join(json.dumps({"problem": str(i), "answer": "1"}) for i in range(7))
+    (tmp_path / "data/prepared/eval/aime.jsonl").write_text(rows + "\n")
+    n_eval = params.prepare.synthetic.n_eval
+    assert [
+        planner._questions(params, t, tmp_path) for t in ("aime24_nofigures", "math500", "gpqa_diamond")
+    ] == [7, n_eval, n_eval]
+    hub = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"data": {}})})
+    assert [
+        planner._questions(hub, t, tmp_path) for t in ("aime24_nofigures", "math500", "gpqa_diamond")
+    ] == [
+        30,
+        500,
+        198,
+    ]

@@ -221,8 +221,8 @@ def _questions(params: Params, task: str, root: Path) -> int:
     if path.is_file():
         import pandas as pd
 
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=True)
-        return len(frame)
+        readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".json": pd.read_json}
+        return len(readers.get(path.suffix, lambda p: pd.read_json(p, lines=True))(path))
     if params.prepare.source == "synthetic" and Path(local).is_relative_to(paths.PREPARED):
         return params.prepare.synthetic.n_eval
     return HUB_QUESTIONS[task]
