@@ -359,10 +359,12 @@ def check_planted_direction(root: Path) -> str | None:
         return None
     name = steer["selectors"]["label:Wait"]
     source = "sae" if name.startswith("sae.") else "lora"
+    # a LoRA direction is steered as `L1.k_proj` (its positive side) or `L1.k_proj-`; its label is per sign
+    feature = name if source == "sae" or name.endswith("-") else name + "+"
     labels = pd.read_parquet(root / "data" / "interp" / f"{source}.parquet")
-    assert "'Wait'" in labels.loc[labels.feature_name == name, "explanation"].item()
+    assert "'Wait'" in labels.loc[labels.feature_name == feature, "explanation"].item()
     ctx = pd.read_parquet(root / "data" / "contexts" / f"{source}.parquet")
-    top = ctx[(ctx.feature_name == name) & (ctx.kind == "top")]
+    top = ctx[(ctx.feature_name == feature) & (ctx.kind == "top")]
     before = [list(r.tokens)[: r.position - r.window_start + 1] for r in top.itertuples()]
     near = sum(any(t.strip() == "Wait" for t in window) for window in before)
     assert len(top) == profile_params().contexts.top_k and near >= 0.5 * len(top), before
