@@ -383,7 +383,8 @@ def test_heldout_loss_is_the_mean_cross_entropy_of_the_trained_tokens():
     )
     assert heldout_loss(model, rows, pad) == pytest.approx(total / len(terms), rel=1e-5)
     uniform = _Bigram(torch.zeros(V, V))
-    assert heldout_loss(uniform, rows, pad) == pytest.approx(math.log(V), rel=1e-6)
+    # float32 log-softmax of zeros: a few float32 ulps of log V on any CPU's exp/log kernels
+    assert heldout_loss(uniform, rows, pad) == pytest.approx(math.log(V), rel=1e-5)
 
 
 def test_lora_trial_never_trains_on_its_heldout_rows_and_scores_them(

@@ -62,20 +62,24 @@ class Feature:
     text is one it was shown (``unseen_positives``)."""
 
 
-def _window(row: Any, before: int | None, after: int | None) -> tuple[list[str], list[float]]:
-    """The row's tokens and sign-adjusted activations, trimmed around its activating token."""
+def _bounds(row: Any, before: int | None, after: int | None) -> tuple[int, int]:
+    """``[lo, hi)``: the part of the row's stored window shown around its activating token."""
     at = int(row.position) - int(row.window_start)
     lo = 0 if before is None else max(0, at - before)
-    hi = len(row.tokens) if after is None else at + after + 1
+    hi = len(row.tokens) if after is None else min(len(row.tokens), at + after + 1)
+    return lo, hi
+
+
+def _window(row: Any, before: int | None, after: int | None) -> tuple[list[str], list[float]]:
+    """The row's tokens and sign-adjusted activations, trimmed around its activating token."""
+    lo, hi = _bounds(row, before, after)
     sign = int(row.sign)
     return list(row.tokens[lo:hi]), [sign * float(a) for a in row.window_acts[lo:hi]]
 
 
 def _shown_range(row: Any, before: int | None, after: int | None) -> tuple[int, int, int]:
     """``(document, first, last + 1)``: the store positions of the window ``_window`` shows for ``row``."""
-    at = int(row.position) - int(row.window_start)
-    lo = 0 if before is None else max(0, at - before)
-    hi = len(row.tokens) if after is None else min(len(row.tokens), at + after + 1)
+    lo, hi = _bounds(row, before, after)
     return int(row.doc_index), int(row.window_start) + lo, int(row.window_start) + hi
 
 
