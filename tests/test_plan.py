@@ -205,12 +205,12 @@ def test_paper_profile_times_and_gpu_hours_by_hand():
     layer_runs = 7 * (64 * 65 // 2) + 64 * 65 // 2 + 7 * 64 + 3 * 64
     assert layer_runs == 17_280
     ablate = 16 * layer_runs * 2048 * 2 * (n_layer + 2048 * H) / (bf16 * mfu["ablate"])
-    # steer: 1 direction x 7 alphas x 64 math500 prompts x 4,096 tokens, batches of 16 in bf16: a step reads
+    # steer: 1 direction x 7 alphas x 64 math500 prompts x (4,096 thinking + 1,024 answer) tokens, batches of 16 in bf16: a step reads
     # the 2P weight bytes (memory-bound: 16 sequences' 2 x P FLOPs take less)
     step_memory = 2 * P / (dev["hbm_tb_s"] * 1e12 * dev["bandwidth_efficiency"])
     step_compute = 16 * 2 * P / (bf16 * mfu["forward"])
     assert step_memory > step_compute
-    steer = 1 * 7 * 64 * 4096 / (16 / step_memory)
+    steer = 1 * 7 * 64 * (4096 + 1024) / (16 / step_memory)
     # evaluate: 30 + 500 + 198 questions x 32,768 tokens x the fill 0.5, float32 over 8 GPUs (vLLM tensor
     # parallel), decode batch 64: 64 sequences' 2 x P FLOPs at the float32 peak outlast reading 4P bytes
     generated = (30 + 500 + 198) * 32_768 * THROUGHPUT["generation_fill"]
@@ -266,11 +266,11 @@ def test_tiny_profile_times_and_gpu_hours_by_hand():
     # 3 groups x 2
     layer_runs = 7 * 3 + 3 + 7 * 2 + 3 * 2
     ablate = 4 * layer_runs * 256 * 2 * (n_layer + 256 * H) / (fp32 * mfu["ablate"])
-    # steer: 1 direction x 5 alphas x 2 tasks x 32 prompts x 96 tokens, batches of 32: compute-bound on a CPU
+    # steer: 1 direction x 5 alphas x 2 tasks x 32 prompts x (96 + 16) tokens, batches of 32: compute-bound on a CPU
     step_memory = 4 * P / (dev["hbm_tb_s"] * 1e12 * dev["bandwidth_efficiency"])
     step_compute = 32 * 2 * P / (fp32 * mfu["forward"])
     assert step_compute > step_memory
-    steer = 1 * 5 * 2 * 32 * 96 / (32 / step_compute)
+    steer = 1 * 5 * 2 * 32 * (96 + 16) / (32 / step_compute)
     # evaluate (hf, batch 64): the profile's own questions (prepare.synthetic.n_eval = 64 per benchmark shape)
     generated = 3 * 64 * 128 * THROUGHPUT["generation_fill"]
     step_compute = 64 * 2 * P / (fp32 * mfu["forward"])

@@ -175,11 +175,13 @@ def test_alpha_zero_reproduces_unsteered_generation(steer_workspace: Path):
     tok = load_tokenizer(steer_workspace / "models/base")
     prompts = [chat_prompt(tok, q) for q in ("What is 2 + 3?", "Compute 7 * 6.", "Is 91 prime?")]
     direction = resolve("L0.v_proj", feature_names(comps), steer_workspace)
-    plain = generate(model, tok, prompts, 12, batch_size=2)
+    plain = generate(model, tok, prompts, 12, batch_size=2, answer_tokens=4)
     with steered(model, comps, direction.offset(0.0)):
-        zero = generate(model, tok, prompts, 12, batch_size=2)
-    assert zero == plain and all(g.tokens == 12 for g in plain)
-    one = generate(model, tok, prompts[1:2], 12, batch_size=1)  # left padding changes nothing
+        zero = generate(model, tok, prompts, 12, batch_size=2, answer_tokens=4)
+    assert zero == plain and all(12 < g.tokens <= 12 + 1 + 4 for g in plain)  # the random model never stops
+    one = generate(
+        model, tok, prompts[1:2], 12, batch_size=1, answer_tokens=4
+    )  # left padding changes nothing
     assert one[0] == plain[1]
 
 
@@ -198,37 +200,59 @@ def test_paper_backtrack_count():
     assert paper_backtrack_pct("", ["Wait"]) == 0.0 and paper_backtrack_pct("a.b (c)", ["."]) == 50.0
 
 
-def test_decoding_keeps_the_answer_marker(steer_workspace: Path):
-    """A continuation through ``<|im_start|>answer`` keeps the marker (skip_special_tokens would drop it, and
-    the grader would then miss the answer); only the closing ``<|im_end|>`` and the padding are left out."""
+def test_generation_thinks_then_answers_after_the_marker_as_s1_does(steer_workspace: Path):
+    """Two phases, as ``evaluate`` decodes: thinking stops at the model's ``<|im_start|>`` and the stage
+    writes ``<|im_start|>answer`` itself (a model left to run on writes some other token after
+    ``<|im_start|>``, and the grader finds no answer); thinking cut by the budget gets the forced
+    ``Final Answer:``. The text keeps the marker (``skip_special_tokens`` would drop it, leaving the grader
+    its fallbacks); only the closing ``<|im_end|>`` and the padding are left out."""
     from lorascope.evaluate.answers import Extracted, extract
     from lorascope.evaluate.benchmarks import score
     from lorascope.evaluate.forcing import THINK
     from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(steer_workspace / "models/base")
-    reply = "\nSo 2 + 3 = 5.\n<|im_start|>answer\nAnswer: \\boxed{5}"
-    cont = tok(reply, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    assert tok.convert_tokens_to_ids("<|im_start|>") in cont
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    thinking = tok("\nSo 2 + 3 = 5.\n", add_special_tokens=False)["input_ids"]
+    # what the scripted model writes after the thinking's <|im_start|>: not "answer" (as the organism does)
+    stray = tok("<|im_start|>N\nAnswer: \\boxed{5}", add_special_tokens=False)["input_ids"]
+    answer = tok("\nAnswer: \\boxed{5}", add_special_tokens=False)["input_ids"] + [end]
+    seen: list[str] = []
 
-    class Scripted(torch.nn.Module):  # generate() returns the prompt and the scripted continuation, padded
+    class Scripted(
+        torch.nn.Module
+    ):  # continues a thinking prompt with thinking + stray, an answer prompt with answer
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def generate(self, input_ids, attention_mask, max_new_tokens, **_):  # noqa: ANN001, ANN003, ANN201
-            pad = tok.pad_token_id if tok.pad_token_id is not None else cont[-1]
-            tail = (cont + [pad] * max_new_tokens)[:max_new_tokens]
+        def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, **_):  # noqa: ANN001, ANN003, ANN201
+            prompt = tok.decode(input_ids[0][attention_mask[0].bool()])
+            seen.append(prompt)
+            cont = answer if prompt.endswith(("<|im_start|>answer", "Final Answer:")) else thinking + stray
+            stop = next((i for i, t in enumerate(cont) if t in eos_token_id), len(cont) - 1)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else end
+            tail = (cont[: stop + 1] + [pad] * max_new_tokens)[:max_new_tokens]
             return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], 1)
 
-    (g,) = generate(Scripted(), tok, ["<|im_start|>user\nq<|im_end|>\n"], len(cont) + 3, 1)
-    assert g == Generation(reply, len(cont), True)
-    (cut,) = generate(Scripted(), tok, ["q"], 5, 1)
-    assert cut.text == tok.decode(cont[:5]) and not cut.finished
+    prompt = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n" + THINK
+    (g,) = generate(Scripted(), tok, [prompt], len(thinking) + 3, 1, answer_tokens=len(answer) + 2)
+    reply = "\nSo 2 + 3 = 5.\n<|im_start|>answer\nAnswer: \\boxed{5}"
+    assert g == Generation(reply, len(thinking) + 1 + len(answer), True)
+    assert seen == [prompt, prompt + "\nSo 2 + 3 = 5.\n<|im_start|>answer"]
     assert score({"kind": "integer", "gold": "5"}, THINK + g.text) == {"exact_match": 1.0, "fallback": 0.0}
     assert extract(THINK + g.text, "integer") == Extracted("5", "boxed")
-    skipped = tok.decode(cont, skip_special_tokens=True)  # what the stage used to keep: the marker is gone
-    assert "<|im_start|>" not in skipped and extract(THINK + skipped, "integer") != Extracted("5", "boxed")
+    # one free run (what the stage did before): the stray token after <|im_start|> leaves no answer marker
+    assert score({"kind": "integer", "gold": "5"}, THINK + tok.decode(thinking + stray))["exact_match"] == 0.0
+
+    (cut,) = generate(Scripted(), tok, [prompt], 3, 1, answer_tokens=2)  # budget: thinking cut, answer cut
+    head = tok.decode(thinking[:3])
+    assert cut.text == head + "\n<|im_start|>answer\nFinal Answer:" + tok.decode(answer[:2])
+    assert cut.tokens == 5 and not cut.finished
+    skipped = tok.decode(
+        thinking + answer, skip_special_tokens=True
+    )  # no marker: only the fallbacks are left
+    assert extract(THINK + skipped, "integer") != Extracted("5", "boxed")
 
 
 def test_label_selector_picks_the_best_matching_live_feature(steer_workspace: Path):
@@ -273,13 +297,19 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
     from lorascope.steer import generation, stage
 
     params = tiny_params(
-        steer={"directions": ["L1.gate_proj", "sae.3"], "alphas": [0, 50], "limit": 2, "max_new_tokens": 6}
+        steer={
+            "directions": ["L1.gate_proj", "sae.3"],
+            "alphas": [0, 50],
+            "limit": 2,
+            "max_new_tokens": 6,
+            "answer_tokens": 2,
+        }
     )
     out = stage.run(params)
     gens = pd.read_parquet(out / "generations.parquet")
     summary = pd.read_parquet(out / "summary.parquet")
     assert len(gens) == 2 * 2 * 2 * 2  # directions x alphas x tasks x rows
-    assert set(gens.task) == {"math500", "aime24_nofigures"} and (gens.tokens <= 6).all()
+    assert set(gens.task) == {"math500", "aime24_nofigures"} and (gens.tokens <= 6 + 1 + 2).all()
     for _, s in summary.iterrows():
         chosen = gens[(gens.direction == s.direction) & (gens.alpha == s.alpha)]
         words = params.steer.backtrack_words

@@ -398,8 +398,9 @@ def plan(
     b = DTYPE_BYTES[dtype]
     e = Estimate("steer", 1)
     e.memory["weights"] = P * b + 4 * p_lora
-    e.memory["kv cache"] = st.batch_size * (STEER_PROMPT_TOKENS + st.max_new_tokens) * L * 2 * K * b
-    generated: float = len(st.directions) * len(st.alphas) * len(st.tasks) * st.limit * st.max_new_tokens
+    per_prompt = st.max_new_tokens + st.answer_tokens  # thinking, then the answer
+    e.memory["kv cache"] = st.batch_size * (STEER_PROMPT_TOKENS + per_prompt) * L * 2 * K * b
+    generated: float = len(st.directions) * len(st.alphas) * len(st.tasks) * st.limit * per_prompt
     e.seconds = generated / _decode_tokens_per_s(P * b, st.batch_size, 1, dtype, device)
     out.append(e)
 

@@ -1,11 +1,13 @@
-"""Greedy generation with an offset added to the adapter state, and what the sweep counts in it.
+"""Greedy s1 generation with an offset added to the adapter state, and what the sweep counts in it.
 
 A forward hook on every ``lora_A`` adds that component's columns of the offset to its output at
 every position (prompt and generated tokens), so the module's output moves by ``scaling * B`` times
 the offset; an offset of zero leaves every logit as it was.
 
-Generated text is decoded with its special tokens (``<|im_start|>answer`` marks where the answer starts:
-dropping it, as ``skip_special_tokens`` would, leaves the grader only its fallbacks); only the closing
+Generation follows s1's two phases as ``evaluate`` does (thinking, then the forced answer marker and the
+answer; a model left to one free run writes whatever follows ``<|im_start|>`` itself, and the grader, which
+looks for ``<|im_start|>answer``, then finds nothing). Generated text keeps its special tokens (dropping the
+answer marker, as ``skip_special_tokens`` would, leaves the grader only its fallbacks); only the closing
 ``<|im_end|>`` is left out. Backtracking is counted two ways: ``count_words`` (whole words,
 case-sensitive) and ``paper_backtrack_pct``, the paper author's ``count_patterns`` (jnward/
 reasoning_behavior_probes: each word as a case-insensitive pattern, occurrences per 100
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from lorascope.components import Component
+from lorascope.evaluate.forcing import answer_end
 
 
 @contextmanager
@@ -48,24 +51,24 @@ def steered(peft_model: Any, comps: Sequence[Component], offset_C: torch.Tensor)
 
 @dataclass
 class Generation:
-    """One prompt's continuation."""
+    """One prompt's continuation: its thinking, the answer marker and the answer."""
 
     text: str
     tokens: int
-    """Generated tokens, up to and including the end-of-turn token."""
+    """Generated tokens of both phases, each phase's closing token included when it was generated."""
     finished: bool
-    """Whether it ended with the end-of-turn token within the budget."""
+    """Whether the answer ended with the end-of-turn token within its budget."""
 
 
 @torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int
-) -> list[Generation]:
-    """Greedy continuations of ``prompts`` (left-padded batches) up to ``<|im_end|>``."""
-    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+def _greedy(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, stops: list[int], batch_size: int
+) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of ``prompts`` (left-padded batches), each cut before its first token of
+    ``stops``, and whether it stopped there (False: the budget ran out)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
     device = next(model.parameters()).device
-    out: list[Generation] = []
+    out: list[tuple[list[int], bool]] = []
     for lo in range(0, len(prompts), batch_size):
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[lo : lo + batch_size]]
         width = max(map(len, encoded))
@@ -79,16 +82,48 @@ def generate(
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=stop,
+            eos_token_id=stops,
             pad_token_id=pad,
         )
         for row in result[:, width:].tolist():
-            n = row.index(stop) + 1 if stop in row else len(row)
-            finished = stop in row[:n]
-            # keep <|im_start|>answer (special): only the closing <|im_end|> is not part of the text
-            text = tokenizer.decode(row[: n - 1] if finished else row[:n], skip_special_tokens=False)
-            out.append(Generation(text, n, finished))
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            out.append((row, False) if end is None else (row[:end], True))
     return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    answer_tokens: int,
+) -> list[Generation]:
+    """s1's think/answer decoding (``evaluate.forcing``), greedy: each prompt (ending in
+    ``<|im_start|>think``) thinks up to its next ``<|im_start|>`` or ``<|im_end|>`` or ``max_new_tokens``,
+    then gets ``answer_end`` (the forced ``Final Answer:`` when the budget cut it) and answers up to
+    ``<|im_end|>`` in ``answer_tokens``. Whatever the steering does to the thinking, the answer is where
+    the grader looks for it."""
+    start, stop = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    thoughts = _greedy(model, tokenizer, prompts, max_new_tokens, [start, stop], batch_size)
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids, _ in thoughts]
+    heads = [t + answer_end(t, forced=not ended) for t, (_, ended) in zip(texts, thoughts, strict=True)]
+    answers = _greedy(
+        model,
+        tokenizer,
+        [p + h for p, h in zip(prompts, heads, strict=True)],
+        answer_tokens,
+        [stop],
+        batch_size,
+    )
+    return [
+        Generation(
+            head + tokenizer.decode(ids, skip_special_tokens=False),
+            len(thought) + ended + len(ids) + finished,
+            finished,
+        )
+        for head, (thought, ended), (ids, finished) in zip(heads, thoughts, answers, strict=True)
+    ]
 
 
 def paper_backtrack_pct(text: str, words: Sequence[str]) -> float:

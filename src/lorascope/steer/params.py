@@ -24,7 +24,10 @@ class SteerSection(Section):
     limit: PositiveInt = 16
     """Prompts per task (the first N rows with an answer)."""
     max_new_tokens: PositiveInt = 1024
-    """Tokens generated per prompt (greedy)."""
+    """Thinking tokens per prompt (greedy; s1's budget: thinking cut here gets the forced
+    ``Final Answer:``)."""
+    answer_tokens: PositiveInt = 256
+    """Tokens for the answer after the thinking (``<|im_start|>answer``), up to ``<|im_end|>``."""
     backtrack_words: list[str] = Field(default_factory=lambda: ["Wait", "Hmm"])
     """Words counted as backtracking (the paper author's: Wait, Hmm), reported as whole words
     (case-sensitive) per 1000 generated tokens and as the author's count (case-insensitive occurrences

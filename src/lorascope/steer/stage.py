@@ -70,9 +70,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-CHECKPOINT_VERSION = "v2"
+CHECKPOINT_VERSION = "v3"
 """Bumped when what a checkpointed (direction, alpha) holds changes (v2: text keeps the answer marker,
-the paper's backtracking count)."""
+the paper's backtracking count; v3: s1's two phases, thinking then the forced answer)."""
 
 
 def _key(direction: str, alpha: float) -> str:
@@ -134,7 +134,9 @@ def run(params: Params) -> Path:
             path = work / f"{_key(direction.name, alpha)}.{CHECKPOINT_VERSION}.json"
             if not path.is_file():
                 with steered(model, comps, direction.offset(alpha)):
-                    outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+                    outs = generate(
+                        model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.answer_tokens
+                    )
                 done = []
                 for r, g in zip(rows, outs, strict=True):
                     s = score(r, THINK + g.text)
