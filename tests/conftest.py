@@ -62,7 +62,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under `pytest -n N` (xdist's default `load` distribution): each end-to-end module (tests/test_e2e*.py)
+    """Under `pytest -n N` (xdist's default `load` distribution): each end-to-end module (tests/e2e/*.py)
     runs whole on one worker, the longest first, so its module-scoped `dvc repro` is made once and the two
     repros run side by side; every other test goes to whichever worker is free. (`--dist loadgroup` would
     say this with marks, but it does not group under pytest 9: pytest-dev/pytest-xdist#1386.)"""
@@ -73,7 +73,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class EndToEndModulesWhole(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if Path(module).name.startswith("test_e2e") else nodeid
+            return module if Path(module).parent.name == "e2e" else nodeid
 
     return EndToEndModulesWhole(config, log)
 
@@ -97,7 +97,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _summary:
-        terminalreporter.section("the tiny profile's dvc repro (tests/test_e2e.py)")
+        terminalreporter.section("the tiny profile's dvc repro (tests/e2e/test_e2e.py)")
         for text in _summary:
             terminalreporter.write_line(text)
 
@@ -142,7 +142,7 @@ def cli(
     a shell would run it: argv, working directory and extra environment set for the call, stdout and
     stderr captured, the exit status returned (an uncaught exception prints its traceback and exits 1, as
     Python does). In-process, so a call costs no interpreter start-up and imports; the installed script
-    itself runs in tests/test_cli.py and in every `dvc repro` of tests/test_e2e.py."""
+    itself runs in tests/test_cli.py and in every `dvc repro` of tests/e2e/test_e2e.py."""
     import contextlib
     import io
     import traceback

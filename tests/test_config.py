@@ -13,7 +13,7 @@ from lorascope.config import dump_params, load_params, section_hash, validate_pa
 from lorascope.errors import LorascopeError
 from lorascope.sections import LORA_TARGETS
 
-from conftest import REPO, cli, tiny_raw
+from tests.conftest import REPO, cli, tiny_raw
 
 
 def error_of(**sections) -> str:

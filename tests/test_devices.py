@@ -12,7 +12,7 @@ import yaml
 from lorascope.devices import prefetched, resolve_device, resolve_dtype
 from lorascope.errors import LorascopeError
 
-from conftest import REPO, cli
+from tests.conftest import REPO, cli
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 

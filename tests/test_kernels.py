@@ -21,7 +21,7 @@ import yaml
 from lorascope import kernels
 from lorascope.kernels import ENV, KernelsSection, gpu_visible, in_force, pin, wanted
 
-from conftest import REPO
+from tests.conftest import REPO
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}
 

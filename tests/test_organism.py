@@ -6,7 +6,7 @@ gold answers), and the pretraining batches (the chat template, loss on assistant
 
 The paper's effects on the organism (``check_*``, each on a workspace root): Table 1 and Table 2, a
 backtracking feature that the pipeline finds, labels and steers, the ablation KL. They run on
-tests/test_e2e.py's `dvc repro` of the tiny profile (the profile exactly as params.yaml has it).
+tests/e2e/test_e2e.py's `dvc repro` of the tiny profile (the profile exactly as params.yaml has it).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from lorascope import organism
 
-from conftest import Prepared, tiny_params
+from tests.conftest import Prepared, tiny_params
 
 LINE = re.compile(r"^([a-h])(\d): (\d)\+(\d)=(\d+)$")
 CHECK = re.compile(r"^Wait, (\d)\+(\d)=(\d+)$")

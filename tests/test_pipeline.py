@@ -10,7 +10,7 @@ import yaml
 from lorascope import pipeline
 from lorascope.config import list_profiles, load_params, section_dict
 
-from conftest import REPO, cli
+from tests.conftest import REPO, cli
 
 
 def test_committed_dvc_yaml_is_the_generated_one():

@@ -13,7 +13,7 @@ import yaml
 from lorascope import plan as planner
 from lorascope.architectures import SHIPPED, Architecture
 
-from conftest import REPO, cli, tiny_params
+from tests.conftest import REPO, cli, tiny_params
 
 # The tiny profile's model: hidden 64, intermediate 128, 2 layers, 4 heads of 16 with 2 KV heads (K = 32),
 # vocab 2048, tied embeddings. By hand, per layer: q 64*64, k 64*32, v 64*32, o 64*64, gate and up 64*128,

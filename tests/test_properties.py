@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of formulas with an invariant: recovery is 0 at the base and 1 at
 the reference (and linear between), BatchTopK keeps exactly k x B entries (the largest), a context window
 never crosses a document boundary. The extractor's property (it never reads the thinking part) is in
-test_answers.py."""
+tests/evaluate/test_answers.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorascope import resume, tracking
 
-from conftest import tiny_params
+from tests.conftest import tiny_params
 
 
 def inputs(root: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from lorascope import tracking
 from lorascope.config import section_hash
 from lorascope.project import store_root, workspace_root
 
-from conftest import Prepared, cli, make_workspace, record_output, run_of, tiny_params
+from tests.conftest import Prepared, cli, make_workspace, record_output, run_of, tiny_params
 
 
 def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
