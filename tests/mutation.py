@@ -12,7 +12,7 @@ tests (``TESTS``) and, for each mutant, only those of them that reach the mutate
 module, killed / survived / no tests / other and the score (killed / (killed + survived)), and the
 survivors' names with ``--survivors``; ``mutmut show NAME`` in the printed work directory (kept with
 ``--keep``) shows a survivor's diff. Equivalent mutants (no test could tell them apart) are listed in
-README "Testing".
+``docs/testing.md`` ("Mutation testing").
 """
 
 from __future__ import annotations

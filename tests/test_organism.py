@@ -292,11 +292,11 @@ def _scores(root: Path, variant: str) -> dict[str, float]:
 
 LORA_GAIN = 0.45
 """Every seed's LoRA gains at least this much over the base on both shapes (chance: 0.1; the worst of ten
-seeds: 0.47, README "Across ten seeds")."""
+seeds: 0.47, docs/organism.md "Across ten seeds")."""
 FULL_GAIN = 0.15
 """The full finetune's gain on every seed (worst of ten: seed 3, +0.36 / +0.16; the other nine at least +0.45):
-at ``finetune.full_lr`` 1.5e-3 the full finetune is the organism's least robust effect (README "Across ten
-seeds")."""
+at ``finetune.full_lr`` 1.5e-3 the full finetune is the organism's least robust effect (docs/organism.md
+"Across ten seeds")."""
 ONE_HALF_KEEPS = 0.3
 """Table 2 as it holds on every seed: without one of its halves (attention on some seeds, MLP on others) the
 LoRA keeps at most this share of its gain (worst of ten: 0.25)."""
@@ -374,7 +374,7 @@ def check_planted_direction(root: Path) -> str | None:
 def check_steering(root: Path, name: str | None) -> None:
     """Steering that feature was swept over every alpha and changes what the model writes (the largest alpha's
     greedy generations differ from the unsteered ones). Whether backtracking rises along it is the seed's
-    answer, not the organism's (README "Across ten seeds"), so it is reported, not asserted."""
+    answer, not the organism's (docs/organism.md "Across ten seeds"), so it is reported, not asserted."""
     import pandas as pd
 
     if name is None:  # nothing chosen, nothing steered (check_planted_direction)

@@ -50,7 +50,7 @@ class KernelsSection(Section):
     mkl_cbwr: str = "COMPATIBLE"
     """``MKL_CBWR``: MKL's reproducibility branch. ``COMPATIBLE`` (SSE2 without approximate reciprocals) is
     the one MKL honours on every vendor; ``AVX2`` is honoured on Intel only (MKL runs its own dispatch on
-    AMD), so Intel and AMD machines write other bytes with it (README "Same bytes on any CPU")."""
+    AMD), so Intel and AMD machines write other bytes with it (docs/kernels.md, "Same bytes on any CPU")."""
 
 
 def gpu_visible() -> bool:
