@@ -65,8 +65,8 @@ def generation(ws: Path, questions: int, batch: int, thinking: int, answer: int)
 
 def grading() -> dict[str, float]:
     """answers/s of extract + grade on the 500 MATH500 golds, equal and perturbed."""
+    from lorascope.chat import ANSWER, THINK
     from lorascope.evaluate.answers import extract
-    from lorascope.evaluate.forcing import ANSWER, THINK
     from lorascope.evaluate.grading import grade
 
     golds = [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()]

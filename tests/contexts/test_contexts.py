@@ -14,11 +14,11 @@ from lorascope import tracking
 from lorascope.contexts import selection
 from lorascope.contexts.params import ContextsSection
 from lorascope.contexts.selection import Selector, ShardView
-from lorascope.contexts.sources import FeatureSource
 from lorascope.contexts.stage import contexts_table, run, token_keys
-from lorascope.contexts.tokens import TokenRenderer
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store, plan_shards, write_index, write_shard
+from lorascope.sources import FeatureSource
+from lorascope.tokens import TokenRenderer
 
 from tests.conftest import QWEN_TOKENIZER, Prepared, run_of, tiny_params
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from lorascope.chat import ANSWER, FINAL, THINK, answer_end
 from lorascope.errors import LorascopeError
 from lorascope.evaluate import benchmarks
 from lorascope.evaluate.backend import ModelSpec, lm_class, resolve, vllm_args
-from lorascope.evaluate.forcing import ANSWER, FINAL, SAMPLE_KEY, THINK, Budget, BudgetForcing, answer_end
+from lorascope.evaluate.forcing import SAMPLE_KEY, Budget, BudgetForcing
 from lorascope.evaluate.params import EvaluateSection
 from lorascope.evaluate.recovery import recovery, table
 

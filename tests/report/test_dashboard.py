@@ -159,7 +159,7 @@ def store_values(root: Path, source: str, columns: list[int], tokens: int) -> np
     """``[tokens, columns]`` activations of ``source`` from the start of its store (SAE: encoded)."""
     import torch
 
-    from lorascope.contexts.sources import open_source
+    from lorascope.sources import open_source
 
     src = open_source(source, root)
     x = torch.cat([acts for _, acts, _ in src.store]).float()[:tokens]

@@ -168,7 +168,7 @@ def test_every_module_moves_by_its_own_offset_column(steer_workspace: Path):
 
 
 def test_alpha_zero_reproduces_unsteered_generation(steer_workspace: Path):
-    from lorascope.evaluate.forcing import chat_prompt
+    from lorascope.chat import chat_prompt
     from lorascope.models import load_tokenizer
 
     model = peft_model(steer_workspace)
@@ -207,9 +207,9 @@ def test_generation_thinks_then_answers_after_the_marker_as_s1_does(steer_worksp
     ``<|im_start|>``, and the grader finds no answer); thinking cut by the budget gets the forced
     ``Final Answer:``. The text keeps the marker (``skip_special_tokens`` would drop it, leaving the grader
     its fallbacks); only the closing ``<|im_end|>`` and the padding are left out."""
+    from lorascope.chat import THINK
     from lorascope.evaluate.answers import Extracted, extract
     from lorascope.evaluate.benchmarks import score
-    from lorascope.evaluate.forcing import THINK
     from lorascope.models import load_tokenizer
 
     tok = load_tokenizer(steer_workspace / "models/base")

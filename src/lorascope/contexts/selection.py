@@ -15,12 +15,12 @@ and then travel with their entries through the merges.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lorascope.contexts.params import ContextsSection
 from lorascope.exclusion import REASONS
+from lorascope.sources import Encoder
 
 GROUPS = ("top", "quantile", "random")
 BLOCK_TOKENS = 32768
@@ -48,10 +48,6 @@ class ShardView:
         lo_T = torch.repeat_interleave(ends - lengths, lengths)
         hi_T = torch.repeat_interleave(ends, lengths)
         return cls(start, acts_TC, ids_T.to(acts_TC.device), lo_T, hi_T)
-
-
-Encoder = Callable[[Any], Any]
-"""Store activations ``[T, C]`` (float32) -> feature activations ``[T, F]``."""
 
 
 class Selector:

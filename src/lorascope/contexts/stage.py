@@ -35,10 +35,10 @@ import pyarrow as pa
 from lorascope import kernels, paths, resume
 from lorascope.config import Params
 from lorascope.contexts.selection import GROUPS, PAD_ID, Selector, ShardView
-from lorascope.contexts.sources import FeatureSource, open_source
 from lorascope.contexts.tables import EXCLUDED_KEY, LATENTS_KEY
 from lorascope.extract.store import Shard
 from lorascope.project import workspace_root
+from lorascope.sources import FeatureSource, open_source
 
 BASE = paths.BASE
 CONTEXTS_SCHEMA = pa.schema(
@@ -121,12 +121,12 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     ``on_shard`` runs after each shard's state is saved (the tests use it to simulate a kill)."""
     import mlflow
 
-    from lorascope.contexts.tokens import TokenRenderer
     from lorascope.devices import prefetched, resolve_device
     from lorascope.errors import LorascopeError
     from lorascope.exclusion import REASONS, Exclusion
     from lorascope.models import load_tokenizer
     from lorascope.progress import track
+    from lorascope.tokens import TokenRenderer
     from lorascope.tracking import stage_run
 
     cfg = params.contexts

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorascope.chat import ANSWER, THINK, chat_template
 from lorascope.errors import LorascopeError
-from lorascope.evaluate.forcing import ANSWER, THINK, Budget, chat_template
+from lorascope.evaluate.forcing import Budget
 from lorascope.evaluate.params import EvaluateSection
 
 PROBE_USER = "What is 7 + 5? Put the result in a box."

@@ -37,14 +37,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lorascope.chat import ANSWER, FINAL, THINK, answer_end, chat_prompt, chat_template
 from lorascope.errors import LorascopeError
 
-THINK = "<|im_start|>think"
-"""s1's ``thinking_start``: appended to the chat prompt; the model writes the newline after it."""
-ANSWER = "<|im_start|>answer"
-"""s1's ``thinking_end``: closes a thinking phase that ended on its own."""
-FINAL = "\nFinal Answer:"
-"""What s1 appends after ``ANSWER`` when the thinking budget ran out."""
 THINK_STOPS = ["<|im_start|>", "<|im_end|>"]
 ANSWER_STOPS = ["<|im_end|>"]
 AUTO_ANSWER_TOKENS = 100
@@ -83,26 +78,6 @@ class _Question:
         if self.answer is None:
             return THINK + self.thinking
         return THINK + self.thinking + self.end + self.answer  # as the answer phase saw it
-
-
-def chat_template(tokenizer: Any, user: str) -> str:
-    """The user turn through the tokenizer's chat template (system turn included), opening the
-    assistant turn."""
-    messages = [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def chat_prompt(tokenizer: Any, user: str) -> str:
-    """The chat prompt of a think-format model: the assistant turn opens its thinking."""
-    return chat_template(tokenizer, user) + THINK
-
-
-def answer_end(thinking: str, forced: bool) -> str:
-    """What s1 appends to the thinking before the answer: ``<|im_start|>answer`` when the model ended
-    its thinking, ``<|im_start|>answer\\nFinal Answer:`` (on a new line) when the budget did."""
-    if not forced:
-        return ANSWER
-    return ("" if thinking.endswith("\n") else "\n") + ANSWER + FINAL
 
 
 class BudgetForcing:

@@ -452,7 +452,7 @@ def _store_features(
     segments, their vocabulary ids and the sample activations in feature order."""
     import numpy as np
 
-    from lorascope.contexts.sources import open_source
+    from lorascope.sources import open_source
 
     if renderer is None:
         raise LorascopeError(f"{paths.BASE.as_posix()}: no tokenizer")
@@ -510,8 +510,8 @@ def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
     categories = _categories(root, missing)
     renderer = None
     try:
-        from lorascope.contexts.tokens import TokenRenderer
         from lorascope.models import load_tokenizer
+        from lorascope.tokens import TokenRenderer
 
         renderer = TokenRenderer(load_tokenizer(root / paths.BASE))
     except Exception as e:  # noqa: BLE001 - only the training samples need it

@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lorascope.components import latent_name
 from lorascope.errors import LorascopeError
 from lorascope.sae.model import BatchTopKSAE
 
@@ -78,3 +82,24 @@ def alive_latents(directory: Path, d_sae: int | None = None) -> list[int]:
     if (d_sae is not None and width != d_sae) or any(not 0 <= i < width for i in alive):
         raise LorascopeError(f"{path}: does not match the SAE's {d_sae} latents; re-run `lorascope sae`")
     return alive
+
+
+def load_encoder(
+    sae_dir: Path, components: list[str], device: Any = "cpu"
+) -> tuple[list[str], Callable[[torch.Tensor], torch.Tensor]]:
+    """Latent names and ``encode(acts_TC) -> latents_TF`` (calibrated threshold; the SAE on ``device``,
+    ``acts_TC`` expected there) for a store whose columns are ``components``; a store of other
+    components is a one-line error."""
+    sae, cfg = load_sae(sae_dir, device)
+    if cfg["components"] != components:
+        raise LorascopeError(
+            f"{sae_dir}/cfg.json: the SAE was trained on {cfg['d_in']} components that differ from the store's "
+            f"{len(components)} (retrain it with `lorascope sae`)"
+        )
+    sae.eval()
+
+    @torch.no_grad()
+    def encode(acts_TC: torch.Tensor) -> torch.Tensor:
+        return sae.encode(acts_TC)
+
+    return [latent_name(i) for i in range(sae.d_sae)], encode

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from lorascope.chat import answer_end
 from lorascope.components import Component
-from lorascope.evaluate.forcing import answer_end
 
 
 @contextmanager

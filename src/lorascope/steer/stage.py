@@ -84,9 +84,9 @@ def run(params: Params) -> Path:
     import mlflow
     import pandas as pd
 
+    from lorascope.chat import THINK, chat_prompt
     from lorascope.components import feature_names, lora_components
     from lorascope.evaluate.benchmarks import score
-    from lorascope.evaluate.forcing import THINK, chat_prompt
     from lorascope.models import load_lora_model, load_tokenizer
     from lorascope.progress import track
     from lorascope.steer.directions import LABEL, NoLabelMatch, resolve

@@ -1,4 +1,4 @@
-"""Feature sources for the contexts stage: which store to read, how to turn it into features.
+"""Feature sources (what the contexts stage and the dashboard read): which store, how it turns into features.
 
 ``lora``: the adapter components of ``data/activations/lora``, signed (each component gives a
 positive and a negative feature). ``mlp``: the MLP neurons of ``data/activations/mlp``, signed the same
@@ -10,14 +10,17 @@ each sign is its own feature). ``sae``: the LoRA store encoded shard by shard wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorascope import paths
-from lorascope.contexts.selection import Encoder
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Store
+
+Encoder = Callable[[Any], Any]
+"""Store activations ``[T, C]`` (float32) -> feature activations ``[T, F]`` (an SAE's encode)."""
 
 
 @dataclass
@@ -63,11 +66,9 @@ def open_source(name: str, root: Path, live_only: bool = False, device: Any = "c
         return FeatureSource(name, store, list(store.components), signed=True, inputs=[store.root])
     if name == "sae":
         sae_dir = root / paths.SAE
-        from lorascope.sae.load import alive_latents, require
+        from lorascope.sae.load import alive_latents, load_encoder, require
 
         require(sae_dir)
-        from lorascope.sae.encoder import load_encoder
-
         store = _store(root, "lora")
         features, encode = load_encoder(sae_dir, store.components, device)
         source = FeatureSource(
