@@ -14,8 +14,8 @@ import torch
 
 from lorascope.components import feature_names, lora_components
 from lorascope.errors import LorascopeError
-from lorascope.steer.directions import resolve
-from lorascope.steer.generation import Generation, count_words, generate, paper_backtrack_pct, steered
+from lorascope.generation import Generation, count_words, generate, paper_backtrack_pct
+from lorascope.steer.directions import resolve, steered
 
 from tests.ablate.test_ablate import peft_model
 from tests.conftest import REPO, cli, record_output, run_of, tiny_params

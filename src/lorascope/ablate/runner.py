@@ -21,6 +21,7 @@ from lorascope.ablate.masks import Masks
 from lorascope.ablate.prefix import LayerCache
 from lorascope.ablate.targets import Ablation
 from lorascope.components import Component
+from lorascope.divergence import compare
 
 DIRECTION = "KL(P_lora || P_ablated)"
 """The divergence every output reports: expectation under the adapter as trained."""
@@ -42,14 +43,6 @@ class Stats:
     def to_json(self) -> dict[str, float]:
         return {"tokens": self.tokens, "kl_sum": self.kl_sum, "kl_max": self.kl_max, "ce_sum": self.ce_sum,
                 "all_tokens": self.all_tokens, "all_kl_sum": self.all_kl_sum}  # fmt: skip
-
-
-def compare(logp_lora_RV: torch.Tensor, logits_BRV: torch.Tensor, labels_R: torch.Tensor) -> tuple[Any, Any]:
-    """Per-row, per-token ``KL(P_lora || P_row)`` and ``-log P_row(label)``, in float32: ``[B, R]`` each."""
-    logq_BRV = logits_BRV.float().log_softmax(-1)
-    kl_BR = (logp_lora_RV.exp() * (logp_lora_RV - logq_BRV)).sum(-1)
-    ce_BR = -logq_BRV.gather(-1, labels_R.expand(logq_BRV.shape[0], -1)[..., None])[..., 0]
-    return kl_BR, ce_BR
 
 
 class Ablator:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,21 @@ def score(doc: dict[str, Any], output: str) -> dict[str, float]:
 
     got = extract(output, doc["kind"])
     return {"exact_match": float(grade(doc["kind"], doc["gold"], got.text)), "fallback": float(got.fallback)}
+
+
+def question_rows(
+    tasks: Sequence[str], limit: int | None, data: dict[str, str], choice_seed: int, root: Path, key: str
+) -> list[dict[str, Any]]:
+    """The first ``limit`` (None: all) rows with an answer of each task, each with its ``task`` and ``row``:
+    a fixed question set (``data``: ``evaluate.data``'s local files, relative to ``root``). No row at all is
+    a one-line error naming ``key``."""
+    metadata = {DATA_KEY: {t: str(root / p) for t, p in data.items()}, SEED_KEY: choice_seed}
+    rows = []
+    for task in tasks:
+        processed = process(task, load(task, metadata), metadata)
+        n = len(processed) if limit is None else min(limit, len(processed))
+        for i, doc in enumerate(processed.select(range(n))):
+            rows.append({"task": task, "row": i, **doc})
+    if not rows:
+        raise LorascopeError(f"{key}: no rows with an answer in {', '.join(tasks)}")
+    return rows

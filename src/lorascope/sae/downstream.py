@@ -16,13 +16,8 @@ from typing import Any
 
 import torch
 
+from lorascope.divergence import kl_per_token
 from lorascope.extract.store import Store
-
-
-def kl_per_token(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per position, from logits ``[T, V]``."""
-    logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 @contextmanager

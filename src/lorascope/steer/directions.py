@@ -1,4 +1,6 @@
-"""Steering directions as offsets of the adapter state (the ``x . A`` values flowing into ``lora_B``).
+"""Steering directions as offsets of the adapter state (the ``x . A`` values flowing into ``lora_B``), and
+the hooks that add one while the model runs (``steered``: a forward hook on every ``lora_A`` adds that
+component's columns of the offset at every position, prompt and generated tokens; zero changes nothing).
 
 Adding ``v`` to a component's ``x . A`` adds ``scaling * v * B`` to its module's output, so:
 
@@ -23,8 +25,8 @@ Typical magnitudes come from the contexts stage's feature tables (statistics ove
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,9 @@ from typing import Any
 import torch
 
 from lorascope import paths
-from lorascope.components import parse_latent
+from lorascope.autointerp.labels import LABEL
+from lorascope.components import Component, parse_latent
 from lorascope.errors import LorascopeError
-
-LABEL = "label:"
-"""Prefix of a direction chosen from the labels by a regex over the explanations."""
 
 
 @dataclass(frozen=True)
@@ -120,74 +120,35 @@ def sae_direction(name: str, features: Sequence[str], sae_dir: Path, stats_path:
     )
 
 
-class NoLabelMatch(LorascopeError):
-    """No ok label (of a live feature) matches a ``label:`` selector's regex."""
-
-    def __init__(self, selector: str, files: Sequence[Path]) -> None:
-        super().__init__(
-            f"steer.directions: {selector!r} matches no ok label in {', '.join(map(str, files))}"
-        )
-        self.finding = f"no ok label of {' or '.join(p.name for p in files)} matches it"
-        """What the stage records (no absolute path: it goes into a DVC output)."""
-
-
-def select_by_label(selector: str, root: Path) -> str:
-    """The feature a ``label:<regex>`` selector picks (see the module docstring); one-line errors for a
-    bad regex, missing label sets or no match."""
-    import pyarrow.parquet as pq
-
-    pattern = selector[len(LABEL) :]
-    try:
-        regex = re.compile(pattern, re.IGNORECASE)
-    except re.error as err:
-        raise LorascopeError(f"steer.directions: {selector!r}: not a regular expression ({err})") from None
-    interp = root / paths.INTERP
-    files = [root / paths.labels(s) for s in ("sae", "lora") if (root / paths.labels(s)).is_file()]
-    if not files:
-        raise LorascopeError(
-            f"steer.directions: {selector!r} needs labels ({interp}/lora.parquet or sae.parquet); "
-            "run `lorascope autointerp` first"
-        )
-    alive: set[int] | None = None
-    from lorascope.sae.load import ALIVE, alive_latents
-
-    if (root / paths.labels("sae")).is_file() and (root / paths.SAE / ALIVE).is_file():
-        alive = set(alive_latents(root / paths.SAE))
-    cols = [
-        "feature",
-        "feature_name",
-        "explanation",
-        "status",
-        "classification",
-        "detection_balanced_accuracy",
-    ]
-    found = []
-    for order, path in enumerate(files):  # sae first, then lora
-        for r in pq.read_table(path, columns=cols).to_pylist():
-            if r["status"] != "ok" or not r["explanation"] or not regex.search(r["explanation"]):
-                continue
-            if path.stem == "sae" and alive is not None and int(r["feature"]) not in alive:
-                continue
-            score = r["detection_balanced_accuracy"]
-            cls = r["classification"]
-            rank = (
-                -(score if score is not None else -1.0),
-                cls if cls is not None else 3,
-                order,
-                int(r["feature"]),
-            )
-            found.append((rank, r["feature_name"]))
-    if not found:
-        raise NoLabelMatch(selector, files)
-    return min(found)[1]
-
-
 def resolve(name: str, features: Sequence[str], root: Path) -> Direction:
     """The direction ``name`` names (``L<layer>.<type>[+-]``, ``sae.<latent>`` or ``label:<regex>``)."""
     from dataclasses import replace
 
     if name.startswith(LABEL):
+        from lorascope.autointerp.labels import select_by_label
+
         return replace(resolve(select_by_label(name, root), features, root), selector=name)
     if parse_latent(name) is not None:
         return sae_direction(name, features, root / paths.SAE, root / paths.features("sae"))
     return lora_direction(name, features, root / paths.features("lora"))
+
+
+@contextmanager
+def steered(peft_model: Any, comps: Sequence[Component], offset_C: torch.Tensor) -> Iterator[None]:
+    """Add ``offset_C`` (one value per adapter-state column, component order) to every ``x . A``."""
+    base = peft_model.get_base_model()
+    handles, start = [], 0
+    for comp in comps:
+        cols = offset_C[start : start + comp.width]
+        start += comp.width
+        lora_A = base.get_submodule(comp.module).lora_A["default"]
+
+        def add(_m: Any, _args: Any, out: torch.Tensor, cols: torch.Tensor = cols) -> torch.Tensor:
+            return out + cols.to(out.device, out.dtype)
+
+        handles.append(lora_A.register_forward_hook(add))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -84,13 +84,14 @@ def run(params: Params) -> Path:
     import mlflow
     import pandas as pd
 
+    from lorascope.autointerp.labels import LABEL, NoLabelMatch
     from lorascope.chat import THINK, chat_prompt
     from lorascope.components import feature_names, lora_components
     from lorascope.evaluate.benchmarks import score
+    from lorascope.generation import count_words, generate, paper_backtrack_pct
     from lorascope.models import load_lora_model, load_tokenizer
     from lorascope.progress import track
-    from lorascope.steer.directions import LABEL, NoLabelMatch, resolve
-    from lorascope.steer.generation import count_words, generate, paper_backtrack_pct, steered
+    from lorascope.steer.directions import resolve, steered
     from lorascope.tracking import experiment_id, stage_run
 
     cfg, root = params.steer, workspace_root()

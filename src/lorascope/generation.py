@@ -1,8 +1,4 @@
-"""Greedy s1 generation with an offset added to the adapter state, and what the sweep counts in it.
-
-A forward hook on every ``lora_A`` adds that component's columns of the offset to its output at
-every position (prompt and generated tokens), so the module's output moves by ``scaling * B`` times
-the offset; an offset of zero leaves every logit as it was.
+"""Greedy s1 generation (``steer`` and ``attribute`` generate with it), and the backtracking counts.
 
 Generation follows s1's two phases as ``evaluate`` does (thinking, then the forced answer marker and the
 answer; a model left to one free run writes whatever follows ``<|im_start|>`` itself, and the grader, which
@@ -17,36 +13,13 @@ whitespace-separated words, summed over the words).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lorascope.chat import answer_end
-from lorascope.components import Component
-
-
-@contextmanager
-def steered(peft_model: Any, comps: Sequence[Component], offset_C: torch.Tensor) -> Iterator[None]:
-    """Add ``offset_C`` (one value per adapter-state column, component order) to every ``x . A``."""
-    base = peft_model.get_base_model()
-    handles, start = [], 0
-    for comp in comps:
-        cols = offset_C[start : start + comp.width]
-        start += comp.width
-        lora_A = base.get_submodule(comp.module).lora_A["default"]
-
-        def add(_m: Any, _args: Any, out: torch.Tensor, cols: torch.Tensor = cols) -> torch.Tensor:
-            return out + cols.to(out.device, out.dtype)
-
-        handles.append(lora_A.register_forward_hook(add))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""``attribute``: which adapter components and SAE latents the reasoning gain depends on."""
