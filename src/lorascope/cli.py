@@ -251,6 +251,16 @@ def steer(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
 
 @app.command()
 @takes_params
+def attribute(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
+    """Screen every component and SAE latent, ablate the top ones exactly and on the benchmarks: metrics/attribute/."""
+    from lorascope.attribute.stage import run
+
+    out = run(choice.load())
+    typer.echo(f"attribute: wrote {out}")
+
+
+@app.command()
+@takes_params
 def report(choice: ParamsChoice = DEFAULT_CHOICE) -> None:
     """Tables, figures, index.html and the offline dashboard.html into reports/ (what exists; the rest is listed)."""
     from lorascope.report.stage import run

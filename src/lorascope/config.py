@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from lorascope.ablate.params import AblateSection
+from lorascope.attribute.params import AttributeSection
 from lorascope.autointerp.params import AutointerpSection
 from lorascope.base.params import BaseSection
 from lorascope.categorize.params import CategorizeSection
@@ -70,6 +71,8 @@ class Params(Section):
     """Component ablations (KL sweeps) and ablated-adapter exports."""
     steer: SteerSection = Field(default_factory=SteerSection)
     """Steering along adapter directions."""
+    attribute: AttributeSection = Field(default_factory=AttributeSection)
+    """Which components and SAE latents the gain depends on: screened, measured, generated."""
     report: ReportSection = Field(default_factory=ReportSection)
     """Tables, figures and the feature dashboard."""
     kernels: KernelsSection = Field(default_factory=KernelsSection)

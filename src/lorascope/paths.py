@@ -100,6 +100,11 @@ ABLATION_TYPES = ABLATION / "types.json"
 ABLATION_GROUPS = ABLATION / "groups.json"
 FIGURE3 = ABLATION / "figure3.json"
 STEER_METRICS = METRICS / "steer.json"
+ATTRIBUTE = METRICS / "attribute"
+"""``attribute``: ``screen.json`` (every unit), ``exact.json`` (the top and control units), ``accuracy.json``."""
+ATTRIBUTE_SCREEN = ATTRIBUTE / "screen.json"
+ATTRIBUTE_EXACT = ATTRIBUTE / "exact.json"
+ATTRIBUTE_ACCURACY = ATTRIBUTE / "accuracy.json"
 
 # ------------------------------------------------------------------------------------------ reports
 REPORTS = Path("reports")

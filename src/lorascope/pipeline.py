@@ -258,6 +258,23 @@ STAGES: tuple[Stage, ...] = (
         outs=(_s(paths.STEER), _s(paths.STEER_METRICS)),  # a curve per direction: the report's steering table
     ),
     Stage(
+        "attribute",
+        "lorascope attribute",
+        ("lorascope.attribute.stage",),
+        deps=(
+            _s(paths.PREPARED),
+            _s(paths.BASE),
+            _s(paths.LORA),
+            _s(paths.SAE),
+            _s(paths.labels("lora")),
+            _s(paths.labels("sae")),
+        ),  # fmt: skip
+        params=(*keys_of("attribute", "device"), "evaluate.data", "evaluate.choice_seed"),
+        speed=("attribute.device",),
+        outs=(_s(paths.ATTRIBUTE_SCREEN), _s(paths.ATTRIBUTE_EXACT)),
+        metrics=(_s(paths.ATTRIBUTE_ACCURACY),),
+    ),
+    Stage(
         "report",
         "lorascope report",
         ("lorascope.report.stage",),

@@ -294,8 +294,7 @@ def test_label_selector_picks_the_best_matching_live_feature(steer_workspace: Pa
 
 
 def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: pytest.MonkeyPatch):
-    from lorascope import tracking
-    from lorascope import generation
+    from lorascope import generation, tracking
     from lorascope.steer import stage
 
     params = tiny_params(

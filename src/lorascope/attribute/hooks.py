@@ -116,24 +116,25 @@ def ablated_generation(
                 yield
             return
         decoder = state.base.get_decoder()
+        import inspect
+
+        # the cache's keyword (``cache`` in recent transformers, ``past_key_values`` before)
+        key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         clean: dict[str, Any] = {}
 
         def before(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
             from transformers import DynamicCache
 
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get(key)
             if cache is None or cache.get_seq_length() == 0:  # a new sequence: a new unablated cache
-                clean["cache"] = DynamicCache()
+                clean["cache"] = DynamicCache(config=state.base.config)
             state.keep_BK = state.offset_BTC = None
+            passed = {
+                k: kwargs[k] for k in ("attention_mask", "position_ids", "cache_position") if k in kwargs
+            }
             with torch.no_grad(), state.recording() as recorded:
-                decoder(
-                    input_ids=kwargs["input_ids"],
-                    attention_mask=kwargs.get("attention_mask"),
-                    position_ids=kwargs.get("position_ids"),
-                    cache_position=kwargs.get("cache_position"),
-                    past_key_values=clean["cache"] if cache is not None else None,
-                    use_cache=cache is not None,
-                )
+                decoder(input_ids=kwargs["input_ids"], **passed, use_cache=cache is not None,
+                        **{key: clean["cache"] if cache is not None else None})  # fmt: skip
                 acts_BTC = state.gather(recorded)
             state.offset_BTC = latent_offset(sae, unit.index, acts_BTC)
 

@@ -1,19 +1,22 @@
 """Per sequence: the screened and the exact effect of ablating each unit on the response tokens.
 
-**Screen** (attribution patching, AtP: Nanda 2023; Kramár et al. 2024): one forward and one backward give
-the gradient ``g_TC`` of the response tokens' summed cross-entropy with respect to the adapter state
-``a_TC``; ablating a unit moves the state by ``d_TC`` (a component: ``-a`` on its columns; a latent:
-``-f_j(t) W_dec[j]``), so its first-order ΔCE is ``sum_t d_t . g_t``: ``-sum(a * g)`` over a component's
-columns, ``-sum_t f_j(t) (g_t . W_dec[j])`` for a latent (one matmul for every latent). Screened on ΔCE:
-``KL(P_lora || P_ablated)``, which the paper's Figure 3 reports, is zero with zero gradient at the unablated
-point (its first term is second order), so a gradient cannot rank by it.
+**Screen** (attribution patching along a path, as EAP-IG does for edges; Kramár et al. 2024 for AtP's
+failure modes): each unit gets a gate ``g`` (1: as trained, 0: ablated). A component's gate scales its
+``lora_A`` output; a latent's gate scales the removal of its decoded contribution
+(``-(1 - g) f_j(t) W_dec[j]``, ``f_j`` from the unablated pass). The units of a kind are split into
+``groups`` seeded random groups; for each group, at ``steps`` midpoints ``g = 1 - (i + 1/2) / steps`` of
+the straight path from 1 to 0 (the group's gates together, the rest at 1), one forward and one backward
+give ``dCE/dg`` of every gate in the group, and a unit's screened ΔCE is ``-mean dCE/dg`` (the midpoint
+rule of ``CE(g=0) - CE(g=1)``): ``2 x groups x steps`` passes for every unit of both kinds.
 
-AtP's known failure modes, and how they show here: a saturated attention softmax or a saturating
-nonlinearity makes the linear estimate miss a large effect, and effects that cancel through later layers
-make it overstate one (Kramár et al.); a rank-1 component's ablation is a large move (the whole
-contribution), not a small patch. So the screen is checked on every run: the top units and a random
-control are ablated exactly (``exact``), and the rank correlation between screened and exact ΔCE is
-reported (over all components, and over the exactly measured units).
+Why not plain AtP (the gradient at the unablated point): the screen runs on training sequences, where
+the adapter sits at a minimum of this very loss, so the first-order term nearly vanishes and the effect is
+curvature: on the organism (seed 0) plain AtP ranked the components with Spearman 0.04 against the exact
+ΔCE. A path through the ablation integrates the curvature; the more units share a path, the more their
+interactions leak into each other's estimates (one group per kind: components 0.86, latents 0.44; eight
+groups: 0.93 / 0.80). ``KL(P_lora || P_ablated)``, which Figure 3 reports, has zero gradient at the
+unablated point, so the screen ranks by ΔCE; ``exact`` reports both, and the rank correlations say how far
+the screen can be trusted on each run.
 
 **Exact**: the unablated pass records the state; then each batch of ablations runs one forward, one row
 per unit (components zeroed, latents subtracted), and gives per-token KL(P_lora || P_ablated) and ΔCE over
@@ -22,6 +25,7 @@ the response tokens.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,46 +53,61 @@ class Sums:
 
 
 def screen(
-    state: State, model: Any, sae: Any, units: Sequence[Unit], ids_1T: torch.Tensor, first: int
+    state: State,
+    model: Any,
+    sae: Any,
+    units: Sequence[Unit],
+    ids_1T: torch.Tensor,
+    first: int,
+    groups: int,
+    steps: int,
+    seed: int,
 ) -> tuple[float, list[float]]:
-    """``(CE of the adapter as trained, first-order ΔCE per unit)``, summed over tokens ``first..T-1``."""
-    acts: list[torch.Tensor] = []
+    """``(CE of the adapter as trained, screened ΔCE per unit)``, summed over tokens ``first..T-1``."""
+    labels_R = ids_1T[0, first:]
 
-    def leaf(out: torch.Tensor) -> torch.Tensor:  # the state as a leaf the backward reaches
-        a = out.detach().float().requires_grad_()
-        acts.append(a)
-        return a.to(out.dtype)
+    def ce_of(logits_1TV: torch.Tensor) -> torch.Tensor:
+        return -logits_1TV[0, first - 1 : -1].float().log_softmax(-1).gather(-1, labels_R[:, None]).sum()
 
-    hooks = [
-        state.base.get_submodule(c.module).lora_A["default"].register_forward_hook(lambda _m, _a, o: leaf(o))
-        for c in state.comps
-    ]
-    try:
-        with torch.enable_grad():
-            logits_1TV = model(input_ids=ids_1T).logits
-            logq_RV = logits_1TV[0, first - 1 : -1].float().log_softmax(-1)
-            ce = -logq_RV.gather(-1, ids_1T[0, first:, None]).sum()
-            grads = torch.autograd.grad(ce, acts)
-    finally:
-        for h in hooks:
-            h.remove()
-    a_TC = torch.cat([a.detach()[0] for a in acts], -1)
-    g_TC = torch.cat([g[0] for g in grads], -1)
-    per_column_C = -(a_TC * g_TC).sum(0)
-    latent_units = [u for u in units if u.kind == "latent"]
-    by_latent: dict[int, float] = {}
-    if latent_units:
-        j = torch.tensor([u.index for u in latent_units], device=a_TC.device)
-        f_TJ = sae.encode(a_TC)[:, j]
-        g_dec_TJ = g_TC @ sae.W_dec_FD[j].float().T
-        by_latent = dict(
-            zip([u.index for u in latent_units], (-(f_TJ * g_dec_TJ).sum(0)).tolist(), strict=True)
-        )
-    out = [
-        float(per_column_C[state.cols(u.index)].sum()) if u.kind == "component" else by_latent[u.index]
-        for u in units
-    ]
-    return float(ce.detach()), out
+    with torch.no_grad(), state.recording() as recorded:
+        ce_lora = float(ce_of(model(input_ids=ids_1T).logits))
+        acts_TC = state.gather(recorded)[0].float()
+    f_TF = sae.encode(acts_TC) if sae is not None else None
+    estimate = dict.fromkeys((u.name for u in units), 0.0)
+    for kind in ("component", "latent"):
+        members = [u for u in units if u.kind == kind]
+        rng = random.Random(f"{seed}:{kind}")
+        rng.shuffle(members)
+        for group in (members[i::groups] for i in range(min(groups, len(members)))):
+            for step in range(steps):
+                s = 1 - (step + 0.5) / steps
+                grads = _gate_grads(state, model, sae, f_TF, kind, group, s, ids_1T, ce_of)
+                for u, g in zip(group, grads, strict=True):
+                    estimate[u.name] -= g / steps
+    return ce_lora, [estimate[u.name] for u in units]
+
+
+def _gate_grads(
+    state: State, model: Any, sae: Any, f_TF: Any, kind: str, group: Sequence[Unit], s: float,
+    ids_1T: torch.Tensor, ce_of: Any,
+) -> list[float]:  # fmt: skip
+    """``dCE/dg`` of each unit of ``group`` with the group's gates at ``s`` and every other unit as trained."""
+    gates = torch.full((len(group),), s, device=ids_1T.device, requires_grad=True)
+    with torch.enable_grad():
+        if kind == "component":
+            keep_1K = torch.ones(1, len(state.comps), device=ids_1T.device)
+            keep_1K = keep_1K.index_put(
+                (torch.zeros(len(group), dtype=torch.long), torch.tensor([u.index for u in group])), gates
+            )
+            offset = None
+        else:
+            j = torch.tensor([u.index for u in group], device=ids_1T.device)
+            offset = (-(1 - gates) * f_TF[:, j]) @ sae.W_dec_FD[j].float()
+            keep_1K, offset = None, offset[None]
+        with state.changed(keep_1K, offset):
+            ce = ce_of(model(input_ids=ids_1T).logits)
+        (grad,) = torch.autograd.grad(ce, gates)
+    return grad.tolist()
 
 
 @torch.no_grad()

@@ -26,9 +26,17 @@ class AttributeSection(Section):
     """Each sequence is cut to its first N tokens."""
     seed: int = 0
     """Seed of the sequence sample, the random control and the bootstrap."""
+    screen_groups: PositiveInt = 8
+    """Seeded random groups per unit kind whose gates share one path from as-trained to ablated (more
+    groups: less interaction between units in each estimate, more passes)."""
+    screen_steps: PositiveInt = 2
+    """Midpoints per path (forward + backward passes per group and sequence)."""
     exact: NonNegativeInt = 32
     """Top units by screened ΔCE ablated exactly (ΔCE and KL), plus as many units drawn at random from
-    the rest (the control); every component is measured exactly when there are at most this many."""
+    the rest (the control)."""
+    exact_components: bool = True
+    """Also ablate every component exactly (for the screen's rank correlation over all components; one
+    forward per component and sequence, as ``ablate``'s components sweep)."""
     generate: NonNegativeInt = 16
     """Top units by screened ΔCE whose ablation is generated on the benchmark questions (Δaccuracy)."""
     named: list[str] = Field(default_factory=list)
