@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lorascope import paths, resume
+from lorascope import paths
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
@@ -125,7 +125,7 @@ def run(params: Params) -> Path:
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
         work = root / paths.checkpoints("ablate")
-        resume.claim(work, resume.fingerprint(params, "ablate", sr.inputs_md5))
+        sr.claim(work)
         work.mkdir(parents=True, exist_ok=True)
         resumed = 0
         per_seq: list[tuple[Stats, list[Stats]]] = []

@@ -94,12 +94,12 @@ def token_keys(seed: int, shard: Shard) -> Any:
     return torch.rand(shard.tokens, generator=generator)
 
 
-def _load_checkpoint(path: Path, fp: dict[str, Any], selector: Selector) -> int:
-    """Restore the state saved after the last finished shard when it belongs to this exact run (same
-    params and inputs); returns the next shard index (0: start over)."""
+def _load_checkpoint(path: Path, claimed: bool, selector: Selector) -> int:
+    """Restore the state saved after the last finished shard when the run's claim kept it (a run with
+    the same params and inputs left it); returns the next shard index (0: start over)."""
     import torch
 
-    if not resume.claim(path, fp) or not path.is_file():
+    if not claimed or not path.is_file():
         return 0
     saved = torch.load(path, weights_only=True, map_location="cpu")
     selector.state = {k: v.to(selector.device) for k, v in saved["state"].items()}
@@ -144,8 +144,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     with stage_run(
         "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
     ) as tr:
-        fp = resume.fingerprint(params, "contexts", tr.inputs_md5, source=source)
-        start_shard = _load_checkpoint(ckpt, fp, selector)
+        start_shard = _load_checkpoint(ckpt, tr.claim(ckpt, source=source), selector)
         started = time.perf_counter()
         todo = prefetched(shards[start_shard:], store.read, device)  # shards streamed to the device
         for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):

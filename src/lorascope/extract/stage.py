@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorascope import paths, resume
 from lorascope.atomic import write_json
@@ -25,6 +25,9 @@ from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.extract.store import Shard, plan_shards, shard_complete, write_index, write_shard
 from lorascope.project import workspace_root
+
+if TYPE_CHECKING:
+    from lorascope.tracking import StageRun
 
 Source = Literal["lora", "mlp"]
 PREPARED = paths.PREPARED
@@ -60,9 +63,9 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(set(tokenizer.all_special_ids) | {int(i) for i, t in added.items() if t.special})
 
 
-def _prepare_work(work: Path, fingerprint: dict[str, Any]) -> None:
+def _prepare_work(work: Path, run: StageRun, source: str) -> None:
     """Keep complete shards of the same run; start over when params or inputs changed."""
-    resume.claim(work, fingerprint)
+    run.claim(work, source=source)
     work.mkdir(parents=True, exist_ok=True)
     for stray in work.glob(".*.tmp*"):  # temp files of a killed writer
         shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
@@ -111,21 +114,21 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     names = extractor.names
     plan = plan_shards([len(d) for d in docs], cfg.shard_tokens)
     work, out = work_dir(source), store_dir(source)
-    if state.is_main_process:
-        _prepare_work(work, resume.fingerprint(params, "extract", inputs, source=source))
-    state.wait_for_everyone()
 
     def done(shard: Shard) -> bool:
         return shard_complete(work / shard.file, shard.tokens, len(names), cfg.dtype)
 
-    resumed = sum(done(s) for s in plan) if state.is_main_process else 0
-    todo = [s for s in plan if s.index % state.num_processes == state.process_index and not done(s)]
     tracked = (
         stage_run("extract", params, inputs, run_name=source, tags={"extract.source": source})
         if state.is_main_process
         else nullcontext()
     )
     with tracked as tracked_run:
+        if tracked_run is not None:
+            _prepare_work(work, tracked_run, source)
+        state.wait_for_everyone()
+        resumed = sum(done(s) for s in plan) if state.is_main_process else 0
+        todo = [s for s in plan if s.index % state.num_processes == state.process_index and not done(s)]
         started, extracted = time.perf_counter(), 0
         shards = track(todo, f"extract {source}", total=len(todo)) if state.is_main_process else todo
         for shard in shards:

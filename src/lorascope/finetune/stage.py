@@ -15,14 +15,17 @@ import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorascope import paths
 from lorascope.atomic import write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
-from lorascope.resume import claim, fingerprint, release
+from lorascope.resume import release
+
+if TYPE_CHECKING:
+    from lorascope.tracking import StageRun
 
 Variant = Literal["lora", "full"]
 PREPARED = paths.PREPARED
@@ -174,14 +177,15 @@ def training_arguments(params: Params, variant: Variant, world_size: int, output
     )
 
 
-def _resume_point(params: Params, variant: str, inputs: Sequence[Path], state: Any) -> str | None:
+def _resume_point(run: StageRun | None, variant: str, state: Any) -> str | None:
     """The last checkpoint if it belongs to this exact run (same params and inputs), else None:
-    rank 0 claims the checkpoint directory (removing stale checkpoints), then every rank reads it."""
+    rank 0 (the one with the stage ``run``) claims the checkpoint directory (removing stale
+    checkpoints), then every rank reads it."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = checkpoint_dir(variant)
-    if state.is_main_process:
-        claim(ckpt_dir, fingerprint(params, "finetune", inputs, variant=variant))
+    if run is not None:
+        run.claim(ckpt_dir, variant=variant)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -212,7 +216,6 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     model = build_model(params, variant, base_dir)
     counts = parameter_counts(model)
 
-    resume = _resume_point(params, variant, [prepared, base_dir], state)
     partial = out.with_name(f".{out.name}.partial")  # same path on every rank: save_model gathers into it
     tracked = (
         stage_run(
@@ -226,6 +229,7 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
         else nullcontext()
     )
     with tracked as tracked_run:
+        resume = _resume_point(tracked_run, variant, state)
         if tracked_run is not None:
             from lorascope.finetune.adapter import adapted_modules
 

@@ -58,7 +58,7 @@ def run(params: Params, on_step: Callable[[int, dict[str, float]], None] | None 
             torch.save({"trainer": trainer.state_dict()}, tmp)
 
     with stage_run("sae", params, inputs=[store.root], tags={"sae.scaling": cfg.scaling}) as tr:
-        if resume.claim(ckpt, resume.fingerprint(params, "sae", tr.inputs_md5)) and ckpt.is_file():
+        if tr.claim(ckpt) and ckpt.is_file():
             saved = torch.load(ckpt, weights_only=False, map_location=device)
             trainer.load_state_dict(saved["trainer"])
         resumed_from = trainer.step

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorascope import paths, resume
+from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
@@ -126,7 +126,7 @@ def run(params: Params) -> Path:
 
     with stage_run("steer", params, inputs) as sr:
         work = root / paths.checkpoints("steer")
-        resume.claim(work, resume.fingerprint(params, "steer", sr.inputs_md5))
+        sr.claim(work)
         work.mkdir(parents=True, exist_ok=True)
         generations: list[dict[str, Any]] = []
         todo = [(d, a) for d in directions for a in cfg.alphas]
