@@ -107,7 +107,7 @@ def run(params: Params) -> Path:
         sae_subcategories,
         subcategory_range,
     )
-    from lorascope.devices import resolve_device
+    from lorascope.devices import resolve
     from lorascope.exclusion import Exclusion
     from lorascope.extract.store import Store
     from lorascope.labelling.prompts import Category, prompt_hash
@@ -116,7 +116,7 @@ def run(params: Params) -> Path:
     from lorascope.tracking import stage_run
 
     cfg = params.categorize
-    device = resolve_device(cfg.device, "categorize.device")  # the density passes; bad values fail early
+    device, _ = resolve(cfg.device, None, "categorize")  # the density passes; bad values fail early
     root = workspace_root()
     sources = present_sources()
     sae_dir = root / paths.SAE

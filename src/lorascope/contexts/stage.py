@@ -122,7 +122,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     import mlflow
 
     from lorascope.contexts.tokens import TokenRenderer
-    from lorascope.devices import prefetched, resolve_device
+    from lorascope.devices import prefetched, resolve
     from lorascope.errors import LorascopeError
     from lorascope.exclusion import REASONS, Exclusion
     from lorascope.models import load_tokenizer
@@ -131,7 +131,7 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
 
     cfg = params.contexts
     root = workspace_root()
-    device = resolve_device(cfg.device, "contexts.device")
+    device, _ = resolve(cfg.device, None, "contexts")
     # SAE: live latents only (alive.json), encoded on the device
     features = open_source(source, root, live_only=True, device=device)
     renderer = TokenRenderer(load_tokenizer(root / BASE))

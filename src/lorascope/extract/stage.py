@@ -80,11 +80,12 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
     import torch
     from accelerate import PartialState
 
+    from lorascope.devices import dtype_name, resolve
     from lorascope.extract import outliers
     from lorascope.extract.extractor import Extractor
     from lorascope.extract.merge_check import MergeCheck, check_tokens
     from lorascope.extract.store import FORMAT, Store
-    from lorascope.models import compute_dtype, load_tokenizer, model_name
+    from lorascope.models import load_tokenizer, model_name
     from lorascope.progress import track
     from lorascope.tracking import stage_run
 
@@ -153,7 +154,7 @@ def run(params: Params, source: Source, on_shard: Callable[[Shard], None] | None
                 "model": model_name(base_dir),
                 "adapter": ADAPTER.as_posix() if source == "lora" else None,
                 "method": extractor.method,
-                "precision": str(compute_dtype(cfg.precision, state.device)).removeprefix("torch."),
+                "precision": dtype_name(resolve(state.device, cfg.precision, "extract")[1]),
                 "components": names,
                 "modules": [
                     {"layer": c.layer, "kind": c.kind, "module": c.module, "width": c.width}

@@ -59,10 +59,9 @@ def training_dtype(precision: str) -> Any:
     only, so on the CPU it would silently train in float32."""
     import torch
 
-    from lorascope.devices import resolve_dtype
+    from lorascope.devices import resolve
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(precision, device, "finetune.precision")
+    device, dtype = resolve("auto", precision, "finetune")
     if dtype == torch.float16 and device.type == "cpu":
         raise LorascopeError(
             "finetune.precision: float16 training needs a CUDA GPU (fp16 autocast with loss scaling); "
