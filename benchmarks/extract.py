@@ -180,11 +180,11 @@ def run(args: argparse.Namespace, device: str, tmp: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    from lorascope.devices import resolve
     from lorascope.extract.extractor import Extractor
     from lorascope.extract.store import plan_shards, write_shard
-    from lorascope.models import compute_dtype
 
-    dtype = compute_dtype("auto")
+    _, dtype = resolve("auto", "auto", "extract")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     base_dir, adapter_dir = tmp / "models" / "base", tmp / "models" / "lora"
     write_models(args, base_dir, adapter_dir, device, dtype)

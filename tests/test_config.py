@@ -96,7 +96,7 @@ def test_unknown_key_names_the_known_ones():
 def test_unknown_section_names_the_sections():
     assert error_of(extrakt={"batch": 1}) == (
         "params.yaml: extrakt: unknown key (expected one of: base, prepare, finetune, extract, contexts, sae, evaluate, "
-        "autointerp, categorize, ablate, steer, report, kernels)"
+        "autointerp, categorize, ablate, steer, attribute, report, kernels)"
     )
     assert error_of(extract={"batch": 1}) == (
         "params.yaml: extract.batch: unknown key (expected one of: dtype, shard_tokens, batch_tokens, precision, "

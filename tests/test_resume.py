@@ -1,4 +1,5 @@
-"""Resumable work (``lorascope.resume``): one fingerprint, one claim of a work directory or file."""
+"""Resumable work (``lorascope.resume``): one fingerprint (the stage run's), one claim of a work
+directory or file."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import json
 from pathlib import Path
 
 from lorascope import resume, tracking
+from lorascope.config import Params, section_hash
 
 from tests.conftest import tiny_params
+
+
+def fingerprint(params: Params, section: str, paths: list[Path], **extra: str) -> dict[str, object]:
+    """The fingerprint of a stage run opened on ``params`` and ``paths``: its params hash and input md5s,
+    as ``stage_run`` computes them (tests/test_stage_claim.py opens real runs)."""
+    md5s = {p: tracking.dvc_md5(p) for p in paths}
+    run = tracking.StageRun(section, "a-run-id", section_hash(params, section), inputs_md5=md5s)
+    return run.fingerprint(**extra)
 
 
 def inputs(root: Path) -> list[Path]:
@@ -22,26 +32,22 @@ def inputs(root: Path) -> list[Path]:
 
 def test_same_params_and_inputs_give_the_same_fingerprint(workspace: Path):
     paths = inputs(workspace)
-    fp = resume.fingerprint(tiny_params(), "extract", paths, source="lora")
-    assert fp == resume.fingerprint(tiny_params(), "extract", paths, source="lora")
-    # the md5s a stage run already has give the same fingerprint as hashing the paths here
+    fp = fingerprint(tiny_params(), "extract", paths, source="lora")
+    assert fp == fingerprint(tiny_params(), "extract", paths, source="lora")
     md5s = {p: tracking.dvc_md5(p) for p in paths}
-    assert fp == resume.fingerprint(tiny_params(), "extract", md5s, source="lora")
     assert fp["inputs"] == {"data/in.txt": md5s[paths[0]], "models/m": md5s[paths[1]]}
-    assert str(workspace) not in json.dumps(fp)  # no absolute paths (and no run id)
+    assert str(workspace) not in json.dumps(fp) and "a-run-id" not in json.dumps(fp)  # no paths, no run id
 
-    assert fp != resume.fingerprint(
-        tiny_params(extract={"shard_tokens": 999}), "extract", paths, source="lora"
-    )
-    assert fp != resume.fingerprint(tiny_params(), "extract", paths, source="mlp")
-    assert fp != resume.fingerprint(tiny_params(), "contexts", paths, source="lora")
+    assert fp != fingerprint(tiny_params(extract={"shard_tokens": 999}), "extract", paths, source="lora")
+    assert fp != fingerprint(tiny_params(), "extract", paths, source="mlp")
+    assert fp != fingerprint(tiny_params(), "contexts", paths, source="lora")
     # another section's params leave it alone
-    assert fp == resume.fingerprint(tiny_params(sae={"k": 7}), "extract", paths, source="lora")
+    assert fp == fingerprint(tiny_params(sae={"k": 7}), "extract", paths, source="lora")
 
 
 def test_work_is_kept_for_the_same_fingerprint_and_discarded_otherwise(workspace: Path):
     paths = inputs(workspace)
-    fp = resume.fingerprint(tiny_params(), "ablate", paths)
+    fp = fingerprint(tiny_params(), "ablate", paths)
     work = workspace / "checkpoints" / "ablate"
 
     assert not resume.claim(work, fp)  # nothing to resume: claimed
@@ -50,23 +56,23 @@ def test_work_is_kept_for_the_same_fingerprint_and_discarded_otherwise(workspace
     work.mkdir()
     (work / "00000.json").write_text("{}")
 
-    assert resume.claim(work, resume.fingerprint(tiny_params(), "ablate", paths))  # same: kept
+    assert resume.claim(work, fingerprint(tiny_params(), "ablate", paths))  # same: kept
     assert (work / "00000.json").is_file()
 
     changed = tiny_params(ablate={"sequences": 2})  # a changed params key: discarded
-    assert not resume.claim(work, resume.fingerprint(changed, "ablate", paths))
+    assert not resume.claim(work, fingerprint(changed, "ablate", paths))
     assert not work.exists() and not resume.claim(work, fp)  # the marker now names the other params
 
     work.mkdir()
     (work / "00000.json").write_text("{}")
     paths[0].write_text("other tokens\n")  # a changed input: discarded
-    assert not resume.claim(work, resume.fingerprint(tiny_params(), "ablate", paths))
+    assert not resume.claim(work, fingerprint(tiny_params(), "ablate", paths))
     assert not work.exists()
 
 
 def test_a_checkpoint_file_is_claimed_and_released(workspace: Path):
     paths = inputs(workspace)
-    fp = resume.fingerprint(tiny_params(), "sae", paths)
+    fp = fingerprint(tiny_params(), "sae", paths)
     ckpt = workspace / "checkpoints" / "sae" / "state.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"from a run without a marker")

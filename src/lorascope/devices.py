@@ -1,6 +1,8 @@
 """Devices and precisions: the one place every stage resolves ``<section>.device`` and
 ``<section>.precision``, and streams activation shards to the device.
 
+``resolve`` is what the stages call: ``(device, dtype)`` of one section.
+
 * ``device``: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
   ``cuda:<index>``. Asking for a GPU that is not there is a one-line error naming the key.
 * ``precision`` (model compute dtype): ``auto`` (bfloat16 on a GPU that supports it, float32
@@ -91,10 +93,15 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve(device: str, precision: str, section: str) -> tuple[Any, Any]:
-    """``(device, dtype)`` for ``<section>.device`` and ``<section>.precision``."""
-    dev = resolve_device(device, f"{section}.device")
-    return dev, resolve_dtype(precision, dev, f"{section}.precision")
+def resolve(device: Any, precision: str | None, section: str) -> tuple[Any, Any]:
+    """``(device, dtype)`` for ``<section>.device`` and ``<section>.precision``: the one resolution
+    every stage calls, so a key means the same thing in every section. ``device`` is the key's value,
+    or the ``torch.device`` a launcher already put the process on (accelerate's, under ``extract``);
+    ``precision`` is None for a stage that has no such key (the dtype is then None)."""
+    import torch
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device, f"{section}.device")
+    return dev, None if precision is None else resolve_dtype(precision, dev, f"{section}.precision")
 
 
 def to_device(tensor: Any, device: Any) -> Any:

@@ -1,6 +1,7 @@
 """Loading what the stages wrote: the base model and its tokenizer, the LoRA adapter on it (unmerged
-or merged), with the compute device and dtype resolved in one place (``lorascope.devices``). The SAE
-loads from ``lorascope.sae.load``: a stage that loads a model then does not depend on the SAE's code.
+or merged), with the compute device and dtype resolved in one place (``lorascope.devices.resolve``).
+The only module that calls ``from_pretrained`` (a test checks it). The SAE loads from
+``lorascope.sae.load``: a stage that loads a model then does not depend on the SAE's code.
 
 The base is what the ``base`` stage wrote (a tiny model directory or a ``reference.json`` to a real
 one); every stage that runs a model loads it through here.
@@ -42,12 +43,31 @@ def model_name(base_dir: str | Path) -> str:
     return name
 
 
-def load_tokenizer(base_dir: str | Path) -> Any:
-    """The base model's tokenizer (with its chat template)."""
+def pretrained_tokenizer(name: str, revision: str | None) -> Any:
+    """The tokenizer of hub id or directory ``name`` at ``revision``."""
     from transformers import AutoTokenizer
 
-    name, revision = source(base_dir)
     return AutoTokenizer.from_pretrained(name, revision=revision)
+
+
+def pretrained_model(name: str, revision: str | None, **kwargs: Any) -> Any:
+    """The causal LM of hub id or directory ``name`` at ``revision``; ``kwargs`` go to
+    ``from_pretrained`` (dtype, device_map, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)
+
+
+def pretrained_config(name: str, revision: str | None) -> Any:
+    """The model config of hub id or directory ``name`` at ``revision`` (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, revision=revision)
+
+
+def load_tokenizer(base_dir: str | Path) -> Any:
+    """The base model's tokenizer (with its chat template)."""
+    return pretrained_tokenizer(*source(base_dir))
 
 
 LOAD_OPTIONS = ("local_files_only",)
@@ -73,23 +93,8 @@ def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
 
 def load_model(base_dir: str | Path, **kwargs: Any) -> Any:
     """The base causal LM; ``kwargs`` go to ``from_pretrained`` (dtype, device_map, ...)."""
-    from transformers import AutoModelForCausalLM
-
     name, revision = source(base_dir)
-    return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------ precision
-def compute_dtype(precision: str, device: Any = None, key: str = "extract.precision") -> Any:
-    """The model dtype for ``precision`` on ``device`` (default: the GPU when there is one), resolved
-    by ``lorascope.devices`` (an unsupported dtype is a one-line error naming ``key``)."""
-    import torch
-
-    from lorascope.devices import resolve_dtype
-
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_dtype(precision, device, key)
+    return pretrained_model(name, revision, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ adapter

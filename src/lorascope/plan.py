@@ -228,27 +228,52 @@ def _questions(params: Params, task: str, root: Path) -> int:
     return HUB_QUESTIONS[task]
 
 
-def plan(
-    params: Params, arch: Architecture, data: Data, device: Device, root: Path, generation_fill: float = 0.5
-) -> list[Estimate]:
-    """Every stage of ``params`` on ``device``; ``generation_fill``: generated tokens per evaluate
-    question as a share of ``evaluate.max_gen_toks``."""
-    out: list[Estimate] = []
-    H, M, K, L, V = arch.hidden, arch.intermediate, arch.kv_dim, arch.layers, arch.vocab
-    P = arch.params
-    ft = params.finetune
-    lora = ft.lora
-    adapted_layers = len(lora.layers) if lora.layers is not None else L
-    p_lora = arch.lora_params(lora.r, lora.target_modules, adapted_layers)
-    components = lora.r * len(lora.target_modules) * adapted_layers
-    seq = min(data.max_tokens, params.prepare.block_size)
-    mean_seq = data.tokens / max(data.rows, 1)
-    mem = device.memory_gib * GIB
+@dataclass(frozen=True)
+class _Sizes:
+    """What the stages' estimates share: the model, the data, the adapter's parameters and components
+    (the LoRA store's width), the training sequence lengths, the store's shard and the SAE's size."""
 
-    # ---------------------------------------------------------------- finetune
+    arch: Architecture
+    data: Data
+    p_lora: int
+    """Parameters of the LoRA adapter."""
+    components: int
+    """Rank-1 components of the adapter: the LoRA store's columns, the SAE's input width."""
+    seq: int
+    """The longest training sequence."""
+    mean_seq: float
+    shard_tokens: int
+    """Tokens of one activation-store shard (at most the whole store)."""
+    d_sae: int
+    sae_params: int
+
+
+def _sizes(params: Params, arch: Architecture, data: Data) -> _Sizes:
+    lora = params.finetune.lora
+    adapted_layers = len(lora.layers) if lora.layers is not None else arch.layers
+    components = lora.r * len(lora.target_modules) * adapted_layers
+    d_sae = params.sae.expansion * components
+    return _Sizes(
+        arch=arch,
+        data=data,
+        p_lora=arch.lora_params(lora.r, lora.target_modules, adapted_layers),
+        components=components,
+        seq=min(data.max_tokens, params.prepare.block_size),
+        mean_seq=data.tokens / max(data.rows, 1),
+        shard_tokens=min(params.extract.shard_tokens, data.tokens),
+        d_sae=d_sae,
+        sae_params=2 * components * d_sae + d_sae + components,
+    )
+
+
+def _finetune(params: Params, z: _Sizes, device: Device, root: Path) -> list[Estimate]:
+    """Both variants under the finetune launcher: weights, gradients and Adam state (sharded or
+    replicated), activations of one micro batch, the trained tokens' FLOPs and the checkpoints on disk."""
+    arch, P, p_lora, ft = z.arch, z.arch.params, z.p_lora, params.finetune
     launch = parse_launcher(ft.launcher, root)
     dtype = _dtype(ft.precision, device)
     b = DTYPE_BYTES[dtype]
+    out = []
     for variant in ("lora", "full"):
         e = Estimate(f"finetune@{variant}", launch.processes)
         n = launch.shards
@@ -264,13 +289,13 @@ def plan(
         if launch.shards > 1:
             e.memory["gathered layers"] = 2 * arch.layer_params * b
         e.memory["activations"] = ft.micro_batch_size * train_activation_bytes(
-            arch, seq, b, variant == "lora", ft.gradient_checkpointing
+            arch, z.seq, b, variant == "lora", ft.gradient_checkpointing
         )
-        steps_tokens = data.tokens * ft.epochs
+        steps_tokens = z.data.tokens * ft.epochs
         if ft.max_steps > 0:
-            steps_tokens = min(steps_tokens, ft.max_steps * ft.global_batch_size * mean_seq)
+            steps_tokens = min(steps_tokens, ft.max_steps * ft.global_batch_size * z.mean_seq)
         flops = steps_tokens * finetune_flops_per_token(
-            arch, variant == "lora", ft.gradient_checkpointing, mean_seq
+            arch, variant == "lora", ft.gradient_checkpointing, z.mean_seq
         )
         e.seconds = flops / (launch.processes * device.flops_per_s(dtype, f"finetune_{variant}"))
         if variant == "lora":
@@ -280,101 +305,117 @@ def plan(
             e.disk = P * w + 2 * (P * w + 2 * P * w)
             e.notes.append("checkpoints (2 kept) are in the disk figure; they are deleted after the run")
         out.append(e)
+    return out
 
-    # ---------------------------------------------------------------- extract
-    ex = params.extract
+
+def _extract(params: Params, z: _Sizes, device: Device, root: Path) -> list[Estimate]:
+    """Both sources: the model, one batch's forward (or the LoRA's merge check, the larger), the store
+    on disk and a forward pass over every token."""
+    arch, ex = z.arch, params.extract
+    H, M, L, V = arch.hidden, arch.intermediate, arch.layers, arch.vocab
     launch = parse_launcher(ex.launcher, root)
     dtype = _dtype(ex.precision, device)
     b = DTYPE_BYTES[dtype]
-    for source, width in (("lora", components), ("mlp", L * ex.mlp_neurons)):
+    out = []
+    for source, width in (("lora", z.components), ("mlp", L * ex.mlp_neurons)):
         e = Estimate(f"extract@{source}", launch.processes)
-        e.memory["weights"] = P * b + (4 * p_lora if source == "lora" else 0)
+        e.memory["weights"] = arch.params * b + (4 * z.p_lora if source == "lora" else 0)
         batch = ex.batch_tokens
         forward = batch * (4 * H * b + 3 * M * b + 4 * max(H, M)) + batch * width * 4
         check = 0.0
         if source == "lora":  # the merge check: reference logits kept while the merged model runs
-            check_tokens = min(ex.merge_check_tokens, data.tokens)
+            check_tokens = min(ex.merge_check_tokens, z.data.tokens)
             check = check_tokens * V * b + 2 * 256 * V * 8 + min(batch, check_tokens) * (4 * H + 3 * M) * b
         e.memory["activations"] = max(forward, check)
-        store = data.tokens * (width * STORE_BYTES[ex.dtype] + 4)
+        store = z.data.tokens * (width * STORE_BYTES[ex.dtype] + 4)
         e.disk = store
-        flops = data.tokens * (2 * L * arch.layer_matmul_params + 2 * L * mean_seq * H)
+        flops = z.data.tokens * (2 * L * arch.layer_matmul_params + 2 * L * z.mean_seq * H)
         e.seconds = flops / (launch.processes * device.flops_per_s(dtype, "extract"))
-        e.notes.append(f"store {data.tokens:,} tokens x {width} columns x {STORE_BYTES[ex.dtype]} B")
+        e.notes.append(f"store {z.data.tokens:,} tokens x {width} columns x {STORE_BYTES[ex.dtype]} B")
         out.append(e)
+    return out
 
-    # ---------------------------------------------------------------- sae
-    s = params.sae
-    d_in, d_sae = components, s.expansion * components
-    sae_params = 2 * d_in * d_sae + d_sae + d_in
-    shard_tokens = min(ex.shard_tokens, data.tokens)
+
+def _sae(params: Params, z: _Sizes, device: Device) -> Estimate:
+    """The SAE with its gradients and Adam state, a batch (or the splice KL's forward, the larger),
+    training time scaled from the reference width, and the splice KL's forwards."""
+    arch, s, ex = z.arch, params.sae, params.extract
+    H, M, V = arch.hidden, arch.intermediate, arch.vocab
+    d_in, d_sae, sae_params = z.components, z.d_sae, z.sae_params
     e = Estimate("sae", 1)
     e.memory["weights"] = 4 * sae_params
     e.memory["gradients"] = 4 * sae_params
     e.memory["optimizer"] = 8 * sae_params
-    train = s.batch_size * d_sae * 4 * 3 + shard_tokens * d_in * (STORE_BYTES[ex.dtype] + 8)
+    train = s.batch_size * d_sae * 4 * 3 + z.shard_tokens * d_in * (STORE_BYTES[ex.dtype] + 8)
     kl = 0.0
     if s.kl_sequences:
         kb = DTYPE_BYTES[_dtype(s.precision, device)]
-        kl = P * kb + 4 * p_lora + seq * V * 4 * 3 + seq * (4 * H + 3 * M) * kb
+        kl = arch.params * kb + 4 * z.p_lora + z.seq * V * 4 * 3 + z.seq * (4 * H + 3 * M) * kb
     e.memory["activations"] = max(train, kl)
     ref = 448 * 3584
-    e.seconds = s.epochs * data.tokens / (device.sae_tokens_per_s * ref / (d_in * d_sae))
+    e.seconds = s.epochs * z.data.tokens / (device.sae_tokens_per_s * ref / (d_in * d_sae))
     e.seconds += (
         s.kl_sequences
         * 3
-        * seq
+        * z.seq
         * 2
         * (arch.layers * arch.layer_matmul_params + arch.embedding_params)  # the LM head, tied or not
         / device.flops_per_s(_dtype(s.precision, device), "forward")
     )
     e.disk = 4 * sae_params + 16 * sae_params  # weights + the resumable checkpoint
-    out.append(e)
+    return e
 
-    # ---------------------------------------------------------------- contexts
-    c = params.contexts
+
+def _contexts(params: Params, z: _Sizes, device: Device) -> list[Estimate]:
+    """Each source: a shard, a block's features and temporaries, the selection state; time from the
+    measured activations per second."""
+    c, ex, L = params.contexts, params.extract, z.arch.layers
     kept = c.top_k + c.quantile_bins * c.quantile_samples + c.random_samples
     window = c.window_before + 1 + c.window_after
-    for source, feats, signs in (("lora", components, 2), ("mlp", L * ex.mlp_neurons, 2), ("sae", d_sae, 1)):
+    out = []
+    for source, feats, signs in (
+        ("lora", z.components, 2),
+        ("mlp", L * ex.mlp_neurons, 2),
+        ("sae", z.d_sae, 1),
+    ):
         e = Estimate(f"contexts@{source}", 1)
-        cols = components if source != "mlp" else feats
-        block = min(CONTEXT_BLOCK, shard_tokens)
-        e.memory["shard"] = shard_tokens * cols * STORE_BYTES[ex.dtype]
+        cols = z.components if source != "mlp" else feats
+        block = min(CONTEXT_BLOCK, z.shard_tokens)
+        e.memory["shard"] = z.shard_tokens * cols * STORE_BYTES[ex.dtype]
         # a block of 32k tokens in float32, its features (the SAE's latents), a feature chunk's temporaries
         e.memory["activations"] = block * (cols + feats) * 4 + block * min(c.feature_chunk, feats) * 4 * 4
         e.memory["selection state"] = signs * feats * kept * (window * 8 + 16)
         if source == "sae":
-            e.memory["weights"] = 4 * sae_params
-        e.seconds = data.tokens * feats / device.contexts_activations_per_s
+            e.memory["weights"] = 4 * z.sae_params
+        e.seconds = z.data.tokens * feats / device.contexts_activations_per_s
         e.disk = signs * feats * kept * (window * 16 + 64)  # ids, acts, text and tokens per window
         out.append(e)
+    return out
 
-    # ---------------------------------------------------------------- categorize (density pass)
-    cat = params.categorize
+
+def _categorize(params: Params, z: _Sizes, device: Device) -> Estimate:
+    """The Figure 2 density pass over the widest store and the SAE (LLM calls are not timed)."""
+    cat, ex, L = params.categorize, params.extract, z.arch.layers
     e = Estimate("categorize", 1)
-    density_tokens = min(cat.density_tokens, data.tokens)
-    widest = max(components, L * ex.mlp_neurons)
-    e.memory["shard"] = shard_tokens * widest * STORE_BYTES[ex.dtype]
+    density_tokens = min(cat.density_tokens, z.data.tokens)
+    widest = max(z.components, L * ex.mlp_neurons)
+    e.memory["shard"] = z.shard_tokens * widest * STORE_BYTES[ex.dtype]
     # the first density_tokens of it in float64, with the clamped copies; the SAE's 4k-token blocks
-    e.memory["activations"] = max(min(density_tokens, shard_tokens) * widest * 8 * 3, 4096 * d_sae * 4 * 2)
-    e.memory["weights"] = 4 * sae_params
-    e.seconds = density_tokens * (components + L * ex.mlp_neurons + d_sae) / device.density_activations_per_s
-    e.notes.append("LLM calls (category generation, one assignment per feature) are not timed")
-    out.append(e)
-
-    # ---------------------------------------------------------------- ablate
-    a = params.ablate
-    dtype = _dtype(a.precision, device)
-    b = DTYPE_BYTES[dtype]
-    tokens = min(a.max_tokens, seq)
-    e = Estimate("ablate", 1)
-    e.memory["weights"] = P * b + 4 * p_lora
-    e.memory["activations"] = (
-        L * tokens * H * b  # the recorded layer inputs (prefix reuse)
-        + a.batch_size * tokens * (4 * H + 3 * M) * b
-        + tokens * V * 4  # log P_lora at every response position
-        + a.batch_size * min(a.logit_chunk, tokens) * V * 4 * 2
+    e.memory["activations"] = max(
+        min(density_tokens, z.shard_tokens) * widest * 8 * 3, 4096 * z.d_sae * 4 * 2
     )
+    e.memory["weights"] = 4 * z.sae_params
+    e.seconds = (
+        density_tokens * (z.components + L * ex.mlp_neurons + z.d_sae) / device.density_activations_per_s
+    )
+    e.notes.append("LLM calls (category generation, one assignment per feature) are not timed")
+    return e
+
+
+def _ablated_layer_runs(params: Params, L: int) -> int:
+    """Decoder layers run per sequence over the requested sweeps (prefix reuse: an ablation starting at
+    layer ``l`` runs the ``L - l`` layers from there)."""
+    a, lora = params.ablate, params.finetune.lora
     per_type = len(lora.target_modules) * lora.r
     layer_runs = 0
     if "components" in a.sweeps:
@@ -385,37 +426,67 @@ def plan(
         layer_runs += len(lora.target_modules) * L
     if "groups" in a.sweeps:
         layer_runs += (3 + len(a.custom)) * L
-    flops = a.sequences * (layer_runs * tokens * 2 * (arch.layer_matmul_params + tokens * H))
+    return layer_runs
+
+
+def _ablate(params: Params, z: _Sizes, device: Device) -> list[Estimate]:
+    """The sweeps (the model, the recorded layer inputs, a batch, the reference log-probs) and the
+    exports (adapters on disk)."""
+    arch, a = z.arch, params.ablate
+    H, M, L, V = arch.hidden, arch.intermediate, arch.layers, arch.vocab
+    dtype = _dtype(a.precision, device)
+    b = DTYPE_BYTES[dtype]
+    tokens = min(a.max_tokens, z.seq)
+    e = Estimate("ablate", 1)
+    e.memory["weights"] = arch.params * b + 4 * z.p_lora
+    e.memory["activations"] = (
+        L * tokens * H * b  # the recorded layer inputs (prefix reuse)
+        + a.batch_size * tokens * (4 * H + 3 * M) * b
+        + tokens * V * 4  # log P_lora at every response position
+        + a.batch_size * min(a.logit_chunk, tokens) * V * 4 * 2
+    )
+    flops = a.sequences * (
+        _ablated_layer_runs(params, L) * tokens * 2 * (arch.layer_matmul_params + tokens * H)
+    )
     e.seconds = flops / device.flops_per_s(dtype, "ablate")
     e.disk = 0.0
-    out.append(e)
-    ex_e = Estimate("ablate-export", 1, disk=len(a.export) * 4 * p_lora)
-    out.append(ex_e)
+    return [e, Estimate("ablate-export", 1, disk=len(a.export) * 4 * z.p_lora)]
 
-    # ---------------------------------------------------------------- steer
-    st = params.steer
+
+def _steer(params: Params, z: _Sizes, device: Device) -> Estimate:
+    """The model and a batch's KV cache; time from memory-bound decoding of every generated token."""
+    arch, st = z.arch, params.steer
+    P, L, K = arch.params, arch.layers, arch.kv_dim
     dtype = _dtype(st.precision, device)
     b = DTYPE_BYTES[dtype]
     e = Estimate("steer", 1)
-    e.memory["weights"] = P * b + 4 * p_lora
+    e.memory["weights"] = P * b + 4 * z.p_lora
     per_prompt = st.max_new_tokens + st.answer_tokens  # thinking, then the answer
     e.memory["kv cache"] = st.batch_size * (STEER_PROMPT_TOKENS + per_prompt) * L * 2 * K * b
     generated: float = len(st.directions) * len(st.alphas) * len(st.tasks) * st.limit * per_prompt
     e.seconds = generated / _decode_tokens_per_s(P * b, st.batch_size, 1, dtype, device)
-    out.append(e)
+    return e
 
-    # ---------------------------------------------------------------- evaluate
-    ev = params.evaluate
+
+def _evaluate(
+    params: Params, z: _Sizes, device: Device, root: Path, generation_fill: float
+) -> list[Estimate]:
+    """Each variant: the weights (over tensor-parallel devices) and the KV cache (vLLM takes its share of
+    the GPU); time from decoding ``generation_fill`` of ``max_gen_toks`` per question and sample."""
+    ev, P, L, K = params.evaluate, z.arch.params, z.arch.layers, z.arch.kv_dim
     dtype = "bfloat16" if ev.dtype == "auto" else ev.dtype
     b = DTYPE_BYTES[dtype]
     tp = ev.tensor_parallel_size if ev.backend == "vllm" else 1
     questions = {t: _questions(params, t, root) for t in ev.tasks}
     n_q = sum(min(questions[t], ev.limit or questions[t]) for t in ev.tasks)
+    out = []
     for variant in ev.variants:
         e = Estimate(f"evaluate@{variant}", tp)
         e.memory["weights"] = P * b / tp
         if ev.backend == "vllm":
-            e.memory["kv cache"] = max(0.0, ev.gpu_memory_utilization * mem - P * b / tp)
+            e.memory["kv cache"] = max(
+                0.0, ev.gpu_memory_utilization * (device.memory_gib * GIB) - P * b / tp
+            )
             e.notes.append("vLLM takes gpu_memory_utilization of each GPU; the rest of it is KV cache")
         else:
             e.memory["kv cache"] = ev.batch_size * ev.max_gen_toks * L * 2 * K * b
@@ -424,7 +495,26 @@ def plan(
         batch = device.decode_batch if ev.backend == "vllm" else ev.batch_size
         e.seconds = generated / _decode_tokens_per_s(P * b, batch, tp, dtype, device)
         out.append(e)
+    return out
 
+
+def plan(
+    params: Params, arch: Architecture, data: Data, device: Device, root: Path, generation_fill: float = 0.5
+) -> list[Estimate]:
+    """Every stage of ``params`` on ``device``; ``generation_fill``: generated tokens per evaluate
+    question as a share of ``evaluate.max_gen_toks``."""
+    z = _sizes(params, arch, data)
+    out = [
+        *_finetune(params, z, device, root),
+        *_extract(params, z, device, root),
+        _sae(params, z, device),
+        *_contexts(params, z, device),
+        _categorize(params, z, device),
+        *_ablate(params, z, device),
+        _steer(params, z, device),
+        *_evaluate(params, z, device, root, generation_fill),
+    ]
+    mem = device.memory_gib * GIB
     for e in out:
         e.fits = e.total_memory <= mem
         if not e.fits:

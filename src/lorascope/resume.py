@@ -1,9 +1,9 @@
 """Resumable work: the one test of whether a stage's saved partial work is still valid.
 
 A resumable stage keeps its partial work (a checkpoint file or a work directory) under
-``checkpoints/`` and claims it with a fingerprint: the hash of its params section, the DVC md5 of
-each input (by workspace-relative path) and stage-specific extras (the variant, the source). The
-fingerprint sits in a marker beside the work, ``<work>.fingerprint.json``, written atomically, so it
+``checkpoints/`` and claims it with its stage run's fingerprint (``StageRun.claim``): the hash of its
+params section and the DVC md5 of each input (by workspace-relative path), both computed once when the
+run opened, and stage-specific extras (the variant, the source). The fingerprint sits in a marker beside the work, ``<work>.fingerprint.json``, written atomically, so it
 never ends up inside what the work becomes (a store moved into ``data/``). ``claim`` keeps the work
 when the marker matches and otherwise removes it and writes the new marker: a run with other params
 or inputs starts over, one with the same resumes. Markers hold no run ids and no absolute paths.
@@ -13,32 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lorascope.atomic import write_json
-from lorascope.config import Params, section_hash
 
 MARKER_SUFFIX = ".fingerprint.json"
-
-
-def fingerprint(
-    params: Params,
-    section: str,
-    inputs: Mapping[Path, str] | Iterable[str | Path],
-    **extra: str,
-) -> dict[str, Any]:
-    """The fingerprint of a stage's work: ``section``'s params hash, the DVC md5 of each input and
-    ``extra``. ``inputs`` are paths (hashed here) or the md5s already known by path (a
-    ``StageRun.inputs_md5``)."""
-    from lorascope.tracking import dvc_md5, repo_path
-
-    if isinstance(inputs, Mapping):
-        md5s = {repo_path(p): md5 for p, md5 in inputs.items()}
-    else:
-        md5s = {repo_path(p): dvc_md5(p) for p in inputs}
-    return {"params_hash": section_hash(params, section), "inputs": dict(sorted(md5s.items())), **extra}
 
 
 def marker(work: Path) -> Path:

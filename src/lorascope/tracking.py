@@ -204,6 +204,21 @@ class StageRun:
     inputs_md5: dict[Path, str] = field(default_factory=dict)
     """The DVC md5 of each input, as tagged (a stage keys caches on it instead of hashing again)."""
 
+    def fingerprint(self, **extra: str) -> dict[str, Any]:
+        """What this run's resumable work is claimed with (``lorascope.resume``): the params hash and
+        input md5s the run was tagged with (computed once, when it opened) and ``extra`` (the source,
+        the variant), keyed by workspace-relative path: no run id and no absolute path, so the next run
+        with the same params and inputs finds the same fingerprint."""
+        inputs = {repo_path(p): md5 for p, md5 in self.inputs_md5.items()}
+        return {"params_hash": self.params_hash, "inputs": dict(sorted(inputs.items())), **extra}
+
+    def claim(self, work: Path, **extra: str) -> bool:
+        """Claim ``work`` (a checkpoint file or work directory) for this run: True when it holds work
+        of a run with the same fingerprint (resume it), else it was removed (start over)."""
+        from lorascope import resume
+
+        return resume.claim(work, self.fingerprint(**extra))
+
     def log_outputs(self, *paths: str | Path) -> dict[str, str]:
         """Tag the run with the DVC md5 of each output it wrote (``dvc.out.<path>``), once the
         outputs are in place: the next stage finds this run from its input's digest. Returns

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from lorascope.ablate.masks import Masks
 from lorascope.ablate.runner import DIRECTION, Ablator
-from lorascope.ablate.stage import sample_sequences
 from lorascope.ablate.targets import GROUPS, select, sweeps
 from lorascope.components import lora_components
 from lorascope.errors import LorascopeError
 from lorascope.models import load_adapter, load_model
+from lorascope.prepare.table import sample
 from lorascope.sections import LORA_TARGETS
 
 from tests.conftest import REPO, cli, record_output, run_of, tiny_params
@@ -40,7 +40,7 @@ def peft_model(root: Path, adapter: str = "models/lora"):  # noqa: ANN201
 
 
 def sequences(root: Path, n: int = 2, max_tokens: int = 160) -> list[tuple[str, list[int], int]]:
-    return sample_sequences(root / "data/prepared", n, max_tokens, seed=0)
+    return sample(root / "data/prepared", n, max_tokens, 0, "ablate.max_tokens")
 
 
 def test_prefix_reuse_equals_full_forwards(ablate_workspace: Path):
@@ -276,9 +276,11 @@ def test_sequences_are_sampled_with_response_tokens(ablate_workspace: Path):
     import pyarrow.parquet as pq
 
     rows = {r["id"]: r for r in pq.read_table(ablate_workspace / "data/prepared/train.parquet").to_pylist()}
-    chosen = sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=3)
-    assert len(chosen) == 5 and chosen == sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=3)
-    assert chosen != sample_sequences(ablate_workspace / "data/prepared", 5, 100, seed=4)
+    chosen = sample(ablate_workspace / "data/prepared", 5, 100, 3, "ablate.max_tokens")
+    assert len(chosen) == 5 and chosen == sample(
+        ablate_workspace / "data/prepared", 5, 100, 3, "ablate.max_tokens"
+    )
+    assert chosen != sample(ablate_workspace / "data/prepared", 5, 100, 4, "ablate.max_tokens")
     for row_id, ids, first in chosen:
         assert ids == rows[row_id]["input_ids"][:100] and first == rows[row_id]["loss_start"] < len(ids)
 

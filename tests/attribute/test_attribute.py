@@ -111,6 +111,28 @@ def lora_outputs_replaced(model, comps, edit):  # noqa: ANN001, ANN201
     ]
 
 
+def recorded_state(model, comps, ids: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """The adapter state ``[T, C]`` of one unablated forward, read by plain hooks."""
+    recorded: dict[int, torch.Tensor] = {}
+    handles = lora_outputs_replaced(model, comps, lambda k, o: recorded.__setitem__(k, o.clone()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return torch.cat([recorded[k][0] for k in range(len(comps))], -1)
+
+
+def logits_without(model, comps, ids: torch.Tensor, removed_TC: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Logits with ``removed_TC`` added to the adapter state (plain hooks, one component's columns each)."""
+    cols = np.cumsum([0] + [c.width for c in comps])
+    handles = lora_outputs_replaced(model, comps, lambda k, o: o + removed_TC[None, :, cols[k] : cols[k + 1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    return logits
+
+
 def test_exact_ablation_matches_independently_ablated_models(attribute_workspace: Path):
     """A component: the same model with that component's lora_B zeroed (a weight edit); a latent: the state
     recorded by plain hooks, its activation from the SAE, its decoded contribution taken off by plain hooks.
@@ -126,12 +148,7 @@ def test_exact_ablation_matches_independently_ablated_models(attribute_workspace
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         ce_lora, _ = ce_kl(ref, ref, ids, first)
-        recorded: dict[int, torch.Tensor] = {}
-        handles = lora_outputs_replaced(model, comps, lambda k, o: recorded.__setitem__(k, o.clone()))
-        model(input_ids=ids)
-        for h in handles:
-            h.remove()
-        acts_TC = torch.cat([recorded[k][0] for k in range(len(comps))], -1)
+        acts_TC = recorded_state(model, comps, ids)
         for u in units:
             if u.kind == "component":
                 other = copy.deepcopy(model)
@@ -140,14 +157,7 @@ def test_exact_ablation_matches_independently_ablated_models(attribute_workspace
             else:
                 f_T = torch.relu((acts_TC - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F)[:, u.index]
                 f_T = f_T * (f_T > sae.threshold)
-                removed_TC = -f_T[:, None] * sae.W_dec_FD[u.index]
-                cols = np.cumsum([0] + [c.width for c in comps])
-                handles = lora_outputs_replaced(
-                    model, comps, lambda k, o: o + removed_TC[None, :, cols[k] : cols[k + 1]]
-                )
-                logits = model(input_ids=ids).logits
-                for h in handles:
-                    h.remove()
+                logits = logits_without(model, comps, ids, -f_T[:, None] * sae.W_dec_FD[u.index])
             ce, want_kl = ce_kl(ref, logits, ids, first)
             # float32 log-softmax summed over ~60 tokens vs float64: measured 3e-5 nats apart on a CE of ~300
             assert delta_ce[u.name] == pytest.approx(ce - ce_lora, abs=1e-3), u
@@ -233,24 +243,10 @@ def test_generation_without_a_latent_removes_its_unablated_activation_at_every_t
         input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad
     )
     assert not torch.equal(out, plain)  # the ablation changes what is written
-    cols = np.cumsum([0] + [c.width for c in comps])
     for r, row in enumerate(rows):
         seq = torch.tensor([row + out[r, width:].tolist()])
-        with torch.no_grad():
-            recorded: dict[int, torch.Tensor] = {}
-            handles = lora_outputs_replaced(model, comps, lambda k, o: recorded.__setitem__(k, o.clone()))
-            model(input_ids=seq)
-            for h in handles:
-                h.remove()
-            acts_TC = torch.cat([recorded[k][0] for k in range(len(comps))], -1)
-            f_T = sae.encode(acts_TC)[:, unit.index]
-            removed_TC = -f_T[:, None] * sae.W_dec_FD[unit.index]
-            handles = lora_outputs_replaced(
-                model, comps, lambda k, o: o + removed_TC[None, :, cols[k] : cols[k + 1]]
-            )
-            logits = model(input_ids=seq).logits
-            for h in handles:
-                h.remove()
+        f_T = sae.encode(recorded_state(model, comps, seq))[:, unit.index]
+        logits = logits_without(model, comps, seq, -f_T[:, None] * sae.W_dec_FD[unit.index])
         assert logits[0, len(row) - 1 : -1].argmax(-1).tolist() == out[r, width:].tolist(), r
 
 
@@ -264,12 +260,8 @@ def test_exact_set_spearman_and_accuracy_effects_by_hand():
     sets = exact_set(ranked, [ranked[-1]], exact=2, seed=5, components=True)
     assert sets["top"] == ["L0.q_proj", "L1.q_proj"] and sets["named"] == ["sae.6"]
     assert len(sets["control"]) == 2 and not set(sets["control"]) & set(sets["top"])
-    assert (
-        sets["control"]
-        == exact_set(ranked, [], 2, 5, True)["control"]
-        != exact_set(ranked, [], 2, 6, True)["control"]
-        or True
-    )
+    assert sets["control"] == exact_set(ranked, [], 2, 5, True)["control"]  # seeded
+    assert any(exact_set(ranked, [], 2, seed, True)["control"] != sets["control"] for seed in range(6, 12))
     assert sets["components"] == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
     assert exact_set(ranked, [], 2, 5, components=False)["components"] == []
     assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
@@ -277,7 +269,7 @@ def test_exact_set_spearman_and_accuracy_effects_by_hand():
 
     def rows(correct: list[int], backtracks: list[int]) -> list[dict]:
         return [{"task": "t" if i < 2 else "u", "row": i, "correct": c, "tokens": 100, "backtracks": b}
-                for i, (c, b) in enumerate(zip(correct, backtracks))]  # fmt: skip
+                for i, (c, b) in enumerate(zip(correct, backtracks, strict=True))]  # fmt: skip
 
     lora, ablated = rows([1, 1, 1, 0], [0, 0, 1, 0]), rows([0, 1, 0, 0], [2, 1, 1, 0])
     e = effect(lora, ablated, iters=0, seed=0, key="x")

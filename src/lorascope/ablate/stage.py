@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorascope import paths, resume
+from lorascope import paths
 from lorascope.ablate.runner import DIRECTION, Stats
 from lorascope.ablate.targets import Ablation
 from lorascope.atomic import write_json
 from lorascope.components import Component, component_key
 from lorascope.config import Params
-from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
 from lorascope.sections import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from lorascope.ablate.runner import Ablator
 
 PREPARED = paths.PREPARED
 BASE = paths.BASE
@@ -53,20 +54,6 @@ DELTA_CE = "CE(P_ablated) - CE(P_lora) on the next response token, nats per toke
 
 def out_dir() -> Path:
     return workspace_root() / paths.ABLATION
-
-
-def sample_sequences(prepared: Path, n: int, max_tokens: int, seed: int) -> list[tuple[str, list[int], int]]:
-    """``(row id, token ids cut to max_tokens, first response token)`` of ``n`` training rows drawn
-    with ``seed`` among those with a response token inside the cut, in data order."""
-    from lorascope.prepare import table as prepared_table
-
-    path = prepared_table.path(prepared)
-    table = prepared_table.read(prepared, ["id", "input_ids", "loss_start"]).to_pylist()
-    eligible = [i for i, r in enumerate(table) if 0 < r["loss_start"] < min(len(r["input_ids"]), max_tokens)]
-    if not eligible:
-        raise LorascopeError(f"{path}: no row has a response token within ablate.max_tokens ({max_tokens})")
-    chosen = sorted(random.Random(seed).sample(eligible, min(n, len(eligible))))
-    return [(table[i]["id"], table[i]["input_ids"][:max_tokens], table[i]["loss_start"]) for i in chosen]
 
 
 def summarize(per_seq: list[Stats], lora: list[Stats]) -> dict[str, Any]:
@@ -100,21 +87,114 @@ def figure3(comps: list[Component], results: dict[str, dict[str, Any]]) -> dict[
             "types": kinds, **grid}  # fmt: skip
 
 
-def run(params: Params) -> Path:
-    """Measure every requested ablation; returns ``metrics/ablation/``."""
-    import mlflow
+def _measure_all(
+    ablator: Ablator, seqs: list[tuple[str, list[int], int]], measured: list[Ablation], work: Path
+) -> tuple[list[tuple[Stats, list[Stats]]], int]:
+    """Each sequence's sums (the adapter's and each ablation's), from its checkpoint when a killed run
+    left one, else measured and checkpointed; returns them and how many were resumed."""
     import torch
 
+    from lorascope.progress import track
+
+    resumed = 0
+    per_seq: list[tuple[Stats, list[Stats]]] = []
+    for i, (_row, ids, first) in enumerate(track(seqs, "ablate", total=len(seqs))):
+        path = work / f"{i:05d}.{CHECKPOINT_VERSION}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            per_seq.append((Stats(**saved["lora"]), [Stats(**s) for s in saved["ablations"]]))
+            resumed += 1
+            continue
+        lora, stats = ablator.measure(torch.tensor(ids), first, measured)
+        write_json(path, {"lora": lora.to_json(), "ablations": [s.to_json() for s in stats]})
+        per_seq.append((lora, stats))
+    return per_seq, resumed
+
+
+def _header(loras: list[Stats], base: dict[str, Any], sequences: int) -> dict[str, Any]:
+    """What every sweep file starts with: the KL's direction, units and definitions, the sample, and the
+    reference block (the adapter's and the base model's cross-entropy, KL(P_lora || P_base))."""
+    tokens = sum(s.tokens for s in loras)
+    return {
+        "direction": DIRECTION,
+        "unit": UNIT,
+        "delta_ce_definition": DELTA_CE,
+        "kl_definitions": KL_DEFINITIONS,
+        "sequences": sequences,
+        "tokens": tokens,
+        "reference": {
+            "ce_lora": sum(s.ce_sum for s in loras) / tokens,
+            "ce_base": base["ce"],
+            "kl_lora_base": base["kl"],
+            "kl_lora_base_all_positions": base["kl_all_positions"],
+        },
+    }
+
+
+def _write_sweeps(
+    header: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    ablations: list[Ablation],
+    comps: list[Component],
+) -> list[Path]:
+    """One file per sweep and ``figure3.json`` in ``metrics/ablation/``; returns their paths."""
+    out = out_dir()
+    files = []
+    for sweep in SWEEPS:
+        chosen = {
+            a.name: {**results[a.name], "n_components": len(a.components)}
+            for a in ablations
+            if a.sweep == sweep
+        }
+        files.append(out / f"{sweep}.json")
+        write_json(files[-1], {**header, "sweep": sweep, "ablations": chosen})
+    files.append(out / "figure3.json")
+    write_json(files[-1], figure3(comps, results))
+    return files
+
+
+def _log_run(
+    header: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    ablations: list[Ablation],
+    resumed: int,
+    comps: list[Component],
+    files: list[Path],
+) -> None:
+    """Every ablation's KL and delta CE as the run's metrics (in batches MLflow accepts), the
+    reference, the sample's size, and the files as artifacts."""
+    import mlflow
+
+    metrics = {f"reference.{k}": v for k, v in header["reference"].items()}
+    metrics |= {
+        "sequences": float(header["sequences"]),
+        "tokens": float(header["tokens"]),
+        "sequences_resumed": float(resumed),
+    }
+    for a in ablations:
+        metrics[f"{a.sweep}.{a.name}.kl"] = results[a.name]["kl"]
+        metrics[f"{a.sweep}.{a.name}.kl_all_positions"] = results[a.name]["kl_all_positions"]
+        metrics[f"{a.sweep}.{a.name}.delta_ce"] = results[a.name]["delta_ce"]
+    items = list(metrics.items())
+    for lo in range(0, len(items), 500):
+        mlflow.log_metrics(dict(items[lo : lo + 500]))
+    mlflow.log_params({"direction": DIRECTION, "ablations": len(ablations), "components": len(comps)})
+    for f in files:
+        mlflow.log_artifact(str(f), "ablation")
+
+
+def run(params: Params) -> Path:
+    """Measure every requested ablation; returns ``metrics/ablation/``."""
     from lorascope.ablate.runner import Ablator
     from lorascope.ablate.targets import sweeps
     from lorascope.components import lora_components
     from lorascope.models import load_lora_model
-    from lorascope.progress import track
+    from lorascope.prepare import table as prepared_table
     from lorascope.tracking import stage_run
 
     cfg, root = params.ablate, workspace_root()
     prepared, base_dir, adapter_dir = root / PREPARED, root / BASE, root / ADAPTER
-    seqs = sample_sequences(prepared, cfg.sequences, cfg.max_tokens, cfg.seed)
+    seqs = prepared_table.sample(prepared, cfg.sequences, cfg.max_tokens, cfg.seed, "ablate.max_tokens")
     model = load_lora_model(base_dir, adapter_dir, cfg.precision, cfg.device, "ablate")
     comps = lora_components(model)
     ablations = sweeps(comps, cfg.sweeps, cfg.custom)
@@ -125,67 +205,15 @@ def run(params: Params) -> Path:
 
     with stage_run("ablate", params, [prepared, base_dir, adapter_dir]) as sr:
         work = root / paths.checkpoints("ablate")
-        resume.claim(work, resume.fingerprint(params, "ablate", sr.inputs_md5))
+        sr.claim(work)
         work.mkdir(parents=True, exist_ok=True)
-        resumed = 0
-        per_seq: list[tuple[Stats, list[Stats]]] = []
-        for i, (_row, ids, first) in enumerate(track(seqs, "ablate", total=len(seqs))):
-            path = work / f"{i:05d}.{CHECKPOINT_VERSION}.json"
-            if path.is_file():
-                saved = json.loads(path.read_text())
-                per_seq.append((Stats(**saved["lora"]), [Stats(**s) for s in saved["ablations"]]))
-                resumed += 1
-                continue
-            lora, stats = ablator.measure(torch.tensor(ids), first, measured)
-            write_json(path, {"lora": lora.to_json(), "ablations": [s.to_json() for s in stats]})
-            per_seq.append((lora, stats))
+        per_seq, resumed = _measure_all(ablator, seqs, measured, work)
 
         loras = [lora for lora, _ in per_seq]
         results = {a.name: summarize([s[k] for _, s in per_seq], loras) for k, a in enumerate(measured)}
         base = results[reference.name] if reference in ablations else results.pop(reference.name)
-        tokens = sum(s.tokens for s in loras)
-        header: dict[str, Any] = {
-            "direction": DIRECTION,
-            "unit": UNIT,
-            "delta_ce_definition": DELTA_CE,
-            "kl_definitions": KL_DEFINITIONS,
-            "sequences": len(seqs),
-            "tokens": tokens,
-            "reference": {
-                "ce_lora": sum(s.ce_sum for s in loras) / tokens,
-                "ce_base": base["ce"],
-                "kl_lora_base": base["kl"],
-                "kl_lora_base_all_positions": base["kl_all_positions"],
-            },
-        }
-        out = out_dir()
-        files = []
-        for sweep in SWEEPS:
-            chosen = {
-                a.name: {**results[a.name], "n_components": len(a.components)}
-                for a in ablations
-                if a.sweep == sweep
-            }
-            files.append(out / f"{sweep}.json")
-            write_json(files[-1], {**header, "sweep": sweep, "ablations": chosen})
-        files.append(out / "figure3.json")
-        write_json(files[-1], figure3(comps, results))
+        header = _header(loras, base, len(seqs))
+        files = _write_sweeps(header, results, ablations, comps)
         sr.log_outputs(*files)
-
-        metrics = {f"reference.{k}": v for k, v in header["reference"].items()}
-        metrics |= {
-            "sequences": float(len(seqs)),
-            "tokens": float(tokens),
-            "sequences_resumed": float(resumed),
-        }
-        for a in ablations:
-            metrics[f"{a.sweep}.{a.name}.kl"] = results[a.name]["kl"]
-            metrics[f"{a.sweep}.{a.name}.kl_all_positions"] = results[a.name]["kl_all_positions"]
-            metrics[f"{a.sweep}.{a.name}.delta_ce"] = results[a.name]["delta_ce"]
-        items = list(metrics.items())
-        for lo in range(0, len(items), 500):
-            mlflow.log_metrics(dict(items[lo : lo + 500]))
-        mlflow.log_params({"direction": DIRECTION, "ablations": len(ablations), "components": len(comps)})
-        for f in files:
-            mlflow.log_artifact(str(f), "ablation")
-    return out
+        _log_run(header, results, ablations, resumed, comps, files)
+    return out_dir()

@@ -313,7 +313,7 @@ def run(params: Params) -> Path:
     cfg, root = ctx.cfg, ctx.root
     with stage_run("attribute", params, ctx.inputs) as sr:
         work = root / paths.checkpoints("attribute")
-        resume.claim(work, resume.fingerprint(params, "attribute", sr.inputs_md5))
+        sr.claim(work)
         work.mkdir(parents=True, exist_ok=True)
         ranked, screened, ce = screen_units(ctx, work)
         sets = exact_set(ranked, ctx.named, cfg.exact, cfg.seed, cfg.exact_components)

@@ -21,13 +21,16 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorascope import paths
 from lorascope.components import parse_name
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
+
+if TYPE_CHECKING:
+    from lorascope.autointerp.params import AutointerpSection
 
 
 def interp_path(source: str) -> Path:
@@ -255,6 +258,68 @@ def _table(rows: list[dict[str, Any]], backend: str, model: str, prompt_hash: st
     return pa.table({c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in LABEL_COLUMNS})
 
 
+def _run_tags(cfg: AutointerpSection, source: str, phash: str) -> dict[str, str]:
+    """The run's tags: the source, which backend and model labelled it, with which prompts (hashes)."""
+    from lorascope.labelling.prompts import prompt_hash
+
+    tags = {
+        "autointerp.source": source, "autointerp.backend": cfg.backend, "autointerp.model": cfg.model,
+        "autointerp.prompt_hash": phash, "autointerp.detect_prompt_hash": prompt_hash("detect"),
+    }  # fmt: skip
+    if cfg.backend == "heuristic":
+        tags["autointerp.note"] = "heuristic baseline: labels from token statistics, not an LLM"
+    else:
+        tags["autointerp.structured_output"] = str(cfg.structured_output).lower()
+    return tags
+
+
+def _quality_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per class (0 monosemantic, 1 broad, 2 polysemantic) its share of the labelled features and their
+    mean detection score, and the mean detection score over every scored feature."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    scored = [r for r in ok if r["detection_balanced_accuracy"] is not None]
+    metrics: dict[str, float] = {}
+    for c in (0, 1, 2):
+        members = [r for r in ok if r["classification"] == c]
+        metrics[f"class_{c}_share"] = len(members) / len(ok) if ok else 0.0
+        accs = [
+            r["detection_balanced_accuracy"] for r in members if r["detection_balanced_accuracy"] is not None
+        ]
+        if accs:
+            metrics[f"detection_class_{c}"] = sum(accs) / len(accs)
+    if scored:
+        metrics["detection_balanced_accuracy"] = sum(r["detection_balanced_accuracy"] for r in scored) / len(
+            scored
+        )
+    return metrics
+
+
+def _metrics(
+    rows: list[dict[str, Any]], features: list[Feature], dead: int, client: Any, feat_path: Path
+) -> dict[str, float]:
+    """The run's metrics: features labelled and failed, LLM traffic and its cost (unpriced: the run is
+    tagged with why rather than logging 0), latent counts and the labels' quality."""
+    import mlflow
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    metrics: dict[str, float] = {
+        "features": len(rows), "labelled": len(ok), "failed": len(rows) - len(ok), "dead_skipped": dead,
+        "detection_positives_left_out": sum(f.positives_left_out for f in features),
+        "requests": client.requests, "cache_hits": client.hits, "retries": client.retries,
+        "input_tokens": client.input_tokens, "output_tokens": client.output_tokens,
+        "label_set_input_tokens": sum(r["input_tokens"] for r in rows),
+        "label_set_output_tokens": sum(r["output_tokens"] for r in rows),
+    }  # fmt: skip
+    cost = client.price(client.input_tokens, client.output_tokens)
+    if cost.usd is not None:
+        metrics["cost_usd"] = cost.usd
+    else:  # unpriced (genai-prices): say why rather than log 0
+        mlflow.set_tag("autointerp.cost_note", cost.reason)
+    metrics["truncated"] = sum(r.get("truncated", 0) for r in rows)  # replies cut at max_tokens
+    metrics.update(latent_counts(feat_path))
+    return metrics | _quality_metrics(rows)
+
+
 def run(params: Params, source: str) -> Path:
     """Label ``source``'s features; returns ``data/interp/<source>.parquet``."""
     import mlflow
@@ -270,14 +335,7 @@ def run(params: Params, source: str) -> Path:
     client = open_client(cfg)  # a missing API key fails here, before any run is opened
     ctx_path, feat_path = contexts_paths(source)
     phash = prompt_hash("explain")
-    tags = {
-        "autointerp.source": source, "autointerp.backend": cfg.backend, "autointerp.model": cfg.model,
-        "autointerp.prompt_hash": phash, "autointerp.detect_prompt_hash": prompt_hash("detect"),
-    }  # fmt: skip
-    if cfg.backend == "heuristic":
-        tags["autointerp.note"] = "heuristic baseline: labels from token statistics, not an LLM"
-    else:
-        tags["autointerp.structured_output"] = str(cfg.structured_output).lower()
+    tags = _run_tags(cfg, source, phash)
     with stage_run("autointerp", params, inputs=[ctx_path, feat_path], run_name=source, tags=tags) as sr:
         mlflow.set_tag("contexts.digest", sr.inputs_md5[ctx_path])
         rows = asyncio.run(_label_all(params, source, features, client))
@@ -286,37 +344,6 @@ def run(params: Params, source: str) -> Path:
         with atomic_path(out, ".parquet") as tmp:
             pq.write_table(table, tmp)
         sr.log_outputs(out)
-        ok = [r for r in rows if r["status"] == "ok"]
-        scored = [r for r in ok if r["detection_balanced_accuracy"] is not None]
-        metrics: dict[str, float] = {
-            "features": len(rows), "labelled": len(ok), "failed": len(rows) - len(ok), "dead_skipped": dead,
-            "detection_positives_left_out": sum(f.positives_left_out for f in features),
-            "requests": client.requests, "cache_hits": client.hits, "retries": client.retries,
-            "input_tokens": client.input_tokens, "output_tokens": client.output_tokens,
-            "label_set_input_tokens": sum(r["input_tokens"] for r in rows),
-            "label_set_output_tokens": sum(r["output_tokens"] for r in rows),
-        }  # fmt: skip
-        cost = client.price(client.input_tokens, client.output_tokens)
-        if cost.usd is not None:
-            metrics["cost_usd"] = cost.usd
-        else:  # unpriced (genai-prices): say why rather than log 0
-            mlflow.set_tag("autointerp.cost_note", cost.reason)
-        metrics["truncated"] = sum(r.get("truncated", 0) for r in rows)  # replies cut at max_tokens
-        metrics.update(latent_counts(feat_path))
-        for c in (0, 1, 2):
-            members = [r for r in ok if r["classification"] == c]
-            metrics[f"class_{c}_share"] = len(members) / len(ok) if ok else 0.0
-            accs = [
-                r["detection_balanced_accuracy"]
-                for r in members
-                if r["detection_balanced_accuracy"] is not None
-            ]
-            if accs:
-                metrics[f"detection_class_{c}"] = sum(accs) / len(accs)
-        if scored:
-            metrics["detection_balanced_accuracy"] = sum(
-                r["detection_balanced_accuracy"] for r in scored
-            ) / len(scored)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(_metrics(rows, features, dead, client, feat_path))
         mlflow.log_artifact(str(out))
     return out

@@ -60,14 +60,13 @@ def _build_tiny(params: Params, out: Path) -> dict[str, float]:
 
 def _pin_real(params: Params, out: Path) -> dict[str, int]:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lorascope.base.reference import resolve
+    from lorascope.models import pretrained_config
 
     ref = resolve(params.base.model, params.base.revision)
-    config = AutoConfig.from_pretrained(
-        ref["model"], revision=ref["revision"] if ref["kind"] == "hub" else None
-    )
+    config = pretrained_config(ref["model"], ref["revision"] if ref["kind"] == "hub" else None)
     with init_empty_weights():  # count parameters without allocating them
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # not applied on the meta device; outside the context it sticks

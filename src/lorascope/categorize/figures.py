@@ -294,6 +294,82 @@ def decoder_shares(W_dec_FC: Any, scale_C: Any) -> Any:
     return torch.where(total_F > 0, sq_FC / total_F.clamp(min=1e-300), torch.zeros_like(sq_FC))
 
 
+def _density(mass: dict[str, float]) -> dict[str, float | None]:
+    """Each key's share of the total mass (None throughout when nothing has mass)."""
+    total = sum(mass.values())
+    return {k: (v / total if total > 0 else None) for k, v in mass.items()}
+
+
+def _load_sae_of(store: Store, sae_dir: Path, device: Any) -> tuple[Any, dict[str, Any]]:
+    """The SAE in eval mode and its cfg; an SAE trained on other components than the store holds is a
+    one-line error (its decoder rows would be attributed to the wrong cells)."""
+    from lorascope.sae.load import load_sae
+
+    sae, cfg = load_sae(sae_dir, device)
+    sae.eval()
+    if list(cfg["components"]) != list(store.components):
+        raise LorascopeError(
+            f"{sae_dir}/cfg.json: the SAE was trained on other components than {store.root} holds; "
+            "retrain it with `lorascope sae`"
+        )
+    return sae, cfg
+
+
+def _cell_shares(sae: Any, cfg: dict[str, Any], store: Store) -> tuple[list[tuple[int, str]], Any]:
+    """The (layer, component type) cells in store order and each latent's decoder share per cell
+    (``share_FK``: ``decoder_shares`` summed over the cell's components)."""
+    import torch
+
+    scale_C = torch.tensor(cfg.get("scale") or [1.0] * sae.d_in, dtype=torch.float64)
+    share_FC = decoder_shares(sae.W_dec_FD.detach().cpu(), scale_C)
+    cell_of = [component_cell(name) for name in store.components]
+    cells = list(dict.fromkeys(cell_of))  # store order: layer-major, then the component order
+    where_C = torch.tensor([cells.index(c) for c in cell_of], dtype=torch.long)
+    return cells, torch.zeros(sae.d_sae, len(cells), dtype=torch.float64).index_add_(1, where_C, share_FC)
+
+
+def _live_categories(
+    members: Sequence[tuple[int, str, str | None]], live: Any, sae_dir: Path
+) -> dict[int, tuple[str, str | None]]:
+    """``latent -> (category, subcategory)``; a categorized dead latent is a one-line error (labels
+    older than the SAE)."""
+    cat_of: dict[int, tuple[str, str | None]] = {}
+    for latent, category, sub in members:
+        if not live[latent]:
+            raise LorascopeError(
+                f"sae.{latent} is a dead latent (not in {sae_dir}/alive.json) but categorized"
+            )
+        cat_of[latent] = (category, sub)
+    return cat_of
+
+
+def _category_masses(
+    cat_of: dict[int, tuple[str, str | None]],
+    mass_F: Any,
+    share_FK: Any,
+    category_ids: Sequence[str],
+    subcategories: dict[str, list[Category]],
+) -> tuple[dict[str, float], dict[str, Any], dict[str, dict[str, float]], dict[str, float]]:
+    """Summed over each category's latents (in latent order): ``(overall mass, mass per cell, mass per
+    subcategory, mass of the category's latents without a subcategory)``."""
+    import torch
+
+    overall = dict.fromkeys(category_ids, 0.0)
+    cell_mass = {c: torch.zeros(share_FK.shape[1], dtype=torch.float64) for c in category_ids}
+    sub_mass = {c: dict.fromkeys((s.string_id for s in subs), 0.0) for c, subs in subcategories.items()}
+    sub_missing = dict.fromkeys(subcategories, 0.0)
+    for latent, (category, sub) in sorted(cat_of.items()):
+        m = float(mass_F[latent])
+        overall[category] += m
+        cell_mass[category] += mass_F[latent] * share_FK[latent]
+        if category in sub_mass:
+            if sub is None:
+                sub_missing[category] += m
+            else:
+                sub_mass[category][sub] += m
+    return overall, cell_mass, sub_mass, sub_missing
+
+
 def figure2_sae(
     sample: DensitySample,
     sae_dir: Path,
@@ -309,58 +385,22 @@ def figure2_sae(
     ``FIGURE2_SAE_ATTRIBUTION`` and ``FIGURE2_SAE_NORMALISATION``."""
     import torch
 
-    from lorascope.sae.load import load_sae
-
-    store = sample.store
-    sae, cfg = load_sae(sae_dir, device)
-    sae.eval()
-    if list(cfg["components"]) != list(store.components):
-        raise LorascopeError(
-            f"{sae_dir}/cfg.json: the SAE was trained on other components than {store.root} holds; "
-            "retrain it with `lorascope sae`"
-        )
+    sae, cfg = _load_sae_of(sample.store, sae_dir, device)
     mass_F = latent_mass(sample, sae)
-    scale_C = torch.tensor(cfg.get("scale") or [1.0] * sae.d_in, dtype=torch.float64)
-    share_FC = decoder_shares(sae.W_dec_FD.detach().cpu(), scale_C)
-    cell_of = [component_cell(name) for name in store.components]
-    cells = list(dict.fromkeys(cell_of))  # store order: layer-major, then the component order
-    where_C = torch.tensor([cells.index(c) for c in cell_of], dtype=torch.long)
-    share_FK = torch.zeros(sae.d_sae, len(cells), dtype=torch.float64).index_add_(1, where_C, share_FC)
-
+    cells, share_FK = _cell_shares(sae, cfg, sample.store)
     live = torch.zeros(sae.d_sae, dtype=torch.bool)
     live[list(alive)] = True
-    cat_of: dict[int, tuple[str, str | None]] = {}
-    for latent, category, sub in members:
-        if not live[latent]:
-            raise LorascopeError(
-                f"sae.{latent} is a dead latent (not in {sae_dir}/alive.json) but categorized"
-            )
-        cat_of[latent] = (category, sub)
-    overall = dict.fromkeys(category_ids, 0.0)
-    cell_mass = {c: torch.zeros(len(cells), dtype=torch.float64) for c in category_ids}
-    sub_mass = {c: dict.fromkeys((s.string_id for s in subs), 0.0) for c, subs in subcategories.items()}
-    sub_missing = dict.fromkeys(subcategories, 0.0)
-    for latent, (category, sub) in sorted(cat_of.items()):
-        m = float(mass_F[latent])
-        overall[category] += m
-        cell_mass[category] += mass_F[latent] * share_FK[latent]
-        if category in sub_mass:
-            if sub is None:
-                sub_missing[category] += m
-            else:
-                sub_mass[category][sub] += m
+    cat_of = _live_categories(members, live, sae_dir)
+    overall, cell_mass, sub_mass, sub_missing = _category_masses(
+        cat_of, mass_F, share_FK, category_ids, subcategories
+    )
     categorized = torch.zeros(sae.d_sae, dtype=torch.bool)
     categorized[list(cat_of)] = True
-
-    def density(mass: dict[str, float]) -> dict[str, float | None]:
-        total = sum(mass.values())
-        return {k: (v / total if total > 0 else None) for k, v in mass.items()}
-
     out_cells = []
     for k, (layer, kind) in enumerate(cells):
         mass = {c: float(cell_mass[c][k]) for c in category_ids}
         out_cells.append({"layer": layer, "component_type": kind, "total": sum(mass.values()), "mass": mass,
-                          "density": density(mass)})  # fmt: skip
+                          "density": _density(mass)})  # fmt: skip
     return {
         "features": "sae",
         "attribution": FIGURE2_SAE_ATTRIBUTION,
@@ -377,12 +417,12 @@ def figure2_sae(
         "mass_total": float(mass_F[live].sum()),
         "unassigned_mass": float(mass_F[live & ~categorized].sum()),
         "dead_mass": float(mass_F[~live].sum()),
-        "overall": {"mass": overall, "density": density(overall)},
+        "overall": {"mass": overall, "density": _density(overall)},
         "subcategories": [
             {
                 "category": c,
                 "mass": sub_mass[c],
-                "density": density(sub_mass[c]),
+                "density": _density(sub_mass[c]),
                 "not_subcategorized_mass": sub_missing[c],
             }
             for c in subcategories

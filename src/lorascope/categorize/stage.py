@@ -29,13 +29,24 @@ requests and writes the same files. Outputs, written together (temp directory, t
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorascope import paths
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
+
+if TYPE_CHECKING:
+    from lorascope.categorize.assignment import Assignment
+    from lorascope.categorize.inputs import Feature
+    from lorascope.categorize.params import CategorizeSection
+    from lorascope.categorize.subcategories import Subcategories
+    from lorascope.extract.store import Store
+    from lorascope.labelling.prompts import Category
+    from lorascope.labelling.session import Answer
+    from lorascope.llm.clients import CachedClient
 
 OUT = paths.CATEGORIES
 STORES = {"lora": paths.activations("lora"), "mlp": paths.activations("mlp")}
@@ -84,48 +95,56 @@ def _generation_failed(raw: str, error: str, run_id: str) -> LorascopeError:
     )
 
 
-def run(params: Params) -> Path:
-    """Categorize every labelled feature; returns ``data/interp/categories/``."""
-    import mlflow
-    import pyarrow.parquet as pq
+@dataclass
+class _Labelled:
+    """What the stage categorizes, read and checked before any run opens: the label sources present,
+    their ok features (SAE: live latents only), the LoRA and MLP explanation pools category generation
+    samples, and the activation stores the Figure 2 densities sum."""
 
-    from lorascope.atomic import atomic_path, write_json
-    from lorascope.categorize.assignment import assign_all
-    from lorascope.categorize.figures import DensitySample, figure1, figure2, figure2_sae
-    from lorascope.categorize.generation import category_dict, generate, sample_equal
-    from lorascope.categorize.inputs import (
-        REQUIRED,
-        contexts_path,
-        label_path,
-        load_features,
-        ok_labels,
-        present_sources,
-    )
-    from lorascope.categorize.subcategories import (
-        SUBCATEGORY_RULE,
-        Subcategories,
-        sae_subcategories,
-        subcategory_range,
-    )
-    from lorascope.devices import resolve_device
-    from lorascope.exclusion import Exclusion
+    sources: list[str]
+    features: dict[str, list[Feature]]
+    pools: dict[str, list[str]]
+    stores: dict[str, Store]
+    sae_dir: Path
+    alive: list[int] | None
+    """The SAE's live latents (``alive.json``); None when no SAE label set is present."""
+    dead_labels: int
+    """Ok labels of SAE latents that are not live (dropped, and counted)."""
+
+    def inputs(self) -> list[Path]:
+        """The run's DVC deps: label sets, contexts tables, activation stores and the SAE."""
+        from lorascope.categorize.inputs import contexts_path, label_path
+
+        inputs = [label_path(s) for s in self.sources] + [contexts_path(s) for s in self.sources]
+        inputs += [store.root for store in self.stores.values()]
+        if "sae" in self.sources:
+            inputs.append(self.sae_dir)
+        return inputs
+
+
+@dataclass
+class _Categorized:
+    """What the LLM calls made: the shared categories (the generation's answer and the sample it was
+    shown), each feature's category (``assigned``, in ``features`` order) and the SAE subcategories."""
+
+    answer: Answer
+    shown: list[str]
+    shown_per_source: dict[str, int]
+    categories: list[Category]
+    features: list[Feature]
+    assigned: list[Assignment]
+    subs: Subcategories
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.string_id for c in self.categories]
+
+
+def _open_stores(root: Path) -> dict[str, Store]:
+    """The LoRA and MLP activation stores, each checked to hold its source (a swapped store would
+    give Figure 2 the other source's densities)."""
     from lorascope.extract.store import Store
-    from lorascope.labelling.prompts import Category, prompt_hash
-    from lorascope.labelling.session import open_client
-    from lorascope.sae.load import alive_latents, require
-    from lorascope.tracking import stage_run
 
-    cfg = params.categorize
-    device = resolve_device(cfg.device, "categorize.device")  # the density passes; bad values fail early
-    root = workspace_root()
-    sources = present_sources()
-    sae_dir = root / paths.SAE
-    alive: list[int] | None = None
-    if "sae" in sources:  # the SAE's live latents: the only ones interpreted (and its decoder: Figure 2)
-        require(sae_dir)
-        alive = alive_latents(sae_dir)
-    features = {s: load_features(s, cfg.n_examples, alive if s == "sae" else None) for s in sources}
-    dead_labels = len(ok_labels("sae")) - len(features["sae"]) if "sae" in sources else 0
     stores = {}
     for source, rel in STORES.items():
         store = Store.open(root / rel, hint=f"run `lorascope extract --source {source}` first")
@@ -134,6 +153,24 @@ def run(params: Params) -> Path:
                 f"{store.root}/index.json: holds source {store.source!r}, expected {source!r}"
             )
         stores[source] = store
+    return stores
+
+
+def _read_labelled(cfg: CategorizeSection, root: Path) -> _Labelled:
+    """Every input of the stage, failing before any LLM call: no LoRA or MLP feature with status ok
+    leaves nothing to generate shared categories from."""
+    from lorascope.categorize.inputs import REQUIRED, label_path, load_features, ok_labels, present_sources
+    from lorascope.sae.load import alive_latents, require
+
+    sources = present_sources()
+    sae_dir = root / paths.SAE
+    alive: list[int] | None = None
+    if "sae" in sources:  # the SAE's live latents: the only ones interpreted (and its decoder: Figure 2)
+        require(sae_dir)
+        alive = alive_latents(sae_dir)
+    features = {s: load_features(s, cfg.n_examples, alive if s == "sae" else None) for s in sources}
+    dead_labels = len(ok_labels("sae")) - len(features["sae"]) if "sae" in sources else 0
+    stores = _open_stores(root)
     pools = {s: [f.explanation for f in features[s]] for s in REQUIRED}
     for s, pool in pools.items():
         if not pool:
@@ -141,9 +178,12 @@ def run(params: Params) -> Path:
                 f"{label_path(s)}: no feature has status ok; category generation needs an equal number of "
                 f"{' and '.join(REQUIRED)} explanations"
             )
-    # a missing API key fails here, before any run is opened
-    generator, assigner = open_client(cfg.generate), open_client(cfg.assign)
-    hashes = {"categories": prompt_hash("categories"), "categorize": prompt_hash("categorize")}
+    return _Labelled(sources, features, pools, stores, sae_dir, alive, dead_labels)
+
+
+def _run_tags(cfg: CategorizeSection, hashes: dict[str, str], sources: list[str]) -> dict[str, str]:
+    """The run's tags: which backend and model made the categories and the assignments, with which
+    prompts (their hashes), over which sources."""
     tags = {
         "categorize.generate.backend": cfg.generate.backend,
         "categorize.generate.model": cfg.generate.model,
@@ -158,146 +198,235 @@ def run(params: Params) -> Path:
     for role, section in (("generate", cfg.generate), ("assign", cfg.assign)):
         if section.backend != "heuristic":
             tags[f"categorize.{role}.structured_output"] = str(section.structured_output).lower()
-    inputs = [label_path(s) for s in sources] + [contexts_path(s) for s in sources]
-    inputs += [store.root for store in stores.values()]
-    if "sae" in sources:
-        inputs.append(sae_dir)
+    return tags
 
-    with stage_run("categorize", params, inputs=inputs, tags=tags) as tr:
-        # ---- B.2a: shared categories
-        shown, shown_per_source = sample_equal(pools, cfg.sample_size, cfg.seed)
-        got = asyncio.run(generate(generator, cfg.generate, shown, cfg.min_categories, cfg.max_categories))
-        if got.error is not None:
-            raise _generation_failed(got.raw, got.error, tr.run_id)
-        categories: list[Category] = got.value
-        ids = [c.string_id for c in categories]
 
-        # ---- B.2b: one category per feature
-        everyone = [f for s in sources for f in features[s]]
-        assigned = asyncio.run(
-            assign_all(assigner, cfg.assign, [(f, categories) for f in everyone], "categorize: assign")
+def _categorize(
+    cfg: CategorizeSection, labelled: _Labelled, generator: CachedClient, assigner: CachedClient, run_id: str
+) -> _Categorized:
+    """B.2a shared categories, B.2b one category per feature, then the SAE subcategories; an unusable
+    generation reply stops the stage (kept in ``run_id``'s artifacts)."""
+    from lorascope.categorize.assignment import assign_all
+    from lorascope.categorize.generation import generate, sample_equal
+    from lorascope.categorize.subcategories import Subcategories, sae_subcategories
+
+    # ---- B.2a: shared categories
+    shown, shown_per_source = sample_equal(labelled.pools, cfg.sample_size, cfg.seed)
+    got = asyncio.run(generate(generator, cfg.generate, shown, cfg.min_categories, cfg.max_categories))
+    if got.error is not None:
+        raise _generation_failed(got.raw, got.error, run_id)
+    categories: list[Category] = got.value
+
+    # ---- B.2b: one category per feature
+    everyone = [f for s in labelled.sources for f in labelled.features[s]]
+    assigned = asyncio.run(
+        assign_all(assigner, cfg.assign, [(f, categories) for f in everyone], "categorize: assign")
+    )
+
+    # ---- SAE subcategories
+    subs = Subcategories()
+    if "sae" in labelled.sources and cfg.sae_subcategories:
+        subs = asyncio.run(sae_subcategories(generator, assigner, cfg, categories, everyone, assigned))
+    return _Categorized(got, shown, shown_per_source, categories, everyone, assigned, subs)
+
+
+def _assignment_rows(made: _Categorized) -> list[dict[str, Any]]:
+    """One ``assignments.parquet`` row per feature (``ASSIGNMENT_COLUMNS``)."""
+    rows: list[dict[str, Any]] = []
+    for f, a in zip(made.features, made.assigned, strict=True):
+        sub = made.subs.assigned.get(f.feature_name) if f.source == "sae" else None
+        rows.append({
+            "source": f.source, "feature": f.feature, "feature_name": f.feature_name, "sign": f.sign,
+            "category": a.category, "status": a.status, "error": a.error, "raw_response": a.raw_response,
+            "subcategory": sub.category if sub else None, "subcategory_status": sub.status if sub else None,
+            "subcategory_error": sub.error if sub else None,
+            "subcategory_raw_response": sub.raw_response if sub else None,
+        })  # fmt: skip
+    return rows
+
+
+def _sae_latents(labelled: _Labelled) -> dict[str, Any] | None:
+    """``categories.json``'s ``sae_latents``: how many latents are live and how many labels were dropped."""
+    if labelled.alive is None:
+        return None
+    return {
+        "d_sae": figure_sae_width(labelled.sae_dir),
+        "alive": len(labelled.alive),
+        "dead_labels_dropped": labelled.dead_labels,
+        "rule": "only live latents (models/sae/alive.json) are categorized; labels of others are dropped",
+    }
+
+
+def _categories_doc(
+    cfg: CategorizeSection, labelled: _Labelled, made: _Categorized, hashes: dict[str, str]
+) -> dict[str, Any]:
+    """``categories.json``: the categories and how they were made (generation, assignment, SAE latents
+    and subcategories)."""
+    from lorascope.categorize.generation import category_dict
+    from lorascope.categorize.inputs import REQUIRED
+    from lorascope.categorize.subcategories import SUBCATEGORY_RULE, subcategory_range
+
+    pools = labelled.pools
+    return {
+        "format": FORMAT,
+        "categories": [
+            {**category_dict(c), "sae_subcategories": made.subs.info.get(c.string_id)}
+            for c in made.categories
+        ],
+        "generation": {
+            "backend": cfg.generate.backend,
+            "model": cfg.generate.model,
+            "prompt_hash": hashes["categories"],
+            "raw_response": made.answer.raw,
+            "sources": list(REQUIRED),
+            "explanations_available": sum(len(p) for p in pools.values()),
+            "explanations_shown": len(made.shown),
+            "explanations_available_per_source": {s: len(p) for s, p in pools.items()},
+            "explanations_shown_per_source": made.shown_per_source,
+            "sampling": "an equal number from each source (sample_size // 2, at most the smaller pool), "
+            "drawn without replacement with `seed`, then mixed in one seeded order",
+            "seed": cfg.seed,
+            "min_categories": cfg.min_categories,
+            "max_categories": cfg.max_categories,
+        },
+        "assignment": {
+            "backend": cfg.assign.backend,
+            "model": cfg.assign.model,
+            "prompt_hash": hashes["categorize"],
+            "n_examples": cfg.n_examples,
+            "sources": labelled.sources,
+        },
+        "sae_latents": _sae_latents(labelled),
+        "sae_subcategories": {
+            "enabled": cfg.sae_subcategories and "sae" in labelled.sources,
+            "rule": SUBCATEGORY_RULE,
+            "min_subcategories": subcategory_range(cfg)[0],
+            "max_subcategories": subcategory_range(cfg)[1],
+        },
+    }
+
+
+def _figures(
+    params: Params, labelled: _Labelled, made: _Categorized, rows: list[dict[str, Any]], device: Any
+) -> dict[str, dict[str, Any]]:
+    """``figure1.json`` (category shares), ``figure2.json`` (the SAE latents' category-wise density:
+    the paper's Figure 2) and ``figure2_lora.json`` (the LoRA directions' and MLP neurons')."""
+    from lorascope.categorize.figures import DensitySample, figure1, figure2, figure2_sae
+    from lorascope.exclusion import Exclusion
+
+    cfg, ids = params.categorize, made.ids
+    fig1 = figure1(rows, labelled.sources, made.categories, made.subs.sets)
+    # Figure 2's tokens: a seeded document sample, less those the SAE never saw (its exclusion policy)
+    samples = {
+        source: DensitySample(
+            store, cfg.density_tokens, cfg.seed, Exclusion.of(store, params.sae.exclude, "sae.exclude")
         )
+        for source, store in labelled.stores.items()
+    }
+    fig2_lora = figure2(samples, rows, ids, cfg.density_tokens, device)
+    if labelled.alive is not None:
+        sae_members = [(r["feature"], r["category"], r["subcategory"])
+                       for r in rows if r["source"] == "sae" and r["status"] == "ok"]  # fmt: skip
+        sae_dir, alive = labelled.sae_dir, labelled.alive
+        fig2 = figure2_sae(
+            samples["lora"], sae_dir, alive, sae_members, ids, made.subs.sets, cfg.density_tokens, device
+        )
+    else:
+        fig2 = {"features": "sae", "categories": ids, "missing": f"{paths.labels('sae').as_posix()} not found: "
+                "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
+    return {"figure1.json": fig1, "figure2.json": fig2, "figure2_lora.json": fig2_lora}
 
-        # ---- SAE subcategories
-        subs = Subcategories()
-        if "sae" in sources and cfg.sae_subcategories:
-            subs = asyncio.run(sae_subcategories(generator, assigner, cfg, categories, everyone, assigned))
 
-        # ---- outputs
-        rows: list[dict[str, Any]] = []
-        for f, a in zip(everyone, assigned, strict=True):
-            sub = subs.assigned.get(f.feature_name) if f.source == "sae" else None
-            rows.append({
-                "source": f.source, "feature": f.feature, "feature_name": f.feature_name, "sign": f.sign,
-                "category": a.category, "status": a.status, "error": a.error, "raw_response": a.raw_response,
-                "subcategory": sub.category if sub else None, "subcategory_status": sub.status if sub else None,
-                "subcategory_error": sub.error if sub else None,
-                "subcategory_raw_response": sub.raw_response if sub else None,
-            })  # fmt: skip
-        sae_latents = None
-        if alive is not None:
-            sae_latents = {
-                "d_sae": figure_sae_width(sae_dir),
-                "alive": len(alive),
-                "dead_labels_dropped": dead_labels,
-                "rule": "only live latents (models/sae/alive.json) are categorized; labels of others are dropped",
-            }
-        doc = {
-            "format": FORMAT,
-            "categories": [
-                {**category_dict(c), "sae_subcategories": subs.info.get(c.string_id)} for c in categories
-            ],
-            "generation": {
-                "backend": cfg.generate.backend,
-                "model": cfg.generate.model,
-                "prompt_hash": hashes["categories"],
-                "raw_response": got.raw,
-                "sources": list(REQUIRED),
-                "explanations_available": sum(len(p) for p in pools.values()),
-                "explanations_shown": len(shown),
-                "explanations_available_per_source": {s: len(p) for s, p in pools.items()},
-                "explanations_shown_per_source": shown_per_source,
-                "sampling": "an equal number from each source (sample_size // 2, at most the smaller pool), "
-                "drawn without replacement with `seed`, then mixed in one seeded order",
-                "seed": cfg.seed,
-                "min_categories": cfg.min_categories,
-                "max_categories": cfg.max_categories,
-            },
-            "assignment": {
-                "backend": cfg.assign.backend,
-                "model": cfg.assign.model,
-                "prompt_hash": hashes["categorize"],
-                "n_examples": cfg.n_examples,
-                "sources": sources,
-            },
-            "sae_latents": sae_latents,
-            "sae_subcategories": {
-                "enabled": cfg.sae_subcategories and "sae" in sources,
-                "rule": SUBCATEGORY_RULE,
-                "min_subcategories": subcategory_range(cfg)[0],
-                "max_subcategories": subcategory_range(cfg)[1],
-            },
-        }
-        fig1 = figure1(rows, sources, categories, subs.sets)
-        # Figure 2's tokens: a seeded document sample, less those the SAE never saw (its exclusion policy)
-        samples = {
-            source: DensitySample(
-                store, cfg.density_tokens, cfg.seed, Exclusion.of(store, params.sae.exclude, "sae.exclude")
-            )
-            for source, store in stores.items()
-        }
-        fig2_lora = figure2(samples, rows, ids, cfg.density_tokens, device)
-        if alive is not None:
-            sae_members = [(r["feature"], r["category"], r["subcategory"])
-                           for r in rows if r["source"] == "sae" and r["status"] == "ok"]  # fmt: skip
-            fig2 = figure2_sae(
-                samples["lora"], sae_dir, alive, sae_members, ids, subs.sets, cfg.density_tokens, device
-            )
-        else:
-            fig2 = {"features": "sae", "categories": ids, "missing": f"{paths.labels('sae').as_posix()} not found: "
-                    "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
-        out = out_dir()
-        with atomic_path(out) as tmp:
-            tmp.mkdir(parents=True)
-            write_json(tmp / "categories.json", doc)
-            pq.write_table(_assignments_table(rows), tmp / "assignments.parquet")
-            write_json(tmp / "figure1.json", fig1)
-            write_json(tmp / "figure2.json", fig2)
-            write_json(tmp / "figure2_lora.json", fig2_lora)
+def _write_outputs(
+    doc: dict[str, Any], rows: list[dict[str, Any]], figures: dict[str, dict[str, Any]]
+) -> Path:
+    """Write ``data/interp/categories/`` together (temp directory, then rename)."""
+    import pyarrow.parquet as pq
+
+    from lorascope.atomic import atomic_path, write_json
+
+    out = out_dir()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(tmp / "categories.json", doc)
+        pq.write_table(_assignments_table(rows), tmp / "assignments.parquet")
+        for name, figure in figures.items():
+            write_json(tmp / name, figure)
+    return out
+
+
+def _cost_metrics(clients: tuple[CachedClient, ...]) -> dict[str, float]:
+    """``cost_usd`` when every client that made requests is priced; otherwise none, and the run is
+    tagged with why (genai-prices knows no price), rather than logging 0."""
+    import mlflow
+
+    costs = [c.cost_usd() if c.requests else 0.0 for c in clients]
+    if None not in costs:
+        return {"cost_usd": sum(c for c in costs if c is not None)}
+    notes = {c.cost_note() for c in clients if c.requests and c.cost_usd() is None}
+    mlflow.set_tag("categorize.cost_note", "; ".join(sorted(n for n in notes if n)))
+    return {}
+
+
+def _metrics(
+    cfg: CategorizeSection,
+    labelled: _Labelled,
+    made: _Categorized,
+    rows: list[dict[str, Any]],
+    figure2_sae: dict[str, Any],
+    clients: tuple[CachedClient, ...],
+) -> dict[str, float]:
+    """The run's metrics: LLM traffic (requests, cache hits, tokens, cost), outcomes per source, and
+    the SAE's live latents and subcategories."""
+    metrics: dict[str, float] = {
+        "categories": len(made.categories),
+        "requests": sum(c.requests for c in clients),
+        "cache_hits": sum(c.hits for c in clients),
+        "retries": sum(c.retries for c in clients),
+        "input_tokens": sum(c.input_tokens for c in clients),
+        "output_tokens": sum(c.output_tokens for c in clients),
+        "uncategorized": sum(r["status"] == "uncategorized" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "truncated": sum(c.truncated for c in clients),  # replies cut at max_tokens (failures)
+    }
+    if labelled.alive is not None:
+        metrics["sae_live_latents"] = len(labelled.alive)
+        metrics["sae_dead_latents"] = figure2_sae["latents"]["dead"]
+        metrics["sae_dead_labels_dropped"] = labelled.dead_labels
+    for s in labelled.sources:
+        for status, name in (("ok", "assigned"), ("uncategorized", "uncategorized"), ("failed", "failed")):
+            metrics[f"{name}_{s}"] = sum(r["source"] == s and r["status"] == status for r in rows)
+    if "sae" in labelled.sources and cfg.sae_subcategories:
+        metrics["sae_subcategory_sets"] = len(made.subs.sets)
+        metrics["sae_subcategorized"] = sum(r["subcategory"] is not None for r in rows)
+    return metrics | _cost_metrics(clients)
+
+
+def run(params: Params) -> Path:
+    """Categorize every labelled feature; returns ``data/interp/categories/``."""
+    import mlflow
+
+    from lorascope.devices import resolve
+    from lorascope.labelling.prompts import prompt_hash
+    from lorascope.labelling.session import open_client
+    from lorascope.tracking import stage_run
+
+    cfg = params.categorize
+    device, _ = resolve(cfg.device, None, "categorize")  # the density passes; bad values fail early
+    labelled = _read_labelled(cfg, workspace_root())
+    # a missing API key fails here, before any run is opened
+    generator, assigner = open_client(cfg.generate), open_client(cfg.assign)
+    hashes = {"categories": prompt_hash("categories"), "categorize": prompt_hash("categorize")}
+    tags = _run_tags(cfg, hashes, labelled.sources)
+
+    with stage_run("categorize", params, inputs=labelled.inputs(), tags=tags) as tr:
+        made = _categorize(cfg, labelled, generator, assigner, tr.run_id)
+        rows = _assignment_rows(made)
+        doc = _categories_doc(cfg, labelled, made, hashes)
+        figures = _figures(params, labelled, made, rows, device)
+        out = _write_outputs(doc, rows, figures)
         tr.log_outputs(out)
-
-        clients = (generator, assigner)
-        metrics: dict[str, float] = {
-            "categories": len(categories),
-            "requests": sum(c.requests for c in clients),
-            "cache_hits": sum(c.hits for c in clients),
-            "retries": sum(c.retries for c in clients),
-            "input_tokens": sum(c.input_tokens for c in clients),
-            "output_tokens": sum(c.output_tokens for c in clients),
-            "uncategorized": sum(r["status"] == "uncategorized" for r in rows),
-            "failed": sum(r["status"] == "failed" for r in rows),
-            "truncated": sum(c.truncated for c in clients),  # replies cut at max_tokens (failures)
-        }
-        if alive is not None:
-            metrics["sae_live_latents"] = len(alive)
-            metrics["sae_dead_latents"] = fig2["latents"]["dead"]
-            metrics["sae_dead_labels_dropped"] = dead_labels
-        for s in sources:
-            for status, name in (
-                ("ok", "assigned"),
-                ("uncategorized", "uncategorized"),
-                ("failed", "failed"),
-            ):
-                metrics[f"{name}_{s}"] = sum(r["source"] == s and r["status"] == status for r in rows)
-        if "sae" in sources and cfg.sae_subcategories:
-            metrics["sae_subcategory_sets"] = len(subs.sets)
-            metrics["sae_subcategorized"] = sum(r["subcategory"] is not None for r in rows)
-        costs = [c.cost_usd() if c.requests else 0.0 for c in clients]
-        if None not in costs:
-            metrics["cost_usd"] = sum(c for c in costs if c is not None)  # every client is priced
-        else:  # unpriced (genai-prices): say why rather than log 0
-            notes = {c.cost_note() for c in clients if c.requests and c.cost_usd() is None}
-            mlflow.set_tag("categorize.cost_note", "; ".join(sorted(n for n in notes if n)))
+        metrics = _metrics(cfg, labelled, made, rows, figures["figure2.json"], (generator, assigner))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="categories")
     return out

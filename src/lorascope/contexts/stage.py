@@ -28,7 +28,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -39,6 +39,11 @@ from lorascope.contexts.tables import EXCLUDED_KEY, LATENTS_KEY
 from lorascope.extract.store import Shard
 from lorascope.project import workspace_root
 from lorascope.sources import FeatureSource, open_source
+
+if TYPE_CHECKING:
+    from lorascope.contexts.params import ContextsSection
+    from lorascope.exclusion import Exclusion
+    from lorascope.extract.store import Store
 
 BASE = paths.BASE
 CONTEXTS_SCHEMA = pa.schema(
@@ -94,12 +99,12 @@ def token_keys(seed: int, shard: Shard) -> Any:
     return torch.rand(shard.tokens, generator=generator)
 
 
-def _load_checkpoint(path: Path, fp: dict[str, Any], selector: Selector) -> int:
-    """Restore the state saved after the last finished shard when it belongs to this exact run (same
-    params and inputs); returns the next shard index (0: start over)."""
+def _load_checkpoint(path: Path, claimed: bool, selector: Selector) -> int:
+    """Restore the state saved after the last finished shard when the run's claim kept it (a run with
+    the same params and inputs left it); returns the next shard index (0: start over)."""
     import torch
 
-    if not resume.claim(path, fp) or not path.is_file():
+    if not claimed or not path.is_file():
         return 0
     saved = torch.load(path, weights_only=True, map_location="cpu")
     selector.state = {k: v.to(selector.device) for k, v in saved["state"].items()}
@@ -116,22 +121,102 @@ def _save_checkpoint(path: Path, selector: Selector, next_shard: int) -> None:
         torch.save({"state": state, "next_shard": next_shard}, tmp)
 
 
+def _select(
+    cfg: ContextsSection,
+    features: FeatureSource,
+    selector: Selector,
+    exclusion: Exclusion,
+    start_shard: int,
+    ckpt: Path,
+    device: Any,
+    on_shard: Callable[[Shard], None] | None,
+) -> None:
+    """Stream the store's shards from ``start_shard`` to the device and update the selection with each
+    (tokens the exclusion policy names left out), saving the state after every shard."""
+    from lorascope.devices import prefetched
+    from lorascope.progress import track
+
+    store = features.store
+    shards = store.shards
+    todo = prefetched(shards[start_shard:], store.read, device)  # shards streamed to the device
+    for shard, (acts_TC, ids_T) in track(todo, f"contexts {features.name}", total=len(shards) - start_shard):
+        lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
+        view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
+        reasons = exclusion.reasons(acts_TC, view.ids_T, store.document_starts(shard))
+        selector.update(view, features.encode, token_keys(cfg.seed, shard), reasons)
+        _save_checkpoint(ckpt, selector, shard.index + 1)
+        if on_shard is not None:
+            on_shard(shard)
+
+
+def _excluded(selector: Selector, store: Store) -> dict[str, int]:
+    """Tokens the exclusion policy left out, in all and per reason; a policy that leaves no token is a
+    one-line error."""
+    from lorascope.errors import LorascopeError
+    from lorascope.exclusion import REASONS
+
+    excluded = {"excluded": int(selector.state["excluded"])}
+    excluded |= {r: int(selector.state[f"excluded.{r}"]) for r in REASONS}
+    if int(selector.state["tokens"]) == 0 and excluded["excluded"]:
+        by = ", ".join(f"{r} {excluded[r]}" for r in REASONS)
+        raise LorascopeError(
+            f"contexts.exclude: leaves no tokens in {store.root} ({excluded['excluded']} of {store.tokens} "
+            f"excluded: {by})"
+        )
+    return excluded
+
+
+def _write_tables(
+    source: str, selector: Selector, features: FeatureSource, renderer: Any, excluded: dict[str, int]
+) -> tuple[Any, Any]:
+    """Write the contexts and features tables (the latter's metadata: what was excluded and, for the SAE,
+    the live and dead latents); returns both tables."""
+    contexts_path, features_path = out_paths(source)
+    table = contexts_table(selector, features, renderer)
+    stats = features_table(selector, features)
+    meta = {EXCLUDED_KEY: json.dumps(excluded, sort_keys=True).encode()}
+    if source == "sae":
+        counts = {"d_sae": len(features.features) + features.dead, "alive": len(features.features),
+                  "dead": features.dead}  # fmt: skip
+        meta[LATENTS_KEY] = json.dumps(counts).encode()
+    stats = stats.replace_schema_metadata(meta)
+    _write_parquet(contexts_path, table)
+    _write_parquet(features_path, stats)
+    return table, stats
+
+
+def _metrics(
+    features: FeatureSource, table: Any, stats: Any, excluded: dict[str, int], start_shard: int
+) -> dict[str, float]:
+    """The run's metrics: features, tokens and rows, dead features, exclusions, the shard resumed at."""
+    from lorascope.exclusion import REASONS
+
+    return {
+        "features": float(len(features.features) * len(features.signs)),
+        "tokens": float(features.store.tokens),
+        "rows": float(table.num_rows),
+        "dead_features": float(sum(1 for d in stats.column("density").to_pylist() if d == 0)),
+        "dead_latents_skipped": float(features.dead),
+        "excluded_tokens": float(excluded["excluded"]),
+        **{f"excluded_{r}": float(excluded[r]) for r in REASONS},
+        "resumed_from_shard": float(start_shard),
+    }
+
+
 def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = None) -> Path:
     """Select contexts for every feature of ``source``; returns the contexts table path.
     ``on_shard`` runs after each shard's state is saved (the tests use it to simulate a kill)."""
     import mlflow
 
-    from lorascope.devices import prefetched, resolve_device
-    from lorascope.errors import LorascopeError
-    from lorascope.exclusion import REASONS, Exclusion
+    from lorascope.devices import resolve
+    from lorascope.exclusion import Exclusion
     from lorascope.models import load_tokenizer
-    from lorascope.progress import track
     from lorascope.tokens import TokenRenderer
     from lorascope.tracking import stage_run
 
     cfg = params.contexts
     root = workspace_root()
-    device = resolve_device(cfg.device, "contexts.device")
+    device, _ = resolve(cfg.device, None, "contexts")
     # SAE: live latents only (alive.json), encoded on the device
     features = open_source(source, root, live_only=True, device=device)
     renderer = TokenRenderer(load_tokenizer(root / BASE))
@@ -139,61 +224,25 @@ def run(params: Params, source: str, on_shard: Callable[[Shard], None] | None = 
     ckpt = checkpoint_path(source)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     store = features.store
-    shards = store.shards
     exclusion = Exclusion.of(store, cfg.exclude, "contexts.exclude")
     with stage_run(
         "contexts", params, features.inputs, run_name=source, tags={"contexts.source": source}
     ) as tr:
-        fp = resume.fingerprint(params, "contexts", tr.inputs_md5, source=source)
-        start_shard = _load_checkpoint(ckpt, fp, selector)
+        start_shard = _load_checkpoint(ckpt, tr.claim(ckpt, source=source), selector)
         started = time.perf_counter()
-        todo = prefetched(shards[start_shard:], store.read, device)  # shards streamed to the device
-        for shard, (acts_TC, ids_T) in track(todo, f"contexts {source}", total=len(shards) - start_shard):
-            lengths = [d[2] for d in store.documents[shard.first_doc : shard.last_doc]]
-            view = ShardView.build(shard.start, acts_TC, ids_T, lengths)
-            reasons = exclusion.reasons(acts_TC, view.ids_T, store.document_starts(shard))
-            selector.update(view, features.encode, token_keys(cfg.seed, shard), reasons)
-            _save_checkpoint(ckpt, selector, shard.index + 1)
-            if on_shard is not None:
-                on_shard(shard)
+        _select(cfg, features, selector, exclusion, start_shard, ckpt, device, on_shard)
         elapsed = time.perf_counter() - started
-        scanned = sum(s.tokens for s in shards[start_shard:])
+        scanned = sum(s.tokens for s in store.shards[start_shard:])
         selector.to("cpu")
-        excluded = {"excluded": int(selector.state["excluded"])}
-        excluded |= {r: int(selector.state[f"excluded.{r}"]) for r in REASONS}
-        if int(selector.state["tokens"]) == 0 and excluded["excluded"]:
-            by = ", ".join(f"{r} {excluded[r]}" for r in REASONS)
-            raise LorascopeError(
-                f"contexts.exclude: leaves no tokens in {store.root} ({excluded['excluded']} of {store.tokens} "
-                f"excluded: {by})"
-            )
-        contexts_path, features_path = out_paths(source)
-        table = contexts_table(selector, features, renderer)
-        stats = features_table(selector, features)
-        meta = {EXCLUDED_KEY: json.dumps(excluded, sort_keys=True).encode()}
-        if source == "sae":
-            counts = {"d_sae": len(features.features) + features.dead, "alive": len(features.features),
-                      "dead": features.dead}  # fmt: skip
-            meta[LATENTS_KEY] = json.dumps(counts).encode()
-        stats = stats.replace_schema_metadata(meta)
-        _write_parquet(contexts_path, table)
-        _write_parquet(features_path, stats)
-        metrics = {
-            "features": float(len(features.features) * len(features.signs)),
-            "tokens": float(store.tokens),
-            "rows": float(table.num_rows),
-            "dead_features": float(sum(1 for d in stats.column("density").to_pylist() if d == 0)),
-            "dead_latents_skipped": float(features.dead),
-            "excluded_tokens": float(excluded["excluded"]),
-            **{f"excluded_{r}": float(excluded[r]) for r in REASONS},
-            "resumed_from_shard": float(start_shard),
-        }
+        excluded = _excluded(selector, store)
+        table, stats = _write_tables(source, selector, features, renderer, excluded)
+        metrics = _metrics(features, table, stats, excluded, start_shard)
         if scanned and elapsed > 0:
             metrics["activations_per_second"] = scanned * len(store.components) / elapsed
         mlflow.log_metrics(metrics)
-        tr.log_outputs(contexts_path, features_path)
+        tr.log_outputs(*out_paths(source))
     resume.release(ckpt)
-    return contexts_path
+    return out_paths(source)[0]
 
 
 def _write_parquet(path: Path, table: Any) -> None:

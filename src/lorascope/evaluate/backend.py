@@ -168,15 +168,13 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
     import json
 
     from lorascope.atomic import atomic_path
-    from lorascope.models import load_merged, save_tokenizer
+    from lorascope.models import load_merged, pretrained_model, pretrained_tokenizer, save_tokenizer
 
     if (out_dir / "config.json").is_file() and (out_dir / PROBE_FILE).is_file():
         return out_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     assert spec.adapter is not None
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, revision=spec.revision)
-    model = AutoModelForCausalLM.from_pretrained(spec.pretrained, revision=spec.revision, dtype=dtype)
+    tokenizer = pretrained_tokenizer(spec.tokenizer, spec.revision)
+    model = pretrained_model(spec.pretrained, spec.revision, dtype=dtype)
     ids = _probe_ids(tokenizer)
     base = _logprobs(model, ids)
     merged = load_merged(model, spec.adapter)
@@ -226,11 +224,12 @@ def check_adapter_applied(lm: Any, cfg: EvaluateSection, spec: ModelSpec) -> flo
 def build(cfg: EvaluateSection, spec: ModelSpec, merged_dir: Path, format: str = "think") -> Any:
     """The ready lm-eval model for a variant prompted in ``format``; an adapter that does not fit the
     base, or that the engine does not apply, is a one-line error."""
-    import torch
+    from lorascope.devices import resolve
 
     cls = lm_class(cfg.backend)
     if cfg.backend == "hf":
-        args = hf_args(cfg, spec, "cuda" if torch.cuda.is_available() else "cpu")
+        device, _ = resolve("auto", None, "evaluate")  # the GPU when there is one (the dtype: cfg.dtype)
+        args = hf_args(cfg, spec, str(device))
     else:
         merged = None
         if spec.adapter and cfg.lora_serving == "merged":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorascope import paths
 from lorascope.atomic import write_json, write_text
@@ -26,6 +26,10 @@ from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.evaluate import benchmarks
 from lorascope.project import workspace_root
+
+if TYPE_CHECKING:
+    from lorascope.evaluate.params import EvaluateSection
+    from lorascope.tracking import StageRun
 
 TASK_DIR = Path(__file__).with_name("tasks")
 BASE = paths.BASE
@@ -115,16 +119,107 @@ def _correctness(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[int]]
     return list(by_q), list(by_q.values())
 
 
-def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
-    """Evaluate ``variant`` on ``tasks`` (default: ``evaluate.tasks``); returns its metrics file."""
-    import mlflow
-    import pandas as pd
+def _generate(
+    lm: Any, cfg: EvaluateSection, tasks: list[str], metadata: dict[str, Any], cache: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Every task's sample rows, one lm-eval pass per decode (greedy, or each of ``evaluate.samples``):
+    each sample is its own request in the cache, so a resumed run generates only what is missing."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lorascope.evaluate.backend import build, resolve
     from lorascope.evaluate.forcing import SAMPLE_KEY
+
+    decodes: list[int | None] = list(range(cfg.samples)) if cfg.samples else [None]
+    rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+    for sample in decodes:  # one pass per decode: each sample is its own request in the cache
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata),
+            use_cache=str(cache),
+            limit=cfg.limit,
+            gen_kwargs={
+                "max_gen_toks": cfg.max_gen_toks,
+                **({} if sample is None else {SAMPLE_KEY: sample}),
+            },
+            log_samples=True,
+            bootstrap_iters=0,  # the CIs are lorascope's own bootstrap over questions
+            random_seed=cfg.seed,
+        )
+        for t in tasks:
+            rows[t] += _sample_rows(results["samples"][t], sample)
+    return rows
+
+
+def _score(
+    cfg: EvaluateSection, rows: dict[str, list[dict[str, Any]]], counts: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per task: the summary (score with its bootstrap CI, pass@k, fallback and missing answers, rows
+    counted) and the per-question correctness; each task's metrics and samples go to the run."""
+    import mlflow
+    import pandas as pd
+
     from lorascope.evaluate.uncertainty import task_summary
+
+    per_task: dict[str, Any] = {}
+    questions: dict[str, Any] = {}
+    for t, task_rows in rows.items():
+        ids, correct = _correctness(task_rows)
+        questions[t] = {"ids": ids, "correct": correct}
+        per_task[t] = {
+            **task_summary(correct, cfg.bootstrap_iters, cfg.seed, t),
+            "fallback": sum(r["method"] == "fallback" for r in task_rows),
+            "no_answer_extracted": sum(r["method"] == "none" for r in task_rows),
+            **counts[t],
+        }
+        mlflow.log_metrics(  # MLflow names take no "@": pass@4 is logged as pass_at_4
+            {
+                f"{t}.{k}".replace("@", "_at_"): float(v)
+                for k, v in per_task[t].items()
+                if isinstance(v, (int, float))
+            }
+        )
+        mlflow.log_table(pd.DataFrame(task_rows), artifact_file=f"samples/{t}.json")
+    return per_task, questions
+
+
+def _write_outputs(
+    run: StageRun, cfg: EvaluateSection, variant: str, per_task: dict[str, Any], questions: dict[str, Any]
+) -> Path:
+    """``metrics/eval/<variant>.questions.json`` (compact: the paired bootstrap's input) and
+    ``metrics/eval/<variant>.json``, each tagged on the run as it lands."""
+    import mlflow
+
+    decoding = {
+        "samples": cfg.samples,
+        "temperature": cfg.temperature if cfg.samples else 0.0,
+        "format": cfg.variants[variant].format,
+    }
+    qpath = questions_path(variant)
+    write_text(qpath, json.dumps({"variant": variant, **decoding, "tasks": questions}, sort_keys=True,
+                                 separators=(",", ":")) + "\n")  # fmt: skip
+    run.log_outputs(qpath)
+    out = metrics_path(variant)
+    write_json(
+        out,
+        {
+            "variant": variant,
+            "model": cfg.variants[variant].model,
+            "backend": cfg.backend,
+            "decoding": decoding,
+            "tasks": per_task,
+        },
+    )
+    mlflow.log_artifact(str(out))
+    run.log_outputs(out)
+    return out
+
+
+def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
+    """Evaluate ``variant`` on ``tasks`` (default: ``evaluate.tasks``); returns its metrics file."""
+    import mlflow
+
+    from lorascope.evaluate.backend import build, resolve
     from lorascope.tracking import stage_run
 
     cfg, root = params.evaluate, workspace_root()
@@ -152,72 +247,12 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
         lm = build(
             cfg, spec, root / paths.checkpoints("evaluate") / "merged" / variant, cfg.variants[variant].format
         )
-        decodes: list[int | None] = list(range(cfg.samples)) if cfg.samples else [None]
-        rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
-        for sample in decodes:  # one pass per decode: each sample is its own request in the cache
-            results = simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                task_manager=TaskManager(
-                    include_path=str(TASK_DIR), include_defaults=False, metadata=metadata
-                ),
-                use_cache=str(cache),
-                limit=cfg.limit,
-                gen_kwargs={
-                    "max_gen_toks": cfg.max_gen_toks,
-                    **({} if sample is None else {SAMPLE_KEY: sample}),
-                },
-                log_samples=True,
-                bootstrap_iters=0,  # the CIs are lorascope's own bootstrap over questions
-                random_seed=cfg.seed,
-            )
-            for t in tasks:
-                rows[t] += _sample_rows(results["samples"][t], sample)
-        per_task: dict[str, Any] = {}
-        questions: dict[str, Any] = {}
-        for t in tasks:
-            ids, correct = _correctness(rows[t])
-            questions[t] = {"ids": ids, "correct": correct}
-            per_task[t] = {
-                **task_summary(correct, cfg.bootstrap_iters, cfg.seed, t),
-                "fallback": sum(r["method"] == "fallback" for r in rows[t]),
-                "no_answer_extracted": sum(r["method"] == "none" for r in rows[t]),
-                **counts[t],
-            }
-            mlflow.log_metrics(  # MLflow names take no "@": pass@4 is logged as pass_at_4
-                {
-                    f"{t}.{k}".replace("@", "_at_"): float(v)
-                    for k, v in per_task[t].items()
-                    if isinstance(v, (int, float))
-                }
-            )
-            mlflow.log_table(pd.DataFrame(rows[t]), artifact_file=f"samples/{t}.json")
+        rows = _generate(lm, cfg, tasks, metadata, cache)
+        per_task, questions = _score(cfg, rows, counts)
         mlflow.log_metrics(
             {"generated_requests": lm.generated_requests, "generated_tokens": lm.generated_tokens}
         )
-        decoding = {
-            "samples": cfg.samples,
-            "temperature": cfg.temperature if cfg.samples else 0.0,
-            "format": cfg.variants[variant].format,
-        }
-        qpath = questions_path(variant)
-        write_text(qpath, json.dumps({"variant": variant, **decoding, "tasks": questions}, sort_keys=True,
-                                     separators=(",", ":")) + "\n")  # fmt: skip
-        sr.log_outputs(qpath)
-        out = metrics_path(variant)
-        write_json(
-            out,
-            {
-                "variant": variant,
-                "model": cfg.variants[variant].model,
-                "backend": cfg.backend,
-                "decoding": decoding,
-                "tasks": per_task,
-            },
-        )
-        mlflow.log_artifact(str(out))
-        sr.log_outputs(out)
-    return out
+        return _write_outputs(sr, cfg, variant, per_task, questions)
 
 
 def _per_question(variant: str) -> dict[str, dict[str, float]]:

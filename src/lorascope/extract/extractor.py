@@ -49,9 +49,10 @@ class Extractor:
         ``merged`` with a ``check``: the merged model is measured against the unmerged adapter on the
         check tokens (``merge_check``) and kept only within the tolerances, else the unmerged model
         is reloaded and read through ``lora_A`` (``method`` becomes ``lora_a``)."""
-        from lorascope.models import check_adapter_base, compute_dtype, load_adapter, load_model
+        from lorascope.devices import resolve
+        from lorascope.models import check_adapter_base, load_adapter, load_model
 
-        dtype = compute_dtype(precision, device)
+        _, dtype = resolve(device, precision, "extract")
 
         def unmerged() -> Any:
             assert adapter_dir is not None  # only the lora source has an adapter

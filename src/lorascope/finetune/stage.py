@@ -15,14 +15,17 @@ import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorascope import paths
 from lorascope.atomic import write_json
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.project import workspace_root
-from lorascope.resume import claim, fingerprint, release
+from lorascope.resume import release
+
+if TYPE_CHECKING:
+    from lorascope.tracking import StageRun
 
 Variant = Literal["lora", "full"]
 PREPARED = paths.PREPARED
@@ -56,10 +59,9 @@ def training_dtype(precision: str) -> Any:
     only, so on the CPU it would silently train in float32."""
     import torch
 
-    from lorascope.devices import resolve_dtype
+    from lorascope.devices import resolve
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(precision, device, "finetune.precision")
+    device, dtype = resolve("auto", precision, "finetune")
     if dtype == torch.float16 and device.type == "cpu":
         raise LorascopeError(
             "finetune.precision: float16 training needs a CUDA GPU (fp16 autocast with loss scaling); "
@@ -174,17 +176,77 @@ def training_arguments(params: Params, variant: Variant, world_size: int, output
     )
 
 
-def _resume_point(params: Params, variant: str, inputs: Sequence[Path], state: Any) -> str | None:
+def _resume_point(run: StageRun | None, variant: str, state: Any) -> str | None:
     """The last checkpoint if it belongs to this exact run (same params and inputs), else None:
-    rank 0 claims the checkpoint directory (removing stale checkpoints), then every rank reads it."""
+    rank 0 (the one with the stage ``run``) claims the checkpoint directory (removing stale
+    checkpoints), then every rank reads it."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = checkpoint_dir(variant)
-    if state.is_main_process:
-        claim(ckpt_dir, fingerprint(params, "finetune", inputs, variant=variant))
+    if run is not None:
+        run.claim(ckpt_dir, variant=variant)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def _log_setup(
+    variant: Variant, args: Any, processes: int, resume: str | None, model: Any, counts: dict[str, float]
+) -> None:
+    """The run's params (launch, batch arithmetic, precision in force, the checkpoint resumed from)
+    and the model's parameter counts (and, for the LoRA, the modules it adapts)."""
+    import mlflow
+
+    from lorascope.finetune.adapter import adapted_modules
+
+    mlflow.log_params(
+        {
+            "variant": variant,
+            "processes": processes,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "effective_lr": args.learning_rate,
+            "bf16_active": args.bf16,
+            "fp16_active": args.fp16,
+            "resumed_from": Path(resume).name if resume else "none",
+        }
+    )
+    if variant == "lora":
+        counts["adapted_modules"] = len(adapted_modules(model))
+    mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+
+
+def _save_partial(trainer: Any, partial: Path, state: Any) -> None:
+    """Save the trained model into ``partial`` from every rank (FSDP / ZeRO-3 gather the weights
+    before rank 0 writes), after rank 0 cleared what a killed run left there."""
+    if state.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    state.wait_for_everyone()
+    trainer.save_model(str(partial))
+    state.wait_for_everyone()
+
+
+def _publish(
+    run: StageRun, variant: Variant, partial: Path, out: Path, base_dir: Path, tokenizer: Any, result: Any
+) -> None:
+    """Rank 0: make ``partial`` the output (the full model with its tokenizer, or the adapter naming
+    its base portably), move it into place, log the loss and outputs, and drop the checkpoints."""
+    import mlflow
+
+    from lorascope.models import save_tokenizer
+
+    (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
+    if variant == "full":
+        save_tokenizer(tokenizer, partial)
+    else:
+        name_adapter_base(partial, base_dir)
+    mlflow.log_metrics({"train_loss": float(result.training_loss), "global_steps": float(result.global_step)})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    if variant == "lora":  # full weights are referenced by their DVC md5, never copied
+        mlflow.log_artifacts(str(out), artifact_path="adapter")
+    run.log_outputs(out)
+    release(checkpoint_dir(variant))
 
 
 def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path:
@@ -192,14 +254,13 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
 
     ``callbacks`` are extra ``TrainerCallback``s (the tests use one to simulate a kill).
     """
-    import mlflow
     import torch
     from accelerate import PartialState
     from transformers import Trainer
 
     from lorascope.finetune.data import Collator, PreparedRows
     from lorascope.finetune.step_logger import MlflowStepLogger
-    from lorascope.models import load_tokenizer, save_tokenizer
+    from lorascope.models import load_tokenizer
     from lorascope.tracking import stage_run
 
     root = workspace_root()
@@ -212,7 +273,6 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
     model = build_model(params, variant, base_dir)
     counts = parameter_counts(model)
 
-    resume = _resume_point(params, variant, [prepared, base_dir], state)
     partial = out.with_name(f".{out.name}.partial")  # same path on every rank: save_model gathers into it
     tracked = (
         stage_run(
@@ -226,23 +286,9 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
         else nullcontext()
     )
     with tracked as tracked_run:
+        resume = _resume_point(tracked_run, variant, state)
         if tracked_run is not None:
-            from lorascope.finetune.adapter import adapted_modules
-
-            mlflow.log_params(
-                {
-                    "variant": variant,
-                    "processes": state.num_processes,
-                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                    "effective_lr": args.learning_rate,
-                    "bf16_active": args.bf16,
-                    "fp16_active": args.fp16,
-                    "resumed_from": Path(resume).name if resume else "none",
-                }
-            )
-            if variant == "lora":
-                counts["adapted_modules"] = len(adapted_modules(model))
-            mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+            _log_setup(variant, args, state.num_processes, resume, model, counts)
         trainer = Trainer(
             model=model,
             args=args,
@@ -251,26 +297,8 @@ def run(params: Params, variant: Variant, callbacks: Sequence[Any] = ()) -> Path
             callbacks=[MlflowStepLogger(), *callbacks],
         )
         result = trainer.train(resume_from_checkpoint=resume)
-        if state.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        state.wait_for_everyone()
-        trainer.save_model(str(partial))  # every rank: FSDP / ZeRO-3 gather before rank 0 writes
-        state.wait_for_everyone()
+        _save_partial(trainer, partial, state)
         if tracked_run is not None:
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
-            if variant == "full":
-                save_tokenizer(tokenizer, partial)
-            else:
-                name_adapter_base(partial, base_dir)
-            mlflow.log_metrics(
-                {"train_loss": float(result.training_loss), "global_steps": float(result.global_step)}
-            )
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(partial, out)
-            if variant == "lora":  # full weights are referenced by their DVC md5, never copied
-                mlflow.log_artifacts(str(out), artifact_path="adapter")
-            tracked_run.log_outputs(out)
-            release(checkpoint_dir(variant))
+            _publish(tracked_run, variant, partial, out, base_dir, tokenizer, result)
     state.wait_for_everyone()
     return out

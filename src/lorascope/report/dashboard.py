@@ -314,26 +314,16 @@ def _why(e: Exception) -> str:
     return str(e) if isinstance(e, LorascopeError) else f"{type(e).__name__}: {e}"
 
 
-def _add_source(
-    root: Path,
-    source: str,
-    cfg: ReportSection,
-    out: _Collector,
-    categories: dict[tuple[str, int, int], tuple[str | None, str | None]],
-    renderer: Any,
-    missing: list[str],
-    meta: dict[str, Any],
-) -> int:
-    """Add ``source``'s features to ``out``; returns how many. Raises for a source that is skipped
-    (then nothing of it is added)."""
-    import numpy as np
-    import pyarrow.compute as pc
+def _source_labels(
+    root: Path, source: str, cfg: ReportSection, meta: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[tuple[int, int], dict[str, Any]]]:
+    """``source``'s labels (SAE: live latents only, the dropped ones counted in ``meta``) and its
+    features table by ``(feature, sign)``; a missing label set, contexts or features table skips it."""
     import pyarrow.parquet as pq
 
     labels_path = root / paths.labels(source)
-    ctx_path = root / paths.contexts(source)
     stats_path = root / paths.features(source)
-    for p in (labels_path, ctx_path, stats_path):
+    for p in (labels_path, root / paths.contexts(source), stats_path):
         if not p.is_file():
             raise LorascopeError(f"{_rel(root, p)} not found")
     labels = _labels(labels_path, cfg.max_features)
@@ -346,17 +336,41 @@ def _add_source(
         meta["sae_latents"] = {"d_sae": d_sae, "alive": len(alive), "dead": d_sae - len(alive),
                                "dead_labels_dropped": len(labels) - len(kept)}  # fmt: skip
         labels = kept
-    keys = [(int(r["feature"]), int(r["sign"])) for r in labels]
     stats = {
         (int(r["feature"]), int(r["sign"])): r
         for r in pq.read_table(stats_path, columns=["feature", "sign", "max", "min", "density"]).to_pylist()
     }
+    return labels, stats
 
-    # --- the top contexts, grouped by (feature, sign) in label order
+
+@dataclass
+class _Contexts:
+    """A source's top contexts (grouped by feature and sign in label order) as flat arrays: per window
+    its length, selected token's offset (``peak``) and position; per token its vocabulary id and
+    activation."""
+
+    table: Any
+    row_key: Any
+    """``feature * 2 + (sign < 0)`` per window: the group a window belongs to (sorted)."""
+    lengths: Any
+    tokens: Any
+    acts: Any
+    position: Any
+    peak: Any
+
+
+def _read_contexts(
+    root: Path, source: str, keys: list[tuple[int, int]], cfg: ReportSection, out: _Collector
+) -> _Contexts:
+    """The top contexts of ``keys``, checked (tokens and activations agree, the selected token lies in
+    its window); the token strings join ``out``'s vocabulary."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ctx_path = root / paths.contexts(source)
     table = _top_contexts(ctx_path, keys, cfg.contexts_per_feature)
     feat = table["feature"].to_numpy().astype(np.int64)
     sign = table["sign"].to_numpy().astype(np.int64)
-    row_key = feat * 2 + (sign < 0)
     lengths = pc.list_value_length(table["tokens"]).to_numpy(zero_copy_only=False).astype(np.int64)
     acts_len = pc.list_value_length(table["window_acts"]).to_numpy(zero_copy_only=False).astype(np.int64)
     if not np.array_equal(lengths, acts_len):
@@ -367,16 +381,31 @@ def _add_source(
     peak = position - table["window_start"].to_numpy().astype(np.int64)
     if ((peak < 0) | (peak >= lengths)).any():
         raise LorascopeError(f"{_rel(root, ctx_path)}: a selected token lies outside its window")
-    tok_start = np.concatenate([[0], np.cumsum(lengths)])
-    vocab = list(out.vocab)
-    # contexts of features not in the label set (dead, or past max_features) are dropped
-    keep = np.zeros(len(lengths), bool)
+    return _Contexts(table, feat * 2 + (sign < 0), lengths, tokens, acts, position, peak)
+
+
+def _feature_rows(
+    source: str,
+    labels: list[dict[str, Any]],
+    ctx: _Contexts,
+    stats: dict[tuple[int, int], dict[str, Any]],
+    categories: dict[tuple[str, int, int], tuple[str | None, str | None]],
+    vocab: list[str],
+) -> tuple[list[dict[str, Any]], Any]:
+    """One dashboard row per label (its contexts' range, their most selected tokens, its statistics
+    and category), and which context windows are kept: those of features not in the label set (dead,
+    or past ``max_features``) are dropped."""
+    import numpy as np
+
+    tok_start = np.concatenate([[0], np.cumsum(ctx.lengths)])
+    keep = np.zeros(len(ctx.lengths), bool)
     features, first = [], 0
-    for r, (f, s) in zip(labels, keys, strict=True):
+    for r in labels:
+        f, s = int(r["feature"]), int(r["sign"])
         k = f * 2 + (s < 0)
-        lo, hi = int(np.searchsorted(row_key, k, "left")), int(np.searchsorted(row_key, k, "right"))
+        lo, hi = int(np.searchsorted(ctx.row_key, k, "left")), int(np.searchsorted(ctx.row_key, k, "right"))
         keep[lo:hi] = True
-        picked = Counter(int(tokens[tok_start[j] + peak[j]]) for j in range(lo, hi))
+        picked = Counter(int(ctx.tokens[tok_start[j] + ctx.peak[j]]) for j in range(lo, hi))
         st = stats.get((f, s), {})
         cat, sub = categories.get((source, f, s), (None, None))
         cls = r.get("classification")
@@ -391,7 +420,76 @@ def _add_source(
             "ctx": [first, hi - lo], "hist": None, "sample": None, "heat": None,
         })  # fmt: skip
         first += hi - lo
-    tok_keep = np.repeat(keep, lengths)
+    return features, keep
+
+
+def _sae_heat(
+    root: Path, features: list[dict[str, Any]], meta: dict[str, Any], missing: list[str]
+) -> list[list[float]]:
+    """The SAE latents' decoder heatmaps (their grid into ``meta``); none, with the reason in
+    ``missing``, when they cannot be made."""
+    try:
+        grid, heat = _heatmap(root, [f["id"] for f in features])
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"sae: no decoder heatmaps ({_why(e)})")
+        return []
+    meta["heatmap"] = grid
+    return heat
+
+
+def _commit(
+    out: _Collector,
+    features: list[dict[str, Any]],
+    ctx: _Contexts,
+    keep: Any,
+    samples: tuple[list[dict[str, Any]], list[Any], list[Any]],
+    heat: list[list[float]],
+    meta: dict[str, Any],
+) -> None:
+    """Append a source's features and arrays to ``out``, shifting its local offsets (contexts,
+    segments, heatmap rows) by what earlier sources added."""
+    import numpy as np
+
+    segments, seg_ids, sample_acts = samples
+    seg_base, ctx_base = len(out.seg_lengths), out.n_ctx
+    for feature in features:
+        feature["ctx"][0] += ctx_base
+        if feature["sample"] is not None:
+            feature["sample"]["seg"] += seg_base
+    for i, feature in enumerate(features if heat else []):
+        feature["heat"] = len(out.heat) + i
+    out.heat.extend(heat)
+    tok_keep = np.repeat(keep, ctx.lengths)
+    out.ctx["tokens"].append(ctx.tokens[tok_keep])
+    out.ctx["acts"].append(ctx.acts[tok_keep])
+    out.ctx["lengths"].append(ctx.lengths[keep])
+    out.ctx["peak"].append(ctx.peak[keep])
+    out.ctx["act"].append(ctx.table["activation"].to_numpy().astype(np.float32)[keep])
+    out.ctx["doc"].append(ctx.table["doc_index"].to_numpy()[keep])
+    out.ctx["pos"].append(ctx.position[keep])
+    out.n_ctx += int(keep.sum())
+    out.seg_tokens.extend(seg_ids)
+    out.seg_lengths.extend(len(ids) for ids in seg_ids)
+    out.sample_acts.extend(sample_acts)
+    meta.setdefault("segments", []).extend(segments)
+    out.features.extend(features)
+
+
+def _add_source(
+    root: Path,
+    source: str,
+    cfg: ReportSection,
+    out: _Collector,
+    categories: dict[tuple[str, int, int], tuple[str | None, str | None]],
+    renderer: Any,
+    missing: list[str],
+    meta: dict[str, Any],
+) -> int:
+    """Add ``source``'s features to ``out``; returns how many. Raises for a source that is skipped
+    (then nothing of it is added)."""
+    labels, stats = _source_labels(root, source, cfg, meta)
+    ctx = _read_contexts(root, source, [(int(r["feature"]), int(r["sign"])) for r in labels], cfg, out)
+    features, keep = _feature_rows(source, labels, ctx, stats, categories, list(out.vocab))
 
     # --- histograms and training samples: one pass over the start of the store
     samples: tuple[list[dict[str, Any]], list[Any], list[Any]] = ([], [], [])
@@ -402,39 +500,9 @@ def _add_source(
         for feature in features:
             feature["hist"] = feature["sample"] = None
 
-    # --- SAE decoder heatmaps
-    heat: list[list[float]] = []
-    if source == "sae":
-        try:
-            grid, heat = _heatmap(root, [f["id"] for f in features])
-            meta["heatmap"] = grid
-        except Exception as e:  # noqa: BLE001
-            missing.append(f"sae: no decoder heatmaps ({_why(e)})")
-            heat = []
-
-    # --- commit (nothing of the source is in ``out`` before this point, except vocabulary entries)
-    segments, seg_ids, sample_acts = samples
-    seg_base, ctx_base = len(out.seg_lengths), out.n_ctx
-    for feature in features:
-        feature["ctx"][0] += ctx_base
-        if feature["sample"] is not None:
-            feature["sample"]["seg"] += seg_base
-    for i, feature in enumerate(features if heat else []):
-        feature["heat"] = len(out.heat) + i
-    out.heat.extend(heat)
-    out.ctx["tokens"].append(tokens[tok_keep])
-    out.ctx["acts"].append(acts[tok_keep])
-    out.ctx["lengths"].append(lengths[keep])
-    out.ctx["peak"].append(peak[keep])
-    out.ctx["act"].append(table["activation"].to_numpy().astype(np.float32)[keep])
-    out.ctx["doc"].append(table["doc_index"].to_numpy()[keep])
-    out.ctx["pos"].append(position[keep])
-    out.n_ctx += int(keep.sum())
-    out.seg_tokens.extend(seg_ids)
-    out.seg_lengths.extend(len(ids) for ids in seg_ids)
-    out.sample_acts.extend(sample_acts)
-    meta.setdefault("segments", []).extend(segments)
-    out.features.extend(features)
+    heat = _sae_heat(root, features, meta, missing) if source == "sae" else []
+    # nothing of the source is in ``out`` before this point, except vocabulary entries
+    _commit(out, features, ctx, keep, samples, heat, meta)
     return len(features)
 
 

@@ -267,24 +267,40 @@ def _cell_grids(cells: list[dict[str, Any]], categories: Sequence[str]) -> tuple
     return layers, kinds, grids
 
 
-def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
-    """Figure 2: one heatmap per category for the LoRA store (rows: layers, columns: component types q, k,
-    v, o, gate, up, down; colour: density), plus, when the MLP store is present, one heatmap of its
-    density by layer (rows) and category (columns). Null densities are grey. One shared 0-1 colour
-    scale. ``FigureInfo.values``: ``lora/<category>`` and ``mlp`` grids."""
-    from matplotlib.colors import Normalize
+Panel = tuple[str, str, Grid, list[str], list[str], str]
+"""One heatmap of Figure 2: ``(values key, title, grid, row labels, column labels, x label)``."""
 
-    categories = list(data.get("categories") or [])
-    if not categories:  # older files: the categories named in any cell
-        old_cells = [c for s in ("lora", "mlp") for c in (data.get(s) or {}).get("cells") or []]
-        categories = list(dict.fromkeys(k for c in old_cells for k in c.get("density") or {}))
+
+def _save_note(fig: Figure, out: Path, dpi: int, note: str) -> FigureInfo:
+    """Save ``fig`` as one empty panel that says why nothing is drawn."""
+    ax = fig.add_subplot()
+    _note(ax, note)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, out, dpi, text=[note])
+
+
+def _density_ticks(layers: list[int], kinds: list[str], categories: list[str]) -> dict[str, list[str]]:
+    """The tick labels a density figure shows: thinned layers and types, every category."""
+    return {
+        "layers": [str(layers[i]) for i in _thin(len(layers))],
+        "types": [_short_type(kinds[i]) for i in _thin(len(kinds))],
+        "categories": [_category_name(c) for c in categories],
+    }
+
+
+def _figure2_panels(
+    data: Mapping[str, Any], categories: list[str]
+) -> tuple[list[Panel], list[int], list[str], list[int]]:
+    """One LoRA panel per category (layers x types) and, when the MLP store is present, one MLP panel
+    (layers x categories): ``(panels, lora layers, lora types, mlp layers)``."""
     layers, kinds, lora = _density_grids(data, categories)
     if not layers:
         lora = {}
     mlp_cells = sorted((data.get("mlp") or {}).get("cells") or [], key=lambda c: int(c["layer"]))
     mlp_layers = [int(c["layer"]) for c in mlp_cells]
     mlp = [[_num((c.get("density") or {}).get(cat)) for cat in categories] for c in mlp_cells]
-    panels: list[tuple[str, str, Grid, list[str], list[str], str]] = [
+    panels: list[Panel] = [
         (
             f"lora/{cat}",
             _category_name(cat),
@@ -300,28 +316,24 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
         panels.append(
             ("mlp", "MLP neurons, all categories", mlp, [str(n) for n in mlp_layers], short, "Category")
         )
+    return panels, layers, kinds, mlp_layers
 
-    ncols = min(3, max(1, len(panels)))
-    nrows = max(1, math.ceil(len(panels) / ncols))
-    n_rows_max = max([len(layers), len(mlp_layers), 1])
-    panel_h = min(7.0, 1.6 + 0.12 * n_rows_max)
-    # at least wide enough for the title and tall enough for the colorbar's label
-    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), max(4.5, 1.0 + panel_h * nrows))
+
+def _figure2_title(panels: list[Panel]) -> str:
+    """What the figure shows, and what grey means when a cell is null."""
     title = (
         "Figure 2, LoRA-direction version: category activation density\n(LoRA directions by layer and type"
     )
     title += "; MLP neurons by layer)" if panels[-1:] and panels[-1][0] == "mlp" else ")"
     if any(v is None for _, _, grid, *_ in panels for row in grid for v in row):
         title += "\ngrey: no categorized feature fired in the cell"
-    fig.suptitle(title, fontsize=11)
-    text: list[str] = []
-    if not panels:
-        ax = fig.add_subplot()
-        text.append("no categories" if not categories else "no density cells")
-        _note(ax, text[-1])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return _save(fig, out, dpi, text=text)
+    return title
+
+
+def _draw_panels(fig: Figure, panels: list[Panel], nrows: int, ncols: int) -> tuple[int, int]:
+    """The panels' heatmaps on one shared 0-1 colour scale (unused axes hidden); returns ``(cells,
+    non-null cells)``."""
+    from matplotlib.colors import Normalize
 
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     norm, cmap = Normalize(0.0, 1.0), _cmap()
@@ -340,6 +352,31 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
         ax.set_visible(False)
     assert image is not None  # panels is not empty
     fig.colorbar(image, ax=list(axes[: len(panels)]), label=DENSITY_LABEL, shrink=0.9)
+    return cells, non_null
+
+
+def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
+    """Figure 2: one heatmap per category for the LoRA store (rows: layers, columns: component types q, k,
+    v, o, gate, up, down; colour: density), plus, when the MLP store is present, one heatmap of its
+    density by layer (rows) and category (columns). Null densities are grey. One shared 0-1 colour
+    scale. ``FigureInfo.values``: ``lora/<category>`` and ``mlp`` grids."""
+    categories = list(data.get("categories") or [])
+    if not categories:  # older files: the categories named in any cell
+        old_cells = [c for s in ("lora", "mlp") for c in (data.get(s) or {}).get("cells") or []]
+        categories = list(dict.fromkeys(k for c in old_cells for k in c.get("density") or {}))
+    panels, layers, kinds, mlp_layers = _figure2_panels(data, categories)
+
+    ncols = min(3, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    n_rows_max = max([len(layers), len(mlp_layers), 1])
+    panel_h = min(7.0, 1.6 + 0.12 * n_rows_max)
+    # at least wide enough for the title and tall enough for the colorbar's label
+    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), max(4.5, 1.0 + panel_h * nrows))
+    fig.suptitle(_figure2_title(panels), fontsize=11)
+    if not panels:
+        return _save_note(fig, out, dpi, "no categories" if not categories else "no density cells")
+
+    cells, non_null = _draw_panels(fig, panels, nrows, ncols)
     return _save(
         fig,
         out,
@@ -349,34 +386,13 @@ def figure2(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
         non_null=non_null,
         scale="linear",
         values={key: grid for key, _, grid, *_ in panels},
-        ticks={
-            "layers": [str(layers[i]) for i in _thin(len(layers))],
-            "types": [_short_type(kinds[i]) for i in _thin(len(kinds))],
-            "categories": [_category_name(c) for c in categories],
-        },
+        ticks=_density_ticks(layers, kinds, categories),
         colorbar=DENSITY_LABEL,
     )
 
 
-def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
-    """The paper's Figure 2 from the SAE latents: a bar per category with its share of the categorized
-    latents' activation mass (``overall.density``), split into its subcategories' parts (share within the
-    category x the category's share), then one heatmap per category of its density by layer (rows) and
-    component type (columns q, k, v, o, gate, up, down), the mass attributed to cells through each latent's
-    decoder row (``attribution``, quoted under the title). ``FigureInfo.values``: ``overall`` (densities
-    in category order), ``sub/<category>`` (segment widths), ``sae/<category>`` (grids)."""
-    from matplotlib.colors import Normalize
-    from matplotlib.ticker import PercentFormatter
-
-    categories = list(data.get("categories") or [])
-    overall = (data.get("overall") or {}).get("density") or {}
-    layers, kinds, grids = _cell_grids(list(data.get("cells") or []), categories)
-    subs = {s.get("category"): s for s in data.get("subcategories") or []}
-    ncols = min(3, max(1, len(grids)))
-    nrows = 1 + max(1, math.ceil(len(grids) / ncols)) if grids else 1
-    panel_h = min(6.0, 1.6 + 0.12 * max(len(layers), 1))
-    bar_h = 0.9 + 0.3 * max(len(categories), 1)
-    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), 1.2 + bar_h + panel_h * (nrows - 1))
+def _figure2_sae_title(data: Mapping[str, Any]) -> str:
+    """The title, with how many latents are categorized, live and dead when the data says."""
     title = "Figure 2: Category activation density of the SAE latents"
     latents = data.get("latents") or {}
     if latents:
@@ -384,19 +400,20 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
             f"\n({latents.get('categorized', '?')} categorized of {latents.get('alive', '?')} live latents; "
         )
         title += f"{latents.get('dead', '?')} dead latents left out)"
-    fig.suptitle(title, fontsize=11)
-    text: list[str] = []
-    if not categories or not overall:
-        ax = fig.add_subplot()
-        text.append(str(data.get("missing") or ("no categories" if not categories else "no SAE densities")))
-        _note(ax, text[-1])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return _save(fig, out, dpi, text=text)
+    return title
 
-    gs = fig.add_gridspec(nrows, ncols, height_ratios=[bar_h] + [panel_h] * (nrows - 1))
-    ax = fig.add_subplot(gs[0, :])
-    values: dict[str, Any] = {"overall": [_num(overall.get(c)) for c in categories]}
+
+def _overall_bars(
+    ax: Axes,
+    categories: list[str],
+    overall: Mapping[str, Any],
+    subs: Mapping[Any, Any],
+    values: dict[str, Any],
+) -> int:
+    """A bar per category with its share of the mass, split into its subcategories' parts when it has
+    them (their widths into ``values``); returns the bars drawn."""
+    from matplotlib.ticker import PercentFormatter
+
     bars = 0
     for i, c in enumerate(categories):
         share = _num(overall.get(c)) or 0.0
@@ -423,6 +440,21 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
     ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.set_xlabel("Share of the categorized latents' activation mass (segments: subcategories)", fontsize=8)
     ax.tick_params(labelsize=8)
+    return bars
+
+
+def _category_heatmaps(
+    fig: Figure,
+    gs: Any,
+    grids: dict[str, Grid],
+    layers: list[int],
+    kinds: list[str],
+    ncols: int,
+    values: dict[str, Any],
+) -> tuple[int, int, int, bool]:
+    """One heatmap per category below the bars (grids into ``values``), one shared colour bar; returns
+    ``(panels, cells, non-null cells, whether a colour bar was drawn)``."""
+    from matplotlib.colors import Normalize
 
     norm, cmap = Normalize(0.0, 1.0), _cmap()
     image, cells, non_null, heat_axes = None, 0, 0, []
@@ -438,25 +470,48 @@ def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
         heat_axes.append(hx)
     if image is not None:
         fig.colorbar(image, ax=heat_axes, label=DENSITY_LABEL, shrink=0.9)
-    if data.get("attribution"):
-        text.append(str(data["attribution"]).split(":")[0])
+    return len(heat_axes), cells, non_null, image is not None
+
+
+def figure2_sae(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
+    """The paper's Figure 2 from the SAE latents: a bar per category with its share of the categorized
+    latents' activation mass (``overall.density``), split into its subcategories' parts (share within the
+    category x the category's share), then one heatmap per category of its density by layer (rows) and
+    component type (columns q, k, v, o, gate, up, down), the mass attributed to cells through each latent's
+    decoder row (``attribution``, quoted under the title). ``FigureInfo.values``: ``overall`` (densities
+    in category order), ``sub/<category>`` (segment widths), ``sae/<category>`` (grids)."""
+    categories = list(data.get("categories") or [])
+    overall = (data.get("overall") or {}).get("density") or {}
+    layers, kinds, grids = _cell_grids(list(data.get("cells") or []), categories)
+    subs = {s.get("category"): s for s in data.get("subcategories") or []}
+    ncols = min(3, max(1, len(grids)))
+    nrows = 1 + max(1, math.ceil(len(grids) / ncols)) if grids else 1
+    panel_h = min(6.0, 1.6 + 0.12 * max(len(layers), 1))
+    bar_h = 0.9 + 0.3 * max(len(categories), 1)
+    fig = _new_figure(max(7.5, 1.4 + 3.3 * ncols), 1.2 + bar_h + panel_h * (nrows - 1))
+    fig.suptitle(_figure2_sae_title(data), fontsize=11)
+    if not categories or not overall:
+        note = str(data.get("missing") or ("no categories" if not categories else "no SAE densities"))
+        return _save_note(fig, out, dpi, note)
+
+    gs = fig.add_gridspec(nrows, ncols, height_ratios=[bar_h] + [panel_h] * (nrows - 1))
+    values: dict[str, Any] = {"overall": [_num(overall.get(c)) for c in categories]}
+    bars = _overall_bars(fig.add_subplot(gs[0, :]), categories, overall, subs, values)
+    heatmaps, cells, non_null, colorbar = _category_heatmaps(fig, gs, grids, layers, kinds, ncols, values)
+    text = [str(data["attribution"]).split(":")[0]] if data.get("attribution") else []
     return _save(
         fig,
         out,
         dpi,
-        panels=1 + len(heat_axes),
+        panels=1 + heatmaps,
         cells=cells,
         non_null=non_null,
         bars=bars,
         scale="linear",
         values=values,
-        ticks={
-            "layers": [str(layers[i]) for i in _thin(len(layers))],
-            "types": [_short_type(kinds[i]) for i in _thin(len(kinds))],
-            "categories": [_category_name(c) for c in categories],
-        },
+        ticks=_density_ticks(layers, kinds, categories),
         text=text,
-        colorbar=DENSITY_LABEL if image is not None else "",
+        colorbar=DENSITY_LABEL if colorbar else "",
     )
 
 

@@ -237,13 +237,31 @@ def run(params: Params) -> Path:
     return out
 
 
-def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
-    """Write every table, figure and page into ``tmp``; returns what the index shows."""
-    from lorascope.report import figures
-    from lorascope.report.dashboard import build
+PAPER_FIGURES = (
+    (FIGURE1, "Figure 1", "figure1", "Figure 1: category shares", "figure1"),
+    (
+        FIGURE2,
+        "Figure 2",
+        "figure2",
+        "Figure 2: category density of the SAE latents (overall, subcategories, layer x component)",
+        "figure2_sae",
+    ),
+    (
+        FIGURE2_LORA,
+        "Figure 2 (LoRA directions)",
+        "figure2_lora",
+        "Figure 2, LoRA-direction version: category density of LoRA directions and MLP neurons",
+        "figure2",
+    ),
+    (FIGURE3, "Figure 3", "figure3", "Figure 3: ablation KL by layer and component type", "figure3"),
+    (SAE, "SAE metrics", "sae", "SAE: FVU by layer and type, L0, alive latents", "sae_metrics"),
+)
+"""Each figure drawn from one JSON file, in page order: ``(its data, what a missing one is called, file
+name, title, the ``report.figures`` function that draws it)``."""
 
-    tmp.mkdir(parents=True)
-    page = Page()
+
+def _tables(root: Path, tmp: Path, page: Page) -> None:
+    """Tables 1 and 2 from ``metrics/recovery.json`` (Table 2: when an ablated adapter was evaluated)."""
     if (recovery := _load(root, RECOVERY, page, "Table 1")) is not None:
         _write_table(
             tmp, "table1", "Table 1: recovery of the full finetune", table1(recovery), RECOVERY, page
@@ -254,52 +272,29 @@ def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
             page.missing.append("Table 2: no ablated adapter was evaluated (evaluate.variants)")
     else:
         page.missing.append(f"Table 2: {RECOVERY} not found")
-    if (fig1 := _load(root, FIGURE1, page, "Figure 1")) is not None:
-        _figure(
-            tmp,
-            "figure1",
-            "Figure 1: category shares",
-            lambda p: figures.figure1(fig1, p, cfg.dpi),
-            FIGURE1,
-            page,
-        )
-    if (fig2 := _load(root, FIGURE2, page, "Figure 2")) is not None:
-        _figure(
-            tmp,
-            "figure2",
-            "Figure 2: category density of the SAE latents (overall, subcategories, layer x component)",
-            lambda p: figures.figure2_sae(fig2, p, cfg.dpi),
-            FIGURE2,
-            page,
-        )
-    if (fig2_lora := _load(root, FIGURE2_LORA, page, "Figure 2 (LoRA directions)")) is not None:
-        _figure(
-            tmp,
-            "figure2_lora",
-            "Figure 2, LoRA-direction version: category density of LoRA directions and MLP neurons",
-            lambda p: figures.figure2(fig2_lora, p, cfg.dpi),
-            FIGURE2_LORA,
-            page,
-        )
-    if (fig3 := _load(root, FIGURE3, page, "Figure 3")) is not None:
-        _figure(
-            tmp,
-            "figure3",
-            "Figure 3: ablation KL by layer and component type",
-            lambda p: figures.figure3(fig3, p, cfg.dpi),
-            FIGURE3,
-            page,
-        )
-        _ablation_plots(root, tmp)
-    if (sae := _load(root, SAE, page, "SAE metrics")) is not None:
-        _figure(
-            tmp,
-            "sae",
-            "SAE: FVU by layer and type, L0, alive latents",
-            lambda p: figures.sae_metrics(sae, p, cfg.dpi),
-            SAE,
-            page,
-        )
+
+
+def _drawer(draw: Callable[[Any, Path, int], Any], data: Any, dpi: int) -> Callable[[Path], Any]:
+    """``draw(data, path, dpi)`` as a function of the path alone (what ``_figure`` calls)."""
+    return lambda path: draw(data, path, dpi)
+
+
+def _paper_figures(root: Path, cfg: Any, tmp: Path, page: Page) -> None:
+    """Every figure of ``PAPER_FIGURES`` whose data is there (Figure 3 with the ablation sweeps' plots)."""
+    from lorascope.report import figures
+
+    for rel, what, name, title, draw in PAPER_FIGURES:
+        if (data := _load(root, rel, page, what)) is None:
+            continue
+        _figure(tmp, name, title, _drawer(getattr(figures, draw), data, cfg.dpi), rel, page)
+        if name == "figure3":
+            _ablation_plots(root, tmp)
+
+
+def _training(root: Path, cfg: Any, tmp: Path, page: Page, digests: dict[Path, str]) -> None:
+    """The finetunes' loss curves (CSV per variant, one figure), from their MLflow runs."""
+    from lorascope.report import figures
+
     if curves := loss_curves(root, page, digests):
         for variant, points in curves.items():
             _csv(tmp / "plots" / f"loss_{variant}.csv", ["step", "loss"], [list(p) for p in points])
@@ -311,6 +306,17 @@ def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
             FINETUNES["lora"],
             page,
         )
+
+
+def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
+    """Write every table, figure and page into ``tmp``; returns what the index shows."""
+    from lorascope.report.dashboard import build
+
+    tmp.mkdir(parents=True)
+    page = Page()
+    _tables(root, tmp, page)
+    _paper_figures(root, cfg, tmp, page)
+    _training(root, cfg, tmp, page, digests)
     if (steer := _load(root, STEER, page, "Steering")) is not None:
         _write_table(
             tmp, "steering", "Steering: backtracking by magnitude", steering_table(steer), STEER, page

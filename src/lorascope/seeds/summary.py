@@ -200,8 +200,8 @@ def _stat_row(name: str, s: dict[str, Any]) -> str:
     return f"| {name} | {_f(s['mean'])} | {ci} | {_f(s['min'])} | {_f(s['max'])} | {s['n']} |"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """``seeds.md``: the report for a reader."""
+def _md_header(report: dict[str, Any]) -> list[str]:
+    """The title, the seed triples with their DVC experiments, and the seeds that failed."""
     seeds = report["seeds"]
     lines = [
         "# Results across seeds",
@@ -212,15 +212,24 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["failed"]:
         lines += ["**Failed seeds**: " + "; ".join(f"{s}: {why}" for s, why in report["failed"].items()), ""]
-    lines += [
+    return lines
+
+
+def _md_effects(report: dict[str, Any]) -> list[str]:
+    """Every effect's mean, interval, min and max across seeds."""
+    lines = [
         "## Every effect across seeds",
         "",
         "| effect | mean | 95% CI | min | max | seeds |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [_stat_row(k, s) for k, s in report["across_seeds"].items()]
-    lines += ["", "## Tables 1 and 2 per seed", ""]
-    per_seed = report["per_seed"]
+    return lines + [_stat_row(k, s) for k, s in report["across_seeds"].items()]
+
+
+def _md_tables(report: dict[str, Any]) -> list[str]:
+    """Tables 1 and 2 per seed: one table per task, a row per seed, a column per score or recovery."""
+    seeds, per_seed = report["seeds"], report["per_seed"]
+    lines = ["", "## Tables 1 and 2 per seed", ""]
     tasks = sorted(
         {k.split(".")[0] for e in per_seed.values() for k in e if not k.startswith(("sae.", "steer."))}
     )
@@ -233,13 +242,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s} | " + " | ".join(_f(per_seed[s].get(f"{task}.{c}")) for c in cols) + " |" for s in seeds
         ]
         lines.append("")
-    lines += [
+    return lines
+
+
+def _md_steering(report: dict[str, Any]) -> list[str]:
+    """Each seed's steering curve per selector (an unmatched selector says why)."""
+    lines = [
         "## Steering per seed",
         "",
         "| seed | selector | direction | backtracks per 1k tokens over alpha | rises at every alpha |",
         "|---|---|---|---|---|",
     ]
-    for s in seeds:
+    for s in report["seeds"]:
         for selector, c in report["steering"][s].items():
             if c["direction"] is None:
                 lines.append(f"| {s} | `{selector}` | — ({c['unmatched']}) | — | no |")
@@ -248,8 +262,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {s} | `{selector}` | `{c['direction']}` | {curve} | {'yes' if rising(c['backtracks_per_1k']) else 'no'} |"
             )
-    stab = report["stability"]
-    lines += ["", "## Direction stability", ""]
+    return lines
+
+
+def _md_directions(report: dict[str, Any]) -> list[str]:
+    """Per component, the |cos| of its lora_A and lora_B over seed pairs (a chance baseline when the
+    seeds trained different bases)."""
+    lines = ["", "## Direction stability", ""]
     if not report["same_base"]:
         lines += [
             "The seeds trained different base models (`base.seed` varies), so a component's coordinates mean "
@@ -257,12 +276,19 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ]
     lines += ["| component | lora_A mean (min–max) | lora_B mean (min–max) |", "|---|---|---|"]
-    for name, d in stab["directions"].items():
+    for name, d in report["stability"]["directions"].items():
         lines.append(
             f"| {name} | {_f(d['A']['mean'])} ({_f(d['A']['min'])}–{_f(d['A']['max'])}) | "
             f"{_f(d['B']['mean'])} ({_f(d['B']['min'])}–{_f(d['B']['max'])}) |"
         )
-    lines += [
+    return lines
+
+
+def _md_features(report: dict[str, Any]) -> list[str]:
+    """Per seed pair, the SAE latents matched by decoder cosine and how often their labels and
+    categories agree, then the same over all pairs."""
+    stab = report["stability"]
+    lines = [
         "",
         f"## Feature stability (SAE latents matched at decoder cosine >= {stab['matched_at']})",
         "",
@@ -283,8 +309,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(f['label_agreement'])} | {_f(f['category_agreement'])} | {_f(f['mean_best_cosine'])} |"
         )
     lines += ["", "| over all pairs | mean | 95% CI | min | max | pairs |", "|---|---|---|---|---|---|"]
-    lines += [_stat_row(k, s) for k, s in stab["features_summary"].items()]
-    return "\n".join(lines) + "\n"
+    return lines + [_stat_row(k, s) for k, s in stab["features_summary"].items()]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``seeds.md``: the report for a reader."""
+    sections = (_md_header, _md_effects, _md_tables, _md_steering, _md_directions, _md_features)
+    return "\n".join(line for section in sections for line in section(report)) + "\n"
 
 
 def _col(name: str) -> tuple[int, str]:
