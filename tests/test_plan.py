@@ -211,6 +211,13 @@ def test_paper_profile_times_and_gpu_hours_by_hand():
     step_compute = 16 * 2 * P / (bf16 * mfu["forward"])
     assert step_memory > step_compute
     steer = 1 * 7 * 64 * (4096 + 1024) / (16 / step_memory)
+    # attribute: 16 sequences of 2,048 tokens in bf16; the screen's 1 + 2 x 8 groups x 2 steps passes, each
+    # forward + backward (3 forwards); exact: the unablated pass and 2 x 32 (top, control) + 1 named + 448
+    # components of the 448 + 3,584 units; generation: the adapter, 16 top units and 1 named unit on Table 1's
+    # 728 questions x (32,000 + 768) tokens x the fill, memory-bound decoding in batches of 16
+    seq = 16 * 2048 * (2 * (L * n_layer + head) + 2 * L * 2048 * H)
+    attribute = (33 * 3 + 1 + 513) * seq / (bf16 * mfu["ablate"])
+    attribute += 18 * 728 * (32_000 + 768) * THROUGHPUT["generation_fill"] / (16 / step_memory)
     # evaluate: 30 + 500 + 198 questions x 32,768 tokens x the fill 0.5, float32 over 8 GPUs (vLLM tensor
     # parallel), decode batch 64: 64 sequences' 2 x P FLOPs at the float32 peak outlast reading 4P bytes
     generated = (30 + 500 + 198) * 32_768 * THROUGHPUT["generation_fill"]
@@ -224,7 +231,7 @@ def test_paper_profile_times_and_gpu_hours_by_hand():
         "finetune@lora": (8, ft_lora), "finetune@full": (8, ft_full),
         "extract@lora": (8, extract), "extract@mlp": (8, extract), "sae": (1, sae),
         **{f"contexts@{src}": (1, t) for src, t in contexts.items()}, "categorize": (1, categorize),
-        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer),
+        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer), "attribute": (1, attribute),
         **{f"evaluate@{v}": (8, evaluate) for v in variants},
     })  # fmt: skip
 
@@ -271,6 +278,14 @@ def test_tiny_profile_times_and_gpu_hours_by_hand():
     step_compute = 32 * 2 * P / (fp32 * mfu["forward"])
     assert step_compute > step_memory
     steer = 1 * 5 * 2 * 32 * (96 + 16) / (32 / step_compute)
+    # attribute: 4 sequences of 256 tokens; the screen's 1 + 2 x 8 x 4 passes (3 forwards each); exact: the
+    # unablated pass and 2 x 8 + 1 named + 14 components; generation: 1 + 3 + 1 on 2 x 64 questions x (96 + 16)
+    # tokens x the fill, compute-bound in batches of 64
+    seq = 4 * 256 * (2 * (L * n_layer + head) + 2 * L * 256 * H)
+    attribute = (65 * 3 + 1 + 31) * seq / (fp32 * mfu["ablate"])
+    attribute += (
+        5 * 128 * (96 + 16) * THROUGHPUT["generation_fill"] / (64 / (64 * 2 * P / (fp32 * mfu["forward"])))
+    )
     # evaluate (hf, batch 64): the profile's own questions (prepare.synthetic.n_eval = 64 per benchmark shape)
     generated = 3 * 64 * 128 * THROUGHPUT["generation_fill"]
     step_compute = 64 * 2 * P / (fp32 * mfu["forward"])
@@ -282,7 +297,7 @@ def test_tiny_profile_times_and_gpu_hours_by_hand():
         "finetune@lora": (1, ft_lora), "finetune@full": (1, ft_full),
         "extract@lora": (1, extract), "extract@mlp": (1, extract), "sae": (1, sae),
         **{f"contexts@{src}": (1, t) for src, t in contexts.items()}, "categorize": (1, categorize),
-        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer),
+        "ablate": (1, ablate), "ablate-export": (1, 0.0), "steer": (1, steer), "attribute": (1, attribute),
         **{f"evaluate@{v}": (1, evaluate) for v in variants},
     })  # fmt: skip
 

@@ -468,6 +468,36 @@ def _steer(params: Params, z: _Sizes, device: Device) -> Estimate:
     return e
 
 
+def _attribute(params: Params, z: _Sizes, device: Device, root: Path, generation_fill: float) -> Estimate:
+    """The model, the SAE and one sequence's activations kept for the backward; time: the screen's
+    forward+backward passes (3 forwards' FLOPs each), the exact forwards (one per measured unit) and the
+    generated ablations (memory-bound decoding of the questions, ``generation_fill`` of each budget)."""
+    arch, at = z.arch, params.attribute
+    H, M, L, V, P = arch.hidden, arch.intermediate, arch.layers, arch.vocab, arch.params
+    dtype = _dtype(at.precision, device)
+    b = DTYPE_BYTES[dtype]
+    tokens = min(at.max_tokens, z.seq)
+    e = Estimate("attribute", 1)
+    e.memory["weights"] = P * b + 4 * z.p_lora + 4 * z.sae_params
+    e.memory["activations"] = L * tokens * (4 * H + 3 * M) * b + at.batch_size * tokens * V * 4
+    # a forward over the sequence: every matmul weight a token meets, the LM head, causal attention
+    forward = tokens * (2 * (L * arch.layer_matmul_params + V * H) + 2 * L * tokens * H)
+    latents = z.d_sae if "latents" in at.units else 0
+    screened = (z.components if "components" in at.units else 0) + latents
+    passes = 1 + 2 * at.screen_groups * at.screen_steps
+    measured = min(screened, 2 * at.exact + len(at.named) + (z.components if at.exact_components else 0))
+    flops = at.sequences * (passes * 3 * forward + (1 + measured) * forward)
+    questions = sum(
+        min(_questions(params, t, root), at.limit or _questions(params, t, root)) for t in at.tasks
+    )
+    generated = (1 + at.generate + len(at.named)) * questions * (at.max_new_tokens + at.answer_tokens)
+    e.seconds = flops / device.flops_per_s(
+        dtype, "ablate"
+    ) + generated * generation_fill / _decode_tokens_per_s(P * b, at.batch_size, 1, dtype, device)
+    e.notes.append(f"screen: {passes} passes per sequence for {screened} units; exact: {measured} units")
+    return e
+
+
 def _evaluate(
     params: Params, z: _Sizes, device: Device, root: Path, generation_fill: float
 ) -> list[Estimate]:
@@ -512,6 +542,7 @@ def plan(
         _categorize(params, z, device),
         *_ablate(params, z, device),
         _steer(params, z, device),
+        _attribute(params, z, device, root, generation_fill),
         *_evaluate(params, z, device, root, generation_fill),
     ]
     mem = device.memory_gib * GIB

@@ -21,7 +21,7 @@ from lorascope.components import lora_components
 from lorascope.sae.model import BatchTopKSAE
 
 from tests.ablate.test_ablate import peft_model
-from tests.conftest import record_output
+from tests.conftest import cli, record_output, run_of, tiny_params, tiny_raw
 
 LATENTS = 6
 ALIVE = [0, 1, 3, 4, 5]  # latent 2 is dead
@@ -279,3 +279,91 @@ def test_exact_set_spearman_and_accuracy_effects_by_hand():
     lo, hi = effect(lora, ablated, iters=2000, seed=0, key="x")["delta_accuracy_ci"]
     # paired: a question's two answers move together; the per-question differences are 0, -1, -1, 0 (range -1..0)
     assert -1.0 <= lo < -0.5 < hi <= 0.0
+
+
+SMALL = {
+    "sequences": 2, "max_tokens": 96, "screen_groups": 2, "screen_steps": 1, "exact": 2, "generate": 1,
+    "named": ["label:Wait", "label:nothing matches this"], "limit": 2, "max_new_tokens": 4, "answer_tokens": 2,
+    "bootstrap_iters": 50, "batch_size": 4,
+}  # fmt: skip
+
+
+def test_stage_files_lineage_and_resume(attribute_workspace: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every unit ranked; the top, control, every component and the label-named unit measured exactly (the
+    values the measuring functions give); the top and named units generated against the adapter; a selector
+    no label matches recorded, not steered into an error. Killed after the exact ablations, a re-run reads them
+    back (screening and measuring again would fail) and writes the same bytes as the uninterrupted run."""
+    from lorascope import tracking
+    from lorascope.attribute import measure, stage
+
+    params = tiny_params(attribute=SMALL)
+    out = stage.run(params)
+    files = {f: (out / f).read_bytes() for f in ("screen.json", "exact.json", "accuracy.json")}
+    screen_doc, exact_doc, acc = (json.loads(b) for b in files.values())
+    units = [u["unit"] for u in screen_doc["units"]]
+    assert len(units) == 14 + len(ALIVE) and "sae.2" not in units  # every component, the live latents
+    values = [u["screened_delta_ce"] for u in screen_doc["units"]]
+    assert values == sorted(values, reverse=True) and [u["rank"] for u in screen_doc["units"]] == list(
+        range(1, 20)
+    )
+    measured = {u["unit"]: u for u in exact_doc["units"]}
+    assert {u for u in units if u.startswith("L")} <= set(
+        measured
+    ) and "sae.3" in measured  # label:Wait -> sae.3
+    assert set(units[:2]) <= set(measured) and "named" in measured["sae.3"]["sets"]
+    assert sum("control" in u["sets"] for u in measured.values()) == 2
+    assert exact_doc["components_measured"] == 14 and -1 <= exact_doc["spearman_components"] <= 1
+    assert set(acc["units"]) == {units[0], "sae.3"} and acc["questions"] == 4
+    assert acc["unmatched"] == {
+        "label:nothing matches this": "no ok label of sae.parquet or lora.parquet matches it"
+    }
+    lo, hi = acc["units"]["sae.3"]["delta_accuracy_ci"]
+    assert lo <= acc["units"]["sae.3"]["delta_accuracy"] <= hi
+    parent = tracking.client().get_run(run_of(attribute_workspace, "metrics/attribute/exact.json"))
+    assert parent.data.tags["upstream.finetune"] == run_of(attribute_workspace, "models/lora")
+    children = tracking.client().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["attribute.unit"] for c in children) == sorted([units[0], "sae.3"])
+    assert not (attribute_workspace / "checkpoints/attribute").exists()  # released once the outputs are in
+
+    def killed(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    for f in files:
+        (out / f).unlink()
+    with monkeypatch.context() as m:
+        m.setattr(stage, "generate_answers", killed)
+        with pytest.raises(KeyboardInterrupt):
+            stage.run(params)
+    assert not (out / "exact.json").exists()
+    monkeypatch.setattr(measure, "screen", killed)
+    monkeypatch.setattr(measure, "exact", killed)
+    stage.run(params)
+    assert {f: (out / f).read_bytes() for f in files} == files
+
+
+def test_bad_units_are_one_line_errors_and_write_nothing(attribute_workspace: Path):
+    import yaml
+
+    env = {"LORASCOPE_ROOT": str(attribute_workspace)}
+    for change, message in (
+        ({"named": ["L7.q_proj"]}, "attribute.named: unknown unit 'L7.q_proj' (components: L0.q_proj, "),
+        ({"named": ["sae.2"]}, "attribute.named: 'sae.2' is not a live SAE latent (models/sae/alive.json)"),
+        (
+            {"named": ["sae.3"], "units": ["components"]},
+            "attribute.named: 'sae.3' is an SAE latent, but no latents",
+        ),
+        ({"exact": 40}, "attribute.exact: 40 is more than the 19 units screened"),
+        ({"units": []}, "attribute.units: no unit kind; give components, latents or both"),
+    ):
+        bad = attribute_workspace / "bad.yaml"
+        bad.write_text(yaml.safe_dump(tiny_raw(attribute={**SMALL, **change})))
+        res = cli("attribute", "--params", str(bad), cwd=attribute_workspace, env=env)
+        last = res.stderr.strip().splitlines()[-1]  # (after the weights' loading bar)
+        assert res.returncode == 2 and res.stderr.count("error:") == 1 and message in last, (change, res.stderr)
+    (attribute_workspace / "models/sae/sae.safetensors").unlink()
+    bad.write_text(yaml.safe_dump(tiny_raw(attribute=SMALL)))
+    res = cli("attribute", "--params", str(bad), cwd=attribute_workspace, env=env)
+    assert res.returncode == 2 and "models/sae" in res.stderr.strip().splitlines()[-1]
+    assert not (attribute_workspace / "metrics/attribute").exists()

@@ -99,6 +99,7 @@ def test_the_organism_shows_the_papers_effects(repro, record_property):
     Tables 1 and 2 are printed at the end of the test session (CI's log shows them)."""
     from tests.test_organism import (
         check_ablation,
+        check_attribution,
         check_planted_direction,
         check_sae,
         check_steering,
@@ -112,6 +113,7 @@ def test_the_organism_shows_the_papers_effects(repro, record_property):
     check_sae(root)
     check_steering(root, check_planted_direction(root))
     check_ablation(root)
+    check_attribution(root)
 
 
 def stale(root: Path, env: dict[str, str]) -> set[str]:

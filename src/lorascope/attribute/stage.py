@@ -106,7 +106,7 @@ class Context:
 
     def __init__(self, params: Params) -> None:
         from lorascope.attribute.hooks import State
-        from lorascope.attribute.units import component_units, latent_units, resolve
+        from lorascope.attribute.units import component_units, latent_units
         from lorascope.components import lora_components
         from lorascope.models import load_lora_model, load_tokenizer
         from lorascope.prepare import table
@@ -125,7 +125,12 @@ class Context:
         if "latents" in cfg.units:
             self.sae, alive = self._sae()
         self.units = (component_units(self.comps) if "components" in cfg.units else []) + latent_units(alive)
-        self.named = list(dict.fromkeys(resolve(n, self.units, root) for n in cfg.named))
+        self.named, self.unmatched = self._named()
+        for key, n in (("exact", cfg.exact), ("generate", cfg.generate)):
+            if n > len(self.units):
+                raise LorascopeError(
+                    f"attribute.{key}: {n} is more than the {len(self.units)} units screened"
+                )
         self.sequences = table.sample(root / paths.PREPARED, cfg.sequences, cfg.max_tokens, cfg.seed,
                                       "attribute.max_tokens")  # fmt: skip
         self.inputs = [root / paths.PREPARED, root / paths.BASE, root / paths.LORA]
@@ -135,6 +140,19 @@ class Context:
             self.inputs += [
                 root / paths.labels(s) for s in ("lora", "sae") if (root / paths.labels(s)).is_file()
             ]
+
+    def _named(self) -> tuple[list[Unit], dict[str, str]]:
+        """The named units; a ``label:`` selector no label matches is a finding (recorded), not an error."""
+        from lorascope.attribute.units import resolve
+        from lorascope.autointerp.labels import NoLabelMatch
+
+        named, unmatched = [], {}
+        for name in self.cfg.named:
+            try:
+                named.append(resolve(name, self.units, self.root))
+            except NoLabelMatch as err:
+                unmatched[name] = err.finding
+        return list(dict.fromkeys(named)), unmatched
 
     def _sae(self) -> tuple[Any, list[int]]:
         from lorascope.components import feature_names
@@ -331,6 +349,7 @@ def run(params: Params) -> Path:
         }  # fmt: skip
         exact_doc = exact_table(ranked, screened, exact, sets, names)
         accuracy_doc = accuracy_table(answers, gen, names, params) if answers else {"units": {}}
+        accuracy_doc["unmatched"] = ctx.unmatched
         write_json(root / paths.ATTRIBUTE_SCREEN, screen_doc)
         write_json(root / paths.ATTRIBUTE_EXACT, exact_doc)
         write_json(root / paths.ATTRIBUTE_ACCURACY, accuracy_doc)

@@ -34,7 +34,8 @@ def latent_units(alive: Sequence[int]) -> list[Unit]:
 
 def resolve(name: str, units: Sequence[Unit], root: Path, key: str = "attribute.named") -> Unit:
     """The unit ``name`` names among ``units``; a ``label:<regex>`` picks the best labelled feature whose
-    explanation matches (a LoRA direction's sign names its component). One-line errors name ``key``."""
+    explanation matches (a LoRA direction's sign names its component). One-line errors name ``key``
+    (``NoLabelMatch`` when no label matches: the caller decides whether that is an error)."""
     if name.startswith(LABEL):
         from lorascope.autointerp.labels import select_by_label
 

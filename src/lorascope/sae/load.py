@@ -25,8 +25,9 @@ ALIVE = "alive.json"
 
 def require(directory: Path) -> None:
     """A one-line error unless ``directory`` holds a trained SAE."""
-    if not (directory / CFG).is_file():
-        raise LorascopeError(f"{directory}: no trained SAE ({CFG} missing); run `lorascope sae` first")
+    for name in (CFG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise LorascopeError(f"{directory}: no trained SAE ({name} missing); run `lorascope sae` first")
 
 
 def read_cfg(directory: Path) -> dict[str, Any]:
