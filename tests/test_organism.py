@@ -421,5 +421,7 @@ def check_attribution(root: Path) -> None:
     top, control = exact["mean_delta_ce"]["top"], exact["mean_delta_ce"]["control"]
     assert top > 0 and top >= ATTRIBUTION_CONTROL_RATIO * max(control, 0.0), (top, control)
     drops = [u for u in acc["units"].values() if "top" in u["sets"]]
-    assert any(u["delta_accuracy"] <= -ATTRIBUTION_DROP and u["delta_accuracy_ci"][1] < 0 for u in drops), drops
+    assert any(u["delta_accuracy"] <= -ATTRIBUTION_DROP and u["delta_accuracy_ci"][1] < 0 for u in drops), (
+        drops
+    )
     assert "label:Wait" in acc["unmatched"] or any("named" in u["sets"] for u in acc["units"].values())

@@ -11,16 +11,7 @@ from lorascope import resume, tracking
 from lorascope.config import Params, section_hash
 
 from tests.conftest import tiny_params
-
-
-def _inputs(root: Path) -> list[Path]:
-    data = root / "data" / "in.txt"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("tokens\n")
-    model = root / "models" / "m"
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "w.bin").write_bytes(b"\0\1\2")
-    return [data, model]
+from tests.test_resume import inputs as make_inputs
 
 
 def _claim(params: Params, inputs: list[Path], work: Path, **extra: str) -> bool:
@@ -31,7 +22,7 @@ def _claim(params: Params, inputs: list[Path], work: Path, **extra: str) -> bool
 def test_the_fingerprint_is_the_runs_own_params_hash_and_input_md5s(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    inputs = _inputs(workspace)
+    inputs = make_inputs(workspace)
     hashed: list[Path] = []
     dvc_md5 = tracking.dvc_md5
     monkeypatch.setattr(tracking, "dvc_md5", lambda p: hashed.append(Path(p)) or dvc_md5(p))
@@ -52,7 +43,7 @@ def test_the_fingerprint_is_the_runs_own_params_hash_and_input_md5s(
 
 
 def test_same_params_and_inputs_resume_and_others_start_over(workspace: Path):
-    inputs = _inputs(workspace)
+    inputs = make_inputs(workspace)
     work = workspace / "checkpoints" / "ablate"
     assert not _claim(tiny_params(), inputs, work)  # nothing to resume
     work.mkdir()

@@ -361,7 +361,10 @@ def test_bad_units_are_one_line_errors_and_write_nothing(attribute_workspace: Pa
         bad.write_text(yaml.safe_dump(tiny_raw(attribute={**SMALL, **change})))
         res = cli("attribute", "--params", str(bad), cwd=attribute_workspace, env=env)
         last = res.stderr.strip().splitlines()[-1]  # (after the weights' loading bar)
-        assert res.returncode == 2 and res.stderr.count("error:") == 1 and message in last, (change, res.stderr)
+        assert res.returncode == 2 and res.stderr.count("error:") == 1 and message in last, (
+            change,
+            res.stderr,
+        )
     (attribute_workspace / "models/sae/sae.safetensors").unlink()
     bad.write_text(yaml.safe_dump(tiny_raw(attribute=SMALL)))
     res = cli("attribute", "--params", str(bad), cwd=attribute_workspace, env=env)

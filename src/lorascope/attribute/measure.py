@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,21 +34,6 @@ import torch
 from lorascope.attribute.hooks import State, latent_offset
 from lorascope.attribute.units import Unit
 from lorascope.divergence import compare
-
-
-@dataclass
-class Sums:
-    """Sums over one sequence's response tokens (``tokens``): per unit, screened ΔCE, exact ΔCE and KL."""
-
-    tokens: int
-    ce_lora: float
-    screened: list[float]
-    delta_ce: dict[str, float]
-    kl: dict[str, float]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "ce_lora": self.ce_lora, "screened": self.screened,
-                "delta_ce": self.delta_ce, "kl": self.kl}  # fmt: skip
 
 
 def screen(
