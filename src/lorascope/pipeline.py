@@ -293,6 +293,8 @@ STAGES: tuple[Stage, ...] = (
             _s(paths.ABLATION_LAYERS),
             _s(paths.ABLATION_TYPES),
             _s(paths.STEER_METRICS),
+            _s(paths.ATTRIBUTE_EXACT),
+            _s(paths.ATTRIBUTE_ACCURACY),
         ),  # fmt: skip
         params=("report",),
         outs=(_s(paths.REPORTS),),

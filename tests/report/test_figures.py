@@ -390,3 +390,31 @@ def test_single_points_draw(tmp_path: Path):
 def test_import_does_not_load_matplotlib():
     code = "import sys, lorascope.report.figures; assert 'matplotlib' not in sys.modules, 'matplotlib loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_attribution_figure_and_table_rank_units_by_accuracy_lost(tmp_path: Path):
+    from lorascope.report.figures import attribution
+    from lorascope.report.stage import attribution_table
+
+    acc = {
+        "questions": 128, "lora": {"accuracy": 1.0, "backtracks_per_1k": 0.0},
+        "unmatched": {"label:zzz": "no ok label matches it"},
+        "units": {
+            "sae.17": {"accuracy": 1.0, "delta_accuracy": 0.0, "delta_accuracy_ci": [0.0, 0.0], "sets": ["named"],
+                       "label": "Wait lines", "delta_backtracks_per_1k": 0.6, "backtracks_per_1k": 0.6},
+            "L1.down_proj": {"accuracy": 0.125, "delta_accuracy": -0.875, "delta_accuracy_ci": [-0.93, -0.81],
+                             "sets": ["top"], "label": None, "delta_backtracks_per_1k": 7.7, "backtracks_per_1k": 7.7},
+        },
+    }  # fmt: skip
+    exact = {"spearman_components": 0.88, "spearman_measured": 0.94, "mean_delta_ce": {"top": 0.15, "control": 0.01},
+             "units": [{"unit": "L1.down_proj", "delta_ce": 0.31, "kl": 0.3, "rank": 1}]}  # fmt: skip
+    info = attribution(acc, tmp_path / "a.png", dpi=50)
+    assert info.path.is_file() and info.bars == 2 and info.ticks["units"] == ["L1.down_proj", "sae.17"]
+    assert info.values == {"L1.down_proj": -0.875, "sae.17": 0.0}
+    assert attribution({"units": {}}, tmp_path / "b.png", dpi=50).text == ["no unit was generated"]
+    table = attribution_table(acc, exact)
+    assert [r[0] for r in table.rows] == ["L1.down_proj", "sae.17"]
+    assert table.rows[0][4:11] == [-0.875, -0.93, -0.81, 7.7, 0.31, 0.3, 1]
+    assert table.rows[1][8:] == [None, None, None]  # not measured exactly
+    assert any("0.88 over the components" in n for n in table.notes)
+    assert "label:zzz: no ok label matches it; nothing generated" in table.notes

@@ -779,3 +779,35 @@ def training_curves(
         ticks={"variants": list(series)},
         text=text,
     )
+
+
+def attribution(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInfo:
+    """The generated ablations of ``attribute`` (``accuracy.json``), ranked by Δaccuracy: one bar per unit
+    with its paired-bootstrap 95% CI, labelled with the unit, why it was generated and its label."""
+    units = sorted(data.get("units", {}).items(), key=lambda kv: (kv[1]["delta_accuracy"], kv[0]))
+    fig = _new_figure(8.0, 1.4 + 0.45 * max(len(units), 2))
+    ax = fig.add_subplot()
+    ax.set_title("Accuracy change when one unit is ablated (95% CI, paired bootstrap)", fontsize=10)
+    ax.set_xlabel(f"Δaccuracy vs the adapter as trained ({data.get('questions', '?')} questions)")
+    text: list[str] = []
+    values = {name: u["delta_accuracy"] for name, u in units}
+    if units:
+        y = list(range(len(units)))
+        deltas = [u["delta_accuracy"] for _, u in units]
+        ci = [u.get("delta_accuracy_ci") or [d, d] for (_, u), d in zip(units, deltas, strict=True)]
+        err = [
+            [d - lo for d, (lo, _) in zip(deltas, ci, strict=True)],
+            [hi - d for d, (_, hi) in zip(deltas, ci, strict=True)],
+        ]
+        ax.barh(y, deltas, xerr=err, color=["C3" if d < 0 else "C0" for d in deltas], capsize=3)
+        labels = [
+            f"{name} ({', '.join(u['sets'])}): {(u.get('label') or 'no label')[:48]}" for name, u in units
+        ]
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        text.append("no unit was generated")
+        _note(ax, text[-1])
+    return _save(fig, out, dpi, panels=1 if units else 0, bars=len(units), values=values,
+                 ticks={"units": [n for n, _ in units]}, text=text)  # fmt: skip

@@ -3,7 +3,8 @@
 Writes ``reports/`` (temp directory, then rename):
 
 * ``table1.{md,csv}`` (base / LoRA / full / recovery), ``table2.{md,csv}`` (ablated adapters),
-  ``steering.{md,csv}`` (backtracking per 1000 tokens, length, accuracy per direction and alpha);
+  ``steering.{md,csv}`` (backtracking per 1000 tokens, length, accuracy per direction and alpha),
+  ``attribution.{md,csv}`` + ``attribution.png`` (each generated ablation's Δaccuracy with its CI);
 * ``figure1.png`` (category shares), ``figure2.png`` (the paper's Figure 2: category density of the SAE
   latents, overall with subcategories and by layer and type), ``figure2_lora.png`` (the same density of the
   LoRA directions by layer and type and of the MLP neurons by layer),
@@ -41,6 +42,7 @@ FIGURE3 = paths.FIGURE3
 ABLATION = paths.ABLATION
 SAE = paths.SAE_METRICS
 STEER = paths.STEER_METRICS
+ATTRIBUTE = paths.ATTRIBUTE_ACCURACY
 FINETUNES = paths.FINETUNES
 
 
@@ -168,6 +170,44 @@ def steering_table(steer: dict[str, Any]) -> Table:
     header = ["direction", "alpha", "backtracks per 1000 tokens"]
     header += ["backtracking words per 100 words (paper's count)"] if paper else []
     return Table([*header, "mean tokens", "accuracy"], rows, notes)
+
+
+def attribution_table(accuracy: dict[str, Any], exact: dict[str, Any] | None) -> Table:
+    """The generated ablations (most accuracy lost first): why each was generated, its label, Δaccuracy
+    with its CI, Δbacktracking, and its exact ΔCE and KL where ``exact.json`` has them."""
+    measured = {u["unit"]: u for u in (exact or {}).get("units", [])}
+    rows = []
+    for name, u in sorted(accuracy.get("units", {}).items(), key=lambda kv: (kv[1]["delta_accuracy"], kv[0])):
+        lo, hi = u.get("delta_accuracy_ci") or (None, None)
+        m = measured.get(name, {})
+        rows.append([name, ", ".join(u["sets"]), u.get("label"), u["accuracy"], u["delta_accuracy"], lo, hi,
+                     u["delta_backtracks_per_1k"], m.get("delta_ce"), m.get("kl"), m.get("rank")])  # fmt: skip
+    lora = accuracy.get("lora") or {}
+    notes = [f"the adapter as trained: accuracy {lora.get('accuracy')}, backtracks per 1000 tokens "
+             f"{lora.get('backtracks_per_1k')} on {accuracy.get('questions')} questions"]  # fmt: skip
+    if exact:
+        notes.append(
+            f"screen vs exact ΔCE, Spearman: {exact.get('spearman_components')} over the components, "
+            f"{exact.get('spearman_measured')} over the measured units; mean exact ΔCE top "
+            f"{exact['mean_delta_ce'].get('top')}, random control {exact['mean_delta_ce'].get('control')}"
+        )
+    notes += [f"{sel}: {why}; nothing generated" for sel, why in (accuracy.get("unmatched") or {}).items()]
+    header = ["unit", "generated as", "label", "accuracy", "Δaccuracy", "CI low", "CI high",
+              "Δbacktracks per 1000 tokens", "exact ΔCE", "exact KL", "screen rank"]  # fmt: skip
+    return Table(header, rows, notes)
+
+
+def _attribution(root: Path, cfg: Any, tmp: Path, page: Page) -> None:
+    """``attribute``'s table and figure, when its outputs are there."""
+    from lorascope.report import figures
+
+    if (accuracy := _load(root, ATTRIBUTE, page, "Attribution")) is None:
+        return
+    exact = _load(root, paths.ATTRIBUTE_EXACT, page, "Attribution (exact)")
+    _write_table(tmp, "attribution", "Attribution: accuracy without each unit", attribution_table(accuracy, exact),
+                 ATTRIBUTE, page)  # fmt: skip
+    _figure(tmp, "attribution", "Attribution: Δaccuracy per ablated unit",
+            _drawer(figures.attribution, accuracy, cfg.dpi), ATTRIBUTE, page)  # fmt: skip
 
 
 def _ablation_plots(root: Path, out: Path) -> None:
@@ -321,6 +361,7 @@ def _render(root: Path, cfg: Any, tmp: Path, digests: dict[Path, str]) -> Page:
         _write_table(
             tmp, "steering", "Steering: backtracking by magnitude", steering_table(steer), STEER, page
         )
+    _attribution(root, cfg, tmp, page)
     info = build(root, cfg, tmp / "dashboard.html")
     page.missing += [f"dashboard: {m}" for m in info.missing]
     dashboard = (tmp / "dashboard.html").is_file()
