@@ -15,19 +15,28 @@ from typing import Any
 
 from lorascope.errors import LorascopeError
 
+MODEL_CONFIG = "config.json"
+"""A Hugging Face model directory's config (the tiny base, a full finetune, a merged copy)."""
+REFERENCE = "reference.json"
+"""The ``base`` stage's pin of a real base model (hub id or local path, revision), never copied."""
+ADAPTER_CONFIG = "adapter_config.json"
+"""A peft adapter directory's config (the LoRA, the ablated adapters)."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""A peft adapter directory's weights."""
+
 
 # ------------------------------------------------------------------------------------------ base
 def source(base_dir: str | Path) -> tuple[str, str | None]:
     """``(name_or_path, revision)`` to pass to ``from_pretrained``."""
     base_dir = Path(base_dir)
-    ref = base_dir / "reference.json"
+    ref = base_dir / REFERENCE
     if ref.is_file():
         data = json.loads(ref.read_text())
         return data["model"], data["revision"] if data.get("kind") == "hub" else None
-    if (base_dir / "config.json").is_file():
+    if (base_dir / MODEL_CONFIG).is_file():
         return str(base_dir), None
     raise LorascopeError(
-        f"{base_dir}: no base model here (expected config.json or reference.json); run `lorascope base`"
+        f"{base_dir}: no base model here (expected {MODEL_CONFIG} or {REFERENCE}); run `lorascope base`"
     )
 
 
@@ -99,10 +108,10 @@ def load_model(base_dir: str | Path, **kwargs: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ adapter
 def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
-    config = adapter_dir / "adapter_config.json"
+    config = adapter_dir / ADAPTER_CONFIG
     if not config.is_file():
         raise LorascopeError(
-            f"{adapter_dir}: no LoRA adapter (adapter_config.json missing); run `lorascope finetune --variant lora`"
+            f"{adapter_dir}: no LoRA adapter ({ADAPTER_CONFIG} missing); run `lorascope finetune --variant lora`"
         )
     trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
     base = model_name(base_dir)

@@ -68,6 +68,7 @@ def labels(source: str) -> Path:
 
 
 CATEGORIES = INTERP / "categories"
+CATEGORY_SET = CATEGORIES / "categories.json"
 ASSIGNMENTS = CATEGORIES / "assignments.parquet"
 FIGURE1 = CATEGORIES / "figure1.json"
 FIGURE2 = CATEGORIES / "figure2.json"

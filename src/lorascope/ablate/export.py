@@ -19,13 +19,13 @@ from lorascope.atomic import atomic_path, write_json
 from lorascope.components import Component, component_key, layer_of
 from lorascope.config import Params
 from lorascope.errors import LorascopeError
+from lorascope.models import ADAPTER_CONFIG as CONFIG
+from lorascope.models import ADAPTER_WEIGHTS as WEIGHTS
 from lorascope.project import workspace_root
 from lorascope.sections import LORA_TARGETS
 
 _PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 ADAPTER = paths.LORA
 REMOVED = "ablation.json"
 """What was removed: the selectors and the component names."""

@@ -148,7 +148,7 @@ def _write_sweeps(
         }
         files.append(out / f"{sweep}.json")
         write_json(files[-1], {**header, "sweep": sweep, "ablations": chosen})
-    files.append(out / "figure3.json")
+    files.append(out / paths.FIGURE3.name)
     write_json(files[-1], figure3(comps, results))
     return files
 

@@ -357,8 +357,8 @@ def run(params: Params) -> Path:
         sr.log_outputs(
             root / paths.ATTRIBUTE_SCREEN, root / paths.ATTRIBUTE_EXACT, root / paths.ATTRIBUTE_ACCURACY
         )
-        for f in ("screen.json", "exact.json", "accuracy.json"):
-            mlflow.log_artifact(str(out / f), "attribute")
+        for f in (paths.ATTRIBUTE_SCREEN, paths.ATTRIBUTE_EXACT, paths.ATTRIBUTE_ACCURACY):
+            mlflow.log_artifact(str(root / f), "attribute")
     resume.release(work)
     return out
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from lorascope import paths
 from lorascope.atomic import atomic_path, write_json
 from lorascope.config import Params
+from lorascope.models import MODEL_CONFIG, REFERENCE
 from lorascope.project import workspace_root
 from lorascope.tracking import stage_run
 
@@ -72,7 +73,7 @@ def _pin_real(params: Params, out: Path) -> dict[str, int]:
     skeleton.tie_weights()  # not applied on the meta device; outside the context it sticks
     n_params = sum(p.numel() for p in skeleton.parameters())
     out.mkdir(parents=True)
-    write_json(out / "reference.json", {**ref, "model_type": config.model_type, "parameters": n_params})
+    write_json(out / REFERENCE, {**ref, "model_type": config.model_type, "parameters": n_params})
     return {"parameters": n_params, "vocab_size": config.vocab_size}
 
 
@@ -84,8 +85,8 @@ def run(params: Params) -> Path:
     with stage_run("base", params) as run:
         with atomic_path(out) as tmp:
             stats = (_build_tiny if params.base.model == "tiny" else _pin_real)(params, tmp)
-            config_file = tmp / "config.json"
-            mlflow.log_artifact(str(config_file if config_file.is_file() else tmp / "reference.json"))
+            config_file = tmp / MODEL_CONFIG
+            mlflow.log_artifact(str(config_file if config_file.is_file() else tmp / REFERENCE))
             mlflow.log_metrics({k: float(v) for k, v in stats.items()})
             mlflow.set_tag("base.model", params.base.model)
         run.log_outputs(out)

@@ -334,7 +334,7 @@ def _figures(
     else:
         fig2 = {"features": "sae", "categories": ids, "missing": f"{paths.labels('sae').as_posix()} not found: "
                 "no SAE latent is labelled (run `lorascope autointerp --source sae`)"}  # fmt: skip
-    return {"figure1.json": fig1, "figure2.json": fig2, "figure2_lora.json": fig2_lora}
+    return {paths.FIGURE1.name: fig1, paths.FIGURE2.name: fig2, paths.FIGURE2_LORA.name: fig2_lora}
 
 
 def _write_outputs(
@@ -348,8 +348,8 @@ def _write_outputs(
     out = out_dir()
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        write_json(tmp / "categories.json", doc)
-        pq.write_table(_assignments_table(rows), tmp / "assignments.parquet")
+        write_json(tmp / paths.CATEGORY_SET.name, doc)
+        pq.write_table(_assignments_table(rows), tmp / paths.ASSIGNMENTS.name)
         for name, figure in figures.items():
             write_json(tmp / name, figure)
     return out
@@ -426,7 +426,7 @@ def run(params: Params) -> Path:
         figures = _figures(params, labelled, made, rows, device)
         out = _write_outputs(doc, rows, figures)
         tr.log_outputs(out)
-        metrics = _metrics(cfg, labelled, made, rows, figures["figure2.json"], (generator, assigner))
+        metrics = _metrics(cfg, labelled, made, rows, figures[paths.FIGURE2.name], (generator, assigner))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="categories")
     return out

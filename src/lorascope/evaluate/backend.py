@@ -19,6 +19,7 @@ from lorascope.chat import ANSWER, THINK, chat_template
 from lorascope.errors import LorascopeError
 from lorascope.evaluate.forcing import Budget
 from lorascope.evaluate.params import EvaluateSection
+from lorascope.models import ADAPTER_CONFIG, MODEL_CONFIG
 
 PROBE_USER = "What is 7 + 5? Put the result in a box."
 """The probe prompt's user turn (its continuation is a short think/answer reply)."""
@@ -46,14 +47,14 @@ def resolve(base_dir: Path, model_dir: Path) -> ModelSpec:
     from lorascope.models import source
 
     base, base_rev = source(base_dir)
-    if (model_dir / "adapter_config.json").is_file():
+    if (model_dir / ADAPTER_CONFIG).is_file():
         return ModelSpec(base, base_rev, base, model_dir)
     if model_dir.resolve() == base_dir.resolve():
         return ModelSpec(base, base_rev, base, None)
-    if (model_dir / "config.json").is_file():
+    if (model_dir / MODEL_CONFIG).is_file():
         return ModelSpec(str(model_dir), None, base, None)
     raise LorascopeError(
-        f"{model_dir}: not a model (expected adapter_config.json or config.json); "
+        f"{model_dir}: not a model (expected {ADAPTER_CONFIG} or {MODEL_CONFIG}); "
         "run the stage that writes it (e.g. `lorascope finetune`) first"
     )
 
@@ -170,7 +171,7 @@ def merged_copy(spec: ModelSpec, out_dir: Path, dtype: str = "auto") -> Path:
     from lorascope.atomic import atomic_path
     from lorascope.models import load_merged, pretrained_model, pretrained_tokenizer, save_tokenizer
 
-    if (out_dir / "config.json").is_file() and (out_dir / PROBE_FILE).is_file():
+    if (out_dir / MODEL_CONFIG).is_file() and (out_dir / PROBE_FILE).is_file():
         return out_dir
     assert spec.adapter is not None
     tokenizer = pretrained_tokenizer(spec.tokenizer, spec.revision)

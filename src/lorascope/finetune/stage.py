@@ -111,7 +111,9 @@ def name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     from lorascope.models import model_name
 
     name = model_name(base_dir)
-    config_path = adapter_dir / "adapter_config.json"
+    from lorascope.models import ADAPTER_CONFIG
+
+    config_path = adapter_dir / ADAPTER_CONFIG
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = name
     if isinstance(config.get("target_modules"), list):

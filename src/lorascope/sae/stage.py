@@ -154,7 +154,9 @@ def _splice(
     from lorascope.sae.downstream import splice_kl
 
     cfg, excl, adapter = trainer.cfg, trainer.exclusion, root / ADAPTER
-    if not (cfg.kl_sequences and (adapter / "adapter_config.json").is_file()):
+    from lorascope.models import ADAPTER_CONFIG
+
+    if not (cfg.kl_sequences and (adapter / ADAPTER_CONFIG).is_file()):
         return {}
     held_docs = held.nonzero().flatten().tolist()[: cfg.kl_sequences]
     return splice_kl(

@@ -15,6 +15,7 @@ import numpy as np
 
 from lorascope import paths
 from lorascope.components import component_key
+from lorascope.models import ADAPTER_WEIGHTS
 
 _ADAPTER_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -84,7 +85,7 @@ def read(root: Path, rev: str, seed: int, triple: dict[str, int]) -> SeedResult:
         recovery=js(paths.RECOVERY)["tasks"],
         sae=js(paths.SAE_METRICS),
         steer=js(paths.STEER_METRICS),
-        adapter=adapter_vectors(load_tensors(data(paths.LORA / "adapter_model.safetensors"))),
+        adapter=adapter_vectors(load_tensors(data(paths.LORA / ADAPTER_WEIGHTS))),
     )
     cfg = js(paths.SAE / sae_files.CFG)
     sae = load_tensors(data(paths.SAE / sae_files.WEIGHTS))
