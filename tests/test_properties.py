@@ -11,8 +11,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from lorascope.bootstrap import rng
 from lorascope.evaluate.recovery import recovery
-from lorascope.evaluate.uncertainty import recovery_ci, rng
+from lorascope.evaluate.uncertainty import recovery_ci
 
 
 # ----------------------------------------------------------------------------------------- recovery

@@ -682,7 +682,7 @@ def test_recovery_table_paired_cis_by_hand():
     left out and their share reported."""
     import numpy as np
 
-    from lorascope.evaluate.uncertainty import rng
+    from lorascope.bootstrap import rng
 
     ids = [f"q{i}" for i in range(8)]
     base, lora, full = ([int(i < k) for i in range(8)] for k in (1, 2, 3))

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from lorascope.evaluate.uncertainty import interval, ks, paired, pass_at_k, recovery_ci, rng, task_summary
+from lorascope.bootstrap import interval, rng
+from lorascope.evaluate.uncertainty import ks, paired, pass_at_k, recovery_ci, task_summary
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

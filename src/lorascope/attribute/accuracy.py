@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from lorascope.bootstrap import interval, resamples, rng
 from lorascope.chat import THINK
 from lorascope.evaluate import benchmarks
-from lorascope.evaluate.uncertainty import interval, resamples, rng
 
 
 def answer_rows(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lorascope.bootstrap import rng
 from lorascope.evaluate import uncertainty
 
 NO_COLUMN = ("base", "full")
@@ -105,7 +106,7 @@ def _ci(
     if why:
         return {f"{key}.ci_reason": why}
     base, var, reference = scores  # rows in the order of ``names``
-    gen = uncertainty.rng(seed, "recovery", task, variant, ref)
+    gen = rng(seed, "recovery", task, variant, ref)
     got = uncertainty.recovery_ci(base, var, reference, iters, gen)
     if got is None:
         return {f"{key}.ci_reason": f"{ref} gained nothing over base in every bootstrap resample"}

@@ -10,16 +10,13 @@ the same bytes in every run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from math import comb
 from typing import Any
 
 import numpy as np
 
-PERCENTILES = (2.5, 97.5)
-"""The bounds of a central 95% interval."""
+from lorascope.bootstrap import interval, resamples, rng
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -34,23 +31,6 @@ def ks(n: int) -> list[int]:
     """The k of the reported pass@k for ``n`` decodes: powers of two up to ``n``, and ``n``."""
     out = [k for k in (2**i for i in range(n.bit_length())) if k <= n]
     return sorted({*out, n})
-
-
-def rng(seed: int, *key: Any) -> np.random.Generator:
-    """A generator seeded from ``seed`` and a key naming what it resamples."""
-    digest = hashlib.sha256(json.dumps([seed, *key]).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
-
-
-def resamples(n: int, iters: int, gen: np.random.Generator) -> np.ndarray:
-    """``iters`` bootstrap resamples of ``n`` question indices, shape ``[iters, n]``."""
-    return gen.integers(0, n, size=(iters, n))
-
-
-def interval(values: np.ndarray) -> tuple[float, float]:
-    """The central 95% percentile interval of bootstrap ``values``."""
-    lo, hi = np.percentile(values, PERCENTILES)
-    return float(lo), float(hi)
 
 
 def task_summary(correct: Sequence[Sequence[int]], iters: int, seed: int, key: str) -> dict[str, Any]:
