@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -35,7 +35,7 @@ from rich.progress import (
 )
 
 from lorascope.llm.cache import CacheKey, DiskCache
-from lorascope.llm.completion import Completion, LlmError, TruncatedReply
+from lorascope.llm.completion import Backend, Completion, LlmError, TruncatedReply
 from lorascope.llm.pricing import Price, price
 from lorascope.llm.structured import JsonSchema
 
@@ -43,7 +43,6 @@ __all__ = [
     "Backend", "CachedClient", "Client", "Completion", "LlmError", "TruncatedReply", "make_client", "run_all",
 ]  # fmt: skip
 
-Backend = Literal["openai", "anthropic", "openai-compatible"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -52,8 +51,6 @@ _KEY_ENV: dict[str, str] = {
     "openai-compatible": "OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
 }
-_OPENAI_REASONING = ("gpt-5", "o1", "o3", "o4")
-_RETRYABLE_STATUS = (408, 409, 429)  # and every 5xx: the SDKs' rule, restated to word the error
 
 
 class Client(Protocol):
@@ -224,9 +221,3 @@ async def run_all(
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
     return [results[i] for i in range(len(items))]
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line, cut at ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"

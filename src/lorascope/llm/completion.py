@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from lorascope.errors import LorascopeError
+
+Backend = Literal["openai", "anthropic", "openai-compatible"]
+"""The LLM backends: the official SDKs (``openai`` also serves OpenAI-compatible servers)."""
 
 
 @dataclass(frozen=True)
@@ -44,3 +48,9 @@ class TruncatedReply(LlmError):
         """Whatever text arrived before the cut (often empty)."""
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut at ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

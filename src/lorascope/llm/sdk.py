@@ -13,9 +13,11 @@ from typing import Any, Generic, Literal, TypeVar
 import anthropic
 import openai
 
-from lorascope.llm.clients import _OPENAI_REASONING, _RETRYABLE_STATUS, Backend, one_line
-from lorascope.llm.completion import Completion, LlmError, TruncatedReply
+from lorascope.llm.completion import Backend, Completion, LlmError, TruncatedReply, one_line
 from lorascope.llm.structured import JsonSchema
+
+_OPENAI_REASONING = ("gpt-5", "o1", "o3", "o4")
+_RETRYABLE_STATUS = (408, 409, 429)  # and every 5xx: the SDKs' rule, restated to word the error
 
 S = TypeVar("S", openai.AsyncOpenAI, anthropic.AsyncAnthropic)
 
