@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lorascope.devices import prefetched, resolve_device, resolve_dtype
+from lorascope.devices import prefetched, resolve, resolve_device, resolve_dtype
 from lorascope.errors import LorascopeError
 
 from tests.conftest import REPO, cli
@@ -104,3 +104,26 @@ def test_cli_device_cuda_without_a_gpu(workspace: Path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: contexts.device: 'cuda' asks for a CUDA GPU but torch sees none")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_resolve_is_resolve_device_then_resolve_dtype():
+    for precision in ("auto", "float32", "bfloat16", "float16"):
+        device = resolve_device("auto", "steer.device")
+        assert resolve("auto", precision, "steer") == (
+            device,
+            resolve_dtype(precision, device, "steer.precision"),
+        )
+    assert resolve("cpu", "auto", "sae") == (torch.device("cpu"), torch.float32)
+
+
+def test_a_launchers_device_passes_through_and_no_precision_gives_no_dtype():
+    cpu = torch.device("cpu")
+    assert resolve(cpu, "bfloat16", "extract")[0] is cpu  # accelerate's process device, as it is
+    assert resolve("cpu", None, "contexts") == (cpu, None)
+
+
+def test_errors_name_the_sections_keys():
+    with pytest.raises(LorascopeError, match=r"^categorize\.device: expected auto, cpu"):
+        resolve("gpu0", None, "categorize")
+    with pytest.raises(LorascopeError, match=r"^finetune\.precision: expected auto, float32"):
+        resolve("cpu", "fp8", "finetune")
