@@ -14,7 +14,7 @@ from tests.conftest import tiny_params
 
 def fingerprint(params: Params, section: str, paths: list[Path], **extra: str) -> dict[str, object]:
     """The fingerprint of a stage run opened on ``params`` and ``paths``: its params hash and input md5s,
-    as ``stage_run`` computes them (tests/test_stage_claim.py opens real runs)."""
+    as ``stage_run`` computes them (tests/test_tracking.py opens real runs)."""
     md5s = {p: tracking.dvc_md5(p) for p in paths}
     run = tracking.StageRun(section, "a-run-id", section_hash(params, section), inputs_md5=md5s)
     return run.fingerprint(**extra)
