@@ -74,7 +74,26 @@ def pipeline(prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Pa
             contexts(params, source)
             autointerp(params, source)
         categorize(params)
+    write_attribution(root, alive["alive_latents"])
     return root
+
+
+def write_attribution(root: Path, alive: list[int]) -> None:
+    """``attribute``'s three files for this workspace's units (every component, the live latents), in its
+    format: the first three units measured exactly, the first one generated."""
+    comps = sorted(
+        {r["feature_name"].rstrip("+-") for r in pq.read_table(root / "data/interp/lora.parquet").to_pylist()}
+    )
+    units = [*comps, *(f"sae.{j}" for j in alive)]
+    screen = [{"unit": u, "kind": "latent" if u.startswith("sae.") else "component", "rank": i + 1,
+               "screened_delta_ce": 1.0 / (i + 1), "label": None} for i, u in enumerate(units)]  # fmt: skip
+    exact = [{"unit": u, "delta_ce": 0.5 / (i + 1), "kl": 0.25 / (i + 1)} for i, u in enumerate(units[:3])]
+    acc = {units[0]: {"delta_accuracy": -0.5, "delta_accuracy_ci": [-0.6, -0.4]}}
+    out = root / "metrics/attribute"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "screen.json").write_text(json.dumps({"units": screen}))
+    (out / "exact.json").write_text(json.dumps({"units": exact}))
+    (out / "accuracy.json").write_text(json.dumps({"units": acc}))
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +213,34 @@ def test_build_embeds_the_pipeline_outputs(dashboard: tuple[Path, Any]):
         top = ctx[ctx.kind == "top"]
         values = store_values(root, source, sorted({f["id"] for f in feats}), scanned)
         col = {c: i for i, c in enumerate(sorted({f["id"] for f in feats}))}
+        screen = {
+            u["unit"]: u for u in json.loads((root / "metrics/attribute/screen.json").read_text())["units"]
+        }
+        exact = {
+            u["unit"]: u for u in json.loads((root / "metrics/attribute/exact.json").read_text())["units"]
+        }
+        acc = json.loads((root / "metrics/attribute/accuracy.json").read_text())["units"]
         for f, lab in zip(feats, rows, strict=True):
             assert f["explanation"] == lab["explanation"] and f["class"] == lab["classification"]
+            # a LoRA direction shows its component's effects, a latent its own, an MLP neuron none
+            unit = f"sae.{f['id']}" if source == "sae" else lab["feature_name"].rstrip("+-")
+            if source == "mlp":
+                assert f["attr"] is None
+            else:
+                want = {
+                    "rank": screen[unit]["rank"],
+                    "screened": screen[unit]["screened_delta_ce"],
+                    "units": len(screen),
+                    **dict.fromkeys(("delta_ce", "kl", "delta_accuracy", "ci")),
+                }
+                if unit in exact:
+                    want |= {"delta_ce": exact[unit]["delta_ce"], "kl": exact[unit]["kl"]}
+                if unit in acc:
+                    want |= {
+                        "delta_accuracy": acc[unit]["delta_accuracy"],
+                        "ci": acc[unit]["delta_accuracy_ci"],
+                    }
+                assert f["attr"] == want, (source, unit)
             cat = cats.get((source, f["id"], f["sign"]))
             assert f["category"] == (cat and cat["category"]) and f["subcategory"] == (
                 cat and cat["subcategory"]
@@ -272,6 +317,7 @@ def test_missing_inputs_are_listed_and_the_rest_still_builds(pipeline: Path, tmp
     assert any(
         m.startswith("categories: data/interp/categories/assignments.parquet not found") for m in info.missing
     )
+    assert "attribution: metrics/attribute/ not found (run `lorascope attribute`)" in info.missing  # not derived
     meta, _ = decode(tmp_path / "d.html")
     lora = sorted(
         pq.read_table(ws / "data/interp/lora.parquet").to_pylist(), key=lambda x: (x["feature"], -x["sign"])
@@ -281,7 +327,7 @@ def test_missing_inputs_are_listed_and_the_rest_still_builds(pipeline: Path, tmp
     assert meta["missing"] == info.missing
     # nothing at all: still a valid (empty) dashboard
     empty = build(make_workspace(tmp_path / "empty"), ReportSection(), tmp_path / "e.html")
-    assert empty.sources == [] and len(empty.missing) == 5 and (tmp_path / "e.html").is_file()
+    assert empty.sources == [] and len(empty.missing) == 6 and (tmp_path / "e.html").is_file()
 
 
 # ------------------------------------------------------------------------------------ in a browser
@@ -406,6 +452,10 @@ def test_search_detail_and_filters_in_chromium(dashboard: tuple[Path, Any], brow
     assert p.page.locator("#heatmap td.cell").count() == len(grid["layers"]) * len(grid["kinds"]) == 14
     assert p.page.locator("#heatmap tbody tr").count() == len(grid["kinds"])
     assert p.page.locator(".hist svg rect").count() == CFG.histogram_bins
+    a = f["attr"]  # the unit's effects beside its label (attribute's files, as the fixture wrote them)
+    shown = p.page.locator("dl.facts dd").all_text_contents()
+    want = f"screen rank {a['rank']} of {a['units']} (ΔCE {a['screened']:.3f} nats/token)"
+    assert any(d.startswith(want) for d in shown), shown
 
     # filters: source, then class, against the label sets
     p.page.fill("#search", "")

@@ -565,6 +565,37 @@ def _store_features(
     return segments, seg_ids, sample_acts
 
 
+def _attach_attribution(root: Path, features: list[dict[str, Any]], missing: list[str]) -> None:
+    """Each feature's unit effects from ``attribute`` (a LoRA direction's are its component's): screen rank
+    and ΔCE, exact ΔCE and KL, Δaccuracy with its CI; ``attr`` is None for a unit it did not reach."""
+    import json
+
+    files = [root / paths.ATTRIBUTE_SCREEN, root / paths.ATTRIBUTE_EXACT, root / paths.ATTRIBUTE_ACCURACY]
+    if not all(f.is_file() for f in files):
+        missing.append("attribution: metrics/attribute/ not found (run `lorascope attribute`)")
+        return
+    screen, exact, accuracy = (json.loads(f.read_text()) for f in files)
+    by_unit: dict[str, dict[str, Any]] = {
+        u["unit"]: {
+            "rank": u["rank"],
+            "screened": u["screened_delta_ce"],
+            "units": len(screen["units"]),
+            "delta_ce": None,
+            "kl": None,
+            "delta_accuracy": None,
+            "ci": None,
+        }  # fmt: skip
+        for u in screen["units"]
+    }
+    for u in exact["units"]:
+        by_unit[u["unit"]].update(delta_ce=u["delta_ce"], kl=u["kl"])
+    for name, u in accuracy.get("units", {}).items():
+        by_unit[name].update(delta_accuracy=u["delta_accuracy"], ci=u["delta_accuracy_ci"])
+    for f in features:
+        unit = f"sae.{f['id']}" if f["source"] == "sae" else str(f["name"]).rstrip("+-")
+        f["attr"] = by_unit.get(unit) if f["source"] in ("sae", "lora") else None
+
+
 def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
     """Write the dashboard of the workspace at ``root`` to ``out`` (atomically).
 
@@ -608,6 +639,7 @@ def build(root: Path, cfg: ReportSection, out: Path) -> DashboardInfo:
         if source == "sae" and meta.get("sae_latents"):
             entry["live_latents"] = meta["sae_latents"]["alive"]
         meta["sources"].append(entry)
+    _attach_attribution(root, collector.features, missing)
     size = render({**meta, "features": collector.features}, collector.bulk(), out)
     return DashboardInfo(
         path=out, bytes=size, sources=list(counts), features=counts, contexts=collector.n_ctx, missing=missing

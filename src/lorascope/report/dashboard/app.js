@@ -301,6 +301,13 @@
     fact("max activation", f.max === null || f.max === undefined ? "—" : exact(f.max));
     fact("density", f.density === null || f.density === undefined ? "—" : `${(100 * f.density).toPrecision(3)}% of tokens`);
     if (f.top && f.top.length) fact("top tokens", f.top.map((t) => JSON.stringify(t)).join("  "));
+    if (f.attr) {
+      const a = f.attr;
+      fact("attribution", `screen rank ${a.rank} of ${a.units} (ΔCE ${fmt(a.screened)} nats/token)` +
+        (a.delta_ce === null ? "" : `; exact ΔCE ${fmt(a.delta_ce)}, KL ${fmt(a.kl)}`) +
+        (a.delta_accuracy === null ? "" : `; Δaccuracy ${fmt(a.delta_accuracy)}` +
+          (a.ci ? ` (95% CI ${fmt(a.ci[0])} to ${fmt(a.ci[1])})` : "")));
+    }
     out.push(facts);
     const legend = el("p", "legend");
     legend.append(el("span", "swatch pos"), " positive  ", el("span", "swatch neg"), " negative activation; intensity relative to the feature's largest |activation|; hover a token for its value");
