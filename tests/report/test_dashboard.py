@@ -317,7 +317,9 @@ def test_missing_inputs_are_listed_and_the_rest_still_builds(pipeline: Path, tmp
     assert any(
         m.startswith("categories: data/interp/categories/assignments.parquet not found") for m in info.missing
     )
-    assert "attribution: metrics/attribute/ not found (run `lorascope attribute`)" in info.missing  # not derived
+    assert (
+        "attribution: metrics/attribute/ not found (run `lorascope attribute`)" in info.missing
+    )  # not derived
     meta, _ = decode(tmp_path / "d.html")
     lora = sorted(
         pq.read_table(ws / "data/interp/lora.parquet").to_pylist(), key=lambda x: (x["feature"], -x["sign"])
