@@ -804,6 +804,7 @@ def attribution(data: Mapping[str, Any], out: Path, dpi: int = 150) -> FigureInf
             f"{name} ({', '.join(u['sets'])}): {(u.get('label') or 'no label')[:48]}" for name, u in units
         ]
         ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()  # the most accuracy lost on top
         ax.axvline(0, color="black", linewidth=0.8)
         ax.grid(axis="x", alpha=0.3)
     else:
