@@ -41,7 +41,7 @@ TESTS: dict[str, list[str]] = {
     "extract/recorder.py": ["tests/extract/test_recorder.py"],
     "sae/model.py": ["tests/test_properties.py", "tests/sae/test_units.py",
                      "tests/sae/test_sae.py::test_sparse_backward_equals_the_dense_gradient"],
-    "sae/train.py": ["tests/sae/test_units.py", "tests/test_properties.py"],
+    "sae/train.py": ["tests/sae/test_units.py", "tests/test_properties.py", "tests/sae/test_trainer.py"],
     "ablate/runner.py": ["tests/ablate/test_ablate.py::test_ablator_against_zeroed_lora_b_on_a_small_model",
                          "tests/ablate/test_ablate.py::test_ablator_batches_and_a_response_starting_at_a_chunk_boundary"],
     "ablate/stage.py": ["tests/ablate/test_ablate.py::test_summary_against_a_hand_computed_case",
