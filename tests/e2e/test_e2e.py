@@ -28,7 +28,7 @@ ALL_STAGES = (
     "base", "prepare", "finetune@lora", "finetune@full", "extract@lora", "extract@mlp", "evaluate@base",
     "evaluate@lora", "evaluate@full", "recovery", "sae", "contexts@lora", "contexts@mlp", "contexts@sae",
     "autointerp@lora", "autointerp@mlp", "autointerp@sae", "categorize", "ablate", "ablate-export@attn",
-    "ablate-export@mlp", "evaluate@lora-attn-ablated", "evaluate@lora-mlp-ablated", "steer", "report",
+    "ablate-export@mlp", "evaluate@lora-attn-ablated", "evaluate@lora-mlp-ablated", "steer", "attribute", "report",
 )  # fmt: skip
 
 
@@ -289,7 +289,9 @@ def test_lineage_through_mlflow_by_digest(repro, env):
         assert export_id in {u["run_id"] for u in ablated_eval["upstream"]}
     # summary metrics only: per-component KL is a plain output, not thousands of metrics
     assert set(shown) == {"metrics/recovery.json", "metrics/prepare.json", "metrics/sae.json",
-                          "metrics/ablation/groups.json"}  # fmt: skip
+                          "metrics/ablation/groups.json", "metrics/attribute/accuracy.json"}  # fmt: skip
+    _, attribute = run_of("metrics/attribute/accuracy.json")
+    assert lora_id in {u["run_id"] for u in attribute["upstream"]}
     _, ablate = run_of("metrics/ablation/groups.json")
     assert lora_id in {u["run_id"] for u in ablate["upstream"]}
     # the report: nothing missing after a full repro, its run reaches the recovery run
