@@ -278,11 +278,11 @@ def test_tiny_profile_times_and_gpu_hours_by_hand():
     step_compute = 32 * 2 * P / (fp32 * mfu["forward"])
     assert step_compute > step_memory
     steer = 1 * 5 * 2 * 32 * (96 + 16) / (32 / step_compute)
-    # attribute: 4 sequences of 256 tokens; the screen's 1 + 2 x 8 x 4 passes (3 forwards each); exact: the
+    # attribute: 4 sequences of 256 tokens; the screen's 1 + 2 x 14 x 4 passes (3 forwards each); exact: the
     # unablated pass and 2 x 8 + 1 named + 14 components; generation: 1 + 3 + 1 on 2 x 64 questions x (96 + 16)
     # tokens x the fill, compute-bound in batches of 64
     seq = 4 * 256 * (2 * (L * n_layer + head) + 2 * L * 256 * H)
-    attribute = (65 * 3 + 1 + 31) * seq / (fp32 * mfu["ablate"])
+    attribute = (113 * 3 + 1 + 31) * seq / (fp32 * mfu["ablate"])
     attribute += (
         5 * 128 * (96 + 16) * THROUGHPUT["generation_fill"] / (64 / (64 * 2 * P / (fp32 * mfu["forward"])))
     )
