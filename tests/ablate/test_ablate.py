@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorascope.ablate.masks import Masks
 from lorascope.ablate.runner import DIRECTION, Ablator
 from lorascope.ablate.targets import GROUPS, select, sweeps
 from lorascope.components import lora_components
 from lorascope.errors import LorascopeError
+from lorascope.interventions import State, keep_rows
 from lorascope.models import load_adapter, load_model
 from lorascope.prepare.table import sample
 from lorascope.sections import LORA_TARGETS
@@ -160,9 +160,9 @@ def test_all_components_ablated_is_exactly_the_base_model(ablate_workspace: Path
     comps = lora_components(model)
     _, ids, _ = sequences(ablate_workspace, 1)[0]
     ids_1T = torch.tensor(ids)[None]
-    masks = Masks(comps)
-    with torch.no_grad(), masks.attach(model):
-        with masks.ablating(masks.rows([range(len(comps))], "cpu")):
+    state = State(model, comps)
+    with torch.no_grad(), state.attach():
+        with state.changed(keep_rows([range(len(comps))], len(comps), "cpu"), None):
             ablated = model(input_ids=ids_1T).logits
         trained = model(input_ids=ids_1T).logits
     with torch.no_grad(), model.disable_adapter():
@@ -194,8 +194,8 @@ def test_exported_adapter_reproduces_the_hook_ablation(ablate_workspace: Path, g
     assert {c.module for c in left} == {c.module for i, c in enumerate(comps) if i not in removed}
     _, ids, _ = sequences(ablate_workspace, 1)[0]
     ids_1T = torch.tensor(ids)[None]
-    masks = Masks(comps)
-    with torch.no_grad(), masks.attach(model), masks.ablating(masks.rows([removed], "cpu")):
+    state = State(model, comps)
+    with torch.no_grad(), state.attach(), state.changed(keep_rows([removed], len(comps), "cpu"), None):
         hooked = model(input_ids=ids_1T).logits
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=ids_1T).logits, hooked, atol=1e-6, rtol=0)

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorascope.attribute.hooks import State, ablated_generation
+from lorascope.attribute.hooks import ablated_generation
 from lorascope.attribute.measure import exact, screen
 from lorascope.attribute.units import Unit, component_units, latent_units
 from lorascope.components import lora_components
+from lorascope.interventions import State
 from lorascope.sae.model import BatchTopKSAE
 
 from tests.ablate.test_ablate import peft_model

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from lorascope.ablate.masks import Masks
 from lorascope.ablate.prefix import LayerCache
 from lorascope.ablate.targets import Ablation
 from lorascope.components import Component
 from lorascope.divergence import compare
+from lorascope.interventions import State, keep_rows
 
 DIRECTION = "KL(P_lora || P_ablated)"
 """The divergence every output reports: expectation under the adapter as trained."""
@@ -60,7 +60,7 @@ class Ablator:
         self.base = peft_model.get_base_model()
         self.lm_head = self.base.get_output_embeddings()
         self.comps = list(comps)
-        self.masks = Masks(comps)
+        self.state = State(peft_model, comps)
         self.cache = LayerCache(self.base)
         self.batch_size, self.logit_chunk, self.prefix_reuse = batch_size, logit_chunk, prefix_reuse
 
@@ -80,7 +80,7 @@ class Ablator:
         labels_R = ids_1T[0, 1:]
         response = first - 1  # positions[response:] predict the response tokens
         out: list[Stats | None] = [None] * len(ablations)
-        with self.masks.attach(self.model):
+        with self.state.attach():
             if self.prefix_reuse:
                 hidden_1TD = self.cache.record(ids_1T)
             else:
@@ -91,8 +91,8 @@ class Ablator:
                 len(positions) - response, 0.0, 0.0, float(ce_lora.double().sum()), len(positions), 0.0
             )
             for batch in self._batches(ablations):
-                keep_BK = self.masks.rows([ablations[i].components for i in batch], self.device)
-                with self.masks.ablating(keep_BK):
+                keep_BK = keep_rows([ablations[i].components for i in batch], len(self.comps), self.device)
+                with self.state.changed(keep_BK, None):
                     stats = self._run(batch, ablations, ids_1T, positions, labels_R, logp_lora_RV, response)
                 for i, s in zip(batch, stats, strict=True):
                     out[i] = s

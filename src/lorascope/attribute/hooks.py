@@ -1,5 +1,4 @@
-"""Ablating units inside the model, through forward hooks on every ``lora_A`` (its output ``x . A`` is the
-adapter state flowing into ``lora_B``; weights are never touched, so this holds in bfloat16 too).
+"""Ablating units inside the model, through ``interventions.State``'s hooks on every ``lora_A``.
 
 * a component is ablated by zeroing its columns (``keep_BK``), as ``ablate`` does;
 * an SAE latent is ablated by subtracting its decoded contribution ``f_j(t) * W_dec[j]`` from every
@@ -8,7 +7,6 @@ adapter state flowing into ``lora_B``; weights are never touched, so this holds 
   components, so removing it from layer 0 changes what it would read at layer 1; its activation is kept
   at the unablated value (the SAE's splice and the attribution screen make the same choice).
 
-``State`` batches different ablations in one forward (a row each) and records the unablated state;
 ``ablated_generation`` ablates one unit while the model generates: for a latent, every forward the
 generation makes (the prompt, then each new token) first runs the unablated decoder on the same tokens
 with its own key/value cache, so each position's latent activation is the unablated one on the text
@@ -25,75 +23,7 @@ import torch
 
 from lorascope.attribute.units import Unit
 from lorascope.components import Component
-
-
-class State:
-    """Hooks on every ``lora_A`` of a peft model: record the adapter state, or change it per batch row."""
-
-    def __init__(self, peft_model: Any, comps: Sequence[Component]) -> None:
-        self.base = peft_model.get_base_model()
-        self.comps = list(comps)
-        self.bounds = [0]
-        for c in self.comps:
-            self.bounds.append(self.bounds[-1] + c.width)
-        self.keep_BK: torch.Tensor | None = None
-        self.offset_BTC: torch.Tensor | None = None
-        self.recorded: list[torch.Tensor] | None = None
-
-    @property
-    def width(self) -> int:
-        return self.bounds[-1]
-
-    def cols(self, k: int) -> slice:
-        return slice(self.bounds[k], self.bounds[k + 1])
-
-    @contextmanager
-    def attach(self) -> Iterator[State]:
-        handles = [
-            self.base.get_submodule(c.module).lora_A["default"].register_forward_hook(self._hook(k))
-            for k, c in enumerate(self.comps)
-        ]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self.keep_BK = self.offset_BTC = self.recorded = None
-
-    def _hook(self, k: int) -> Any:
-        def apply(_m: Any, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
-            if self.recorded is not None:
-                self.recorded[k] = out
-            if self.keep_BK is None and self.offset_BTC is None:
-                return None
-            if self.keep_BK is not None:
-                out = out * self.keep_BK[:, k].to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-            if self.offset_BTC is not None:
-                out = out + self.offset_BTC[..., self.cols(k)].to(out.dtype)
-            return out
-
-        return apply
-
-    @contextmanager
-    def recording(self) -> Iterator[list[torch.Tensor]]:
-        """Each component's ``lora_A`` output of the forwards inside the block (the last one's)."""
-        self.recorded = [torch.empty(0)] * len(self.comps)
-        try:
-            yield self.recorded
-        finally:
-            self.recorded = None
-
-    def gather(self, recorded: list[torch.Tensor]) -> torch.Tensor:
-        """The recorded outputs as one adapter state ``[B, T, C]`` in component order."""
-        return torch.cat(recorded, dim=-1)
-
-    @contextmanager
-    def changed(self, keep_BK: torch.Tensor | None, offset_BTC: torch.Tensor | None) -> Iterator[None]:
-        self.keep_BK, self.offset_BTC = keep_BK, offset_BTC
-        try:
-            yield
-        finally:
-            self.keep_BK = self.offset_BTC = None
+from lorascope.interventions import State
 
 
 def latent_offset(sae: Any, latent: int, acts_BTC: torch.Tensor) -> torch.Tensor:

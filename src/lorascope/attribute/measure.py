@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from lorascope.attribute.hooks import State, latent_offset
+from lorascope.attribute.hooks import latent_offset
 from lorascope.attribute.units import Unit
 from lorascope.divergence import compare
+from lorascope.interventions import State
 
 
 def screen(

@@ -105,9 +105,9 @@ class Context:
     """What every step reads: the model with its hooks, the SAE, the units, the sequences and questions."""
 
     def __init__(self, params: Params) -> None:
-        from lorascope.attribute.hooks import State
         from lorascope.attribute.units import component_units, latent_units
         from lorascope.components import lora_components
+        from lorascope.interventions import State
         from lorascope.models import load_lora_model, load_tokenizer
         from lorascope.prepare import table
 

@@ -136,19 +136,8 @@ def resolve(name: str, features: Sequence[str], root: Path) -> Direction:
 @contextmanager
 def steered(peft_model: Any, comps: Sequence[Component], offset_C: torch.Tensor) -> Iterator[None]:
     """Add ``offset_C`` (one value per adapter-state column, component order) to every ``x . A``."""
-    base = peft_model.get_base_model()
-    handles, start = [], 0
-    for comp in comps:
-        cols = offset_C[start : start + comp.width]
-        start += comp.width
-        lora_A = base.get_submodule(comp.module).lora_A["default"]
+    from lorascope.interventions import State
 
-        def add(_m: Any, _args: Any, out: torch.Tensor, cols: torch.Tensor = cols) -> torch.Tensor:
-            return out + cols.to(out.device, out.dtype)
-
-        handles.append(lora_A.register_forward_hook(add))
-    try:
+    state = State(peft_model, comps)
+    with state.attach(), state.changed(None, offset_C):
         yield
-    finally:
-        for h in handles:
-            h.remove()
