@@ -728,18 +728,26 @@ def ui(
         bool, typer.Option("--dry-run", help="Print the mlflow command instead of running it.")
     ] = False,
 ) -> None:
-    """Open the MLflow UI on the project's store (mlflow.db + mlruns/ at the repo root)."""
+    """Open the MLflow UI on the project's store (mlflow.db + mlruns/ at the repo root) and print where
+    each stage's runs table is: MLflow 3 opens experiments on a GenAI overview unless the URL asks for
+    the model-training workflow (lorascope.experiments)."""
     import os
     import shlex
     import shutil
 
-    from lorascope.tracking import artifact_root, tracking_uri
+    from lorascope import experiments
+    from lorascope.tracking import artifact_root, client, tracking_uri
 
     uri, artifacts = tracking_uri(), artifact_root()
+    base = uri if artifacts is None else f"http://{host}:{port}"
+    typer.echo(f"experiments: {experiments.home_url(base)}")
+    for stage, url in experiments.landings(client(), base):
+        typer.echo(f"  {stage:<11} {url}")
     if artifacts is None:
         typer.echo(f"tracking server: {uri} (open it in a browser)")
         return
-    mlflow_bin = shutil.which("mlflow") or "mlflow"
+    beside = Path(sys.executable).parent / "mlflow"  # this environment's, activated or not
+    mlflow_bin = str(beside) if beside.is_file() else shutil.which("mlflow") or "mlflow"
     cmd = [
         mlflow_bin, "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts.as_uri(),
         "--host", host, "--port", str(port),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorascope import experiments
 from lorascope.config import Params, dump_params, section_dict, section_hash
 from lorascope.project import store_root, workspace_root
 
@@ -104,18 +105,49 @@ def experiment_id(stage: str) -> str:
 
     c = client()
     name = EXPERIMENT_PREFIX + stage
+    face = experiments.tags(stage)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = artifact_root()
-    location = (root / stage).as_uri() if root else None
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = artifact_root()
+        location = (root / stage).as_uri() if root else None
+        try:
+            return c.create_experiment(name, artifact_location=location, tags=face)
+        except MlflowException:
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in face.items():  # an experiment created before the tags (or edited by hand)
+        if exp.tags.get(key) is None:
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def _update_view(c: Any, stage: str, experiment: str, run_id: str) -> None:
+    """Add the key metrics ``run_id`` logged to its experiment's saved view (``lorascope.experiments``)."""
+    tag = c.get_experiment(experiment).tags.get(experiments.VIEW_TAG)
+    shown = experiments.view(tag)
+    cols = experiments.columns(stage, c.get_run(run_id).data.metrics, shown)
+    if cols != shown or tag is None:
+        c.set_experiment_tag(experiment, experiments.VIEW_TAG, experiments.view_value(cols))
+
+
+def local_source(path: str | Path) -> Any:
+    """MLflow's dataset source for a local file: its registered local-file class, taken directly (a
+    plain path string is ambiguous to its resolver, which registers the class twice)."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    classes: list[Any] = get_registered_sources()  # source classes (mlflow annotates them as instances)
+    return next(c for c in classes if c.__name__ == "LocalArtifactDatasetSource")(
+        Path(path).resolve().as_uri()
+    )
+
+
+def log_dataset(df: Any, source: Any, name: str, context: str) -> None:
+    """``mlflow.log_input`` of ``df`` (a pandas frame) from ``source`` into the active run, as ``name``."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    mlflow.log_input(from_pandas(df, source=source, name=name), context=context)
 
 
 # ------------------------------------------------------------------------------------- digests
@@ -294,6 +326,7 @@ def stage_run(
             upstream=upstream,
             inputs_md5=inputs_md5,
         )
+        _update_view(mlflow.MlflowClient(), stage, exp_id, active.info.run_id)
 
 
 def create_run(stage: str, name: str, tags: dict[str, str]) -> str:

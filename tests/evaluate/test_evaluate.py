@@ -846,6 +846,13 @@ def test_stage_end_to_end_metrics_samples_recovery_and_resume(eval_workspace: Pa
     assert run_.data.tags["evaluate.variant"] == "lora"
     assert run_.data.tags["upstream.finetune"] == run_of(eval_workspace, "models/lora")
     assert run_.data.metrics["generated_requests"] == 9 * 2  # 3 tasks x 3 questions x 2 samples
+    inputs = {d.dataset.name: d for d in run_.inputs.dataset_inputs}  # the runs table's Dataset column
+    assert set(inputs) == set(lora["tasks"])
+    for task, d in inputs.items():
+        local = eval_workspace / params.evaluate.data[task]
+        assert json.loads(d.dataset.source) == {"uri": local.resolve().as_uri()}
+        assert json.loads(d.dataset.profile)["num_rows"] == lora["tasks"][task]["rows"]
+        assert [t.value for t in d.tags if t.key == "mlflow.data.context"] == ["evaluation"]
     table_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/math500.json")
     samples = json.loads(Path(table_path).read_text())
     assert samples["columns"] == [

@@ -66,6 +66,23 @@ def _metadata(params: Params) -> dict[str, Any]:
     }
 
 
+def _log_benchmarks(tasks: list[str], metadata: dict[str, Any]) -> None:
+    """The rows each benchmark's run scores, as the run's input datasets (the runs table's Dataset
+    column): the local file where ``evaluate.data`` names one, else the hub dataset."""
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    from lorascope.tracking import local_source, log_dataset
+
+    for task in tasks:
+        b, local = benchmarks.benchmark(task), metadata[benchmarks.DATA_KEY].get(task)
+        src = (
+            local_source(local)
+            if local
+            else HuggingFaceDatasetSource(b.hub_path, b.hub_name, split=b.hub_split)
+        )
+        log_dataset(benchmarks.load(task, metadata).to_pandas().astype(str), src, task, "evaluation")
+
+
 def _cache_prefix(params: Params, variant: str, model_digests: list[str]) -> Path:
     """lm-eval request-cache path: one per model content and generation params, so a resumed run
     reuses only answers of the same model. Batch and chunk sizes change no answer (a sampled phase is
@@ -240,6 +257,7 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
         run_name=variant,
         tags={"evaluate.variant": variant, "evaluate.backend": cfg.backend},
     ) as sr:
+        _log_benchmarks(tasks, metadata)
         cache = _cache_prefix(
             params, variant, [sr.inputs_md5[p] for p in inputs[:2]]
         )  # hashed once, by the run

@@ -12,7 +12,7 @@ from lorascope.config import Params
 from lorascope.errors import LorascopeError
 from lorascope.progress import track
 from lorascope.project import workspace_root
-from lorascope.tracking import stage_run
+from lorascope.tracking import local_source, log_dataset, stage_run
 
 OUT = paths.PREPARED
 METRICS = paths.PREPARE_METRICS
@@ -79,10 +79,8 @@ def _write_eval(directory: Path, params: Params) -> dict[str, int]:
 
 
 def _log_dataset(df: Any, source: Any) -> None:
-    import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-    from mlflow.data.pandas_dataset import from_pandas
 
     from lorascope.prepare.sources import REQUIRED
 
@@ -97,16 +95,10 @@ def _log_dataset(df: Any, source: Any) -> None:
                 **{k: str(v) for k, v in source.details.items()},
             }
         )
-    else:  # a local file: take MLflow's registered local-file source class directly (a plain
-        # path string is ambiguous to its resolver, which registers the class twice)
-        from mlflow.data.dataset_source_registry import get_registered_sources
-
-        classes: list[Any] = get_registered_sources()  # source classes (mlflow annotates them as instances)
-        local = next(c for c in classes if c.__name__ == "LocalArtifactDatasetSource")
-        src = local(Path(source.uri).as_uri())
-    raw = df[["id", *REQUIRED]].astype(str)
+    else:
+        src = local_source(source.uri)
     name = Path(source.uri).stem if source.kind == "local" else source.uri
-    mlflow.log_input(from_pandas(raw, source=src, name=name), context="training")
+    log_dataset(df[["id", *REQUIRED]].astype(str), src, name, "training")
 
 
 def run(params: Params) -> Path:
