@@ -48,6 +48,16 @@ TESTS: dict[str, list[str]] = {
                         "tests/ablate/test_ablate.py::test_figure3_orientation_cell_by_cell"],
     "contexts/selection.py": ["tests/test_properties.py", "tests/contexts/test_selection.py"],
     "categorize/figures.py": ["tests/categorize/test_figures_data.py"],
+    "evaluate/forcing.py": [f"tests/evaluate/test_evaluate.py::{t}" for t in (
+        "test_budget_forcing_caps_thinking_then_forces_the_final_answer",
+        "test_thinking_that_ends_on_its_own_gets_the_plain_answer_marker",
+        "test_wait_extends_only_thinking_that_stopped_early", "test_auto_budget_is_s1s_and_leaves_the_answer_100_tokens",
+        "test_without_forcing_a_question_out_of_tokens_gets_no_answer", "test_chat_format_is_one_plain_generation",
+        "test_sampled_phases_are_seeded_per_question_and_phase",
+        "test_finished_questions_go_to_the_request_cache_with_samples_apart",
+        "test_hf_forcing_matches_plain_greedy_generation",
+        "test_hf_thinking_ends_at_its_stop_whatever_its_batch_mate_does",
+        "test_hf_sampling_is_reproducible_and_differs_between_samples")],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
 
