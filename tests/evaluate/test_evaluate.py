@@ -284,6 +284,11 @@ def test_auto_budget_is_s1s_and_leaves_the_answer_100_tokens():
         LorascopeError, match=r"thinking_tokens auto: a 126-token prompt leaves no thinking budget"
     ):
         long.generate_questions(["p" * 120])
+    edge = forced({"q": ["x"]}, max_gen_toks=156, thinking_tokens="auto")  # 156 - 7 - 49 - 100: none left
+    with pytest.raises(
+        LorascopeError, match=r"a 7-token prompt leaves no thinking budget in max_gen_toks 156"
+    ):
+        edge.generate_questions(["q"])
 
 
 def test_without_forcing_a_question_out_of_tokens_gets_no_answer():
