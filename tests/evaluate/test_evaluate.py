@@ -854,8 +854,8 @@ def test_stage_end_to_end_metrics_samples_recovery_and_resume(eval_workspace: Pa
     inputs = {d.dataset.name: d for d in run_.inputs.dataset_inputs}  # the runs table's Dataset column
     assert set(inputs) == set(lora["tasks"])
     for task, d in inputs.items():
-        local = eval_workspace / params.evaluate.data[task]
-        assert json.loads(d.dataset.source) == {"uri": local.resolve().as_uri()}
+        # MLflow keeps one dataset per (name, digest) in an experiment: an earlier workspace's path may stand
+        assert json.loads(d.dataset.source)["uri"].endswith("/ws/" + params.evaluate.data[task])
         assert json.loads(d.dataset.profile)["num_rows"] == lora["tasks"][task]["rows"]
         assert [t.value for t in d.tags if t.key == "mlflow.data.context"] == ["evaluation"]
     table_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/math500.json")
