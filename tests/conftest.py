@@ -189,6 +189,30 @@ def launch_two_processes(root: Path, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def serve(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    """Start ``cmd`` (an MLflow server) in its own process group, output to ``log``, and wait up to 120 s
+    for ``/health`` on ``port``; a server that exits or never answers fails the test with its log's tail.
+    Stop it with ``os.killpg(proc.pid, signal.SIGTERM)`` (its workers are in the group)."""
+    import signal
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{Path(cmd[0]).name} did not start: " + log.read_text()[-2000:])
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One sqlite MLflow store for the whole session (artifacts beside it in mlruns/)."""

@@ -7,11 +7,8 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from lorascope import resume, tracking
 from lorascope.config import Params, section_hash
 from lorascope.project import store_root, workspace_root
 
-from tests.conftest import Prepared, cli, make_workspace, record_output, run_of, tiny_params
+from tests.conftest import Prepared, cli, free_port, make_workspace, record_output, run_of, serve, tiny_params
 from tests.test_resume import inputs as make_inputs
 
 
@@ -36,8 +33,12 @@ def test_prepare_run_carries_the_lineage_tags(prepared: Prepared):
     assert tags["upstream.base"] == prepared.base_run
     assert run.data.params["block_size"] == "512" and run.data.params["synthetic.n_train"] == "64"
     assert tracking.client().get_experiment(run.info.experiment_id).name == "lorascope-prepare"
-    [dataset] = run.inputs.dataset_inputs
+    [dataset] = run.inputs.dataset_inputs  # the runs table's Dataset column
     assert dataset.dataset.source_type == "code" and dataset.dataset.digest
+    assert (
+        dataset.dataset.name == "synthetic" and json.loads(dataset.dataset.source)["tags"]["n_train"] == "64"
+    )
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
     artifacts = {a.path for a in tracking.client().list_artifacts(prepared.prepare_run)}
     assert {"validation.json", "params.yaml"} <= artifacts
 
@@ -203,40 +204,28 @@ def test_ui_command_points_at_the_store(tmp_path: Path):
     uri = os.environ["MLFLOW_TRACKING_URI"]
     assert f"ui --backend-store-uri {uri} --default-artifact-root file://" in res.stdout
     assert res.stdout.rstrip().endswith("--host 127.0.0.1 --port 5123")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    fresh = tmp_path / "fresh.db"  # printing the links creates no store (mlflow ui will)
+    res = cli("ui", "--dry-run", env={"MLFLOW_TRACKING_URI": f"sqlite:///{fresh}"})
+    assert res.returncode == 0 and not fresh.exists(), res.stderr
+    assert res.stdout.startswith(
+        "experiments: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning\n"
+    )
 
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
+    proc = serve(
         [
             str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
             "--artifacts-destination", str(tmp_path / "server-artifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"), start_new_session=True,
+        port, tmp_path / "server.log",
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -736,13 +736,15 @@ def ui(
     import shutil
 
     from lorascope import experiments
-    from lorascope.tracking import artifact_root, client, tracking_uri
+    from lorascope.tracking import artifact_root, client, local_db, tracking_uri
 
     uri, artifacts = tracking_uri(), artifact_root()
     base = uri if artifacts is None else f"http://{host}:{port}"
     typer.echo(f"experiments: {experiments.home_url(base)}")
-    for stage, url in experiments.landings(client(), base):
-        typer.echo(f"  {stage:<11} {url}")
+    db = local_db()
+    if db is None or db.is_file():  # listing must not create a store (mlflow ui will)
+        for stage, url in experiments.landings(client(), base):
+            typer.echo(f"  {stage:<11} {url}")
     if artifacts is None:
         typer.echo(f"tracking server: {uri} (open it in a browser)")
         return

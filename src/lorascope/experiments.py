@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+PREFIX = "lorascope-"
+"""Experiment names are ``lorascope-<stage>``."""
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
@@ -164,5 +166,5 @@ def home_url(base: str) -> str:
 
 def landings(client: Any, base: str) -> list[tuple[str, str]]:
     """``(stage, landing_url)`` of each ``lorascope-*`` experiment in ``client``'s store, by stage name."""
-    found = [e for e in client.search_experiments() if e.name.startswith("lorascope-")]
-    return sorted((e.name.removeprefix("lorascope-"), landing_url(base, e.experiment_id)) for e in found)
+    found = [e for e in client.search_experiments() if e.name.startswith(PREFIX)]
+    return sorted((e.name.removeprefix(PREFIX), landing_url(base, e.experiment_id)) for e in found)

@@ -29,7 +29,7 @@ from lorascope.project import store_root, workspace_root
 
 INPUT_TAG = "dvc.md5."
 OUTPUT_TAG = "dvc.out."
-EXPERIMENT_PREFIX = "lorascope-"
+EXPERIMENT_PREFIX = experiments.PREFIX
 _EXTRA_TAGS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("lorascope_extra_tags", default=())
 _TRACKING_URI: ContextVar[str | None] = ContextVar("lorascope_tracking_uri", default=None)
 _PARENT_RUN: ContextVar[str | None] = ContextVar("lorascope_parent_run", default=None)
@@ -76,13 +76,17 @@ def tracking_uri() -> str:
     )
 
 
+def local_db() -> Path | None:
+    """The database file of a local sqlite store; None for a tracking server."""
+    uri = tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def artifact_root() -> Path | None:
     """Artifacts of a local sqlite store: ``mlruns/`` beside the database file (one folder per
     experiment). None for a tracking server, which places artifacts itself."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent / "mlruns"
-    return None
+    db = local_db()
+    return None if db is None else db.parent / "mlruns"
 
 
 def _quiet_mlflow() -> None:

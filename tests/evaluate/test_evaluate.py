@@ -65,7 +65,10 @@ def test_real_aime_file_is_evaluated_whole_with_s1s_bare_prompt():
     assert rows["prompt"] == [r["problem"] for r in raw]  # s1's QUERY_TEMPLATE "{Question}"
     assert rows["gold"] == [r["answer"] for r in raw]
     assert len(set(rows["qid"])) == 30
-    counts = benchmarks.counts("aime24_nofigures", {benchmarks.DATA_KEY: {"aime24_nofigures": str(AIME)}})
+    counts = benchmarks.counts(
+        "aime24_nofigures",
+        benchmarks.load("aime24_nofigures", {benchmarks.DATA_KEY: {"aime24_nofigures": str(AIME)}}),
+    )
     assert counts == {"rows": 30, "skipped_no_answer": 0}
 
 
@@ -93,7 +96,10 @@ def test_local_aime_file_keeps_its_figure_problems(tmp_path: Path):
     got = benchmarks.process("aime24_nofigures", benchmarks.read_local(path), {})
     assert got["id"] == [1, 2, 3]  # the figure problem stays; only the row without an answer goes
     assert got["prompt"] == [r["problem"] for r in rows[:3]]  # as given, not even stripped
-    assert benchmarks.counts("aime24_nofigures", {benchmarks.DATA_KEY: {"aime24_nofigures": str(path)}}) == {
+    assert benchmarks.counts(
+        "aime24_nofigures",
+        benchmarks.load("aime24_nofigures", {benchmarks.DATA_KEY: {"aime24_nofigures": str(path)}}),
+    ) == {
         "rows": 4,
         "skipped_no_answer": 1,
     }
@@ -145,7 +151,10 @@ def test_rows_without_an_answer_are_skipped_and_counted(tmp_path: Path):
     rows[3]["Incorrect Answer 2"] = ""
     path = write_gpqa(tmp_path / "g.csv", rows)
     meta = {benchmarks.DATA_KEY: {"gpqa_diamond": str(path)}}
-    assert benchmarks.counts("gpqa_diamond", meta) == {"rows": 5, "skipped_no_answer": 2}
+    assert benchmarks.counts("gpqa_diamond", benchmarks.load("gpqa_diamond", meta)) == {
+        "rows": 5,
+        "skipped_no_answer": 2,
+    }
     assert benchmarks.dataset("gpqa_diamond", meta)["test"]["Record ID"] == ["rec0", "rec2", "rec4"]
 
 

@@ -116,9 +116,8 @@ def dataset(name: str, metadata: dict[str, Any]) -> Any:
     return datasets.DatasetDict({"test": process(name, load(name, metadata), metadata)})
 
 
-def counts(name: str, metadata: dict[str, Any]) -> dict[str, int]:
-    """Rows in the source and rows skipped for a missing question or answer."""
-    rows = load(name, metadata)
+def counts(name: str, rows: Any) -> dict[str, int]:
+    """Rows in the source (``load``'s) and rows skipped for a missing question or answer."""
     return {"rows": len(rows), "skipped_no_answer": sum(not has_answer(name, r) for r in rows)}
 
 

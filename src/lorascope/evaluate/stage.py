@@ -66,21 +66,21 @@ def _metadata(params: Params) -> dict[str, Any]:
     }
 
 
-def _log_benchmarks(tasks: list[str], metadata: dict[str, Any]) -> None:
-    """The rows each benchmark's run scores, as the run's input datasets (the runs table's Dataset
-    column): the local file where ``evaluate.data`` names one, else the hub dataset."""
+def _log_benchmarks(loaded: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Each benchmark's rows (``loaded``: task -> ``benchmarks.load``'s) as the run's input datasets (the
+    runs table's Dataset column): the local file where ``evaluate.data`` names one, else the hub dataset."""
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
     from lorascope.tracking import local_source, log_dataset
 
-    for task in tasks:
+    for task, rows in loaded.items():
         b, local = benchmarks.benchmark(task), metadata[benchmarks.DATA_KEY].get(task)
         src = (
             local_source(local)
             if local
             else HuggingFaceDatasetSource(b.hub_path, b.hub_name, split=b.hub_split)
         )
-        log_dataset(benchmarks.load(task, metadata).to_pandas().astype(str), src, task, "evaluation")
+        log_dataset(rows.to_pandas().astype(str), src, task, "evaluation")
 
 
 def _cache_prefix(params: Params, variant: str, model_digests: list[str]) -> Path:
@@ -247,7 +247,8 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
     spec = resolve(base_dir, model_dir)
     metadata = _metadata(params)
     local = [Path(metadata[benchmarks.DATA_KEY][t]) for t in tasks if t in cfg.data]
-    counts = {t: benchmarks.counts(t, metadata) for t in tasks}  # loads every dataset: bad files fail here
+    loaded = {t: benchmarks.load(t, metadata) for t in tasks}  # every dataset: bad files fail here
+    counts = {t: benchmarks.counts(t, rows) for t, rows in loaded.items()}
     inputs = [base_dir, *([model_dir] if model_dir != base_dir else []), *local]
 
     with stage_run(
@@ -257,7 +258,7 @@ def run(params: Params, variant: str, tasks: list[str] | None = None) -> Path:
         run_name=variant,
         tags={"evaluate.variant": variant, "evaluate.backend": cfg.backend},
     ) as sr:
-        _log_benchmarks(tasks, metadata)
+        _log_benchmarks(loaded, metadata)
         cache = _cache_prefix(
             params, variant, [sr.inputs_md5[p] for p in inputs[:2]]
         )  # hashed once, by the run
