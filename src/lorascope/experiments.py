@@ -118,21 +118,16 @@ EXPERIMENTS: dict[str, Experiment] = {
 }  # fmt: skip
 
 
-def face(stage: str) -> Experiment:
-    """The face of ``stage``'s experiment; a stage without one (a test's) gets a bare description."""
-    return EXPERIMENTS.get(stage) or Experiment(f"lorascope stage `{stage}`.", ())
-
-
 def tags(stage: str) -> dict[str, str]:
     """The experiment tags set when ``lorascope-<stage>`` is created (and added to an older one)."""
-    return {KIND_TAG: KIND, NOTE_TAG: face(stage).description}
+    return {KIND_TAG: KIND, NOTE_TAG: EXPERIMENTS[stage].description}
 
 
 def columns(stage: str, metric_keys: Any, shown: list[str]) -> list[str]:
     """``shown`` (the view's columns) plus the metrics among ``metric_keys`` that match ``stage``'s
     patterns, by name (the order the UI shows them in); the runs' dataset column first where the stage
     logs one."""
-    exp = face(stage)
+    exp = EXPERIMENTS[stage]
     first = ["attributes.`Dataset`"] if exp.dataset else []
     have = {c.removeprefix("metrics.`").removesuffix("`") for c in shown if c.startswith("metrics.")}
     names = have | {k for k in metric_keys if any(fnmatchcase(k, p) for p in exp.columns)}
