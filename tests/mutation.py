@@ -44,8 +44,10 @@ TESTS: dict[str, list[str]] = {
     "sae/train.py": ["tests/sae/test_units.py", "tests/test_properties.py", "tests/sae/test_trainer.py"],
     "ablate/runner.py": ["tests/ablate/test_ablate.py::test_ablator_against_zeroed_lora_b_on_a_small_model",
                          "tests/ablate/test_ablate.py::test_ablator_batches_and_a_response_starting_at_a_chunk_boundary"],
-    "ablate/stage.py": ["tests/ablate/test_ablate.py::test_summary_against_a_hand_computed_case",
-                        "tests/ablate/test_ablate.py::test_figure3_orientation_cell_by_cell"],
+    "ablate/stage.py": [f"tests/ablate/test_ablate.py::{t}" for t in (
+        "test_summary_against_a_hand_computed_case", "test_figure3_orientation_cell_by_cell",
+        "test_stage_outputs_lineage_and_resume", "test_sequences_are_sampled_with_response_tokens",
+        "test_bad_input_is_one_line")],
     "contexts/selection.py": ["tests/test_properties.py", "tests/contexts/test_selection.py"],
     "categorize/figures.py": ["tests/categorize/test_figures_data.py"],
     "evaluate/forcing.py": [f"tests/evaluate/test_evaluate.py::{t}" for t in (
