@@ -60,6 +60,7 @@ TESTS: dict[str, list[str]] = {
         "test_hf_forcing_matches_plain_greedy_generation",
         "test_hf_thinking_ends_at_its_stop_whatever_its_batch_mate_does",
         "test_hf_sampling_is_reproducible_and_differs_between_samples")],
+    "steer/directions.py": ["tests/steer/test_steer.py"],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
 

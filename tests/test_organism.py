@@ -290,16 +290,16 @@ def _scores(root: Path, variant: str) -> dict[str, float]:
     return {t: sum(c[0] for c in v["correct"]) / len(v["correct"]) for t, v in per_question["tasks"].items()}
 
 
-LORA_GAIN = 0.45
+LORA_GAIN = 0.5
 """Every seed's LoRA gains at least this much over the base on both shapes (chance: 0.1; the worst of ten
-seeds: 0.47, docs/organism.md "Across ten seeds")."""
-FULL_GAIN = 0.15
-"""The full finetune's gain on every seed (worst of ten: seed 3, +0.36 / +0.16; the other nine at least +0.45):
-at ``finetune.full_lr`` 1.5e-3 the full finetune is the organism's least robust effect (docs/organism.md
-"Across ten seeds")."""
-ONE_HALF_KEEPS = 0.3
-"""Table 2 as it holds on every seed: without one of its halves (attention on some seeds, MLP on others) the
-LoRA keeps at most this share of its gain (worst of ten: 0.25)."""
+seeds: +0.61, docs/organism.md "Across ten seeds")."""
+FULL_GAIN = 0.5
+"""The full finetune's gain on every seed (worst of ten: +0.61; at ``finetune.full_lr`` 1.5e-3 it was +0.16
+on base seed 3, at 2e-3 +0.36 on base seed 9: docs/organism.md "What it took")."""
+MLP_HALF_KEEPS = 0.45
+"""Table 2 as it holds on every seed: without its MLP half the LoRA keeps at most this share of its gain
+(worst of ten: 0.39; the committed seed triple: 0.40). Without its attention half it keeps 0.80 on one
+seed: that half is needed on nine."""
 SAE_FVU = 0.2
 """The organism's SAE: held-out FVU at most this (raw units; worst of ten: 0.16)."""
 SAE_EFFECT = 0.9
@@ -309,8 +309,8 @@ SAE_EFFECT = 0.9
 
 def check_tables(root: Path) -> None:
     """Table 1: the base answers directly (near chance), the LoRA and the full finetune work it out; Table 2:
-    both ablated adapters scored by the formula, and one of the halves is needed (the LoRA without it keeps a
-    small share of its gain); GPQA's letters are the control: no variant gains there, so no recovery is defined."""
+    both ablated adapters scored by the formula, and the MLP half is needed (the LoRA without it keeps a small
+    share of its gain); GPQA's letters are the control: no variant gains there, so no recovery is defined."""
     table = json.loads((root / "metrics" / "recovery.json").read_text())["tasks"]
     scores = {v: _scores(root, v) for v in VARIANTS}
     for task in TASKS:
@@ -329,7 +329,7 @@ def check_tables(root: Path) -> None:
             ablated = scores[f"lora-{group}-ablated"][task]
             kept[group] = row[f"recovery.lora-{group}-ablated"]
             assert kept[group] == pytest.approx((ablated - base) / (lora - base))
-        assert min(kept.values()) <= ONE_HALF_KEEPS, (task, kept)
+        assert kept["mlp"] <= MLP_HALF_KEEPS, (task, kept)
     control = table["gpqa_diamond"]
     assert all(control[v] <= 0.1 for v in VARIANTS), control
     if control["full"] <= control["base"]:

@@ -245,19 +245,46 @@ def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: p
 
     for name in (*ALL_SWEEPS, "figure3"):
         assert files[name]["direction"] == DIRECTION == "KL(P_lora || P_ablated)"
+        assert files[name]["unit"].startswith("nats per response token")
+        assert set(files[name]["kl_definitions"]) == {"kl", "kl_all_positions"}
+    # every sweep file: the same header (the sample, the reference block), its sweep's name, its ablations
+    chosen = sequences(ablate_workspace, 3, 128)
+    header = {k: v for k, v in files["groups"].items() if k not in ("sweep", "ablations")}
+    assert set(header) == {"direction", "unit", "delta_ce_definition", "kl_definitions", "sequences", "tokens",
+                           "reference"}  # fmt: skip
+    assert header["sequences"] == 3 and header["tokens"] == sum(len(ids) - first for _, ids, first in chosen)
+    assert header["delta_ce_definition"].startswith("CE(P_ablated) - CE(P_lora)")
+    for name in ALL_SWEEPS:
+        assert files[name]["sweep"] == name
+        assert {k: v for k, v in files[name].items() if k not in ("sweep", "ablations")} == header
     comps, layers, types, groups = (files[n]["ablations"] for n in ALL_SWEEPS)
     assert len(comps) == 14 and set(layers) == {"L0", "L1"} and set(types) == set(LORA_TARGETS)
     assert set(groups) == {"attn", "mlp", "all", "q_and_k"} and groups["q_and_k"]["n_components"] == 4
     ref = files["groups"]["reference"]
+    assert set(ref) == {"ce_lora", "ce_base", "kl_lora_base", "kl_lora_base_all_positions"}
     assert groups["all"]["kl"] == ref["kl_lora_base"] > 0
+    assert groups["all"]["kl_all_positions"] == ref["kl_lora_base_all_positions"] > 0
+    assert ref["ce_lora"] == pytest.approx(groups["all"]["ce"] - groups["all"]["delta_ce"])
     assert groups["all"]["ce"] == ref["ce_base"]
     for a in (*comps.values(), *groups.values()):
         assert a["delta_ce"] == pytest.approx(a["ce"] - ref["ce_lora"])
         assert a["kl"] >= -1e-7 and a["kl_max"] >= a["kl"] and a["kl_stderr"] is not None
     fig = files["figure3"]
     assert fig["layers"] == [0, 1] and fig["types"] == list(LORA_TARGETS)
-    assert fig["kl"] == [[comps[f"L{n}.{k}"]["kl"] for k in LORA_TARGETS] for n in (0, 1)]
-    assert run.data.metrics["groups.attn.kl"] == pytest.approx(groups["attn"]["kl"])
+    for key in ("kl", "kl_all_positions"):
+        assert fig[key] == [[comps[f"L{n}.{k}"][key] for k in LORA_TARGETS] for n in (0, 1)]
+    # the run: every ablation's three numbers, the reference and the sample as metrics; the files as artifacts
+    for sweep in ALL_SWEEPS:
+        for name, a in files[sweep]["ablations"].items():
+            for key in ("kl", "kl_all_positions", "delta_ce"):
+                assert run.data.metrics[f"{sweep}.{name}.{key}"] == pytest.approx(a[key]), (sweep, name, key)
+    assert {k: run.data.metrics[f"reference.{k}"] for k in ref} == pytest.approx(ref)
+    assert (run.data.metrics["sequences"], run.data.metrics["tokens"]) == (3.0, float(header["tokens"]))
+    n_ablations = sum(len(files[n]["ablations"]) for n in ALL_SWEEPS)
+    assert {k: run.data.params[k] for k in ("direction", "ablations", "components")} == {
+        "direction": DIRECTION, "ablations": str(n_ablations), "components": "14"}  # fmt: skip
+    logged = {a.path for a in tracking.client().list_artifacts(run_id, "ablation")}
+    assert logged == {f"ablation/{n}.json" for n in files}
 
     # the per-sequence sums of an uninterrupted run are the resumed run's
     shutil.rmtree(ablate_workspace / "checkpoints/ablate")
@@ -270,6 +297,42 @@ def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: p
     assert groups["ablations"] == {} and groups["reference"]["kl_lora_base"] > 0
     assert set(json.loads((out / "layers.json").read_text())["ablations"]) == {"L0", "L1"}
     assert json.loads((out / "figure3.json").read_text())["kl"] == [[None] * 7, [None] * 7]
+
+    # ablate.precision is the model's: bfloat16 moves every number a little
+    f32 = groups["reference"]
+    bf16 = stage.run(tiny_params(ablate={"sequences": 1, "max_tokens": 64, "sweeps": ["layers"],
+                                         "precision": "bfloat16"}))  # fmt: skip
+    ref16 = json.loads((bf16 / "groups.json").read_text())["reference"]
+    assert ref16 != f32 and ref16 == pytest.approx(f32, rel=0.05)
+
+
+def test_the_runs_metrics_go_to_mlflow_in_batches_it_accepts(tmp_path: Path):
+    """More metrics than MLflow takes in one call (1000; the paper profile's 64-layer sweeps log ~1,600):
+    every one arrives, with its value."""
+    import mlflow
+
+    from lorascope import tracking
+    from lorascope.ablate.stage import _log_run
+    from lorascope.ablate.targets import Ablation
+
+    ablations = [Ablation(f"g{i}", "groups", (i % 14,)) for i in range(400)]
+    results = {
+        a.name: {"kl": i / 7, "kl_all_positions": i / 11, "delta_ce": -i / 13}
+        for i, a in enumerate(ablations)
+    }
+    header = {"sequences": 3, "tokens": 17, "reference": {"ce_lora": 1.5, "ce_base": 2.5, "kl_lora_base": 0.75,
+                                                         "kl_lora_base_all_positions": 0.5}}  # fmt: skip
+    files = [tmp_path / "groups.json"]
+    files[0].write_text("{}")
+    mlflow.set_experiment("test-ablate-metric-batches")
+    with mlflow.start_run() as run:
+        _log_run(header, results, ablations, 1, [None] * 14, files)
+    got = tracking.client().get_run(run.info.run_id).data
+    want = {f"groups.g{i}.{k}": v for i in range(400) for k, v in results[f"g{i}"].items()}
+    want |= {f"reference.{k}": v for k, v in header["reference"].items()}
+    want |= {"sequences": 3.0, "tokens": 17.0, "sequences_resumed": 1.0}
+    assert got.metrics == pytest.approx(want)
+    assert got.params == {"direction": DIRECTION, "ablations": "400", "components": "14"}
 
 
 def test_sequences_are_sampled_with_response_tokens(ablate_workspace: Path):
@@ -308,6 +371,14 @@ def test_bad_input_is_one_line(ablate_workspace: Path):
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: ablate.custom.mine: unknown component 'L3.zz_proj' (the adapter has layers L0..L1"
     )
+    assert not (ablate_workspace / "metrics/ablation").exists()
+    from lorascope.ablate import stage
+
+    with pytest.raises(LorascopeError, match=r"no row has a response token within ablate\.max_tokens \(2\)"):
+        stage.run(tiny_params(ablate={"max_tokens": 2}))
+    if not torch.cuda.is_available():  # the error names the section's key
+        with pytest.raises(LorascopeError, match=r"^ablate\.device: 'cuda' asks for a CUDA GPU"):
+            stage.run(tiny_params(ablate={"device": "cuda"}))
     assert not (ablate_workspace / "metrics/ablation").exists()
     with pytest.raises(LorascopeError, match="'attn' is a built-in group"):
         tiny_params(ablate={"custom": {"attn": ["q_proj"]}})
