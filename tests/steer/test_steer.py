@@ -352,6 +352,43 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
     assert pd.read_parquet(again / "generations.parquet").equals(gens)
 
 
+def test_an_sae_latents_magnitude_is_its_own_mean_when_it_fires(steer_workspace: Path):
+    """typical = mean / nonzero density of that latent's row of the feature statistics; the direction is its
+    decoder row."""
+    from lorascope.sae.load import load_sae
+
+    names = feature_names(lora_components(peft_model(steer_workspace)))
+    means, nonzero = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.5, 0.25, 0.5, 0.8, 0.1, 0.4]
+    features_table(steer_workspace / "data/contexts/sae.features.parquet", [str(i) for i in range(SAE_LATENTS)],
+                   means, [0.1] * SAE_LATENTS, nonzero)  # fmt: skip
+    sae, _ = load_sae(steer_workspace / "models/sae")
+    for latent in (0, 3, 5):
+        d = resolve(f"sae.{latent}", names, steer_workspace)
+        assert d.typical == pytest.approx(means[latent] / nonzero[latent])
+        assert torch.equal(d.unit_C, sae.W_dec_FD.detach()[latent].float())
+
+
+def test_a_lora_components_magnitude_is_its_own_rms(steer_workspace: Path):
+    """typical = sqrt(mean^2 + std^2) of that component's row (both signs' rows hold the same statistics); the
+    direction is the unit vector on its column, negated for ``-``; a component the statistics lack is an error."""
+    names = feature_names(lora_components(peft_model(steer_workspace)))
+    n = len(names)
+    mean = [0.01 * (i + 1) for i in range(n)]
+    std = [0.1 + 0.05 * i for i in range(n)]
+    stats = steer_workspace / "data/contexts/lora.features.parquet"
+    features_table(stats, [f"{x}{s}" for s in "+-" for x in names], mean * 2, std * 2, [1.0] * 2 * n)
+    for name, sign in (("L1.gate_proj", 1.0), ("L0.k_proj-", -1.0)):
+        d = resolve(name, names, steer_workspace)
+        i = names.index(name.rstrip("-"))
+        assert d.name == name and d.typical == pytest.approx(math.hypot(mean[i], std[i]))
+        assert d.unit_C.tolist() == [sign if j == i else 0.0 for j in range(n)]
+    features_table(stats, [f"{x}+" for x in names[1:]], mean[1:], std[1:], [1.0] * (n - 1))
+    with pytest.raises(
+        LorascopeError, match=rf"no statistics for '{names[0]}'; the contexts are older than the adapter"
+    ):
+        resolve(names[0], names, steer_workspace)
+
+
 def test_bad_input_is_one_line(steer_workspace: Path):
     env = {"LORASCOPE_ROOT": str(steer_workspace)}
     raw = (REPO / "params.yaml").read_text()
@@ -365,12 +402,50 @@ def test_bad_input_is_one_line(steer_workspace: Path):
     )
     shutil.copy(REPO / "params.yaml", steer_workspace)
     names = feature_names(lora_components(peft_model(steer_workspace)))
-    with pytest.raises(LorascopeError, match=r"unknown direction 'L7.q_proj' \(LoRA components: L0.q_proj, "):
+    with pytest.raises(LorascopeError) as err:
         resolve("L7.q_proj", names, steer_workspace)
+    assert str(err.value) == (
+        f"steer.directions: unknown direction 'L7.q_proj' (LoRA components: {', '.join(names[:8])}, ... (14 in all); "
+        "or sae.<latent>)"
+    )
+    from lorascope.steer.directions import lora_direction
+
+    stats = steer_workspace / "data/contexts/lora.features.parquet"
+    with pytest.raises(LorascopeError) as err:  # a short list is shown whole
+        lora_direction("L7.q_proj", names[:2], stats)
+    assert str(err.value).endswith(f"(LoRA components: {names[0]}, {names[1]}; or sae.<latent>)")
+    for shown, more in ((8, ""), (9, ", ... (9 in all)")):  # up to 8 names are listed whole
+        with pytest.raises(LorascopeError) as err:
+            lora_direction("L7.q_proj", names[:shown], stats)
+        assert str(err.value).endswith(f"(LoRA components: {', '.join(names[:8])}{more}; or sae.<latent>)")
+    with pytest.raises(
+        LorascopeError, match=r"missing.parquet: feature statistics not found; run `lorascope contexts`"
+    ):
+        lora_direction(names[0], names, stats.with_name("missing.parquet"))
     with pytest.raises(LorascopeError, match=r"'sae.2' is a dead latent \(not in .*models/sae/alive.json\)"):
         resolve("sae.2", names, steer_workspace)
-    with pytest.raises(LorascopeError, match=r"'sae.9': the SAE has latents 0..5"):
-        resolve("sae.9", names, steer_workspace)
+    for past_the_end in ("sae.9", "sae.6"):
+        with pytest.raises(LorascopeError, match=r"'sae.\d': the SAE has latents 0..5"):
+            resolve(past_the_end, names, steer_workspace)
+    sae_dir = steer_workspace / "models/sae"
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    (sae_dir / "cfg.json").write_text(json.dumps({**cfg, "components": names[::-1]}))
+    with pytest.raises(LorascopeError, match=r"models/sae: the SAE was trained on other adapter components"):
+        resolve("sae.0", names, steer_workspace)
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    alive = json.loads((sae_dir / "alive.json").read_text())
+    (sae_dir / "alive.json").write_text(
+        json.dumps({**alive, "d_sae": 7, "alive_latents": [0, 1, 2, 3, 4, 5]})
+    )
+    with pytest.raises(LorascopeError, match=r"alive.json: does not match the SAE's 6 latents"):
+        resolve("sae.0", names, steer_workspace)
+    (sae_dir / "alive.json").write_text(json.dumps({**alive, "alive_latents": [0, 1, 2, 3, 4, 5]}))
+    with pytest.raises(LorascopeError, match=r"'sae.2' never fires on the store \(a dead latent\)"):
+        resolve("sae.2", names, steer_workspace)  # listed alive, but its statistics say it never fired
+    stats = steer_workspace / "data/contexts/sae.features.parquet"
+    features_table(stats, ["0", "1"], [0.2] * 2, [0.1] * 2, [0.5] * 2)
+    with pytest.raises(LorascopeError, match=r"sae.features.parquet: no statistics for 'sae.4'; re-run"):
+        resolve("sae.4", names, steer_workspace)
     bad.write_text(raw.replace(directions, "  directions: [L1.nope]\n", 1))
     res = cli("steer", "--params", str(bad), cwd=steer_workspace, env=env)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
