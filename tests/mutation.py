@@ -46,8 +46,8 @@ TESTS: dict[str, list[str]] = {
                          "tests/ablate/test_ablate.py::test_ablator_batches_and_a_response_starting_at_a_chunk_boundary"],
     "ablate/stage.py": [f"tests/ablate/test_ablate.py::{t}" for t in (
         "test_summary_against_a_hand_computed_case", "test_figure3_orientation_cell_by_cell",
-        "test_stage_outputs_lineage_and_resume", "test_sequences_are_sampled_with_response_tokens",
-        "test_bad_input_is_one_line")],
+        "test_stage_outputs_lineage_and_resume", "test_the_runs_metrics_go_to_mlflow_in_batches_it_accepts",
+        "test_sequences_are_sampled_with_response_tokens", "test_bad_input_is_one_line")],
     "contexts/selection.py": ["tests/test_properties.py", "tests/contexts/test_selection.py"],
     "categorize/figures.py": ["tests/categorize/test_figures_data.py"],
     "evaluate/forcing.py": [f"tests/evaluate/test_evaluate.py::{t}" for t in (
