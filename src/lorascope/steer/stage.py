@@ -161,13 +161,15 @@ def _write_outputs(
     prompts: int,
 ) -> Path:
     """``data/steer/`` (generations and summary tables) and ``metrics/steer.json``."""
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     out = root / paths.STEER
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        pd.DataFrame(generations).to_parquet(tmp / "generations.parquet", index=False)
-        pd.DataFrame(summary).to_parquet(tmp / "summary.parquet", index=False)
+        # pyarrow tables, not pandas': pandas records its own version in the file (other bytes per release)
+        pq.write_table(pa.Table.from_pylist(generations), tmp / "generations.parquet")
+        pq.write_table(pa.Table.from_pylist(summary), tmp / "summary.parquet")
     write_json(
         root / paths.STEER_METRICS,
         {
