@@ -349,6 +349,8 @@ def test_sequences_are_sampled_with_response_tokens(ablate_workspace: Path):
 
 
 def test_bad_input_is_one_line(ablate_workspace: Path):
+    from lorascope.ablate import stage
+
     env = {"LORASCOPE_ROOT": str(ablate_workspace)}
     shutil.copy(REPO / "params.yaml", ablate_workspace)
     res = cli("ablate", "export", "--group", "L9", cwd=ablate_workspace, env=env)
@@ -372,8 +374,6 @@ def test_bad_input_is_one_line(ablate_workspace: Path):
         "error: ablate.custom.mine: unknown component 'L3.zz_proj' (the adapter has layers L0..L1"
     )
     assert not (ablate_workspace / "metrics/ablation").exists()
-    from lorascope.ablate import stage
-
     with pytest.raises(LorascopeError, match=r"no row has a response token within ablate\.max_tokens \(2\)"):
         stage.run(tiny_params(ablate={"max_tokens": 2}))
     if not torch.cuda.is_available():  # the error names the section's key

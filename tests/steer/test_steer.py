@@ -15,7 +15,7 @@ import torch
 from lorascope.components import feature_names, lora_components
 from lorascope.errors import LorascopeError
 from lorascope.generation import Generation, count_words, generate, paper_backtrack_pct
-from lorascope.steer.directions import resolve, steered
+from lorascope.steer.directions import lora_direction, resolve, steered
 
 from tests.ablate.test_ablate import peft_model
 from tests.conftest import REPO, cli, record_output, run_of, tiny_params
@@ -408,8 +408,6 @@ def test_bad_input_is_one_line(steer_workspace: Path):
         f"steer.directions: unknown direction 'L7.q_proj' (LoRA components: {', '.join(names[:8])}, ... (14 in all); "
         "or sae.<latent>)"
     )
-    from lorascope.steer.directions import lora_direction
-
     stats = steer_workspace / "data/contexts/lora.features.parquet"
     with pytest.raises(LorascopeError) as err:  # a short list is shown whole
         lora_direction("L7.q_proj", names[:2], stats)
