@@ -1,19 +1,23 @@
 """End to end in bfloat16 and another seed triple: the tiny profile with every precision key set to bfloat16
-and seeds (3, 3, 3) passes `dvc repro` on the CPU, in a fresh git + DVC repo of its own (the plumbing sizes of
-conftest.PLUMBING: the base without its pretraining), and bf16 is where it belongs in what it writes. A module of its own, so that `pytest -n 2`
-runs this repro beside tests/e2e/test_e2e.py's (conftest.pytest_xdist_make_scheduler)."""
+and seeds (3, 3, 3) runs every stage of `dvc.yaml` on the CPU, in a fresh git + DVC repo of its own (the plumbing
+sizes of conftest.PLUMBING: the base without its pretraining), and bf16 is where it belongs in what it writes.
+The stages run as DVC resolves them (each stage's command with this params.yaml's values, in `dvc repro`'s
+order), in this process: the commands and the pipeline are what DVC would run, without 26 interpreter start-ups
+(tests/e2e/test_e2e.py runs the real `dvc repro`, in float32). A module of its own, so that `pytest -n 2` runs it
+beside tests/e2e/test_e2e.py's repro (conftest.pytest_xdist_make_scheduler)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import tiny_raw
-from tests.e2e.test_e2e import ALL_STAGES, fresh_repo, git_env, sh
+from tests.conftest import cli, tiny_raw
+from tests.e2e.test_e2e import ALL_STAGES, fresh_repo, git_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -33,18 +37,36 @@ BF16 = {
 
 
 @pytest.fixture(scope="module")
-def bf16_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A fresh repository whose params are the plumbing tiny profile in bfloat16, after `dvc repro`."""
+def bf16_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A fresh repository whose params are the plumbing tiny profile in bfloat16, after every stage's command
+    ran in `dvc repro`'s order: (root, the stages run)."""
+    import mlflow
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import plan_repro
+
+    from lorascope import tracking
+
     env = git_env()
     root = fresh_repo(tmp_path_factory, env, yaml.safe_dump(tiny_raw(**BF16), sort_keys=False))
-    return root, sh("dvc", "repro", cwd=root, env=env).stdout
+    with Repo(str(root)) as repo:
+        plan = [(stage.name, stage.cmd) for stage in plan_repro(repo.index.graph)]
+    # the repository's own MLflow store, as `dvc repro` in it would use (git_env drops the session's)
+    call_env = {"LORASCOPE_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    ran = []
+    for name, cmd in plan:
+        program, *args = shlex.split(cmd)
+        assert program == "lorascope", f"{name}: {cmd}"  # the tiny profile launches no other program
+        res = cli(*args, cwd=root, env=call_env)
+        assert res.returncode == 0, f"{name}: {cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        ran.append(name)
+    mlflow.set_tracking_uri(tracking.tracking_uri())  # MLflow's global store back to the session's
+    return root, ran
 
 
 def test_bfloat16_everywhere_through_dvc(bf16_repro):
-    """The tiny profile with every precision key set to bfloat16 passes `dvc repro` on the CPU."""
-    root, out = bf16_repro
-    for stage in ALL_STAGES:
-        assert f"Running stage '{stage}'" in out, stage
+    """The tiny profile with every precision key set to bfloat16 runs every stage of the pipeline on the CPU."""
+    root, ran = bf16_repro
+    assert set(ran) == set(ALL_STAGES) and len(ran) == len(ALL_STAGES)
     params = yaml.safe_load((root / "params.yaml").read_text())
     assert all(params[section][key] == "bfloat16" for section, keys in BF16.items() for key in keys
                if key in ("precision", "dtype"))  # fmt: skip
