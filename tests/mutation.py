@@ -59,8 +59,19 @@ TESTS: dict[str, list[str]] = {
         "test_finished_questions_go_to_the_request_cache_with_samples_apart",
         "test_hf_forcing_matches_plain_greedy_generation",
         "test_hf_thinking_ends_at_its_stop_whatever_its_batch_mate_does",
-        "test_hf_sampling_is_reproducible_and_differs_between_samples")],
+        "test_hf_sampling_is_reproducible_and_differs_between_samples",
+        "test_a_sampled_phases_seed_is_derived_from_run_seed_sample_question_and_phase",
+        "test_generate_until_samples_only_the_requests_that_ask_then_decodes_greedily_again",
+        "test_generated_tokens_add_up_over_calls", "test_a_wait_extension_runs_only_while_thinking_budget_is_left",
+        "test_a_forced_answer_with_no_tokens_left_is_not_generated",
+        "test_a_run_killed_mid_way_resumes_after_its_last_finished_chunk")],
     "steer/directions.py": ["tests/steer/test_steer.py"],
+    "steer/stage.py": ["tests/steer/test_steer.py"],
+    "ablate/export.py": ["tests/ablate/test_ablate.py"],
+    "sae/downstream.py": ["tests/sae/test_units.py", "tests/sae/test_sae.py"],
+    "contexts/stage.py": ["tests/contexts/test_contexts.py"],
+    "evaluate/benchmarks.py": ["tests/evaluate/test_evaluate.py", "tests/evaluate/test_answers.py"],
+    "sae/stage.py": ["tests/sae/test_sae.py"],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -208,6 +209,81 @@ def test_exported_adapter_reproduces_the_hook_ablation(ablate_workspace: Path, g
     tags = export_run.data.tags
     assert tags["lorascope.stage"] == "ablate" and tags["ablate.export"] == group
     assert tags["upstream.finetune"] == run_of(ablate_workspace, "models/lora")
+    assert export_run.info.run_name == f"export-{group}"
+    assert export_run.data.params == {
+        **export_run.data.params,
+        "export.group": group,
+        "export.removed": str(len(names)),
+    }
+    record = mlflow.artifacts.download_artifacts(run_id=export_run.info.run_id, artifact_path="export.json")
+    assert json.loads(Path(record).read_text()) == {"group": group, "removed": names}
+
+
+def test_an_exported_adapter_is_written_as_peft_writes_one(ablate_workspace: Path):
+    """The weights' metadata is peft's, each component keeps its rank, and the layer selection of the config
+    stays only where whole types are left (peft refuses `layers_to_transform` beside a regular expression)."""
+    from safetensors import safe_open
+
+    from lorascope.ablate.export import export, saved_components
+
+    src = ablate_workspace / "models/lora"
+    with safe_open(str(src / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # as peft saved it
+    config = json.loads((src / "adapter_config.json").read_text())
+    comps = saved_components(load_file(str(src / "adapter_model.safetensors")))
+    assert [c.width for c in comps] == [config["r"]] * 14 and config["r"] == 1
+    # a copy whose config selects the layers (both of them: the same adapter)
+    layered = ablate_workspace / "models/lora-layered"
+    shutil.copytree(src, layered)
+    config.update(layers_to_transform=[0, 1], layers_pattern="layers")
+    (layered / "adapter_config.json").write_text(json.dumps(config))
+    for selectors, whole in ((["attn"], True), (["L0.q_proj"], False)):
+        out = ablate_workspace / f"models/lora-{selectors[0]}-layered"
+        export(layered, out, selectors, "test")
+        with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+        written = json.loads((out / "adapter_config.json").read_text())
+        assert isinstance(written["target_modules"], list) is whole
+        kept = ([0, 1], "layers") if whole else (None, None)
+        assert (written["layers_to_transform"], written["layers_pattern"]) == kept, selectors
+        assert len(lora_components(peft_model(ablate_workspace, str(out.relative_to(ablate_workspace))))) == (
+            6 if whole else 13
+        )
+
+
+def test_export_errors_name_what_is_wrong(ablate_workspace: Path, tmp_path: Path):
+    from lorascope.ablate.export import export, saved_components
+
+    src = ablate_workspace / "models/lora"
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(src / "adapter_config.json", half)  # the config without the weights
+    for where in (tmp_path / "none", half):
+        with pytest.raises(LorascopeError) as e:
+            export(where, tmp_path / "out", ["attn"], "test")
+        assert str(e.value) == (
+            f"{where}: no saved LoRA adapter (adapter_config.json and adapter_model.safetensors); "
+            "run `lorascope finetune --variant lora`"
+        )
+    with pytest.raises(LorascopeError) as e:
+        export(src, tmp_path / "out", ["attn", "mlp"], "ablate.custom.both")
+    assert (
+        str(e.value)
+        == "ablate.custom.both: 'attn mlp' removes every component; evaluate the base model instead"
+    )
+    with pytest.raises(LorascopeError, match=r"^ablate\.custom\.x: 'L9' matches no component"):
+        export(src, tmp_path / "out", ["L9"], "ablate.custom.x")
+    assert not (tmp_path / "out").exists()
+    weight = torch.zeros(1, 4)
+    with pytest.raises(LorascopeError) as e:
+        saved_components({"base_model.model.model.layers.0.mlp.fc1.lora_A.weight": weight})
+    assert str(e.value) == (
+        "adapter targets 'model.layers.0.mlp.fc1'; expected only "
+        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    )
+    with pytest.raises(LorascopeError) as e:
+        saved_components({"lm_head.weight": weight})
+    assert str(e.value) == "the adapter has no LoRA weights"
 
 
 def test_stage_outputs_lineage_and_resume(ablate_workspace: Path, monkeypatch: pytest.MonkeyPatch):

@@ -298,6 +298,9 @@ def test_auto_budget_is_s1s_and_leaves_the_answer_100_tokens():
         LorascopeError, match=r"a 7-token prompt leaves no thinking budget in max_gen_toks 156"
     ):
         edge.generate_questions(["q"])
+    one = forced({"q": ["xy", "1"]}, max_gen_toks=157, thinking_tokens="auto")  # one thinking token left
+    one.generate_questions(["q"])
+    assert one.calls[0][1] == 1
 
 
 def test_without_forcing_a_question_out_of_tokens_gets_no_answer():
@@ -330,6 +333,119 @@ def test_sampled_phases_are_seeded_per_question_and_phase():
     assert seeds(0, ("r",)).items() <= first.items()  # the same seed whatever else shares the chunk
     assert set(first.values()).isdisjoint(seeds(1).values())
     assert set(first.values()).isdisjoint(seeds(0, seed=8).values())
+
+
+def phase_seed_by_hand(run_seed: int, sample: int, prompt: str, phase: str) -> int:
+    """The module docstring's seed of a sampled phase, computed independently: the first 4 bytes, big-endian,
+    of the sha256 of [run seed, sample, the question's prompt, the phase name] as JSON."""
+    import hashlib
+
+    key = json.dumps([run_seed, sample, prompt, phase]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+
+
+def test_a_sampled_phases_seed_is_derived_from_run_seed_sample_question_and_phase():
+    """The phases are named think, wait1.., answer (and chat): a recorded sample can be re-derived, and vLLM
+    (the seed in the kwargs) and HF (torch seeded before each question) get the same seeds."""
+    import torch
+
+    class TorchSeedRecording(Scripted):  # the backend under the mixin: what torch was seeded with per call
+        torch_seeds: list[int] = []
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            self.torch_seeds = [*self.torch_seeds, torch.initial_seed()]
+            return super().generate_until(requests, disable_tqdm)
+
+    class SeedRecording(BudgetForcing, TorchSeedRecording):
+        chat_template = ScriptedForced.chat_template
+
+    head = "USER:q\n" + THINK
+    want = [phase_seed_by_hand(7, 2, head, phase) for phase in ("think", "wait1", "answer")]
+    for in_kwargs in (True, False):
+        lm = SeedRecording({"q": ["abc", "de", "1"]})
+        lm.budget = forced({}, seed=7, wait_extensions=1, temperature=0.5).budget
+        lm.seed_in_kwargs, lm.sample = in_kwargs, 2
+        lm.generate_questions(["q"])
+        assert [c[1] for c in lm.calls] == [10, 3, 6]  # think, the "Wait" extension, answer
+        got = [kw["seed"] for kw in lm.kwargs] if in_kwargs else lm.torch_seeds
+        assert got == want, in_kwargs
+    chat = forced({"q": ["4"]}, seed=7, format="chat")
+    chat.seed_in_kwargs, chat.sample = True, 2
+    chat.generate_questions(["q"])
+    assert [kw["seed"] for kw in chat.kwargs] == [phase_seed_by_hand(7, 2, "USER:q\n", "chat")]
+
+
+def test_generate_until_samples_only_the_requests_that_ask_then_decodes_greedily_again():
+    from lm_eval.api.instance import Instance
+
+    lm = forced({"a": ["t", "1", "u", "2"], "e": [""]}, temperature=0.5)
+    lm.seed_in_kwargs = True
+    kwargs = {"until": ["<|im_end|>"], "max_gen_toks": 5}
+    reqs = [
+        Instance("generate_until", {}, ("a", {**kwargs, **extra}), idx=0) for extra in ({}, {SAMPLE_KEY: 3})
+    ]
+    assert lm.generate_until(reqs) == [THINK + "t" + ANSWER + "1", THINK + "u" + ANSWER + "2"]
+    greedy, sampled = lm.kwargs[:2], lm.kwargs[2:]
+    assert all(kw["do_sample"] is False and "seed" not in kw for kw in greedy)
+    head = "USER:a\n" + THINK
+    assert [(kw["do_sample"], kw["temperature"], kw["seed"]) for kw in sampled] == [
+        (True, 0.5, phase_seed_by_hand(0, 3, head, phase)) for phase in ("think", "answer")
+    ]
+    assert lm.sample is None  # a later call is greedy again
+    chat = forced({"e": [""]}, format="chat")
+    assert chat.generate_until([Instance("generate_until", {}, ("e", kwargs), idx=0)]) == [
+        ""
+    ]  # empty stays empty
+
+
+def test_generated_tokens_add_up_over_calls():
+    lm = forced({"q": ["abcd", "xy"]}, format="chat")
+    lm.generate_questions(["q"])
+    lm.generate_questions(["q"])
+    assert lm.generated_tokens == 4 + 2
+    think = forced({"q": ["a" * 30, "7 and more"]})
+    think.generate_questions(["q"])
+    assert think.generated_tokens == 10 + 6  # the capped thinking and the capped answer
+
+
+def test_a_wait_extension_runs_only_while_thinking_budget_is_left():
+    # budget 10 and "Wait" (4 tokens): 5 + 4 leave one token (one more call, of 1); 6 + 4 leave none (no call)
+    lm = forced({"one": ["abcde", "f", "1"], "none": ["abcdef", "2"]}, wait_extensions=1, thinking_tokens=10)
+    lm.generate_questions(["one", "none"])
+    assert [c[1] for c in lm.calls if c[0].startswith("USER:one")] == [10, 1, 6]
+    assert [c[1] for c in lm.calls if c[0].startswith("USER:none")] == [10, 6]
+
+
+def test_a_forced_answer_with_no_tokens_left_is_not_generated():
+    """s1's answer runs to the end of the context (max_gen_toks): with none left there is no answer phase,
+    with one left it gets one token."""
+    prompt, end = len("USER:q\n" + THINK), len(answer_end("a" * 10, forced=True))
+    for left in (0, 1):
+        lm = forced(
+            {"q": ["a" * 30, "7 and more"]}, answer_tokens=None, max_gen_toks=prompt + 10 + end + left
+        )
+        [out] = lm.generate_questions(["q"])
+        assert [c[1] for c in lm.calls] == [10, left][: 1 + left], left
+        assert out == THINK + "a" * 10 + (answer_end("a" * 10, forced=True) + "7" if left else ""), left
+
+
+def test_a_run_killed_mid_way_resumes_after_its_last_finished_chunk(tmp_path: Path):
+    """Each finished chunk goes to lm-eval's request cache as it finishes: a run that dies in its third chunk
+    keeps the first two, and the rerun generates only the third."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import CachingLM
+
+    reqs = [
+        Instance("generate_until", {}, (u, {"until": ["<|im_end|>"], "max_gen_toks": 5}), idx=0)
+        for u in "abc"
+    ]
+    scripts = {"a": ["t", "1"], "b": ["u", "2"]}  # no script for "c": its chunk raises
+    with pytest.raises(KeyError):
+        CachingLM(forced(scripts, chunk_size=1), str(tmp_path / "cache.db")).generate_until(reqs)
+    again = forced({**scripts, "c": ["v", "3"]}, chunk_size=1)
+    out = CachingLM(again, str(tmp_path / "cache.db")).generate_until(reqs)
+    assert out == [THINK + t + ANSWER + n for t, n in (("t", "1"), ("u", "2"), ("v", "3"))]
+    assert {c[0].split("\n")[0] for c in again.calls} == {"USER:c"}
 
 
 def test_finished_questions_go_to_the_request_cache_with_samples_apart(tmp_path: Path):

@@ -364,13 +364,16 @@ def test_splice_documents_read_each_shard_once_and_slice_every_document_exactly(
     write_store(tmp_path, x, doc_len=doc, ids_T=torch.arange(T, dtype=torch.int32))
     store = Store.open(tmp_path / "data/activations/lora")
     reads = count_reads(store)
-    docs = [0, 1, 3, 5, 6, 11]
+    docs = [0, 1, 3, 4, 5, 8, 11]  # 4 and 8: each the first document of its shard
     for d, (acts_TC, ids_T) in zip(docs, documents(store, docs), strict=True):
         assert torch.equal(acts_TC, x[d * doc : (d + 1) * doc])
         assert torch.equal(ids_T.long(), torch.arange(d * doc, (d + 1) * doc))
     assert len(reads) == 3 and len(set(reads)) == 3
     with pytest.raises(IndexError):
         list(documents(store, [12]))
+    store.index["shards"] = store.index["shards"][:1]  # an index listing documents that no shard holds
+    with pytest.raises(IndexError, match="^5$"):
+        list(documents(store, [5]))
 
 
 def test_select_and_decode_sparse_carry_the_dense_gradient():
