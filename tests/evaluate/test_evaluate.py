@@ -344,6 +344,166 @@ def phase_seed_by_hand(run_seed: int, sample: int, prompt: str, phase: str) -> i
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
 
+def test_question_rows_are_the_first_answered_rows_of_each_task(tmp_path: Path):
+    """What steer and attribute generate from: per task, the first ``limit`` rows that have an answer, in
+    file order, each with its task and row number; GPQA's choices shuffled by the run's choice seed."""
+    import hashlib
+
+    def write(name: str, rows: list[dict[str, str]]) -> str:
+        (tmp_path / "eval").mkdir(exist_ok=True)
+        (tmp_path / "eval" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f"eval/{name}"
+
+    aime = [
+        {"problem": f"P{i}", "answer": a} for i, a in enumerate(["1", " ", " 3 ", "4"])
+    ]  # golds are stripped
+    math = [{"problem": "M0", "answer": "\\frac12"}, {"problem": "M1", "answer": "2"}]
+    gpqa = [
+        {"Question": f"G{i}", "Correct Answer": "yes", "Record ID": f"rec{i}",
+         **{f"Incorrect Answer {j}": f"no{j}" for j in (1, 2, 3)}}
+        for i in range(6)
+    ]  # fmt: skip
+    data = {"aime24_nofigures": write("aime.jsonl", aime), "math500": write("math.jsonl", math),
+            "gpqa_diamond": write("gpqa.jsonl", gpqa)}  # fmt: skip
+    rows = benchmarks.question_rows(["aime24_nofigures", "math500"], 2, data, 0, tmp_path, "steer.tasks")
+    assert [(r["task"], r["row"], r["question"], r["gold"], r["kind"]) for r in rows] == [
+        ("aime24_nofigures", 0, "P0", "1", "integer"), ("aime24_nofigures", 1, "P2", "3", "integer"),
+        ("math500", 0, "M0", "\\frac12", "latex"), ("math500", 1, "M1", "2", "latex"),
+    ]  # fmt: skip
+    assert rows[1]["qid"] == hashlib.sha256(b"P2").hexdigest()[:16] and rows[1]["prompt"] == "P2"
+    everything = benchmarks.question_rows(["aime24_nofigures", "math500"], None, data, 0, tmp_path, "k")
+    assert [(r["task"], r["row"]) for r in everything] == [
+        ("aime24_nofigures", 0), ("aime24_nofigures", 1), ("aime24_nofigures", 2), ("math500", 0), ("math500", 1),
+    ]  # fmt: skip
+    assert len(benchmarks.question_rows(["math500"], 10, data, 0, tmp_path, "k")) == 2
+    golds = {}
+    for seed in (0, 7):
+        picked = benchmarks.question_rows(["gpqa_diamond"], None, data, seed, tmp_path, "k")
+        golds[seed] = [r["gold"] for r in picked]
+        assert golds[seed] == [benchmarks.shuffled_choices(row, seed)[1] for row in gpqa]
+    assert golds[0] != golds[7]  # the choice seed reaches the shuffle
+    empty = write("empty.jsonl", [{"problem": "M", "answer": ""}])
+    with pytest.raises(LorascopeError) as e:
+        tasks = ["aime24_nofigures", "math500"]
+        benchmarks.question_rows(tasks, 3, dict.fromkeys(tasks, empty), 0, tmp_path, "attribute.tasks")
+    assert str(e.value) == "attribute.tasks: no rows with an answer in aime24_nofigures, math500"
+
+
+def test_gpqa_choices_keep_their_text_and_are_ordered_by_record_id_else_question():
+    """The order is a seeded shuffle keyed on the Record ID (the question text when there is none),
+    computed here independently; choices keep their text as written (s1 shows it raw)."""
+    import hashlib
+    import random
+
+    def order_by_hand(seed: int, key: str) -> list[int]:
+        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+        order = list(range(4))
+        random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+        return order
+
+    def row(question: str, record: str | None) -> dict[str, str]:
+        out = {
+            "Question": question,
+            "Correct Answer": " yes ",
+            **{f"Incorrect Answer {j}": f" no{j}" for j in (1, 2, 3)},
+        }
+        return {**out, "Record ID": record} if record else out
+
+    written = [" yes ", " no1", " no2", " no3"]
+    for i in range(6):
+        for question, record, key in ((f"G{i}", f"rec{i}", f"rec{i}"), (f"G{i}", None, f"G{i}")):
+            choices, gold = benchmarks.shuffled_choices(row(question, record), 3)
+            order = order_by_hand(3, key)
+            assert choices == [written[j] for j in order] and gold == "ABCD"[order.index(0)], (i, record)
+        same_id = benchmarks.shuffled_choices(row(f"other{i}", f"rec{i}"), 3)
+        assert same_id == benchmarks.shuffled_choices(row(f"G{i}", f"rec{i}"), 3)  # the id, not the text
+
+
+def test_process_defaults_to_choice_seed_0_and_puts_the_instruction_after_the_choices():
+    import datasets
+
+    rows = datasets.Dataset.from_list(
+        [{"Question": f"G{i}", "Correct Answer": "yes", **{f"Incorrect Answer {j}": f"no{j}" for j in (1, 2, 3)}}
+         for i in range(6)]
+    )  # fmt: skip
+    unseeded = benchmarks.process("gpqa_diamond", rows, {})
+    assert unseeded["gold"] == benchmarks.process("gpqa_diamond", rows, {benchmarks.SEED_KEY: 0})["gold"]
+    assert unseeded["gold"] != benchmarks.process("gpqa_diamond", rows, {benchmarks.SEED_KEY: 1})["gold"]
+    told = benchmarks.process(
+        "gpqa_diamond", rows, {benchmarks.INSTRUCTIONS_KEY: {"gpqa_diamond": "Pick one."}}
+    )
+    first = told[0]
+    lines = "\n".join(f"{letter}) {c}" for letter, c in zip("ABCD", first["choices"], strict=True))
+    assert first["prompt"] == f"G0\n\n{lines}\n\nPick one."
+    assert benchmarks.prompt("Q", None, "Box it.") == "Q\n\nBox it." and benchmarks.prompt("Q") == "Q"
+    # a blank column gives way to the next name the benchmark may use (AIME files say problem or Problem)
+    aime = datasets.Dataset.from_list([{"problem": " ", "Problem": "P9", "answer": "9"}])
+    assert benchmarks.process("aime24_nofigures", aime, {})[0]["question"] == "P9"
+
+
+def test_each_answer_kind_is_graded_by_its_own_grader():
+    """An AIME answer must be written as an integer; the same text as a MATH500 answer is compared as math."""
+    assert benchmarks.score({"kind": "integer", "gold": "5"}, "\\boxed{10/2}") == {
+        "exact_match": 0.0,
+        "fallback": 0.0,
+    }
+    assert benchmarks.score({"kind": "latex", "gold": "5"}, "\\boxed{10/2}")["exact_match"] == 1.0
+
+
+def test_local_benchmark_files_in_each_format_give_the_same_rows(tmp_path: Path):
+    """.jsonl, .json, .csv and .parquet hold the same rows; another suffix is a one-line error; a GPQA row
+    missing any incorrect answer is skipped and counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"Question": f"G{i}", "Correct Answer": "yes", **{f"Incorrect Answer {j}": f"no{j}" for j in (1, 2, 3)}}
+            for i in range(3)]  # fmt: skip
+    rows[1]["Incorrect Answer 1"] = ""
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    with (tmp_path / "g.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
+    for suffix in ("jsonl", "json", "csv", "parquet"):
+        read = benchmarks.read_local(tmp_path / f"g.{suffix}")
+        assert [{k: v or "" for k, v in r.items()} for r in read] == rows, suffix
+        assert benchmarks.counts("gpqa_diamond", read) == {"rows": 3, "skipped_no_answer": 1}
+    (tmp_path / "g.txt").write_text("G0")
+    with pytest.raises(LorascopeError) as e:
+        benchmarks.read_local(tmp_path / "g.txt")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'g.txt'}: unsupported benchmark file type (expected .jsonl, .json, .csv or .parquet)"
+    )
+
+
+def test_hub_datasets_are_the_papers_and_a_failed_load_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    """Without a local file each benchmark loads its hub dataset (path, config, split); the hub is not
+    reachable here, so `datasets.load_dataset` is replaced by one that records its call and fails as offline
+    loading does, with a long multi-line message."""
+    import datasets
+
+    calls = []
+
+    def offline(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        raise ConnectionError("Couldn't reach the Hub:\n   offline   mode " + "x" * 300)
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    hub = {"aime24_nofigures": ("simplescaling/aime24_nofigures", None, "train"),
+           "math500": ("HuggingFaceH4/MATH-500", None, "test"), "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train")}  # fmt: skip
+    for name, (path, config, split) in hub.items():
+        with pytest.raises(LorascopeError) as e:
+            benchmarks.load(name, {})
+        assert calls[-1] == ((path, config), {"split": split})
+        detail = ("Couldn't reach the Hub: offline mode " + "x" * 300)[:200]
+        assert str(e.value) == (
+            f"{name}: cannot load hub dataset {path} ({detail}); set evaluate.data.{name} to a local file"
+        )
+
+
 def test_a_sampled_phases_seed_is_derived_from_run_seed_sample_question_and_phase():
     """The phases are named think, wait1.., answer (and chat): a recorded sample can be re-derived, and vLLM
     (the seed in the kwargs) and HF (torch seeded before each question) get the same seeds."""
