@@ -475,6 +475,17 @@ def test_outlier_tokens_are_left_out_of_training_and_evaluation_and_counted(work
     assert (x[train_T].double().square().mean(0).sqrt() > 10 * scale).all()
     eval_docs = torch.tensor(held[1::2])
     assert metrics["eval_tokens"] == int((torch.isin(doc_T, eval_docs) & ~out_T).sum())
+    # the threshold is calibrated on the kept tokens of the other held-out half, under the same policy
+    cal_T = torch.isin(doc_T, torch.tensor(held[0::2])) & ~out_T
+    assert metrics["calibration_tokens"] == int(cal_T.sum()) < params.sae.calibration_tokens
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "sae.safetensors"))  # folded: it encodes raw inputs
+    pre = torch.relu(
+        (x[cal_T].double() - w["b_dec_D"].double()) @ w["W_enc_DF"].double() + w["b_enc_F"].double()
+    )
+    by_hand = pre.flatten().topk(params.sae.k * int(cal_T.sum())).values.min()
+    assert metrics["threshold"] == pytest.approx(float(by_hand), rel=1e-5)
     # every training batch of an epoch: kept tokens only
     store = Store.open(workspace / "data/activations/lora")
     trainer = Trainer(store, heldout_documents(store, 0.1), params.sae)
