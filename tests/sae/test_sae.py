@@ -331,6 +331,17 @@ def test_kill_and_resume_gives_the_same_weights(workspace: Path):
     assert steps[0] == 21  # from the checkpoint at step 20
     for name, tensor in reference.items():
         assert torch.equal(tensor, resumed[name]), name
+    sae_run = tracking.client().get_run(run_of(workspace, "models/sae"))
+    store = Store.open(workspace / "data/activations/lora")
+    plan = Trainer(store, heldout_documents(store, 0.1), params.sae).plan
+    assert {k: sae_run.data.params[k] for k in ("d_in", "d_sae", "steps", "dead_window_tokens", "train_tokens")} == {
+        "d_in": str(D_IN), "d_sae": str(params.sae.expansion * D_IN), "steps": str(plan.steps),
+        "dead_window_tokens": str(plan.dead_window), "train_tokens": str(plan.train_tokens),
+    }  # fmt: skip
+    assert sae_run.data.params["resumed_from_step"] == "20"
+    # every 10th step's training metrics and the last step's, at their step: the resumed run's from step 21 on
+    history = tracking.client().get_metric_history(sae_run.info.run_id, "train_dead_latents")
+    assert sorted(m.step for m in history) == sorted({*range(30, plan.steps + 1, 10), plan.steps})
 
 
 def test_splice_of_the_recorded_state_changes_nothing(with_prepared: Path):
