@@ -53,13 +53,15 @@ def bf16_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
     # the repository's own MLflow store, as `dvc repro` in it would use (git_env drops the session's)
     call_env = {"LORASCOPE_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     ran = []
-    for name, cmd in plan:
-        program, *args = shlex.split(cmd)
-        assert program == "lorascope", f"{name}: {cmd}"  # the tiny profile launches no other program
-        res = cli(*args, cwd=root, env=call_env)
-        assert res.returncode == 0, f"{name}: {cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        ran.append(name)
-    mlflow.set_tracking_uri(tracking.tracking_uri())  # MLflow's global store back to the session's
+    try:
+        for name, cmd in plan:
+            program, *args = shlex.split(cmd)
+            assert program == "lorascope", f"{name}: {cmd}"  # the tiny profile launches no other program
+            res = cli(*args, cwd=root, env=call_env)
+            assert res.returncode == 0, f"{name}: {cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+            ran.append(name)
+    finally:  # MLflow's global store back to the session's, also when a stage failed
+        mlflow.set_tracking_uri(tracking.tracking_uri())
     return root, ran
 
 
