@@ -72,6 +72,8 @@ TESTS: dict[str, list[str]] = {
     "contexts/stage.py": ["tests/contexts/test_contexts.py"],
     "evaluate/benchmarks.py": ["tests/evaluate/test_evaluate.py", "tests/evaluate/test_answers.py"],
     "sae/stage.py": ["tests/sae/test_sae.py"],
+    "autointerp/stage.py": ["tests/autointerp/test_autointerp.py"],
+    "evaluate/backend.py": ["tests/evaluate/test_evaluate.py"],
 }  # fmt: skip
 """Module (under src/lorascope/) -> the tests that guard it (files or node ids)."""
 

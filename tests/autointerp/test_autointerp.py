@@ -460,3 +460,83 @@ def test_no_scored_snippet_is_one_the_labeller_saw(ws: Path):
         assert not set(f.positives) & texts
         left_out += f.positives_left_out
     assert left_out > 0  # the sample did overlap what was shown: the rule is exercised on real data
+
+
+def test_quality_metrics_by_hand():
+    """Per class its share of the labelled features and their mean detection score; the mean over every
+    scored feature; failed labels and unscored ones count in neither."""
+    rows = [
+        {"status": "ok", "classification": 0, "detection_balanced_accuracy": 1.0},
+        {"status": "ok", "classification": 0, "detection_balanced_accuracy": 0.5},
+        {"status": "ok", "classification": 1, "detection_balanced_accuracy": None},
+        {"status": "ok", "classification": 2, "detection_balanced_accuracy": 0.25},
+        {"status": "failed", "classification": None, "detection_balanced_accuracy": None},
+    ]
+    assert stage._quality_metrics(rows) == {
+        "class_0_share": 0.5, "class_1_share": 0.25, "class_2_share": 0.25,
+        "detection_class_0": 0.75, "detection_class_2": 0.25,
+        "detection_balanced_accuracy": (1.0 + 0.5 + 0.25) / 3,
+    }  # fmt: skip
+    assert stage._quality_metrics(rows[-1:]) == {
+        "class_0_share": 0.0,
+        "class_1_share": 0.0,
+        "class_2_share": 0.0,
+    }
+
+
+def test_run_tags_say_who_labelled_with_which_prompts():
+    from lorascope.labelling.prompts import prompt_hash
+
+    heuristic = stage._run_tags(tiny_params().autointerp, "sae", "h1")
+    assert heuristic == {
+        "autointerp.source": "sae", "autointerp.backend": "heuristic", "autointerp.model": "heuristic-baseline",
+        "autointerp.prompt_hash": "h1", "autointerp.detect_prompt_hash": prompt_hash("detect"),
+        "autointerp.note": "heuristic baseline: labels from token statistics, not an LLM",
+    }  # fmt: skip
+    for structured in (True, False):
+        cfg = tiny_params(
+            autointerp={
+                "backend": "openai",
+                "model": "gpt-x",
+                "api_key_env": "K",
+                "structured_output": structured,
+            }
+        ).autointerp
+        tags = stage._run_tags(cfg, "lora", "h2")
+        assert "autointerp.note" not in tags and tags["autointerp.model"] == "gpt-x"
+        assert tags["autointerp.structured_output"] == str(structured).lower()
+
+
+def test_the_label_table_is_sorted_and_typed():
+    """Rows by feature, the positive sign first; every row stamped with the backend, model and prompt hash;
+    integer and float columns with their own Arrow types."""
+    import pyarrow as pa
+
+    def row(feature: int, sign: int) -> dict:
+        return {
+            "source": "lora", "feature": feature, "feature_name": f"f{feature}{'+' if sign > 0 else '-'}",
+            "sign": sign, "layer": 0, "component": "q_proj", "explanation": "e", "classification": 1,
+            "class_reasoning": "r", "status": "ok", "error": None, "raw_response": "{}", "cached": False,
+            "detection_balanced_accuracy": 0.5, "detection_n": 8, "truncated": 0, "input_tokens": 3,
+            "output_tokens": 4, "cost_usd": None,
+        }  # fmt: skip
+
+    table = stage._table([row(1, -1), row(0, -1), row(1, 1), row(0, 1)], "openai", "gpt-x", "h")
+    assert table.column_names == list(LABEL_COLUMNS)
+    assert [(r["feature"], r["sign"]) for r in table.to_pylist()] == [(0, 1), (0, -1), (1, 1), (1, -1)]
+    assert {(r["backend"], r["model"], r["prompt_hash"]) for r in table.to_pylist()} == {
+        ("openai", "gpt-x", "h")
+    }
+    types = {f.name: f.type for f in table.schema}
+    assert (types["feature"], types["sign"], types["layer"], types["classification"]) == (
+        pa.int32(), pa.int8(), pa.int32(), pa.int8()
+    )  # fmt: skip
+    assert (types["input_tokens"], types["output_tokens"], types["detection_n"]) == (
+        pa.int64(),
+        pa.int64(),
+        pa.int32(),
+    )
+    assert (types["cost_usd"], types["detection_balanced_accuracy"], types["cached"]) == (
+        pa.float64(), pa.float64(), pa.bool_()
+    )  # fmt: skip
+    assert types["explanation"] == pa.string()

@@ -477,6 +477,15 @@ def test_local_benchmark_files_in_each_format_give_the_same_rows(tmp_path: Path)
         str(e.value)
         == f"{tmp_path / 'g.txt'}: unsupported benchmark file type (expected .jsonl, .json, .csv or .parquet)"
     )
+    # an empty or malformed file is a one-line error naming it (the builders raised StopIteration, ArrowInvalid)
+    (tmp_path / "e.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text('{"Question": "G0", \n')
+    (tmp_path / "b.parquet").write_text("not parquet")
+    for name, why in (("e.jsonl", "empty benchmark file"), ("b.jsonl", "unreadable as json ("),
+                      ("b.parquet", "unreadable as parquet (")):  # fmt: skip
+        with pytest.raises(LorascopeError) as e:
+            benchmarks.read_local(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {why}") and "\n" not in str(e.value), str(e.value)
 
 
 def test_hub_datasets_are_the_papers_and_a_failed_load_is_one_line(monkeypatch: pytest.MonkeyPatch):

@@ -310,6 +310,9 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
     gens = pd.read_parquet(out / "generations.parquet")
     summary = pd.read_parquet(out / "summary.parquet")
     assert len(gens) == 2 * 2 * 2 * 2  # directions x alphas x tasks x rows
+    assert list(zip(summary.direction, summary.alpha, strict=True)) == [
+        (d, a) for d in ("L1.gate_proj", "sae.3") for a in (0, 50)
+    ]
     assert set(gens.task) == {"math500", "aime24_nofigures"} and (gens.tokens <= 6 + 1 + 2).all()
     for _, s in summary.iterrows():
         chosen = gens[(gens.direction == s.direction) & (gens.alpha == s.alpha)]
@@ -326,6 +329,8 @@ def test_stage_sweep_tables_runs_and_resume(steer_workspace: Path, monkeypatch: 
         gens[(gens.direction == d) & (gens.alpha == 0)].output.tolist() for d in ("L1.gate_proj", "sae.3")
     ]
     assert unsteered[0] == unsteered[1]
+    for d in ("L1.gate_proj", "sae.3"):  # each direction's offset reaches the generation
+        assert gens[(gens.direction == d) & (gens.alpha == 50)].output.tolist() != unsteered[0], d
     metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
     assert set(metrics["directions"]) == {"L1.gate_proj", "sae.3"} and set(
         metrics["directions"]["sae.3"]
@@ -475,3 +480,126 @@ def test_a_selector_no_label_matches_is_recorded_and_steers_nothing(steer_worksp
     assert metrics["selectors"] == {} and set(metrics["directions"]) == {"L1.gate_proj"}
     assert set(pd.read_parquet(out / "generations.parquet").direction) == {"L1.gate_proj"}
     assert "'label:Wait' matches no ok label in" in capfd.readouterr().err
+
+
+def test_summary_counts_by_hand():
+    """Backtracks pooled per 1000 generated tokens, the other columns means over the prompts."""
+    from lorascope.steer.stage import summarize
+
+    rows = [
+        {"tokens": 40, "backtracks": 2, "backtrack_pct_words": 5.0, "correct": True, "finished": True},
+        {"tokens": 60, "backtracks": 1, "backtrack_pct_words": 1.0, "correct": False, "finished": False},
+        {"tokens": 100, "backtracks": 0, "backtrack_pct_words": 0.0, "correct": True, "finished": False},
+    ]
+    assert summarize(rows) == {
+        "backtracks_per_1k": 15.0,  # 1000 x 3 / 200
+        "backtrack_pct_words": 2.0,
+        "mean_tokens": 200 / 3,
+        "accuracy": 2 / 3,
+        "finished": 1 / 3,
+        "generated_tokens": 200.0,
+    }
+    one = {"tokens": 1, "backtracks": 1, "backtrack_pct_words": 100.0, "correct": False, "finished": True}
+    assert summarize([one])["backtracks_per_1k"] == 1000.0
+    assert summarize([{**one, "tokens": 0, "backtracks": 0}])["backtracks_per_1k"] == 0.0  # nothing generated
+
+
+def test_the_runs_inputs_follow_what_is_steered(steer_workspace: Path):
+    """DVC deps of the run: the model, the LoRA statistics, the SAE only when a latent is steered, the label
+    sets that exist only when a direction is chosen by label, and each task's local question file."""
+    from lorascope.steer import stage
+
+    root = steer_workspace
+    names = feature_names(lora_components(peft_model(root)))
+    params = tiny_params(steer={"directions": ["L1.gate_proj"]})
+    base = [root / "models/base", root / "models/lora", root / "data/contexts/lora.features.parquet"]
+    data = sorted({root / params.evaluate.data[t] for t in params.steer.tasks})
+    assert len(data) == len(params.steer.tasks) == 2
+    lora = [resolve("L1.gate_proj", names, root)]
+    assert stage._inputs(params, root, lora) == base + data
+    sae_deps = [root / "models/sae", root / "data/contexts/sae.features.parquet"]
+    assert stage._inputs(params, root, [*lora, resolve("sae.3", names, root)]) == base + sae_deps + data
+
+    (root / "data/interp").mkdir(parents=True)
+    (root / "data/interp/lora.parquet").write_bytes(b"")  # only its presence counts here
+    by_label = tiny_params(steer={"directions": ["label:anything", "L1.gate_proj"]})
+    assert stage._inputs(by_label, root, lora) == base + [root / "data/interp/lora.parquet"] + data
+    (root / "data/interp/sae.parquet").write_bytes(b"")
+    assert stage._inputs(by_label, root, lora) == base + [
+        root / "data/interp/lora.parquet", root / "data/interp/sae.parquet"
+    ] + data  # fmt: skip
+    assert stage._inputs(params, root, lora) == base + data  # named directions read no labels
+
+    one_task = tiny_params(steer={"directions": ["L1.gate_proj"], "tasks": ["math500"]})
+    assert stage._inputs(one_task, root, lora) == base + [root / one_task.evaluate.data["math500"]]
+
+
+def test_a_prompt_set_without_rows_names_steer_tasks(steer_workspace: Path):
+    from lorascope.steer.stage import prompt_rows
+
+    eval_dir = steer_workspace / "data/prepared/eval"
+    (eval_dir / "unanswered.jsonl").write_text('{"problem": "What is 2 + 3?", "answer": ""}\n')
+    params = tiny_params(
+        steer={"tasks": ["math500"]}, evaluate={"data": {"math500": "data/prepared/eval/unanswered.jsonl"}}
+    )
+    with pytest.raises(LorascopeError, match=r"^steer\.tasks: no rows with an answer in math500$"):
+        prompt_rows(params)
+    (eval_dir / "empty.jsonl").write_text("")  # the datasets builder raised a bare StopIteration on it
+    (eval_dir / "broken.jsonl").write_text('{"problem": "What is 2 + 3?", "answer": \n')
+    for name, why in (("empty", "empty benchmark file"), ("broken", "unreadable as json")):
+        params = tiny_params(
+            steer={"tasks": ["math500"]}, evaluate={"data": {"math500": f"data/prepared/eval/{name}.jsonl"}}
+        )
+        with pytest.raises(LorascopeError, match=rf"^\S+/{name}\.jsonl: {why}") as err:
+            prompt_rows(params)
+        assert "\n" not in str(err.value)
+
+
+def test_each_generation_row_carries_its_question_and_its_grade(
+    steer_workspace: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With the generations scripted (right answer and one "Wait" on even rows, wrong on odd ones), every
+    row keeps its task, row, question and gold, is graded by the benchmark's grader, and the summary and
+    ``metrics/steer.json`` hold one point per (direction, alpha) with the counts of those rows."""
+    from lorascope import generation
+    from lorascope.steer import stage
+
+    params = tiny_params(steer={"directions": ["L1.gate_proj"], "alphas": [0, 2], "limit": 2})
+    rows = stage.prompt_rows(params)
+
+    def scripted(_model, _tok, prompts, *_args, **_kw):  # noqa: ANN001, ANN202
+        assert len(prompts) == len(rows)
+        return [
+            generation.Generation(
+                f"Wait, yes.\n<|im_start|>answer\nAnswer: \\boxed{{{r['gold']}}}" if i % 2 == 0
+                else "<|im_start|>answer\nAnswer: \\boxed{nothing}",
+                10 + i, i % 2 == 0,
+            )
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+
+    monkeypatch.setattr(generation, "generate", scripted)
+    out = stage.run(params)
+    gens = pd.read_parquet(out / "generations.parquet")
+    for alpha in (0, 2):
+        got = gens[gens.alpha == alpha].reset_index(drop=True)
+        assert got[["task", "row", "question", "gold"]].to_dict("records") == [
+            {k: r[k] for k in ("task", "row", "question", "gold")} for r in rows
+        ]
+        assert got.correct.tolist() == [i % 2 == 0 for i in range(len(rows))]
+        assert got.backtracks.tolist() == [1 - i % 2 for i in range(len(rows))]
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert len(summary) == 2 and summary.alpha.tolist() == [0, 2]
+    tokens = sum(10 + i for i in range(len(rows)))
+    assert summary.backtracks_per_1k.tolist() == [1000 * (len(rows) // 2) / tokens] * 2
+    assert summary.accuracy.tolist() == [0.5, 0.5] and summary.finished.tolist() == [0.5, 0.5]
+    metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
+    assert (
+        metrics["backtrack_words"] == ["Wait", "Hmm"]
+        and metrics["backtrack_counts"] == stage.BACKTRACK_COUNTS
+    )
+    assert metrics["prompts"] == len(rows) == 4 and metrics["selectors"] == {} and metrics["unmatched"] == {}
+    assert metrics["directions"]["L1.gate_proj"]["2"] == {
+        "backtracks_per_1k": 1000 * 2 / tokens, "backtrack_pct_words": (20 + 0 + 20 + 0) / 4,  # 1 "Wait" in 5 words
+        "mean_tokens": tokens / 4, "accuracy": 0.5,
+    }  # fmt: skip

@@ -87,7 +87,13 @@ def read_local(path: str | Path) -> Any:
         raise LorascopeError(
             f"{path}: unsupported benchmark file type (expected .jsonl, .json, .csv or .parquet)"
         )
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path.stat().st_size == 0:  # the datasets builders fail on it with a bare StopIteration
+        raise LorascopeError(f"{path}: empty benchmark file (expected one question per row)")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # malformed JSON, a ragged CSV, not parquet: name the file, not the builder
+        detail = " ".join(str(e).split())[:200]
+        raise LorascopeError(f"{path}: unreadable as {builder} ({type(e).__name__}: {detail})") from None
 
 
 def load(name: str, metadata: dict[str, Any]) -> Any:
