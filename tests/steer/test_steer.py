@@ -559,12 +559,22 @@ def test_each_generation_row_carries_its_question_and_its_grade(
     steer_workspace: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """With the generations scripted (right answer and one "Wait" on even rows, wrong on odd ones), every
-    row keeps its task, row, question and gold, is graded by the benchmark's grader, and the summary and
-    ``metrics/steer.json`` hold one point per (direction, alpha) with the counts of those rows."""
-    from lorascope import generation
+    row keeps its task, row, question and gold, is graded by the benchmark's grader; the summary,
+    ``metrics/steer.json`` and each direction's MLflow run hold one point per (direction, alpha) with the
+    counts of those rows, and the run of a direction chosen by label says which selector chose it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope import generation, tracking
+    from lorascope.autointerp.labels import LABEL_COLUMNS
     from lorascope.steer import stage
 
-    params = tiny_params(steer={"directions": ["L1.gate_proj"], "alphas": [0, 2], "limit": 2})
+    label = dict.fromkeys(LABEL_COLUMNS)
+    label.update(source="sae", feature=3, feature_name="sae.3", sign=1, explanation="a re-check", status="ok",
+                 classification=1, detection_balanced_accuracy=0.7)  # fmt: skip
+    (steer_workspace / "data/interp").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([label]), steer_workspace / "data/interp/sae.parquet")
+    params = tiny_params(steer={"directions": ["L1.gate_proj", "label:check"], "alphas": [0, 2], "limit": 2})
     rows = stage.prompt_rows(params)
 
     def scripted(_model, _tok, prompts, *_args, **_kw):  # noqa: ANN001, ANN202
@@ -581,25 +591,96 @@ def test_each_generation_row_carries_its_question_and_its_grade(
     monkeypatch.setattr(generation, "generate", scripted)
     out = stage.run(params)
     gens = pd.read_parquet(out / "generations.parquet")
-    for alpha in (0, 2):
-        got = gens[gens.alpha == alpha].reset_index(drop=True)
-        assert got[["task", "row", "question", "gold"]].to_dict("records") == [
-            {k: r[k] for k in ("task", "row", "question", "gold")} for r in rows
-        ]
-        assert got.correct.tolist() == [i % 2 == 0 for i in range(len(rows))]
-        assert got.backtracks.tolist() == [1 - i % 2 for i in range(len(rows))]
+    for direction in ("L1.gate_proj", "sae.3"):
+        for alpha in (0, 2):
+            got = gens[(gens.direction == direction) & (gens.alpha == alpha)].reset_index(drop=True)
+            assert got[["task", "row", "question", "gold"]].to_dict("records") == [
+                {k: r[k] for k in ("task", "row", "question", "gold")} for r in rows
+            ]
+            assert got.correct.tolist() == [i % 2 == 0 for i in range(len(rows))]
+            assert got.backtracks.tolist() == [1 - i % 2 for i in range(len(rows))]
     summary = pd.read_parquet(out / "summary.parquet")
-    assert len(summary) == 2 and summary.alpha.tolist() == [0, 2]
+    assert list(zip(summary.direction, summary.alpha, strict=True)) == [
+        ("L1.gate_proj", 0), ("L1.gate_proj", 2), ("sae.3", 0), ("sae.3", 2)
+    ]  # fmt: skip
     tokens = sum(10 + i for i in range(len(rows)))
-    assert summary.backtracks_per_1k.tolist() == [1000 * (len(rows) // 2) / tokens] * 2
-    assert summary.accuracy.tolist() == [0.5, 0.5] and summary.finished.tolist() == [0.5, 0.5]
+    point = {
+        "backtracks_per_1k": 1000 * 2 / tokens,
+        "backtrack_pct_words": (20 + 0 + 20 + 0) / 4,  # 1 "Wait" in 5 words
+        "mean_tokens": tokens / 4,
+        "accuracy": 0.5,
+    }
+    assert summary[list(point)].to_dict("records") == [point] * 4
+    assert summary.finished.tolist() == [0.5] * 4
     metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
-    assert (
-        metrics["backtrack_words"] == ["Wait", "Hmm"]
-        and metrics["backtrack_counts"] == stage.BACKTRACK_COUNTS
+    assert metrics["backtrack_words"] == ["Wait", "Hmm"]
+    assert metrics["backtrack_counts"] == stage.BACKTRACK_COUNTS
+    assert metrics["prompts"] == len(rows) == 4 and metrics["unmatched"] == {}
+    assert metrics["selectors"] == {"label:check": "sae.3"}
+    assert metrics["directions"] == {d: {"0": point, "2": point} for d in ("L1.gate_proj", "sae.3")}
+
+    checkpoints = sorted(p.name for p in (steer_workspace / "checkpoints/steer").iterdir())
+    assert checkpoints == [
+        f"{d}@{a}.{stage.CHECKPOINT_VERSION}.json" for d in ("L1.gate_proj", "sae.3") for a in (0, 2)
+    ]
+    parent = tracking.client().get_run(run_of(steer_workspace, "metrics/steer.json"))
+    assert parent.data.params["prompts"] == "4"
+    children = tracking.client().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert metrics["prompts"] == len(rows) == 4 and metrics["selectors"] == {} and metrics["unmatched"] == {}
-    assert metrics["directions"]["L1.gate_proj"]["2"] == {
-        "backtracks_per_1k": 1000 * 2 / tokens, "backtrack_pct_words": (20 + 0 + 20 + 0) / 4,  # 1 "Wait" in 5 words
-        "mean_tokens": tokens / 4, "accuracy": 0.5,
-    }  # fmt: skip
+    typical = {d.name: d.typical for d in stage._directions(params.steer, feature_names(lora_components(
+        peft_model(steer_workspace))), steer_workspace)[0]}  # fmt: skip
+    assert sorted(c.info.run_name for c in children) == ["L1.gate_proj", "sae.3"]
+    for child in children:
+        name = child.info.run_name
+        assert {k: child.data.tags[k] for k in ("lorascope.stage", "steer.direction", "upstream.steer")} == {
+            "lorascope.stage": "steer", "steer.direction": name, "upstream.steer": parent.info.run_id
+        }  # fmt: skip
+        assert child.data.params == {
+            "direction": name, "typical": str(typical[name]), "alphas": str(params.steer.alphas),
+            "selector": "label:check" if name == "sae.3" else "",
+        }  # fmt: skip
+        assert set(child.data.metrics) == {"alpha", *point, "finished", "generated_tokens"}  # not typical
+        for key, values in (("alpha", [0.0, 2.0]), ("backtracks_per_1k", [point["backtracks_per_1k"]] * 2)):
+            history = tracking.client().get_metric_history(child.info.run_id, key)
+            assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(
+                enumerate(values)
+            )
+        assert [a.path for a in tracking.client().list_artifacts(child.info.run_id)] == ["sweep.json"]
+        table = json.loads(
+            Path(tracking.client().download_artifacts(child.info.run_id, "sweep.json")).read_text()
+        )
+        rows_ = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+        assert [(r["direction"], r["alpha"], r["accuracy"]) for r in rows_] == [
+            (name, 0, 0.5),
+            (name, 2, 0.5),
+        ]
+
+
+def test_the_stage_loads_the_model_as_its_section_says(
+    steer_workspace: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``steer.precision`` and ``steer.device`` reach the model (bfloat16 weights, the adapter in float32) and
+    name themselves in their errors; an empty direction list is a one-line error."""
+    from lorascope import generation
+    from lorascope.steer import stage
+
+    seen = []
+
+    def scripted(model, _tok, prompts, *_args, **_kw):  # noqa: ANN001, ANN202
+        seen.append({p.dtype for n, p in model.named_parameters() if "lora_" not in n})
+        seen.append({p.dtype for n, p in model.named_parameters() if "lora_" in n})
+        return [generation.Generation("x", 1, True) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate", scripted)
+    stage.run(
+        tiny_params(
+            steer={"directions": ["L1.gate_proj"], "alphas": [0], "limit": 1, "precision": "bfloat16"}
+        )
+    )
+    assert seen == [{torch.bfloat16}, {torch.float32}]
+    with pytest.raises(LorascopeError, match=r"^steer\.device: 'cuda:99' (asks for a CUDA GPU|but only)"):
+        stage.run(tiny_params(steer={"directions": ["L1.gate_proj"], "device": "cuda:99"}))
+    with pytest.raises(LorascopeError) as err:
+        stage.run(tiny_params(steer={"directions": []}))
+    assert str(err.value) == "steer.directions: empty; name at least one (L<layer>.<type> or sae.<latent>)"
