@@ -100,6 +100,7 @@ def test_heuristic_label_set_and_cached_rerun(ws: Path):
     assert list(labels.columns) == list(LABEL_COLUMNS)
     assert len(labels) == 28 and (labels.status == "ok").all()
     assert labels.explanation.str.startswith("[heuristic]").all()  # clearly not an LLM
+    assert labels.class_reasoning.str.startswith("[heuristic] the top token holds").all()
     assert set(labels.classification) <= {0, 1, 2} and (labels.model == "heuristic-baseline").all()
     n = tiny_params().autointerp.detection_samples  # at most n activating windows and n random ones
     features = {f.name: f for f in load_features(tiny_params(), "lora")[0]}
@@ -540,3 +541,60 @@ def test_the_label_table_is_sorted_and_typed():
         pa.float64(), pa.float64(), pa.bool_()
     )  # fmt: skip
     assert types["explanation"] == pa.string()
+
+
+def test_a_feature_whose_labelling_raises_is_recorded_as_failed(ws: Path, monkeypatch: pytest.MonkeyPatch):
+    """An unexpected exception while labelling one feature (not an LLM error: a bug, a crash) fails that
+    feature's row with the error, the others are labelled, and nothing is dropped."""
+    import asyncio
+
+    from lorascope.labelling import heuristic
+    from lorascope.labelling.prompts import explain_prompt
+    from lorascope.labelling.session import open_client
+
+    params = tiny_params(autointerp={"max_features": 3})
+    features, _ = load_features(params, "lora")
+    victim = features[1]
+    answer = heuristic._answer
+
+    victim_prompt = explain_prompt(victim.top, victim.max_act)
+
+    def crash_on_victim(prompt: str) -> str:
+        if prompt == victim_prompt:
+            raise RuntimeError("boom")
+        return answer(prompt)
+
+    monkeypatch.setattr(heuristic, "_answer", crash_on_victim)
+    rows = asyncio.run(stage._label_all(params, "lora", features, open_client(params.autointerp)))
+    assert [r["feature_name"] for r in rows[:2]] == [features[0].name, features[2].name]
+    assert all(r["status"] == "ok" for r in rows[:2])
+    layer, component = layer_component(victim.name)
+    assert rows[2] == {
+        "source": "lora", "feature": victim.id, "feature_name": victim.name, "sign": victim.sign, "layer": layer,
+        "component": component, "explanation": None, "classification": None, "class_reasoning": None,
+        "status": "failed", "error": "RuntimeError: boom", "raw_response": "", "cached": False,
+        "detection_balanced_accuracy": None, "detection_n": 0, "input_tokens": 0, "output_tokens": 0,
+        "cost_usd": None,
+    }  # fmt: skip
+    assert set(rows[2]) | {"truncated"} == set(
+        rows[0]
+    )  # the table's columns, less the ok rows' truncation count
+
+
+def test_latent_counts_come_from_the_features_tables_metadata(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope.contexts.tables import LATENTS_KEY
+
+    table = pa.table({"feature": [0, 1]})
+    pq.write_table(table.replace_schema_metadata({LATENTS_KEY: b'{"d_sae": 8, "alive": 6, "dead": 2}'}),
+                   tmp_path / "sae.parquet")  # fmt: skip
+    assert stage.latent_counts(tmp_path / "sae.parquet") == {
+        "sae_latents": 8, "sae_live_latents": 6, "sae_dead_latents": 2
+    }  # fmt: skip
+    pq.write_table(table.replace_schema_metadata({b"other": b"1"}), tmp_path / "lora.parquet")
+    pq.write_table(table.replace_schema_metadata(None), tmp_path / "bare.parquet")
+    assert (
+        stage.latent_counts(tmp_path / "lora.parquet") == stage.latent_counts(tmp_path / "bare.parquet") == {}
+    )

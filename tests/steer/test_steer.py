@@ -576,14 +576,16 @@ def test_each_generation_row_carries_its_question_and_its_grade(
     pq.write_table(pa.Table.from_pylist([label]), steer_workspace / "data/interp/sae.parquet")
     params = tiny_params(steer={"directions": ["L1.gate_proj", "label:check"], "alphas": [0, 2], "limit": 2})
     rows = stage.prompt_rows(params)
+    calls = []  # one generate call per (direction, alpha), in that order; row i of call c: 10 + i + c tokens
 
     def scripted(_model, _tok, prompts, *_args, **_kw):  # noqa: ANN001, ANN202
         assert len(prompts) == len(rows)
+        calls.append(len(calls))
         return [
             generation.Generation(
                 f"Wait, yes.\n<|im_start|>answer\nAnswer: \\boxed{{{r['gold']}}}" if i % 2 == 0
                 else "<|im_start|>answer\nAnswer: \\boxed{nothing}",
-                10 + i, i % 2 == 0,
+                10 + i + calls[-1], i % 2 == 0,
             )
             for i, r in enumerate(rows)
         ]  # fmt: skip
@@ -603,21 +605,27 @@ def test_each_generation_row_carries_its_question_and_its_grade(
     assert list(zip(summary.direction, summary.alpha, strict=True)) == [
         ("L1.gate_proj", 0), ("L1.gate_proj", 2), ("sae.3", 0), ("sae.3", 2)
     ]  # fmt: skip
-    tokens = sum(10 + i for i in range(len(rows)))
-    point = {
-        "backtracks_per_1k": 1000 * 2 / tokens,
-        "backtrack_pct_words": (20 + 0 + 20 + 0) / 4,  # 1 "Wait" in 5 words
-        "mean_tokens": tokens / 4,
-        "accuracy": 0.5,
-    }
-    assert summary[list(point)].to_dict("records") == [point] * 4
+    assert calls == [0, 1, 2, 3]
+
+    def point(call: int) -> dict[str, float]:
+        tokens = sum(10 + i + call for i in range(len(rows)))
+        return {
+            "backtracks_per_1k": 1000 * 2 / tokens,
+            "backtrack_pct_words": (20 + 0 + 20 + 0) / 4,  # 1 "Wait" in 5 words
+            "mean_tokens": tokens / 4,
+            "accuracy": 0.5,
+        }
+
+    assert summary[list(point(0))].to_dict("records") == [point(c) for c in range(4)]
     assert summary.finished.tolist() == [0.5] * 4
     metrics = json.loads((steer_workspace / "metrics/steer.json").read_text())
     assert metrics["backtrack_words"] == ["Wait", "Hmm"]
     assert metrics["backtrack_counts"] == stage.BACKTRACK_COUNTS
     assert metrics["prompts"] == len(rows) == 4 and metrics["unmatched"] == {}
     assert metrics["selectors"] == {"label:check": "sae.3"}
-    assert metrics["directions"] == {d: {"0": point, "2": point} for d in ("L1.gate_proj", "sae.3")}
+    assert metrics["directions"] == {
+        "L1.gate_proj": {"0": point(0), "2": point(1)}, "sae.3": {"0": point(2), "2": point(3)}
+    }  # fmt: skip
 
     checkpoints = sorted(p.name for p in (steer_workspace / "checkpoints/steer").iterdir())
     assert checkpoints == [
@@ -640,8 +648,12 @@ def test_each_generation_row_carries_its_question_and_its_grade(
             "direction": name, "typical": str(typical[name]), "alphas": str(params.steer.alphas),
             "selector": "label:check" if name == "sae.3" else "",
         }  # fmt: skip
-        assert set(child.data.metrics) == {"alpha", *point, "finished", "generated_tokens"}  # not typical
-        for key, values in (("alpha", [0.0, 2.0]), ("backtracks_per_1k", [point["backtracks_per_1k"]] * 2)):
+        assert set(child.data.metrics) == {"alpha", *point(0), "finished", "generated_tokens"}  # not typical
+        own = (0, 1) if name == "L1.gate_proj" else (2, 3)
+        for key, values in (
+            ("alpha", [0.0, 2.0]),
+            ("backtracks_per_1k", [point(c)["backtracks_per_1k"] for c in own]),
+        ):
             history = tracking.client().get_metric_history(child.info.run_id, key)
             assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(
                 enumerate(values)
@@ -684,3 +696,34 @@ def test_the_stage_loads_the_model_as_its_section_says(
     with pytest.raises(LorascopeError) as err:
         stage.run(tiny_params(steer={"directions": []}))
     assert str(err.value) == "steer.directions: empty; name at least one (L<layer>.<type> or sae.<latent>)"
+
+
+def test_one_direction_named_twice_is_one_line(steer_workspace: Path):
+    """By name twice, or by name and by a label that chose it: which entries collide, and what they are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope.autointerp.labels import LABEL_COLUMNS
+    from lorascope.steer import stage
+
+    row = dict.fromkeys(LABEL_COLUMNS)
+    row.update(source="lora", feature=0, feature_name="L0.q_proj+", sign=1, explanation="digits", status="ok",
+               classification=1, detection_balanced_accuracy=0.9)  # fmt: skip
+    (steer_workspace / "data/interp").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row]), steer_workspace / "data/interp/lora.parquet")
+    names = feature_names(lora_components(peft_model(steer_workspace)))
+    for listed, message in (
+        (["L1.gate_proj", "L0.q_proj", "label:digits"], "'L0.q_proj' and 'label:digits' are both L0.q_proj"),
+        (["L1.gate_proj", "sae.3", "sae.3"], "'sae.3' and 'sae.3' are both sae.3"),
+    ):
+        cfg = tiny_params(steer={"directions": listed}).steer
+        with pytest.raises(LorascopeError) as err:
+            stage._directions(cfg, names, steer_workspace)
+        assert str(err.value) == f"steer.directions: {message}; list it once"
+    got, unmatched = stage._directions(
+        tiny_params(steer={"directions": ["label:digits", "sae.3"]}).steer, names, steer_workspace
+    )
+    assert [(d.name, d.selector) for d in got] == [
+        ("L0.q_proj", "label:digits"),
+        ("sae.3", None),
+    ] and not unmatched
