@@ -544,15 +544,6 @@ def test_a_prompt_set_without_rows_names_steer_tasks(steer_workspace: Path):
     )
     with pytest.raises(LorascopeError, match=r"^steer\.tasks: no rows with an answer in math500$"):
         prompt_rows(params)
-    (eval_dir / "empty.jsonl").write_text("")  # the datasets builder raised a bare StopIteration on it
-    (eval_dir / "broken.jsonl").write_text('{"problem": "What is 2 + 3?", "answer": \n')
-    for name, why in (("empty", "empty benchmark file"), ("broken", "unreadable as json")):
-        params = tiny_params(
-            steer={"tasks": ["math500"]}, evaluate={"data": {"math500": f"data/prepared/eval/{name}.jsonl"}}
-        )
-        with pytest.raises(LorascopeError, match=rf"^\S+/{name}\.jsonl: {why}") as err:
-            prompt_rows(params)
-        assert "\n" not in str(err.value)
 
 
 def test_each_generation_row_carries_its_question_and_its_grade(
