@@ -382,10 +382,10 @@ def test_question_rows_are_the_first_answered_rows_of_each_task(tmp_path: Path):
         golds[seed] = [r["gold"] for r in picked]
         assert golds[seed] == [benchmarks.shuffled_choices(row, seed)[1] for row in gpqa]
     assert golds[0] != golds[7]  # the choice seed reaches the shuffle
-    empty = write("empty.jsonl", [{"problem": "M", "answer": ""}])
+    unanswered = write("unanswered.jsonl", [{"problem": "M", "answer": ""}])
     with pytest.raises(LorascopeError) as e:
         tasks = ["aime24_nofigures", "math500"]
-        benchmarks.question_rows(tasks, 3, dict.fromkeys(tasks, empty), 0, tmp_path, "attribute.tasks")
+        benchmarks.question_rows(tasks, 3, dict.fromkeys(tasks, unanswered), 0, tmp_path, "attribute.tasks")
     assert str(e.value) == "attribute.tasks: no rows with an answer in aime24_nofigures, math500"
 
 

@@ -44,6 +44,24 @@ def features_table(
     pd.DataFrame(rows).to_parquet(path, index=False, schema=FEATURES_SCHEMA)
 
 
+def write_labels(root: Path, source: str, rows: list[tuple[int, str, int, str, float | None, str]]) -> None:
+    """``data/interp/<source>.parquet`` holding these labels: (feature, name, sign, explanation, detection score,
+    status) each, class 1, every other column empty."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorascope.autointerp.labels import LABEL_COLUMNS
+
+    out = []
+    for fid, fname, sign, expl, score, status in rows:
+        r = dict.fromkeys(LABEL_COLUMNS)
+        r.update(source=source, feature=fid, feature_name=fname, sign=sign, explanation=expl, status=status,
+                 classification=1, detection_balanced_accuracy=score)  # fmt: skip
+        out.append(r)
+    (root / "data/interp").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(out), root / f"data/interp/{source}.parquet")
+
+
 @pytest.fixture
 def steer_workspace(with_prepared: Path) -> Path:
     """A random-B adapter, feature statistics for both sources and a small SAE over its state."""
@@ -259,29 +277,14 @@ def test_generation_thinks_then_answers_after_the_marker_as_s1_does(steer_worksp
 def test_label_selector_picks_the_best_matching_live_feature(steer_workspace: Path):
     """``label:<regex>``: among ok labels (live SAE latents, LoRA signs) matching the explanation, the best
     detection score wins; a LoRA ``-`` sign steers along -unit; no match / bad regex / no labels: one line."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lorascope.autointerp.labels import LABEL_COLUMNS
-
     names = feature_names(lora_components(peft_model(steer_workspace)))
     with pytest.raises(LorascopeError, match=r"'label:wait' needs labels"):
         resolve("label:wait", names, steer_workspace)
 
-    def labels(source: str, rows: list[tuple[int, str, int, str, float | None, str]]) -> None:
-        out = []
-        for fid, fname, sign, expl, score, status in rows:
-            r = dict.fromkeys(LABEL_COLUMNS)
-            r.update(source=source, feature=fid, feature_name=fname, sign=sign, explanation=expl, status=status,
-                     classification=1, detection_balanced_accuracy=score)  # fmt: skip
-            out.append(r)
-        (steer_workspace / "data/interp").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(out), steer_workspace / f"data/interp/{source}.parquet")
-
-    labels("sae", [(2, "sae.2", 1, "backtracking: 'Wait'", 0.99, "ok"),  # dead: never chosen
+    write_labels(steer_workspace, "sae", [(2, "sae.2", 1, "backtracking: 'Wait'", 0.99, "ok"),  # dead: never chosen
                    (3, "sae.3", 1, "the word Wait before a re-check", 0.7, "ok"),
                    (4, "sae.4", 1, "digits", 0.95, "ok")])  # fmt: skip
-    labels("lora", [(5, "L0.up_proj-", -1, "WAIT and hesitation", 0.8, "ok"),
+    write_labels(steer_workspace, "lora", [(5, "L0.up_proj-", -1, "WAIT and hesitation", 0.8, "ok"),
                     (6, "L0.down_proj+", 1, "wait (failed row)", 1.0, "failed")])  # fmt: skip
     d = resolve("label:\\bwait\\b", names, steer_workspace)
     assert (d.name, d.selector) == ("L0.up_proj-", "label:\\bwait\\b")
@@ -460,17 +463,9 @@ def test_bad_input_is_one_line(steer_workspace: Path):
 def test_a_selector_no_label_matches_is_recorded_and_steers_nothing(steer_workspace: Path, capfd):
     """No label matching ``label:`` is a finding about the labels, not bad input: the stage steers the other
     directions, records the selector under ``unmatched`` (no absolute path: a DVC output) and exits 0."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lorascope.autointerp.labels import LABEL_COLUMNS
     from lorascope.steer import stage
 
-    row = dict.fromkeys(LABEL_COLUMNS)
-    row.update(source="lora", feature=0, feature_name="L0.q_proj+", sign=1, explanation="digits", status="ok",
-               classification=1, detection_balanced_accuracy=0.9)  # fmt: skip
-    (steer_workspace / "data/interp").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([row]), steer_workspace / "data/interp/lora.parquet")
+    write_labels(steer_workspace, "lora", [(0, "L0.q_proj+", 1, "digits", 0.9, "ok")])
     params = tiny_params(
         steer={"directions": ["label:Wait", "L1.gate_proj"], "alphas": [0], "limit": 1, "max_new_tokens": 2}
     )
@@ -553,18 +548,10 @@ def test_each_generation_row_carries_its_question_and_its_grade(
     row keeps its task, row, question and gold, is graded by the benchmark's grader; the summary,
     ``metrics/steer.json`` and each direction's MLflow run hold one point per (direction, alpha) with the
     counts of those rows, and the run of a direction chosen by label says which selector chose it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from lorascope import generation, tracking
-    from lorascope.autointerp.labels import LABEL_COLUMNS
     from lorascope.steer import stage
 
-    label = dict.fromkeys(LABEL_COLUMNS)
-    label.update(source="sae", feature=3, feature_name="sae.3", sign=1, explanation="a re-check", status="ok",
-                 classification=1, detection_balanced_accuracy=0.7)  # fmt: skip
-    (steer_workspace / "data/interp").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([label]), steer_workspace / "data/interp/sae.parquet")
+    write_labels(steer_workspace, "sae", [(3, "sae.3", 1, "a re-check", 0.7, "ok")])
     params = tiny_params(steer={"directions": ["L1.gate_proj", "label:check"], "alphas": [0, 2], "limit": 2})
     rows = stage.prompt_rows(params)
     calls = []  # one generate call per (direction, alpha), in that order; row i of call c: 10 + i + c tokens
@@ -691,17 +678,9 @@ def test_the_stage_loads_the_model_as_its_section_says(
 
 def test_one_direction_named_twice_is_one_line(steer_workspace: Path):
     """By name twice, or by name and by a label that chose it: which entries collide, and what they are."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lorascope.autointerp.labels import LABEL_COLUMNS
     from lorascope.steer import stage
 
-    row = dict.fromkeys(LABEL_COLUMNS)
-    row.update(source="lora", feature=0, feature_name="L0.q_proj+", sign=1, explanation="digits", status="ok",
-               classification=1, detection_balanced_accuracy=0.9)  # fmt: skip
-    (steer_workspace / "data/interp").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([row]), steer_workspace / "data/interp/lora.parquet")
+    write_labels(steer_workspace, "lora", [(0, "L0.q_proj+", 1, "digits", 0.9, "ok")])
     names = feature_names(lora_components(peft_model(steer_workspace)))
     for listed, message in (
         (["L1.gate_proj", "L0.q_proj", "label:digits"], "'L0.q_proj' and 'label:digits' are both L0.q_proj"),
